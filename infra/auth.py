@@ -1,0 +1,77 @@
+"""JWT bearer tokens: verification with the configured algorithm, and dev tokens for the CLI."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import jwt
+
+from infra.config import Settings
+
+ROLES = ("admin", "member", "viewer")
+
+
+class AuthError(Exception):
+    """The token is missing, malformed, expired or signed with something else."""
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    sub: str
+    roles: frozenset[str]
+    org: str | None
+
+    def has(self, role: str) -> bool:
+        # admin implies member implies viewer.
+        rank = {"viewer": 0, "member": 1, "admin": 2}
+        best = max((rank[r] for r in self.roles if r in rank), default=-1)
+        return best >= rank[role]
+
+
+def verify_token(settings: Settings, token: str) -> Principal:
+    # The algorithm comes from configuration, never from the token header, so a token
+    # signed with `none` or with another algorithm is refused.
+    options = {"require": ["exp", "sub"]}
+    try:
+        claims = jwt.decode(
+            token,
+            settings.jwt_secret,
+            algorithms=[settings.jwt_algorithm],
+            issuer=settings.jwt_issuer,
+            audience=settings.jwt_audience,
+            options=options,  # type: ignore[arg-type]
+        )
+    except jwt.PyJWTError as exc:
+        raise AuthError(str(exc)) from exc
+    roles = claims.get("roles", [])
+    if isinstance(roles, str):
+        roles = [roles]
+    if not isinstance(roles, list) or not all(isinstance(r, str) for r in roles):
+        raise AuthError("claim 'roles' must be a list of strings")
+    org = claims.get("org")
+    if org is not None and not isinstance(org, str):
+        raise AuthError("claim 'org' must be a string")
+    sub = claims["sub"]
+    if not isinstance(sub, str) or not sub:
+        raise AuthError("claim 'sub' must be a non-empty string")
+    return Principal(sub=sub, roles=frozenset(roles), org=org or None)
+
+
+def issue_token(
+    settings: Settings,
+    *,
+    sub: str,
+    roles: Sequence[str],
+    org: str | None = None,
+    ttl_seconds: int = 24 * 3600,
+) -> str:
+    claims: dict[str, object] = {"sub": sub, "roles": list(roles), "exp": int(time.time()) + ttl_seconds}
+    if org:
+        claims["org"] = org
+    if settings.jwt_issuer:
+        claims["iss"] = settings.jwt_issuer
+    if settings.jwt_audience:
+        claims["aud"] = settings.jwt_audience
+    return jwt.encode(claims, settings.jwt_secret, algorithm=settings.jwt_algorithm)

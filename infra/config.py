@@ -1,0 +1,79 @@
+"""Configuration from `PIPELINES_*` environment variables.
+
+Read once by each service's bootstrap; nothing here connects to anything.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DEV_JWT_SECRET = "dev-insecure-secret-change-me"
+
+
+def _int(env: dict[str, str], name: str, default: int) -> int:
+    raw = env.get(name)
+    return int(raw) if raw not in (None, "") else default
+
+
+def _float(env: dict[str, str], name: str, default: float) -> float:
+    raw = env.get(name)
+    return float(raw) if raw not in (None, "") else default
+
+
+@dataclass(frozen=True, kw_only=True)
+class Settings:
+    database_url: str
+    nats_url: str
+    jwt_secret: str
+    jwt_algorithm: str = "HS256"
+    jwt_issuer: str | None = None
+    jwt_audience: str | None = None
+    api_host: str = "127.0.0.1"
+    api_port: int = 8080
+    gateway_host: str = "127.0.0.1"
+    gateway_port: int = 8081
+    data_dir: Path = field(default_factory=lambda: Path(".data"))
+    # Default timeout of a script stage, in seconds.
+    stage_timeout: float = 3600.0
+    # Seconds between TERM and KILL when a process group is stopped.
+    kill_grace: float = 1.0
+    # JetStream stream that carries every stored event.
+    events_stream: str = "PIPELINES_EVENTS"
+    # AckWait of the executor's durable consumer, seconds.
+    ack_wait: float = 30.0
+    max_log_bytes: int = 10 * 1024 * 1024
+    # Relay and projector fall back to polling the feed at this interval when no wake-up arrives.
+    poll_interval: float = 0.5
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None) -> Settings:
+        e = dict(os.environ if env is None else env)
+        secret = e.get("PIPELINES_JWT_SECRET") or ""
+        if not secret:
+            warnings.warn(
+                "PIPELINES_JWT_SECRET is not set: using an insecure development secret",
+                stacklevel=2,
+            )
+            secret = DEV_JWT_SECRET
+        return cls(
+            database_url=e.get("PIPELINES_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres"),
+            nats_url=e.get("PIPELINES_NATS_URL", "nats://127.0.0.1:4222"),
+            jwt_secret=secret,
+            jwt_algorithm=e.get("PIPELINES_JWT_ALGORITHM", "HS256"),
+            jwt_issuer=e.get("PIPELINES_JWT_ISSUER") or None,
+            jwt_audience=e.get("PIPELINES_JWT_AUDIENCE") or None,
+            api_host=e.get("PIPELINES_API_HOST", "127.0.0.1"),
+            api_port=_int(e, "PIPELINES_API_PORT", 8080),
+            gateway_host=e.get("PIPELINES_GATEWAY_HOST", "127.0.0.1"),
+            gateway_port=_int(e, "PIPELINES_GATEWAY_PORT", 8081),
+            data_dir=Path(e.get("PIPELINES_DATA_DIR", ".data")),
+            stage_timeout=_float(e, "PIPELINES_STAGE_TIMEOUT", 3600.0),
+            kill_grace=_float(e, "PIPELINES_KILL_GRACE", 1.0),
+            events_stream=e.get("PIPELINES_EVENTS_STREAM", "PIPELINES_EVENTS"),
+            ack_wait=_float(e, "PIPELINES_ACK_WAIT", 30.0),
+            max_log_bytes=_int(e, "PIPELINES_MAX_LOG_BYTES", 10 * 1024 * 1024),
+            poll_interval=_float(e, "PIPELINES_POLL_INTERVAL", 0.5),
+        )
