@@ -1,0 +1,90 @@
+"""Every stored event type, one tagged union, and the one codec that reads and writes them.
+
+Event types are a storage contract: add fields with defaults; never change a field's type
+or a tag.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+from domain.pipeline import PipelineCreated, PipelineDeleted, PipelineEvent, PipelineUpdated
+from domain.run import (
+    ApprovalRequested,
+    LogAppended,
+    RunApproved,
+    RunCancelled,
+    RunEvent,
+    RunFailed,
+    RunPaused,
+    RunRejected,
+    RunResumed,
+    RunStarted,
+    RunStopped,
+    RunSucceeded,
+    RunTriggered,
+    StageFailed,
+    StageStarted,
+    StageSucceeded,
+)
+
+Event = (
+    PipelineCreated
+    | PipelineUpdated
+    | PipelineDeleted
+    | RunTriggered
+    | RunStarted
+    | StageStarted
+    | ApprovalRequested
+    | StageSucceeded
+    | StageFailed
+    | RunApproved
+    | RunRejected
+    | RunCancelled
+    | RunStopped
+    | RunPaused
+    | RunResumed
+    | RunSucceeded
+    | RunFailed
+    | LogAppended
+)
+
+PIPELINE_EVENTS: tuple[type[Any], ...] = PipelineEvent.__args__
+RUN_EVENTS: tuple[type[Any], ...] = RunEvent.__args__
+
+_encoder = msgspec.json.Encoder()
+_decoder: msgspec.json.Decoder[Event] = msgspec.json.Decoder(Event)
+
+
+def event_type(event: Event) -> str:
+    tag = event.__struct_config__.tag
+    assert isinstance(tag, str)
+    return tag
+
+
+def encode(event: Event) -> bytes:
+    return _encoder.encode(event)
+
+
+def decode(data: bytes | str) -> Event:
+    return _decoder.decode(data)
+
+
+def pipeline_stream(pipeline_id: str) -> str:
+    return f"pipeline-{pipeline_id}"
+
+
+def run_stream(run_id: str) -> str:
+    return f"run-{run_id}"
+
+
+def run_log_stream(run_id: str) -> str:
+    return f"runlog-{run_id}"
+
+
+def aggregate_of(stream_id: str) -> tuple[str, str]:
+    """`run-<id>` -> ("run", "<id>")."""
+    kind, _, ident = stream_id.partition("-")
+    return kind, ident

@@ -1,0 +1,109 @@
+"""Typed stages of the Pipelines API reference: script, approval, deploy, notify."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import msgspec
+
+StageType = Literal["script", "approval", "deploy", "notify"]
+STAGE_TYPES: tuple[str, ...] = ("script", "approval", "deploy", "notify")
+
+# Which config fields each stage type takes, and whether each is required.
+CONFIG_FIELDS: dict[str, dict[str, bool]] = {
+    "script": {"command": True},
+    "approval": {"message": False},
+    "deploy": {"componentId": True, "environmentId": True},
+    "notify": {"channel": True, "message": True},
+}
+
+
+class Stage(msgspec.Struct, frozen=True, kw_only=True):
+    id: str
+    name: str
+    type: StageType
+    order: int
+    config: dict[str, Any] = msgspec.field(default_factory=dict)
+    # Seconds; None means the service's default (script) or no timeout (approval).
+    timeout: float | None = None
+
+
+def validate_stage_dicts(raw: object, path: str = "stages") -> dict[str, str]:
+    """Every problem in a client's list of stages, keyed by field path. Empty when valid."""
+    errors: dict[str, str] = {}
+    if not isinstance(raw, list):
+        return {path: "must be an array of stages"}
+    seen: set[str] = set()
+    for i, item in enumerate(raw):
+        p = f"{path}[{i}]"
+        if not isinstance(item, dict):
+            errors[p] = "must be an object"
+            continue
+        allowed = {"id", "name", "type", "order", "config", "timeout"}
+        for key in item:
+            if key not in allowed:
+                errors[f"{p}.{key}"] = "unknown field"
+        sid = item.get("id")
+        if sid is not None:
+            if not isinstance(sid, str) or not 1 <= len(sid) <= 100:
+                errors[f"{p}.id"] = "must be a string of 1-100 characters"
+            elif sid in seen:
+                errors[f"{p}.id"] = f'duplicate stage id "{sid}"'
+            else:
+                seen.add(sid)
+        name = item.get("name")
+        if name is not None and (not isinstance(name, str) or len(name) > 200):
+            errors[f"{p}.name"] = "must be a string of at most 200 characters"
+        order = item.get("order")
+        if order is not None and (not isinstance(order, int) or isinstance(order, bool)):
+            errors[f"{p}.order"] = "must be an integer"
+        timeout = item.get("timeout")
+        if timeout is not None and (not isinstance(timeout, int | float) or isinstance(timeout, bool) or timeout <= 0):
+            errors[f"{p}.timeout"] = "must be a positive number of seconds"
+        stype = item.get("type")
+        if stype not in STAGE_TYPES:
+            errors[f"{p}.type"] = f"must be one of {', '.join(STAGE_TYPES)}"
+            continue
+        config = item.get("config", {})
+        if config is None:
+            config = {}
+        if not isinstance(config, dict):
+            errors[f"{p}.config"] = "must be an object"
+            continue
+        fields = CONFIG_FIELDS[stype]
+        for key, required in fields.items():
+            value = config.get(key)
+            if value is None:
+                if required:
+                    errors[f"{p}.config.{key}"] = f"is required for a {stype} stage"
+            elif not isinstance(value, str) or not value.strip():
+                errors[f"{p}.config.{key}"] = "must be a non-empty string"
+        for key in config:
+            if key not in fields:
+                errors[f"{p}.config.{key}"] = f"unknown field for a {stype} stage"
+    return errors
+
+
+def stages_from_dicts(raw: list[dict[str, Any]], new_id: list[str]) -> tuple[Stage, ...]:
+    """Build stages from validated client dicts, in the client's order.
+
+    `new_id` supplies ids for stages sent without one (ids arrive from outside the domain).
+    """
+    taken = {item["id"] for item in raw if item.get("id")}
+    spare = iter(x for x in new_id if x not in taken)
+    # Clients may send `order`; stages run by it (ties and missing values keep list order).
+    ordered = sorted(enumerate(raw), key=lambda p: (p[1].get("order") or p[0] + 1, p[0]))
+    stages: list[Stage] = []
+    for i, (_, item) in enumerate(ordered):
+        sid = item.get("id") or next(spare)
+        stages.append(
+            Stage(
+                id=sid,
+                name=item.get("name") or sid,
+                type=item["type"],
+                order=i + 1,
+                config=dict(item.get("config") or {}),
+                timeout=item.get("timeout"),
+            )
+        )
+    return tuple(stages)

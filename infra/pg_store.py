@@ -1,0 +1,219 @@
+"""The event store on PostgreSQL.
+
+Why the feed reads below the transaction horizon: identity positions are handed out at insert
+but become visible at commit, out of order. A follower that reads `position > last` skips for
+good a lower position whose transaction commits later. Every row is stamped with its writer's
+`pg_current_xact_id()`, and the feed reads only rows whose transaction is older than the oldest
+transaction still running (`pg_snapshot_xmin`), ordered by (tx_id, position): everything below
+the horizon has committed or rolled back, so nothing can appear behind the cursor later.
+
+Why the stream-version write comes first: a transaction gets its xid at its first write. Taking
+the stream's row lock first means a writer that queues behind another on the same stream has
+not yet taken an xid, so it does not hold the horizon back while it waits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+import psycopg
+from psycopg import sql
+from psycopg.rows import tuple_row
+from psycopg_pool import AsyncConnectionPool
+
+from domain import events as ev
+from infra.store import (
+    AppendResult,
+    FeedCursor,
+    NewEvent,
+    RecordedEvent,
+    UniqueKey,
+    UniqueKeyTaken,
+    WrongExpectedVersion,
+)
+
+_COLUMNS = (
+    "position, tx_id::text::bigint, stream_id, stream_version, event_id::text, event_type, "
+    "org, pipeline_id, run_id, data::text, recorded_at"
+)
+
+
+def _record(row: tuple[Any, ...]) -> RecordedEvent:
+    return RecordedEvent(
+        position=row[0],
+        tx_id=row[1],
+        stream_id=row[2],
+        stream_version=row[3],
+        event_id=row[4],
+        event_type=row[5],
+        org=row[6],
+        pipeline_id=row[7],
+        run_id=row[8],
+        data=row[9].encode(),
+        recorded_at=row[10],
+    )
+
+
+class PostgresEventStore:
+    def __init__(self, pool: AsyncConnectionPool) -> None:
+        self._pool = pool
+
+    async def append(
+        self,
+        stream_id: str,
+        events: Sequence[NewEvent],
+        expected_version: int | None,
+        *,
+        claim: Sequence[UniqueKey] = (),
+        release: Sequence[UniqueKey] = (),
+    ) -> AppendResult:
+        async with self._pool.connection() as conn, conn.transaction():
+            return await self.append_in(conn, stream_id, events, expected_version, claim=claim, release=release)
+
+    @contextlib.asynccontextmanager
+    async def begin_append(
+        self,
+        stream_id: str,
+        events: Sequence[NewEvent],
+        expected_version: int | None,
+        *,
+        claim: Sequence[UniqueKey] = (),
+        release: Sequence[UniqueKey] = (),
+    ) -> AsyncIterator[AppendResult]:
+        """Append in a transaction that commits when the block exits (tests hold it open)."""
+        async with self._pool.connection() as conn, conn.transaction():
+            yield await self.append_in(conn, stream_id, events, expected_version, claim=claim, release=release)
+
+    async def append_in(
+        self,
+        conn: psycopg.AsyncConnection[Any],
+        stream_id: str,
+        events: Sequence[NewEvent],
+        expected_version: int | None,
+        *,
+        claim: Sequence[UniqueKey] = (),
+        release: Sequence[UniqueKey] = (),
+    ) -> AppendResult:
+        """Append inside the caller's transaction."""
+        n = len(events)
+        if n == 0:
+            raise ValueError("nothing to append")
+        try:
+            if expected_version == 0:
+                cur = await conn.execute(
+                    "INSERT INTO streams (stream_id, version) VALUES (%s, %s) RETURNING version",
+                    (stream_id, n),
+                )
+            elif expected_version is None:
+                cur = await conn.execute(
+                    "INSERT INTO streams (stream_id, version) VALUES (%s, %s) "
+                    "ON CONFLICT (stream_id) DO UPDATE SET version = streams.version + EXCLUDED.version "
+                    "RETURNING version",
+                    (stream_id, n),
+                )
+            else:
+                cur = await conn.execute(
+                    "UPDATE streams SET version = version + %s WHERE stream_id = %s AND version = %s RETURNING version",
+                    (n, stream_id, expected_version),
+                )
+            row = await cur.fetchone()
+        except psycopg.errors.UniqueViolation as exc:
+            raise WrongExpectedVersion(stream_id, expected_version) from exc
+        if row is None:
+            raise WrongExpectedVersion(stream_id, expected_version)
+        version: int = row[0]
+        first = version - n + 1
+        try:
+            cur = await conn.execute(
+                "INSERT INTO events (stream_id, stream_version, event_id, event_type, org, pipeline_id, "
+                "run_id, data) "
+                "SELECT %s, v, i::uuid, t, %s, %s, %s, d::json "
+                "FROM unnest(%s::bigint[], %s::text[], %s::text[], %s::text[]) AS u(v, i, t, d) "
+                "RETURNING position",
+                (
+                    stream_id,
+                    events[0].org,
+                    events[0].pipeline_id,
+                    events[0].run_id,
+                    list(range(first, version + 1)),
+                    [e.event_id for e in events],
+                    [ev.event_type(e.event) for e in events],
+                    [ev.encode(e.event).decode() for e in events],
+                ),
+            )
+            positions = tuple(sorted(r[0] for r in await cur.fetchall()))
+        except psycopg.errors.UniqueViolation as exc:
+            raise WrongExpectedVersion(stream_id, expected_version) from exc
+        for k in release:
+            await conn.execute("DELETE FROM unique_keys WHERE scope = %s AND key = %s", (k.scope, k.key))
+        for k in claim:
+            try:
+                async with conn.transaction():
+                    await conn.execute(
+                        "INSERT INTO unique_keys (scope, key, owner) VALUES (%s, %s, %s)",
+                        (k.scope, k.key, stream_id),
+                    )
+            except psycopg.errors.UniqueViolation as exc:
+                raise UniqueKeyTaken(k.scope, k.key) from exc
+        return AppendResult(version=version, positions=positions)
+
+    async def read_stream(self, stream_id: str, after_version: int = 0) -> list[RecordedEvent]:
+        async with self._pool.connection() as conn:
+            cur = conn.cursor(row_factory=tuple_row)
+            await cur.execute(
+                sql.SQL(
+                    "SELECT {} FROM events WHERE stream_id = %s AND stream_version > %s ORDER BY stream_version"
+                ).format(sql.SQL(_COLUMNS)),
+                (stream_id, after_version),
+            )
+            return [_record(r) for r in await cur.fetchall()]
+
+    async def read_feed(
+        self,
+        after: FeedCursor,
+        limit: int = 500,
+        *,
+        run_id: str | None = None,
+        pipeline_id: str | None = None,
+    ) -> list[RecordedEvent]:
+        # One statement, so the horizon and the rows come from one snapshot.
+        where = [
+            sql.SQL("(tx_id, position) > (%s::text::xid8, %s)"),
+            sql.SQL("tx_id < pg_snapshot_xmin(pg_current_snapshot())"),
+        ]
+        params: list[Any] = [str(after[0]), after[1]]
+        if run_id is not None:
+            where.append(sql.SQL("run_id = %s"))
+            params.append(run_id)
+        if pipeline_id is not None:
+            where.append(sql.SQL("pipeline_id = %s"))
+            params.append(pipeline_id)
+        params.append(limit)
+        query = sql.SQL("SELECT {} FROM events WHERE {} ORDER BY tx_id, position LIMIT %s").format(
+            sql.SQL(_COLUMNS), sql.SQL(" AND ").join(where)
+        )
+        async with self._pool.connection() as conn:
+            cur = conn.cursor(row_factory=tuple_row)
+            await cur.execute(query, params)
+            return [_record(r) for r in await cur.fetchall()]
+
+    async def cursor_of(self, position: int) -> FeedCursor | None:
+        async with self._pool.connection() as conn:
+            cur = await conn.execute(
+                "SELECT tx_id::text::bigint, position FROM events WHERE position = %s", (position,)
+            )
+            row = await cur.fetchone()
+            return (row[0], row[1]) if row else None
+
+    async def head(self) -> FeedCursor:
+        """The cursor of the newest committed event below the horizon (the feed's end today)."""
+        async with self._pool.connection() as conn:
+            cur = await conn.execute(
+                "SELECT tx_id::text::bigint, position FROM events "
+                "WHERE tx_id < pg_snapshot_xmin(pg_current_snapshot()) "
+                "ORDER BY tx_id DESC, position DESC LIMIT 1"
+            )
+            row = await cur.fetchone()
+            return (row[0], row[1]) if row else (0, 0)

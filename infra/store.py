@@ -1,0 +1,224 @@
+"""The event store port, its records, and an in-memory adapter for fast tests.
+
+The PostgreSQL adapter (infra/pg_store.py) passes the same contract tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Protocol
+
+from domain import events as ev
+
+# A follower's place in the global feed: (transaction id, position). Positions alone commit out
+# of order; ordering by the pair and reading below the transaction horizon never skips one.
+FeedCursor = tuple[int, int]
+FEED_START: FeedCursor = (0, 0)
+
+
+class WrongExpectedVersion(Exception):
+    def __init__(self, stream_id: str, expected: int | None) -> None:
+        super().__init__(f"stream {stream_id} is not at version {expected}")
+        self.stream_id = stream_id
+        self.expected = expected
+
+
+class UniqueKeyTaken(Exception):
+    def __init__(self, scope: str, key: str) -> None:
+        super().__init__(f"{scope}: {key!r} is taken")
+        self.scope = scope
+        self.key = key
+
+
+@dataclass(frozen=True, slots=True)
+class NewEvent:
+    event_id: str
+    event: ev.Event
+    org: str | None = None
+    pipeline_id: str | None = None
+    run_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class UniqueKey:
+    scope: str
+    key: str
+
+
+@dataclass(frozen=True, slots=True)
+class RecordedEvent:
+    position: int
+    tx_id: int
+    stream_id: str
+    stream_version: int
+    event_id: str
+    event_type: str
+    data: bytes
+    org: str | None
+    pipeline_id: str | None
+    run_id: str | None
+    recorded_at: datetime
+
+    @property
+    def cursor(self) -> FeedCursor:
+        return (self.tx_id, self.position)
+
+    @property
+    def event(self) -> ev.Event:
+        return ev.decode(self.data)
+
+
+@dataclass(frozen=True, slots=True)
+class AppendResult:
+    version: int
+    positions: tuple[int, ...]
+
+
+class EventStore(Protocol):
+    async def append(
+        self,
+        stream_id: str,
+        events: Sequence[NewEvent],
+        expected_version: int | None,
+        *,
+        claim: Sequence[UniqueKey] = (),
+        release: Sequence[UniqueKey] = (),
+    ) -> AppendResult:
+        """Append under optimistic concurrency.
+
+        expected_version: 0 = the stream must not exist; n = it must be at n; None = any.
+        Raises WrongExpectedVersion or UniqueKeyTaken; nothing is written then.
+        """
+        ...
+
+    async def read_stream(self, stream_id: str, after_version: int = 0) -> list[RecordedEvent]: ...
+
+    async def read_feed(
+        self,
+        after: FeedCursor,
+        limit: int = 500,
+        *,
+        run_id: str | None = None,
+        pipeline_id: str | None = None,
+    ) -> list[RecordedEvent]:
+        """Committed events after `after`, in feed order, never skipping a late commit."""
+        ...
+
+    async def cursor_of(self, position: int) -> FeedCursor | None:
+        """The feed cursor of the event at `position`, None when there is none."""
+        ...
+
+
+class InMemoryEventStore:
+    """An EventStore in one process. `begin_append` lets tests hold a position open."""
+
+    def __init__(self) -> None:
+        self._events: list[RecordedEvent] = []
+        self._versions: dict[str, int] = {}
+        self._keys: dict[tuple[str, str], str] = {}
+        self._next_position = 1
+        self._open: set[int] = set()
+        self._lock = asyncio.Lock()
+        self.appended = asyncio.Event()
+
+    async def append(
+        self,
+        stream_id: str,
+        events: Sequence[NewEvent],
+        expected_version: int | None,
+        *,
+        claim: Sequence[UniqueKey] = (),
+        release: Sequence[UniqueKey] = (),
+    ) -> AppendResult:
+        async with self.begin_append(stream_id, events, expected_version, claim=claim, release=release) as r:
+            return r
+
+    @contextlib.asynccontextmanager
+    async def begin_append(
+        self,
+        stream_id: str,
+        events: Sequence[NewEvent],
+        expected_version: int | None,
+        *,
+        claim: Sequence[UniqueKey] = (),
+        release: Sequence[UniqueKey] = (),
+    ) -> AsyncIterator[AppendResult]:
+        """Reserve positions now, make the events visible when the block exits."""
+        async with self._lock:
+            current = self._versions.get(stream_id, 0)
+            exists = stream_id in self._versions
+            if expected_version == 0 and exists:
+                raise WrongExpectedVersion(stream_id, expected_version)
+            if expected_version not in (None, 0) and current != expected_version:
+                raise WrongExpectedVersion(stream_id, expected_version)
+            for k in claim:
+                if (k.scope, k.key) in self._keys and k not in release:
+                    raise UniqueKeyTaken(k.scope, k.key)
+            for k in release:
+                self._keys.pop((k.scope, k.key), None)
+            for k in claim:
+                self._keys[(k.scope, k.key)] = stream_id
+            tx = self._next_position
+            now = datetime.now(UTC)
+            recs = []
+            for i, e in enumerate(events):
+                recs.append(
+                    RecordedEvent(
+                        position=self._next_position,
+                        tx_id=tx,
+                        stream_id=stream_id,
+                        stream_version=current + i + 1,
+                        event_id=e.event_id,
+                        event_type=ev.event_type(e.event),
+                        data=ev.encode(e.event),
+                        org=e.org,
+                        pipeline_id=e.pipeline_id,
+                        run_id=e.run_id,
+                        recorded_at=now,
+                    )
+                )
+                self._next_position += 1
+            self._versions[stream_id] = current + len(events)
+            self._open.add(tx)
+        try:
+            yield AppendResult(version=current + len(events), positions=tuple(r.position for r in recs))
+        finally:
+            self._events.extend(recs)
+            self._events.sort(key=lambda r: r.cursor)
+            self._open.discard(tx)
+            self.appended.set()
+
+    async def read_stream(self, stream_id: str, after_version: int = 0) -> list[RecordedEvent]:
+        return [r for r in self._events if r.stream_id == stream_id and r.stream_version > after_version]
+
+    async def read_feed(
+        self,
+        after: FeedCursor,
+        limit: int = 500,
+        *,
+        run_id: str | None = None,
+        pipeline_id: str | None = None,
+    ) -> list[RecordedEvent]:
+        horizon = min(self._open, default=self._next_position + 1)
+        out = []
+        for r in self._events:
+            if r.cursor <= after or r.tx_id >= horizon:
+                continue
+            if run_id is not None and r.run_id != run_id:
+                continue
+            if pipeline_id is not None and r.pipeline_id != pipeline_id:
+                continue
+            out.append(r)
+            if len(out) >= limit:
+                break
+        return out
+
+    async def cursor_of(self, position: int) -> FeedCursor | None:
+        for r in self._events:
+            if r.position == position:
+                return r.cursor
+        return None
