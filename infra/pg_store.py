@@ -60,6 +60,10 @@ class PostgresEventStore:
     def __init__(self, pool: AsyncConnectionPool) -> None:
         self._pool = pool
 
+    @property
+    def pool(self) -> AsyncConnectionPool:
+        return self._pool
+
     async def append(
         self,
         stream_id: str,

@@ -5,7 +5,8 @@ CREATE TABLE rm_pipelines (
     org        text,
     name       text NOT NULL,
     created_at timestamptz NOT NULL,
-    doc        jsonb NOT NULL
+    doc        jsonb NOT NULL,
+    state      json NOT NULL
 );
 CREATE INDEX rm_pipelines_org ON rm_pipelines (org, created_at, id);
 
@@ -15,7 +16,8 @@ CREATE TABLE rm_runs (
     org         text,
     status      text NOT NULL,
     created_at  timestamptz NOT NULL,
-    doc         jsonb NOT NULL
+    doc         jsonb NOT NULL,
+    state       json NOT NULL
 );
 CREATE INDEX rm_runs_pipeline ON rm_runs (pipeline_id, created_at DESC, id DESC);
 

@@ -1,0 +1,499 @@
+"""The HTTP API (litestar): controllers, auth guards, idempotency, health and OpenAPI."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+import msgspec
+from litestar import Controller, Litestar, Request, Response, delete, get, patch, post, put
+from litestar.connection import ASGIConnection
+from litestar.datastructures import State
+from litestar.exceptions import NotAuthorizedException, NotFoundException, PermissionDeniedException
+from litestar.handlers.base import BaseRouteHandler
+from litestar.middleware import AbstractAuthenticationMiddleware, AuthenticationResult, DefineMiddleware
+from litestar.openapi import OpenAPIConfig
+from litestar.openapi.spec import Components, SecurityScheme
+from litestar.params import Parameter
+
+from domain import events as ev
+from domain import pipeline as pl
+from domain import run as rn
+from domain.errors import Invalid
+from infra.api.errors import error_response, handle
+from infra.api.idempotency import IdempotencyKeys, InFlight, KeyReuse, request_hash
+from infra.api.queries import ReadModels
+from infra.auth import AuthError, Principal, verify_token
+from infra.commands import Commands
+from infra.config import Settings
+from projections.views import PipelineView, RunView, pipeline_view, run_view
+
+API = "/api/v1"
+_encoder = msgspec.json.Encoder()
+_VAR_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
+
+
+@dataclass
+class Deps:
+    """What the API needs, assembled by services/api.py (or a test)."""
+
+    settings: Settings
+    commands: Commands
+    read_models: ReadModels
+    idempotency: IdempotencyKeys
+    ready: Callable[[], Awaitable[dict[str, bool]]]
+    close: Callable[[], Awaitable[None]]
+
+
+# ---- request bodies --------------------------------------------------------------------------
+
+Name = Annotated[str, msgspec.Meta(min_length=2, max_length=100)]
+Description = Annotated[str, msgspec.Meta(max_length=2000)]
+
+
+class CreatePipelineBody(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    name: Name
+    description: Description | None = None
+    stages: list[dict[str, Any]] | None = None
+
+
+class PatchPipelineBody(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    name: Name | None = None
+    description: Description | msgspec.UnsetType | None = msgspec.UNSET
+    stages: list[dict[str, Any]] | None = None
+
+
+class TriggerBody(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    variables: dict[str, str] | None = None
+    secrets: dict[str, str] | None = None
+
+
+class ActionBody(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    reason: Annotated[str, msgspec.Meta(max_length=2000)] | None = None
+    comment: Annotated[str, msgspec.Meta(max_length=2000)] | None = None
+
+
+class PipelinePage(msgspec.Struct, kw_only=True):
+    data: list[PipelineView]
+    total: int
+    page: int
+    limit: int
+
+
+class EventRecordView(msgspec.Struct, kw_only=True, rename="camel"):
+    position: int
+    stream_id: str
+    stream_version: int
+    event_id: str
+    type: str
+    recorded_at: str
+    data: msgspec.Raw
+
+
+# ---- auth ------------------------------------------------------------------------------------
+
+
+class JWTAuth(AbstractAuthenticationMiddleware):
+    async def authenticate_request(self, connection: ASGIConnection[Any, Any, Any, Any]) -> AuthenticationResult:
+        deps: Deps = connection.app.state.deps
+        header = connection.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise NotAuthorizedException("missing bearer token in the Authorization header")
+        try:
+            principal = verify_token(deps.settings, token.strip())
+        except AuthError as exc:
+            raise NotAuthorizedException(f"invalid token: {exc}") from exc
+        return AuthenticationResult(user=principal, auth=token)
+
+
+def _role(role: str) -> Callable[[ASGIConnection[Any, Any, Any, Any], BaseRouteHandler], None]:
+    def guard(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
+        principal: Principal = connection.user
+        if not principal.has(role):
+            raise PermissionDeniedException(f"this action needs the {role} role")
+
+    return guard
+
+
+viewer = _role("viewer")
+member = _role("member")
+admin = _role("admin")
+
+
+def _uuid_or_404(value: str, what: str) -> str:
+    try:
+        return str(uuid.UUID(value))
+    except ValueError:
+        raise NotFoundException(f"{what} not found") from None
+
+
+def _json(status: int, body: Any) -> Response[bytes]:
+    return Response(content=_encoder.encode(body), status_code=status, media_type="application/json")
+
+
+async def _idempotent(
+    request: Request[Principal, Any, State], principal: Principal, run: Callable[[], Awaitable[Response[bytes]]]
+) -> Response[bytes]:
+    key = request.headers.get("idempotency-key")
+    if not key:
+        return await run()
+    if len(key) > 255:
+        return error_response(400, "Idempotency-Key must be at most 255 characters")
+    deps: Deps = request.app.state.deps
+    scope = f"{principal.org or '_'}|{principal.sub}|{request.method}|{request.url.path}"
+    digest = request_hash(await request.body())
+    try:
+        stored = await deps.idempotency.begin(scope, key, digest)
+    except (KeyReuse, InFlight) as exc:
+        return error_response(409, str(exc))
+    if stored is not None:
+        return Response(content=stored.body, status_code=stored.status_code, media_type="application/json")
+    try:
+        response = await run()
+    except BaseException as exc:
+        # Client errors are answers too: store them. Anything else may succeed on a retry.
+        status = _status_of(request, exc)
+        if status is not None and 400 <= status < 500:
+            assert isinstance(exc, Exception)
+            er = handle(request, exc)
+            await deps.idempotency.finish(scope, key, er.status_code or 500, er.content)
+        else:
+            await deps.idempotency.abandon(scope, key)
+        raise
+    await deps.idempotency.finish(scope, key, response.status_code or 200, response.content)
+    return response
+
+
+def _status_of(request: Request[Any, Any, Any], exc: BaseException) -> int | None:
+    if not isinstance(exc, Exception):
+        return None
+    return handle(request, exc).status_code
+
+
+def _decode_optional(raw: bytes, kind: type[Any]) -> Any:
+    if not raw.strip():
+        return kind()
+    try:
+        return msgspec.json.decode(raw, type=kind)
+    except msgspec.ValidationError as exc:
+        raise Invalid({"body": str(exc)}) from exc
+    except msgspec.DecodeError as exc:
+        raise Invalid({"body": f"is not valid JSON: {exc}"}) from exc
+
+
+def _check_variables(variables: dict[str, str] | None, field: str) -> dict[str, str]:
+    errors: dict[str, str] = {}
+    variables = variables or {}
+    if len(variables) > 200:
+        errors[field] = "at most 200 entries"
+    for name, value in variables.items():
+        if not _VAR_NAME.match(name):
+            errors[f"{field}.{name}"] = "names are letters, digits and underscores, not starting with a digit"
+        elif len(value) > 32 * 1024:
+            errors[f"{field}.{name}"] = "values are at most 32 KiB"
+    if errors:
+        raise Invalid(errors)
+    return variables
+
+
+# ---- controllers -----------------------------------------------------------------------------
+
+
+class PipelineController(Controller):
+    path = f"{API}/pipelines"
+    guards = [viewer]
+    tags = ["pipelines"]
+
+    @staticmethod
+    async def _pipeline(deps: Deps, principal: Principal, pipeline_id: str) -> pl.PipelineState:
+        state, _ = await deps.commands.load_pipeline(_uuid_or_404(pipeline_id, "pipeline"))
+        if not state.live or state.organization_id != principal.org:
+            raise NotFoundException("pipeline not found")
+        return state
+
+    @staticmethod
+    async def _run(deps: Deps, principal: Principal, pipeline_id: str | None, run_id: str) -> rn.RunState:
+        state, _ = await deps.commands.load_run(_uuid_or_404(run_id, "run"))
+        if not state.exists or state.organization_id != principal.org:
+            raise NotFoundException("run not found")
+        if pipeline_id is not None and state.pipeline_id != pipeline_id:
+            raise NotFoundException("run not found in this pipeline")
+        return state
+
+    @staticmethod
+    async def _run_view(deps: Deps, state: rn.RunState) -> RunView:
+        return run_view(state, await deps.commands.load_logs(state.run_id))
+
+    @get("/", summary="List pipelines")
+    async def list_pipelines(
+        self,
+        request: Request[Principal, Any, State],
+        page: Annotated[int, Parameter(ge=1)] = 1,
+        limit: Annotated[int, Parameter(ge=1, le=100)] = 20,
+        organization_id: Annotated[str | None, Parameter(query="organizationId")] = None,
+    ) -> PipelinePage:
+        deps: Deps = request.app.state.deps
+        principal = request.user
+        if organization_id is not None and organization_id != principal.org:
+            return PipelinePage(data=[], total=0, page=page, limit=limit)
+        data, total = await deps.read_models.list_pipelines(principal.org, page, limit)
+        return PipelinePage(data=data, total=total, page=page, limit=limit)
+
+    @post("/", guards=[member], summary="Create a pipeline", status_code=201)
+    async def create_pipeline(
+        self, request: Request[Principal, Any, State], data: CreatePipelineBody
+    ) -> Response[bytes]:
+        deps: Deps = request.app.state.deps
+        principal = request.user
+
+        async def run() -> Response[bytes]:
+            state = await deps.commands.create_pipeline(
+                name=data.name,
+                description=data.description,
+                stages=data.stages or [],
+                org=principal.org,
+                by=principal.sub,
+            )
+            return _json(201, pipeline_view(state))
+
+        return await _idempotent(request, principal, run)
+
+    @get("/{pipeline_id:str}", summary="Get a pipeline")
+    async def get_pipeline(self, request: Request[Principal, Any, State], pipeline_id: str) -> PipelineView:
+        return pipeline_view(await self._pipeline(request.app.state.deps, request.user, pipeline_id))
+
+    async def _update(
+        self, request: Request[Principal, Any, State], pipeline_id: str, data: PatchPipelineBody, whole: bool
+    ) -> PipelineView:
+        deps: Deps = request.app.state.deps
+        principal = request.user
+        if whole and data.name is None:
+            raise Invalid({"name": "is required"})
+        state = await deps.commands.update_pipeline(
+            _uuid_or_404(pipeline_id, "pipeline"),
+            by=principal.sub,
+            name=data.name,
+            description=None if isinstance(data.description, msgspec.UnsetType) else data.description,
+            set_description=whole or not isinstance(data.description, msgspec.UnsetType),
+            stages=(data.stages or []) if whole else data.stages,
+            visible=lambda s: s.organization_id == principal.org,
+        )
+        return pipeline_view(state)
+
+    @patch("/{pipeline_id:str}", guards=[member], summary="Update some fields of a pipeline")
+    async def patch_pipeline(
+        self, request: Request[Principal, Any, State], pipeline_id: str, data: PatchPipelineBody
+    ) -> PipelineView:
+        return await self._update(request, pipeline_id, data, whole=False)
+
+    @put("/{pipeline_id:str}", guards=[member], summary="Replace a pipeline")
+    async def put_pipeline(
+        self, request: Request[Principal, Any, State], pipeline_id: str, data: PatchPipelineBody
+    ) -> PipelineView:
+        return await self._update(request, pipeline_id, data, whole=True)
+
+    @delete("/{pipeline_id:str}", guards=[admin], summary="Delete a pipeline (cancels its active runs)")
+    async def delete_pipeline(self, request: Request[Principal, Any, State], pipeline_id: str) -> None:
+        deps: Deps = request.app.state.deps
+        principal = request.user
+        pid = _uuid_or_404(pipeline_id, "pipeline")
+        await deps.commands.delete_pipeline(pid, by=principal.sub, visible=lambda s: s.organization_id == principal.org)
+        for run_id in await deps.read_models.active_run_ids(pid):
+            try:
+                await deps.commands.run_command(
+                    run_id, lambda at: rn.Cancel(by=principal.sub, reason="pipeline deleted", at=at)
+                )
+            except Exception:  # already ended: nothing to cancel
+                continue
+
+    @post("/{pipeline_id:str}/trigger", guards=[member], summary="Trigger a run", status_code=201)
+    async def trigger(self, request: Request[Principal, Any, State], pipeline_id: str) -> Response[bytes]:
+        deps: Deps = request.app.state.deps
+        principal = request.user
+        body: TriggerBody = _decode_optional(await request.body(), TriggerBody)
+        variables = _check_variables(body.variables, "variables")
+        if body.secrets:
+            raise Invalid({"secrets": "run secrets are not supported yet; use variables"})
+
+        async def run() -> Response[bytes]:
+            pipeline = await self._pipeline(deps, principal, pipeline_id)
+            state, _ = await deps.commands.trigger(pipeline, by=principal.sub, variables=variables)
+            return _json(201, run_view(state))
+
+        return await _idempotent(request, principal, run)
+
+    @get("/{pipeline_id:str}/runs", summary="The last 50 runs, newest first")
+    async def list_runs(self, request: Request[Principal, Any, State], pipeline_id: str) -> list[RunView]:
+        deps: Deps = request.app.state.deps
+        pipeline = await self._pipeline(deps, request.user, pipeline_id)
+        return await deps.read_models.list_runs(pipeline.pipeline_id)
+
+    @get("/{pipeline_id:str}/runs/{run_id:str}", summary="Get a run with its logs and stage results")
+    async def get_run(self, request: Request[Principal, Any, State], pipeline_id: str, run_id: str) -> RunView:
+        deps: Deps = request.app.state.deps
+        pipeline = await self._pipeline(deps, request.user, pipeline_id)
+        state = await self._run(deps, request.user, pipeline.pipeline_id, run_id)
+        return await self._run_view(deps, state)
+
+    @get("/runs/{run_id:str}", summary="Get a run by id")
+    async def get_run_by_id(self, request: Request[Principal, Any, State], run_id: str) -> RunView:
+        deps: Deps = request.app.state.deps
+        state = await self._run(deps, request.user, None, run_id)
+        pipeline, _ = await deps.commands.load_pipeline(state.pipeline_id)
+        if not pipeline.live:
+            raise NotFoundException("run not found")
+        return await self._run_view(deps, state)
+
+    @get("/{pipeline_id:str}/runs/{run_id:str}/events", summary="The run's event history, in order")
+    async def run_events(
+        self, request: Request[Principal, Any, State], pipeline_id: str, run_id: str
+    ) -> list[EventRecordView]:
+        deps: Deps = request.app.state.deps
+        pipeline = await self._pipeline(deps, request.user, pipeline_id)
+        state = await self._run(deps, request.user, pipeline.pipeline_id, run_id)
+        store = deps.commands.store
+        records = await store.read_stream(ev.run_stream(state.run_id)) + await store.read_stream(
+            ev.run_log_stream(state.run_id)
+        )
+        records.sort(key=lambda r: r.position)
+        return [
+            EventRecordView(
+                position=r.position,
+                stream_id=r.stream_id,
+                stream_version=r.stream_version,
+                event_id=r.event_id,
+                type=r.event_type,
+                recorded_at=r.recorded_at.isoformat(),
+                data=msgspec.Raw(r.data),
+            )
+            for r in records
+        ]
+
+    async def _act(
+        self,
+        request: Request[Principal, Any, State],
+        pipeline_id: str,
+        run_id: str,
+        command: type[rn.Approve | rn.Reject | rn.Cancel | rn.Stop | rn.Pause | rn.Resume],
+    ) -> Response[bytes]:
+        deps: Deps = request.app.state.deps
+        principal = request.user
+        body: ActionBody = _decode_optional(await request.body(), ActionBody)
+
+        async def run() -> Response[bytes]:
+            pipeline = await self._pipeline(deps, principal, pipeline_id)
+            state = await self._run(deps, principal, pipeline.pipeline_id, run_id)
+            state, _ = await deps.commands.run_command(
+                state.run_id,
+                lambda at: command(by=principal.sub, reason=body.reason or body.comment, at=at),
+                visible=lambda s: s.organization_id == principal.org,
+            )
+            return _json(200, await self._run_view(deps, state))
+
+        return await _idempotent(request, principal, run)
+
+    @post("/{pipeline_id:str}/runs/{run_id:str}/approve", guards=[admin], status_code=200, summary="Approve")
+    async def approve(self, request: Request[Principal, Any, State], pipeline_id: str, run_id: str) -> Response[bytes]:
+        return await self._act(request, pipeline_id, run_id, rn.Approve)
+
+    @post("/{pipeline_id:str}/runs/{run_id:str}/reject", guards=[admin], status_code=200, summary="Reject")
+    async def reject(self, request: Request[Principal, Any, State], pipeline_id: str, run_id: str) -> Response[bytes]:
+        return await self._act(request, pipeline_id, run_id, rn.Reject)
+
+    @post("/{pipeline_id:str}/runs/{run_id:str}/cancel", guards=[admin], status_code=200, summary="Cancel")
+    async def cancel(self, request: Request[Principal, Any, State], pipeline_id: str, run_id: str) -> Response[bytes]:
+        return await self._act(request, pipeline_id, run_id, rn.Cancel)
+
+    @post("/{pipeline_id:str}/runs/{run_id:str}/stop", guards=[admin], status_code=200, summary="Stop")
+    async def stop(self, request: Request[Principal, Any, State], pipeline_id: str, run_id: str) -> Response[bytes]:
+        return await self._act(request, pipeline_id, run_id, rn.Stop)
+
+    @post("/{pipeline_id:str}/runs/{run_id:str}/pause", guards=[admin], status_code=200, summary="Pause")
+    async def pause(self, request: Request[Principal, Any, State], pipeline_id: str, run_id: str) -> Response[bytes]:
+        return await self._act(request, pipeline_id, run_id, rn.Pause)
+
+    @post("/{pipeline_id:str}/runs/{run_id:str}/resume", guards=[admin], status_code=200, summary="Resume")
+    async def resume(self, request: Request[Principal, Any, State], pipeline_id: str, run_id: str) -> Response[bytes]:
+        return await self._act(request, pipeline_id, run_id, rn.Resume)
+
+
+# ---- health ----------------------------------------------------------------------------------
+
+_requests: dict[tuple[str, int], int] = {}
+
+
+@get("/healthz", include_in_schema=False)
+async def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@get("/readyz", include_in_schema=False)
+async def readyz(request: Request[Any, Any, State]) -> Response[Any]:
+    deps: Deps = request.app.state.deps
+    try:
+        checks = await asyncio.wait_for(deps.ready(), timeout=3)
+    except Exception:
+        checks = {"checks": False}
+    ok = all(checks.values())
+    return Response(
+        content={"status": "ready" if ok else "not ready", "checks": checks}, status_code=200 if ok else 503
+    )
+
+
+@get("/metrics", include_in_schema=False, media_type="text/plain; version=0.0.4")
+async def metrics() -> str:
+    lines = ["# TYPE pipelines_http_responses_total counter"]
+    for (method, status), n in sorted(_requests.items()):
+        lines.append(f'pipelines_http_responses_total{{method="{method}",status="{status}"}} {n}')
+    return "\n".join(lines) + "\n"
+
+
+async def _count(message: Any, scope: Any) -> None:
+    if message["type"] == "http.response.start":
+        key = (scope.get("method", ""), int(message["status"]))
+        _requests[key] = _requests.get(key, 0) + 1
+
+
+def create_app(build: Callable[[], Awaitable[Deps]]) -> Litestar:
+    """`build` opens the resources (pool, NATS) inside the server's event loop, at startup."""
+
+    @asynccontextmanager
+    async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        deps = await build()
+        app.state.deps = deps
+        try:
+            yield
+        finally:
+            await deps.close()
+
+    app = Litestar(
+        route_handlers=[PipelineController, healthz, readyz, metrics],
+        middleware=[
+            DefineMiddleware(
+                JWTAuth,
+                exclude=["^/healthz", "^/readyz", "^/metrics", "^/schema", f"^{API}/hooks"],
+            )
+        ],
+        exception_handlers={Exception: handle},
+        after_response=None,
+        before_send=[_count],
+        lifespan=[lifespan],
+        openapi_config=OpenAPIConfig(
+            title="Pipelines API",
+            version="1.0.0",
+            path="/schema",
+            components=Components(
+                security_schemes={"BearerToken": SecurityScheme(type="http", scheme="bearer", bearer_format="JWT")}
+            ),
+            security=[{"BearerToken": []}],
+        ),
+        state=State({}),
+        debug=False,
+    )
+    return app

@@ -1,0 +1,83 @@
+"""`Idempotency-Key` on POST commands: the same key and body answers the first response; the
+same key with another body is 409. Scoped to the caller, method and path; kept 24 hours.
+
+The first request inserts a pending row before it runs the command, so concurrent requests
+with one key run the command once: the others wait for the first one's stored response.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from dataclasses import dataclass
+
+from psycopg_pool import AsyncConnectionPool
+
+TTL_HOURS = 24
+
+
+@dataclass(frozen=True)
+class Stored:
+    status_code: int
+    body: bytes
+
+
+class KeyReuse(Exception):
+    """The key was used with another request body."""
+
+
+class InFlight(Exception):
+    """The first request with this key is still running."""
+
+
+def request_hash(body: bytes) -> str:
+    return hashlib.sha256(body).hexdigest()
+
+
+class IdempotencyKeys:
+    def __init__(self, pool: AsyncConnectionPool, *, wait_seconds: float = 30.0) -> None:
+        self._pool = pool
+        self._wait = wait_seconds
+
+    async def begin(self, scope: str, key: str, digest: str) -> Stored | None:
+        """None: we own the key and must `finish` or `abandon` it. Else the stored response."""
+        deadline = asyncio.get_running_loop().time() + self._wait
+        while True:
+            async with self._pool.connection() as conn:
+                await conn.execute(
+                    "DELETE FROM idempotency_keys WHERE scope = %s AND key = %s "
+                    "AND created_at < now() - make_interval(hours => %s)",
+                    (scope, key, TTL_HOURS),
+                )
+                cur = await conn.execute(
+                    "INSERT INTO idempotency_keys (scope, key, request_hash) VALUES (%s, %s, %s) "
+                    "ON CONFLICT DO NOTHING RETURNING 1",
+                    (scope, key, digest),
+                )
+                if await cur.fetchone() is not None:
+                    return None
+                cur = await conn.execute(
+                    "SELECT request_hash, status_code, body FROM idempotency_keys WHERE scope = %s AND key = %s",
+                    (scope, key),
+                )
+                row = await cur.fetchone()
+            if row is None:
+                continue  # expired and deleted between our statements: try to own it
+            if row[0] != digest:
+                raise KeyReuse("Idempotency-Key was already used with a different request body")
+            if row[1] is not None:
+                return Stored(status_code=row[1], body=bytes(row[2] or b""))
+            if asyncio.get_running_loop().time() > deadline:
+                raise InFlight("a request with this Idempotency-Key is still in progress")
+            await asyncio.sleep(0.02)
+
+    async def finish(self, scope: str, key: str, status_code: int, body: bytes) -> None:
+        async with self._pool.connection() as conn:
+            await conn.execute(
+                "UPDATE idempotency_keys SET status_code = %s, body = %s WHERE scope = %s AND key = %s",
+                (status_code, body, scope, key),
+            )
+
+    async def abandon(self, scope: str, key: str) -> None:
+        async with self._pool.connection() as conn:
+            await conn.execute("DELETE FROM idempotency_keys WHERE scope = %s AND key = %s", (scope, key))

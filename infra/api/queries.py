@@ -1,0 +1,65 @@
+"""Reads of the projector's read models, for lists."""
+
+from __future__ import annotations
+
+import msgspec
+from psycopg_pool import AsyncConnectionPool
+
+from domain.run import LogLine
+from projections.views import PipelineView, RunView, log_text
+
+_pipeline = msgspec.json.Decoder(PipelineView)
+_run = msgspec.json.Decoder(RunView)
+_lines = msgspec.json.Decoder(tuple[LogLine, ...])
+
+
+class ReadModels:
+    def __init__(self, pool: AsyncConnectionPool) -> None:
+        self._pool = pool
+
+    async def list_pipelines(self, org: str | None, page: int, limit: int) -> tuple[list[PipelineView], int]:
+        async with self._pool.connection() as conn:
+            cur = await conn.execute("SELECT count(*) FROM rm_pipelines WHERE org IS NOT DISTINCT FROM %s", (org,))
+            row = await cur.fetchone()
+            total = int(row[0]) if row else 0
+            cur = await conn.execute(
+                "SELECT doc::text FROM rm_pipelines WHERE org IS NOT DISTINCT FROM %s "
+                "ORDER BY created_at, id LIMIT %s OFFSET %s",
+                (org, limit, (page - 1) * limit),
+            )
+            rows = await cur.fetchall()
+        return [_pipeline.decode(r[0]) for r in rows], total
+
+    async def list_runs(self, pipeline_id: str, limit: int = 50) -> list[RunView]:
+        async with self._pool.connection() as conn:
+            cur = await conn.execute(
+                "SELECT id, doc::text FROM rm_runs WHERE pipeline_id = %s ORDER BY created_at DESC, id DESC LIMIT %s",
+                (pipeline_id, limit),
+            )
+            rows = await cur.fetchall()
+            ids = [r[0] for r in rows]
+            cur = await conn.execute(
+                "SELECT run_id, stage_id, lines::text FROM rm_run_logs WHERE run_id = ANY(%s) "
+                "ORDER BY run_id, position",
+                (ids,),
+            )
+            chunks: dict[str, list[tuple[str | None, tuple[LogLine, ...]]]] = {}
+            for run_id, stage_id, lines in await cur.fetchall():
+                chunks.setdefault(run_id, []).append((stage_id, _lines.decode(lines)))
+        out = []
+        for run_id, doc in rows:
+            view = _run.decode(doc)
+            text, outputs = log_text(chunks.get(run_id, []))
+            view.logs = text
+            for sr in view.stage_results:
+                sr.output = outputs.get(sr.stage_id, "")
+            out.append(view)
+        return out
+
+    async def active_run_ids(self, pipeline_id: str) -> list[str]:
+        async with self._pool.connection() as conn:
+            cur = await conn.execute(
+                "SELECT id FROM rm_runs WHERE pipeline_id = %s AND status NOT IN ('succeeded', 'failed', 'cancelled')",
+                (pipeline_id,),
+            )
+            return [r[0] for r in await cur.fetchall()]

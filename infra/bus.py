@@ -1,0 +1,110 @@
+"""NATS: connection, subject naming, the event stream, and wake-up pokes."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+
+import nats
+from nats.aio.client import Client as NATS
+from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
+from nats.js.errors import NotFoundError
+
+from infra.store import RecordedEvent
+
+log = logging.getLogger(__name__)
+
+EVENTS_SUBJECTS = "pipelines.v1.>"
+# Published (core NATS, no payload) after every committed append so that the relay reads the
+# feed at once instead of waiting for its next poll. Never part of the event stream.
+APPENDED_SUBJECT = "pipelines.internal.appended"
+_BAD = re.compile(r"[^A-Za-z0-9_-]")
+
+
+def token(name: str | None) -> str:
+    """A subject token for a name: `_` for none; a leading `#` dropped; other characters `_`."""
+    if not name:
+        return "_"
+    if name.startswith("#"):
+        name = name[1:]
+    return _BAD.sub("_", name) or "_"
+
+
+def event_subject(rec: RecordedEvent) -> str:
+    aggregate, ident = rec.stream_id.split("-", 1)
+    return f"pipelines.v1.{token(rec.org)}.{aggregate}.{token(ident)}.{token(rec.event_type)}"
+
+
+def log_subject(org: str | None, run_id: str) -> str:
+    return f"pipelines.logs.v1.{token(org)}.{token(run_id)}"
+
+
+def notify_subject(org: str | None, channel: str) -> str:
+    return f"pipelines.notify.v1.{token(org)}.{token(channel)}"
+
+
+async def connect(url: str, name: str) -> NATS:
+    async def on_error(exc: Exception) -> None:
+        log.warning("nats: %s", exc)
+
+    nc = await nats.connect(
+        url,
+        name=name,
+        max_reconnect_attempts=-1,
+        reconnect_time_wait=0.5,
+        error_cb=on_error,
+        connect_timeout=5,
+    )
+    return nc
+
+
+async def ensure_events_stream(nc: NATS, stream: str) -> None:
+    js = nc.jetstream()
+    config = StreamConfig(
+        name=stream,
+        subjects=[EVENTS_SUBJECTS],
+        retention=RetentionPolicy.LIMITS,
+        storage=StorageType.FILE,
+        discard=DiscardPolicy.OLD,
+        duplicate_window=120.0,
+        num_replicas=1,
+    )
+    try:
+        await js.stream_info(stream)
+    except NotFoundError:
+        with contextlib.suppress(Exception):
+            await js.add_stream(config)
+        await js.stream_info(stream)
+
+
+class Poker:
+    """Coalesces wake-ups: many `poke()` calls while one publish is pending send one message."""
+
+    def __init__(self, nc: NATS, subject: str = APPENDED_SUBJECT) -> None:
+        self._nc = nc
+        self._subject = subject
+        self._wanted = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="poker")
+
+    def poke(self) -> None:
+        self._wanted.set()
+
+    async def _run(self) -> None:
+        while True:
+            await self._wanted.wait()
+            self._wanted.clear()
+            try:
+                await self._nc.publish(self._subject, b"")
+            except Exception as exc:  # the poll fallback covers a lost poke
+                log.debug("poke failed: %s", exc)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task

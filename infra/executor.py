@@ -1,0 +1,394 @@
+"""The executor: reacts to run events from JetStream and runs stages for real.
+
+Every step is decided by the Run decider against the run stream's current version: the
+executor asks to `Advance` (start the run, the next stage, or finish it) and records a stage's
+outcome with `CompleteStage`. Both are appended under optimistic concurrency, so a redelivered
+message, or a second executor, cannot start a stage twice: the loser's append fails, it reloads,
+and sees the stage already running or done.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import shutil
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import msgspec
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.errors import NotFoundError
+
+from domain import run as rn
+from domain.errors import NotFound, Refused
+from domain.stages import Stage
+from infra.bus import log_subject
+from infra.commands import Commands, ConcurrencyConflict
+from infra.config import Settings
+from infra.script_runner import ScriptOutcome, ScriptRun, clean_env
+
+log = logging.getLogger("pipelines.executor")
+
+RUN_EVENTS_FILTER = "pipelines.v1.*.run.*.*"
+CONSUMER = "executor"
+_json = msgspec.json.Encoder()
+
+
+class RunLog:
+    """Buffers a run's log lines and appends them in chunks (every `interval` or `max_lines`),
+    capped at `max_bytes` per run with a marker where the log was cut."""
+
+    def __init__(
+        self,
+        commands: Commands,
+        state: rn.RunState,
+        *,
+        max_bytes: int,
+        publish: Callable[[bytes], Awaitable[None]] | None,
+        interval: float = 0.05,
+        max_lines: int = 500,
+    ) -> None:
+        self._commands = commands
+        self._state = state
+        self._max_bytes = max_bytes
+        self._publish = publish
+        self._interval = interval
+        self._max_lines = max_lines
+        self._buffer: list[tuple[str | None, rn.LogLine]] = []
+        self._bytes = 0
+        self._cut = False
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._loop())
+
+    def line(self, stage_id: str | None, stream: Literal["stdout", "stderr", "system"], text: str) -> None:
+        if self._cut:
+            return
+        size = len(text.encode()) + 1
+        if self._bytes + size > self._max_bytes and stream != "system":
+            self._cut = True
+            text = f"[log truncated: this run's log reached the limit of {self._max_bytes} bytes]"
+            stream = "system"
+        self._bytes += size
+        self._buffer.append((stage_id, rn.LogLine(stream, text)))
+        if len(self._buffer) >= self._max_lines:
+            self._wake.set()
+
+    async def _loop(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self._interval)
+            self._wake.clear()
+            await self.flush()
+
+    async def flush(self) -> None:
+        if not self._buffer:
+            return
+        buffer, self._buffer = self._buffer, []
+        chunks: list[rn.LogAppended] = []
+        now = self._commands.now()
+        for stage_id, line in buffer:
+            if chunks and chunks[-1].stage_id == stage_id:
+                last = chunks[-1]
+                chunks[-1] = rn.LogAppended(stage_id=stage_id, lines=(*last.lines, line), at=now)
+            else:
+                chunks.append(rn.LogAppended(stage_id=stage_id, lines=(line,), at=now))
+        for attempt in range(5):
+            try:
+                await self._commands.append_logs(self._state, chunks)
+                break
+            except Exception as exc:  # keep the lines; try again
+                log.warning("log append failed (attempt %d): %s", attempt + 1, exc)
+                await asyncio.sleep(0.2 * (attempt + 1))
+        if self._publish is not None:
+            for c in chunks:
+                payload = {
+                    "runId": self._state.run_id,
+                    "stage": c.stage_id,
+                    "lines": [{"stream": ln.stream, "text": ln.text} for ln in c.lines],
+                }
+                with contextlib.suppress(Exception):
+                    await self._publish(_json.encode(payload))
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        await self.flush()
+
+
+@dataclass
+class _Driver:
+    task: asyncio.Task[None] | None = None
+    dirty: bool = False
+    messages: list[Msg] = field(default_factory=list)
+    script: ScriptRun | None = None
+    stop_requested: bool = False
+
+
+class Executor:
+    def __init__(self, commands: Commands, settings: Settings, nc: NATS | None = None) -> None:
+        self.commands = commands
+        self.settings = settings
+        self.nc = nc
+        self._drivers: dict[str, _Driver] = {}
+        self._background: set[asyncio.Task[Any]] = set()
+        self.workdir = settings.data_dir / "work"
+
+    # ---- consuming JetStream -----------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        assert self.nc is not None
+        js = self.nc.jetstream()
+        config = ConsumerConfig(
+            durable_name=CONSUMER,
+            filter_subject=RUN_EVENTS_FILTER,
+            ack_policy=AckPolicy.EXPLICIT,
+            deliver_policy=DeliverPolicy.ALL,
+            ack_wait=self.settings.ack_wait,
+            max_ack_pending=10_000,
+        )
+        try:
+            await js.consumer_info(self.settings.events_stream, CONSUMER)
+        except NotFoundError:
+            with contextlib.suppress(Exception):
+                await js.add_consumer(self.settings.events_stream, config)
+        sub = await js.pull_subscribe_bind(CONSUMER, self.settings.events_stream)
+        heartbeat = asyncio.create_task(self._heartbeat())
+        try:
+            while not stop.is_set():
+                try:
+                    msgs = await sub.fetch(256, timeout=1.0)
+                except TimeoutError:
+                    continue
+                except Exception as exc:
+                    log.warning("fetch failed: %s", exc)
+                    await asyncio.sleep(0.5)
+                    continue
+                for msg in msgs:
+                    self.on_message(msg)
+        finally:
+            heartbeat.cancel()
+            await self.drain()
+
+    def on_message(self, msg: Msg) -> None:
+        parts = msg.subject.split(".")
+        if len(parts) != 6:
+            self._spawn(msg.ack())
+            return
+        run_id, event_type = parts[4], parts[5]
+        driver = self.kick(run_id)
+        driver.messages.append(msg)
+        if event_type == "run_stopped":
+            driver.stop_requested = True
+            if driver.script is not None:
+                self._spawn(driver.script.stop())
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def kick(self, run_id: str) -> _Driver:
+        """Make sure the run is being driven; a run already being driven looks again when done."""
+        driver = self._drivers.get(run_id)
+        if driver is None:
+            driver = _Driver()
+            self._drivers[run_id] = driver
+            driver.task = asyncio.create_task(self._drive(run_id, driver), name=f"run-{run_id}")
+        else:
+            driver.dirty = True
+        return driver
+
+    async def _heartbeat(self) -> None:
+        # Long stages keep their messages from being redelivered to another executor.
+        while True:
+            await asyncio.sleep(max(self.settings.ack_wait / 3, 0.5))
+            for driver in list(self._drivers.values()):
+                for msg in driver.messages:
+                    with contextlib.suppress(Exception):
+                        await msg.in_progress()
+
+    async def drain(self) -> None:
+        tasks = [d.task for d in self._drivers.values() if d.task is not None]
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _drive(self, run_id: str, driver: _Driver) -> None:
+        try:
+            while True:
+                driver.dirty = False
+                try:
+                    await self.drive_once(run_id, driver)
+                except (NotFound, ConcurrencyConflict) as exc:
+                    log.warning("run %s: %s", run_id, exc)
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    log.exception("run %s: driving failed", run_id)
+                    await asyncio.sleep(1)
+                    driver.dirty = True
+                if not driver.dirty:
+                    break
+        finally:
+            if self._drivers.get(run_id) is driver:
+                del self._drivers[run_id]
+            for msg in driver.messages:
+                with contextlib.suppress(Exception):
+                    await msg.ack()
+
+    # ---- driving a run -----------------------------------------------------------------------
+
+    async def _advance(self, run_id: str) -> tuple[rn.RunState, list[rn.RunEvent]]:
+        return await self.commands.run_command(run_id, lambda at: rn.Advance(at=at))
+
+    async def drive_once(self, run_id: str, driver: _Driver | None = None) -> rn.RunState:
+        """Take the run as far as it can go now: start it, run stages, finish it."""
+        state, _ = await self.commands.load_run(run_id)
+        if not state.exists:
+            raise NotFound(f"run {run_id} not found")
+        if state.status == "queued":
+            pipeline, _ = await self.commands.load_pipeline(state.pipeline_id)
+            if not pipeline.live:
+                state, _ = await self.commands.run_command(
+                    run_id, lambda at: rn.Cancel(by="system", reason="pipeline deleted", at=at)
+                )
+                return state
+        state, new = await self._advance(run_id)
+        while True:
+            job = self._started_job(state, new)
+            if job is None:
+                if not new:
+                    return state
+                state, new = await self._advance(run_id)
+                continue
+            stage, attempt = job
+            outcome = await self._execute(state, stage, attempt, driver)
+            try:
+                state, new = await self.commands.run_command(
+                    run_id,
+                    lambda at, s=stage, a=attempt, o=outcome: self._completion(s, a, o, at),  # type: ignore[misc]
+                )
+            except Refused as exc:
+                log.info("run %s: outcome of %s not recorded: %s", run_id, stage.id, exc)
+                state, new = await self._advance(run_id)
+
+    @staticmethod
+    def _started_job(state: rn.RunState, new: list[rn.RunEvent]) -> tuple[Stage, int] | None:
+        for e in new:
+            if isinstance(e, rn.StageStarted):
+                stage = next(s for s in state.stages if s.id == e.stage_id)
+                if stage.type != "approval":
+                    return stage, e.attempt
+        return None
+
+    @staticmethod
+    def _completion(stage: Stage, attempt: int, outcome: ScriptOutcome, at: Any) -> rn.CompleteStage:
+        if outcome.succeeded:
+            return rn.CompleteStage(stage_id=stage.id, attempt=attempt, succeeded=True, exit_code=0, at=at)
+        failure: Literal["failed", "timeout", "cancelled"] = (
+            "cancelled" if outcome.killed else "timeout" if outcome.timed_out else "failed"
+        )
+        return rn.CompleteStage(
+            stage_id=stage.id,
+            attempt=attempt,
+            succeeded=False,
+            failure=failure,
+            error=outcome.error,
+            exit_code=outcome.exit_code,
+            at=at,
+        )
+
+    async def _execute(self, state: rn.RunState, stage: Stage, attempt: int, driver: _Driver | None) -> ScriptOutcome:
+        publish = None
+        if self.nc is not None:
+            nc, subject = self.nc, log_subject(state.organization_id, state.run_id)
+
+            async def publish(payload: bytes) -> None:
+                await nc.publish(subject, payload)
+
+        runlog = RunLog(self.commands, state, max_bytes=self.settings.max_log_bytes, publish=publish)
+        runlog.start()
+        label = f"Stage {stage.name}" if stage.name == stage.id else f"Stage {stage.name} ({stage.id})"
+        runlog.line(stage.id, "system", f"{label} started" + (f" (attempt {attempt})" if attempt > 1 else ""))
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        try:
+            if stage.type == "script":
+                outcome = await self._run_script(state, stage, runlog, driver)
+            else:
+                outcome = ScriptOutcome(
+                    exit_code=None,
+                    error=f"{stage.type} stages are not configured on this server: "
+                    f"no {'deployer' if stage.type == 'deploy' else 'notifier'} is set up",
+                )
+            ms = round((loop.time() - started) * 1000)
+            if outcome.succeeded:
+                runlog.line(stage.id, "system", f"{label} succeeded ({ms} ms)")
+            else:
+                runlog.line(stage.id, "system", f"{label} failed: {_describe(outcome, stage, self.settings)}")
+                if outcome.error is None:
+                    outcome = ScriptOutcome(
+                        exit_code=outcome.exit_code,
+                        timed_out=outcome.timed_out,
+                        killed=outcome.killed,
+                        error=_describe(outcome, stage, self.settings),
+                    )
+        finally:
+            await runlog.close()
+        return outcome
+
+    async def _run_script(
+        self, state: rn.RunState, stage: Stage, runlog: RunLog, driver: _Driver | None
+    ) -> ScriptOutcome:
+        script = ScriptRun(kill_grace=self.settings.kill_grace)
+        if driver is not None:
+            driver.script = script
+            if driver.stop_requested:
+                return ScriptOutcome(exit_code=None, killed=True)
+        workdir = self.workdir / state.run_id
+        env = clean_env(
+            workdir,
+            {
+                **state.variables,
+                "PIPELINE_ID": state.pipeline_id,
+                "RUN_ID": state.run_id,
+                "STAGE_ID": stage.id,
+            },
+        )
+        try:
+            return await script.run(
+                str(stage.config.get("command", "")),
+                workdir=workdir,
+                env=env,
+                timeout=stage.timeout or self.settings.stage_timeout,
+                on_line=lambda stream, text: runlog.line(stage.id, stream, text),
+            )
+        finally:
+            if driver is not None:
+                driver.script = None
+            if state.stages and stage.id == state.stages[-1].id:
+                shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _describe(outcome: ScriptOutcome, stage: Stage, settings: Settings) -> str:
+    if outcome.error:
+        return outcome.error
+    if outcome.killed:
+        return "stopped: the script's process group was killed"
+    if outcome.timed_out:
+        return f"timed out after {stage.timeout or settings.stage_timeout:g} s; the process group was killed"
+    return f"exit code {outcome.exit_code}"
+
+
+def workdir_of(settings: Settings, run_id: str) -> Path:
+    return settings.data_dir / "work" / run_id

@@ -1,0 +1,173 @@
+"""The relay: publishes the store's feed to JetStream, in order, once.
+
+Where it stands comes from the stream itself: on start (and after any publish error) it reads
+the stream's last message and continues after the feed cursor in that message's headers. A
+relay killed between publishing and saving its checkpoint therefore neither loses nor repeats
+an event, however long it was down (the `Nats-Msg-Id` duplicate window is only a second line of
+defence). Each publish also expects the stream's last sequence, so a message that failed inside
+a pipelined batch cannot be overtaken by the ones after it: the server refuses them and the
+relay resynchronises.
+
+Only one relay publishes at a time: leadership is a session-level advisory lock held on a
+connection outside any transaction (a lock held inside a transaction would freeze the feed's
+transaction horizon for every follower).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Any
+
+import psycopg
+from nats.aio.client import Client as NATS
+from nats.js.errors import NotFoundError
+
+from infra.bus import APPENDED_SUBJECT, ensure_events_stream, event_subject
+from infra.pg_store import PostgresEventStore
+from infra.store import FEED_START, FeedCursor, RecordedEvent
+
+log = logging.getLogger("pipelines.relay")
+
+RELAY_LOCK = 7_311_224_002
+POSITION = "Pipelines-Position"
+TX = "Pipelines-Tx"
+
+
+def headers_for(rec: RecordedEvent) -> dict[str, str]:
+    aggregate, _, ident = rec.stream_id.partition("-")
+    return {
+        "Nats-Msg-Id": rec.event_id,
+        "ce-specversion": "1.0",
+        "ce-id": rec.event_id,
+        "ce-type": f"pipelines.{rec.event_type}",
+        "ce-source": f"/organizations/{rec.org or '_'}/{aggregate}s/{ident}",
+        "ce-time": rec.recorded_at.isoformat(),
+        "ce-subject": rec.stream_id,
+        "ce-datacontenttype": "application/json",
+        POSITION: str(rec.position),
+        TX: str(rec.tx_id),
+        "Pipelines-Stream-Version": str(rec.stream_version),
+    }
+
+
+class Relay:
+    def __init__(
+        self,
+        store: PostgresEventStore,
+        database_url: str,
+        nc: NATS,
+        *,
+        stream: str,
+        poll_interval: float = 0.5,
+        batch: int = 500,
+    ) -> None:
+        self.store = store
+        self.database_url = database_url
+        self.nc = nc
+        self.stream = stream
+        self.poll_interval = poll_interval
+        self.batch = batch
+        self.cursor: FeedCursor = FEED_START
+        self.last_seq = 0
+        self.published = 0
+        self._wake = asyncio.Event()
+        # Test hook: called after a batch is published and before its checkpoint is saved.
+        self.after_publish: Any = None
+
+    async def _resync(self) -> None:
+        js = self.nc.jetstream()
+        info = await js.stream_info(self.stream)
+        self.last_seq = info.state.last_seq
+        self.cursor = FEED_START
+        if self.last_seq > 0:
+            try:
+                msg = await js.get_msg(self.stream, self.last_seq)
+            except NotFoundError:
+                msg = None
+            headers = (msg.headers or {}) if msg is not None else {}
+            if POSITION in headers and TX in headers:
+                self.cursor = (int(headers[TX]), int(headers[POSITION]))
+        log.info("relay at stream seq %d, feed cursor %s", self.last_seq, self.cursor)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        async with await psycopg.AsyncConnection.connect(self.database_url, autocommit=True) as lock_conn:
+            while not stop.is_set():
+                cur = await lock_conn.execute("SELECT pg_try_advisory_lock(%s)", (RELAY_LOCK,))
+                row = await cur.fetchone()
+                if row and row[0]:
+                    break
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), 1.0)
+            if stop.is_set():
+                return
+            await ensure_events_stream(self.nc, self.stream)
+            sub = await self.nc.subscribe(APPENDED_SUBJECT, cb=self._poke)
+            try:
+                await self._resync()
+                while not stop.is_set():
+                    try:
+                        n = await self.pump_once()
+                    except Exception as exc:
+                        log.warning("publish failed, resynchronising: %s", exc)
+                        await asyncio.sleep(0.2)
+                        with contextlib.suppress(Exception):
+                            await self._resync()
+                        continue
+                    if n == 0:
+                        with contextlib.suppress(TimeoutError):
+                            await asyncio.wait_for(self._wake.wait(), self.poll_interval)
+                        self._wake.clear()
+            finally:
+                with contextlib.suppress(Exception):
+                    await sub.unsubscribe()
+
+    async def _poke(self, _msg: Any) -> None:
+        self._wake.set()
+
+    async def pump_once(self) -> int:
+        """Publish the next batch of the feed; returns how many events went out."""
+        events = await self.store.read_feed(self.cursor, self.batch)
+        if not events:
+            return 0
+        js = self.nc.jetstream()
+        base = self.last_seq
+        acks = await asyncio.gather(
+            *(
+                js.publish(
+                    event_subject(rec),
+                    rec.data,
+                    stream=self.stream,
+                    headers={**headers_for(rec), "Nats-Expected-Last-Sequence": str(base + i)},
+                )
+                for i, rec in enumerate(events)
+            ),
+            return_exceptions=True,
+        )
+        ok = 0
+        for ack in acks:
+            if isinstance(ack, BaseException):
+                break
+            ok += 1
+        if ok:
+            last_ack = acks[ok - 1]
+            assert not isinstance(last_ack, BaseException)
+            self.last_seq = last_ack.seq
+            self.cursor = events[ok - 1].cursor
+            self.published += ok
+        if self.after_publish is not None:
+            await self.after_publish()
+        await self._checkpoint()
+        if ok < len(events):
+            err = next(a for a in acks if isinstance(a, BaseException))
+            raise RuntimeError(f"{len(events) - ok} of {len(events)} publishes failed: {err}")
+        return ok
+
+    async def _checkpoint(self) -> None:
+        async with self.store.pool.connection() as conn:
+            await conn.execute(
+                "INSERT INTO checkpoints (name, tx_id, position) VALUES ('relay', %s::text::xid8, %s) "
+                "ON CONFLICT (name) DO UPDATE SET tx_id = EXCLUDED.tx_id, position = EXCLUDED.position",
+                (str(self.cursor[0]), self.cursor[1]),
+            )

@@ -1,0 +1,94 @@
+"""The one place that assembles dependencies for every service, and the shared run loop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+from collections.abc import Awaitable, Callable
+
+from nats.aio.client import Client as NATS
+from psycopg_pool import AsyncConnectionPool
+
+from infra import bus
+from infra.api.app import Deps
+from infra.api.idempotency import IdempotencyKeys
+from infra.api.queries import ReadModels
+from infra.commands import Commands
+from infra.config import Settings
+from infra.db import migrate, open_pool
+from infra.pg_store import PostgresEventStore
+
+
+def setup_logging(service: str) -> None:
+    logging.basicConfig(
+        level=logging.INFO,
+        format=f"%(asctime)s {service} %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+async def open_store(settings: Settings, *, max_size: int = 10) -> tuple[AsyncConnectionPool, PostgresEventStore]:
+    await migrate(settings.database_url)
+    pool = await open_pool(settings.database_url, max_size=max_size)
+    return pool, PostgresEventStore(pool)
+
+
+async def build_api(settings: Settings) -> Deps:
+    pool, store = await open_store(settings, max_size=20)
+    nc = await bus.connect(settings.nats_url, "pipelines-api")
+    poker = bus.Poker(nc)
+    poker.start()
+    commands = Commands(store, on_append=poker.poke)
+
+    async def ready() -> dict[str, bool]:
+        checks = {"database": False, "nats": nc.is_connected, "gateway": False}
+        with contextlib.suppress(Exception):
+            async with pool.connection() as conn:
+                await conn.execute("SELECT 1")
+            checks["database"] = True
+        with contextlib.suppress(Exception):
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_connection(settings.gateway_host, settings.gateway_port), 1
+            )
+            writer.write(b"GET /healthz HTTP/1.1\r\nHost: gateway\r\nConnection: close\r\n\r\n")
+            await writer.drain()
+            status = await asyncio.wait_for(reader.readline(), 1)
+            writer.close()
+            checks["gateway"] = b" 200 " in status
+        return checks
+
+    async def close() -> None:
+        await poker.stop()
+        with contextlib.suppress(Exception):
+            await nc.drain()
+        await pool.close()
+
+    return Deps(
+        settings=settings,
+        commands=commands,
+        read_models=ReadModels(pool),
+        idempotency=IdempotencyKeys(pool),
+        ready=ready,
+        close=close,
+    )
+
+
+async def connect_nats(settings: Settings, name: str) -> NATS:
+    return await bus.connect(settings.nats_url, name)
+
+
+def run_until_signalled(service: str, body: Callable[[asyncio.Event], Awaitable[None]]) -> None:
+    """Run `body(stop)` until SIGTERM or SIGINT sets `stop`; exit 0 after it drains."""
+    setup_logging(service)
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await body(stop)
+
+    asyncio.run(main())

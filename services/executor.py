@@ -1,0 +1,35 @@
+"""`python -m services.executor`: runs the stages of runs."""
+
+from __future__ import annotations
+
+import asyncio
+
+from infra import bus
+from infra.commands import Commands
+from infra.config import Settings
+from infra.executor import Executor
+from services.bootstrap import connect_nats, open_store, run_until_signalled
+
+
+def main() -> None:
+    settings = Settings.from_env()
+
+    async def body(stop: asyncio.Event) -> None:
+        pool, store = await open_store(settings, max_size=10)
+        nc = await connect_nats(settings, "pipelines-executor")
+        poker = bus.Poker(nc)
+        poker.start()
+        try:
+            await bus.ensure_events_stream(nc, settings.events_stream)
+            executor = Executor(Commands(store, on_append=poker.poke), settings, nc)
+            await executor.run(stop)
+        finally:
+            await poker.stop()
+            await nc.drain()
+            await pool.close()
+
+    run_until_signalled("executor", body)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,39 @@
+"""`python -m services.projector`: builds the read models. `--rebuild` recreates them and exits."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+
+from infra.config import Settings
+from infra.projector import Projector
+from services.bootstrap import connect_nats, open_store, run_until_signalled
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m services.projector")
+    parser.add_argument("--rebuild", action="store_true", help="recreate every read model from the store, then exit")
+    args = parser.parse_args(argv)
+    settings = Settings.from_env()
+
+    async def body(stop: asyncio.Event) -> None:
+        pool, store = await open_store(settings, max_size=4)
+        try:
+            if args.rebuild:
+                n = await Projector(store, settings.database_url).rebuild()
+                logging.getLogger("pipelines.projector").info("rebuilt the read models from %d events", n)
+                return
+            nc = await connect_nats(settings, "pipelines-projector")
+            try:
+                await Projector(store, settings.database_url, nc, poll_interval=settings.poll_interval).run(stop)
+            finally:
+                await nc.drain()
+        finally:
+            await pool.close()
+
+    run_until_signalled("projector", body)
+
+
+if __name__ == "__main__":
+    main()

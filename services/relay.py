@@ -1,0 +1,31 @@
+"""`python -m services.relay`: publishes the event store's feed to JetStream."""
+
+from __future__ import annotations
+
+import asyncio
+
+from infra.config import Settings
+from infra.relay import Relay
+from services.bootstrap import connect_nats, open_store, run_until_signalled
+
+
+def main() -> None:
+    settings = Settings.from_env()
+
+    async def body(stop: asyncio.Event) -> None:
+        pool, store = await open_store(settings, max_size=4)
+        nc = await connect_nats(settings, "pipelines-relay")
+        try:
+            relay = Relay(
+                store, settings.database_url, nc, stream=settings.events_stream, poll_interval=settings.poll_interval
+            )
+            await relay.run(stop)
+        finally:
+            await nc.drain()
+            await pool.close()
+
+    run_until_signalled("relay", body)
+
+
+if __name__ == "__main__":
+    main()
