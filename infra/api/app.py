@@ -19,12 +19,13 @@ from litestar.handlers.base import BaseRouteHandler
 from litestar.middleware import AbstractAuthenticationMiddleware, AuthenticationResult, DefineMiddleware
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.spec import Components, SecurityScheme
-from litestar.params import Parameter
+from litestar.params import FromPath, FromQuery, JSONBody, Parameter
 
 from domain import events as ev
 from domain import pipeline as pl
 from domain import run as rn
 from domain.errors import Invalid
+from infra.api.bodies import CreatePipelineBody, PatchPipelineBody, parse_pipeline_body
 from infra.api.errors import error_response, handle
 from infra.api.idempotency import IdempotencyKeys, InFlight, KeyReuse, request_hash
 from infra.api.queries import ReadModels
@@ -34,6 +35,7 @@ from infra.config import Settings
 from projections.views import PipelineView, RunView, pipeline_view, run_view
 
 API = "/api/v1"
+PathId = FromPath[str]
 _encoder = msgspec.json.Encoder()
 _VAR_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
 
@@ -51,21 +53,6 @@ class Deps:
 
 
 # ---- request bodies --------------------------------------------------------------------------
-
-Name = Annotated[str, msgspec.Meta(min_length=2, max_length=100)]
-Description = Annotated[str, msgspec.Meta(max_length=2000)]
-
-
-class CreatePipelineBody(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    name: Name
-    description: Description | None = None
-    stages: list[dict[str, Any]] | None = None
-
-
-class PatchPipelineBody(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    name: Name | None = None
-    description: Description | msgspec.UnsetType | None = msgspec.UNSET
-    stages: list[dict[str, Any]] | None = None
 
 
 class TriggerBody(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -236,27 +223,28 @@ class PipelineController(Controller):
         request: Request[Principal, Any, State],
         page: Annotated[int, Parameter(ge=1)] = 1,
         limit: Annotated[int, Parameter(ge=1, le=100)] = 20,
-        organization_id: Annotated[str | None, Parameter(query="organizationId")] = None,
+        organizationId: FromQuery[str | None] = None,
     ) -> PipelinePage:
         deps: Deps = request.app.state.deps
         principal = request.user
-        if organization_id is not None and organization_id != principal.org:
+        if organizationId is not None and organizationId != principal.org:
             return PipelinePage(data=[], total=0, page=page, limit=limit)
         data, total = await deps.read_models.list_pipelines(principal.org, page, limit)
         return PipelinePage(data=data, total=total, page=page, limit=limit)
 
     @post("/", guards=[member], summary="Create a pipeline", status_code=201)
     async def create_pipeline(
-        self, request: Request[Principal, Any, State], data: CreatePipelineBody
+        self, request: Request[Principal, Any, State], data: JSONBody[CreatePipelineBody | None] = None
     ) -> Response[bytes]:
         deps: Deps = request.app.state.deps
         principal = request.user
+        body = parse_pipeline_body(await request.body(), partial=False)
 
         async def run() -> Response[bytes]:
             state = await deps.commands.create_pipeline(
-                name=data.name,
-                description=data.description,
-                stages=data.stages or [],
+                name=body["name"],
+                description=body.get("description"),
+                stages=body.get("stages") or [],
                 org=principal.org,
                 by=principal.sub,
             )
@@ -265,41 +253,44 @@ class PipelineController(Controller):
         return await _idempotent(request, principal, run)
 
     @get("/{pipeline_id:str}", summary="Get a pipeline")
-    async def get_pipeline(self, request: Request[Principal, Any, State], pipeline_id: str) -> PipelineView:
+    async def get_pipeline(self, request: Request[Principal, Any, State], pipeline_id: PathId) -> PipelineView:
         return pipeline_view(await self._pipeline(request.app.state.deps, request.user, pipeline_id))
 
-    async def _update(
-        self, request: Request[Principal, Any, State], pipeline_id: str, data: PatchPipelineBody, whole: bool
-    ) -> PipelineView:
+    async def _update(self, request: Request[Principal, Any, State], pipeline_id: str, whole: bool) -> PipelineView:
         deps: Deps = request.app.state.deps
         principal = request.user
-        if whole and data.name is None:
-            raise Invalid({"name": "is required"})
+        body = parse_pipeline_body(await request.body(), partial=not whole)
         state = await deps.commands.update_pipeline(
             _uuid_or_404(pipeline_id, "pipeline"),
             by=principal.sub,
-            name=data.name,
-            description=None if isinstance(data.description, msgspec.UnsetType) else data.description,
-            set_description=whole or not isinstance(data.description, msgspec.UnsetType),
-            stages=(data.stages or []) if whole else data.stages,
+            name=body.get("name"),
+            description=body.get("description"),
+            set_description=whole or "description" in body,
+            stages=(body.get("stages") or []) if whole else body.get("stages"),
             visible=lambda s: s.organization_id == principal.org,
         )
         return pipeline_view(state)
 
     @patch("/{pipeline_id:str}", guards=[member], summary="Update some fields of a pipeline")
     async def patch_pipeline(
-        self, request: Request[Principal, Any, State], pipeline_id: str, data: PatchPipelineBody
+        self,
+        request: Request[Principal, Any, State],
+        pipeline_id: PathId,
+        data: JSONBody[PatchPipelineBody | None] = None,
     ) -> PipelineView:
-        return await self._update(request, pipeline_id, data, whole=False)
+        return await self._update(request, pipeline_id, whole=False)
 
     @put("/{pipeline_id:str}", guards=[member], summary="Replace a pipeline")
     async def put_pipeline(
-        self, request: Request[Principal, Any, State], pipeline_id: str, data: PatchPipelineBody
+        self,
+        request: Request[Principal, Any, State],
+        pipeline_id: PathId,
+        data: JSONBody[CreatePipelineBody | None] = None,
     ) -> PipelineView:
-        return await self._update(request, pipeline_id, data, whole=True)
+        return await self._update(request, pipeline_id, whole=True)
 
     @delete("/{pipeline_id:str}", guards=[admin], summary="Delete a pipeline (cancels its active runs)")
-    async def delete_pipeline(self, request: Request[Principal, Any, State], pipeline_id: str) -> None:
+    async def delete_pipeline(self, request: Request[Principal, Any, State], pipeline_id: PathId) -> None:
         deps: Deps = request.app.state.deps
         principal = request.user
         pid = _uuid_or_404(pipeline_id, "pipeline")
@@ -313,7 +304,7 @@ class PipelineController(Controller):
                 continue
 
     @post("/{pipeline_id:str}/trigger", guards=[member], summary="Trigger a run", status_code=201)
-    async def trigger(self, request: Request[Principal, Any, State], pipeline_id: str) -> Response[bytes]:
+    async def trigger(self, request: Request[Principal, Any, State], pipeline_id: PathId) -> Response[bytes]:
         deps: Deps = request.app.state.deps
         principal = request.user
         body: TriggerBody = _decode_optional(await request.body(), TriggerBody)
@@ -329,20 +320,20 @@ class PipelineController(Controller):
         return await _idempotent(request, principal, run)
 
     @get("/{pipeline_id:str}/runs", summary="The last 50 runs, newest first")
-    async def list_runs(self, request: Request[Principal, Any, State], pipeline_id: str) -> list[RunView]:
+    async def list_runs(self, request: Request[Principal, Any, State], pipeline_id: PathId) -> list[RunView]:
         deps: Deps = request.app.state.deps
         pipeline = await self._pipeline(deps, request.user, pipeline_id)
         return await deps.read_models.list_runs(pipeline.pipeline_id)
 
     @get("/{pipeline_id:str}/runs/{run_id:str}", summary="Get a run with its logs and stage results")
-    async def get_run(self, request: Request[Principal, Any, State], pipeline_id: str, run_id: str) -> RunView:
+    async def get_run(self, request: Request[Principal, Any, State], pipeline_id: PathId, run_id: PathId) -> RunView:
         deps: Deps = request.app.state.deps
         pipeline = await self._pipeline(deps, request.user, pipeline_id)
         state = await self._run(deps, request.user, pipeline.pipeline_id, run_id)
         return await self._run_view(deps, state)
 
     @get("/runs/{run_id:str}", summary="Get a run by id")
-    async def get_run_by_id(self, request: Request[Principal, Any, State], run_id: str) -> RunView:
+    async def get_run_by_id(self, request: Request[Principal, Any, State], run_id: PathId) -> RunView:
         deps: Deps = request.app.state.deps
         state = await self._run(deps, request.user, None, run_id)
         pipeline, _ = await deps.commands.load_pipeline(state.pipeline_id)
@@ -352,7 +343,7 @@ class PipelineController(Controller):
 
     @get("/{pipeline_id:str}/runs/{run_id:str}/events", summary="The run's event history, in order")
     async def run_events(
-        self, request: Request[Principal, Any, State], pipeline_id: str, run_id: str
+        self, request: Request[Principal, Any, State], pipeline_id: PathId, run_id: PathId
     ) -> list[EventRecordView]:
         deps: Deps = request.app.state.deps
         pipeline = await self._pipeline(deps, request.user, pipeline_id)
@@ -399,27 +390,39 @@ class PipelineController(Controller):
         return await _idempotent(request, principal, run)
 
     @post("/{pipeline_id:str}/runs/{run_id:str}/approve", guards=[admin], status_code=200, summary="Approve")
-    async def approve(self, request: Request[Principal, Any, State], pipeline_id: str, run_id: str) -> Response[bytes]:
+    async def approve(
+        self, request: Request[Principal, Any, State], pipeline_id: PathId, run_id: PathId
+    ) -> Response[bytes]:
         return await self._act(request, pipeline_id, run_id, rn.Approve)
 
     @post("/{pipeline_id:str}/runs/{run_id:str}/reject", guards=[admin], status_code=200, summary="Reject")
-    async def reject(self, request: Request[Principal, Any, State], pipeline_id: str, run_id: str) -> Response[bytes]:
+    async def reject(
+        self, request: Request[Principal, Any, State], pipeline_id: PathId, run_id: PathId
+    ) -> Response[bytes]:
         return await self._act(request, pipeline_id, run_id, rn.Reject)
 
     @post("/{pipeline_id:str}/runs/{run_id:str}/cancel", guards=[admin], status_code=200, summary="Cancel")
-    async def cancel(self, request: Request[Principal, Any, State], pipeline_id: str, run_id: str) -> Response[bytes]:
+    async def cancel(
+        self, request: Request[Principal, Any, State], pipeline_id: PathId, run_id: PathId
+    ) -> Response[bytes]:
         return await self._act(request, pipeline_id, run_id, rn.Cancel)
 
     @post("/{pipeline_id:str}/runs/{run_id:str}/stop", guards=[admin], status_code=200, summary="Stop")
-    async def stop(self, request: Request[Principal, Any, State], pipeline_id: str, run_id: str) -> Response[bytes]:
+    async def stop(
+        self, request: Request[Principal, Any, State], pipeline_id: PathId, run_id: PathId
+    ) -> Response[bytes]:
         return await self._act(request, pipeline_id, run_id, rn.Stop)
 
     @post("/{pipeline_id:str}/runs/{run_id:str}/pause", guards=[admin], status_code=200, summary="Pause")
-    async def pause(self, request: Request[Principal, Any, State], pipeline_id: str, run_id: str) -> Response[bytes]:
+    async def pause(
+        self, request: Request[Principal, Any, State], pipeline_id: PathId, run_id: PathId
+    ) -> Response[bytes]:
         return await self._act(request, pipeline_id, run_id, rn.Pause)
 
     @post("/{pipeline_id:str}/runs/{run_id:str}/resume", guards=[admin], status_code=200, summary="Resume")
-    async def resume(self, request: Request[Principal, Any, State], pipeline_id: str, run_id: str) -> Response[bytes]:
+    async def resume(
+        self, request: Request[Principal, Any, State], pipeline_id: PathId, run_id: PathId
+    ) -> Response[bytes]:
         return await self._act(request, pipeline_id, run_id, rn.Resume)
 
 

@@ -1,0 +1,59 @@
+"""Request bodies, checked field by field so a 400 names every bad field at once."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+from domain.errors import Invalid
+from domain.stages import validate_stage_dicts
+
+
+class CreatePipelineBody(msgspec.Struct, kw_only=True):
+    """POST /pipelines. Also the shape of PUT (whole) and PATCH (any subset)."""
+
+    name: str
+    description: str | None = None
+    stages: list[dict[str, Any]] | None = None
+
+
+_FIELDS = {"name", "description", "stages"}
+
+
+def parse_pipeline_body(raw: bytes, *, partial: bool) -> dict[str, Any]:
+    """The body's fields, after checking all of them; raises Invalid listing every problem."""
+    try:
+        body = msgspec.json.decode(raw) if raw.strip() else {}
+    except msgspec.DecodeError as exc:
+        raise Invalid({"body": f"is not valid JSON: {exc}"}) from exc
+    if not isinstance(body, dict):
+        raise Invalid({"body": "must be a JSON object"})
+    errors: dict[str, str] = {}
+    for key in body:
+        if key not in _FIELDS:
+            errors[key] = "unknown field"
+    if "name" in body or not partial:
+        name = body.get("name")
+        if not isinstance(name, str) or not 2 <= len(name.strip()) <= 100:
+            errors["name"] = (
+                "is required: a string of 2-100 characters"
+                if name is None
+                else ("must be a string of 2-100 characters")
+            )
+    description = body.get("description")
+    if description is not None and (not isinstance(description, str) or len(description) > 2000):
+        errors["description"] = "must be a string of at most 2000 characters, or null"
+    if body.get("stages") is not None:
+        errors.update(validate_stage_dicts(body["stages"]))
+    if errors:
+        raise Invalid(errors)
+    return body
+
+
+class PatchPipelineBody(msgspec.Struct, kw_only=True):
+    """PATCH /pipelines/:id: any subset of the create fields."""
+
+    name: str | None = None
+    description: str | None = None
+    stages: list[dict[str, Any]] | None = None

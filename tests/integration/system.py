@@ -1,0 +1,155 @@
+"""An in-process system for integration tests: the litestar app (through its test client), the
+relay, the projector and the executor as tasks on the test's event loop, against real
+PostgreSQL and NATS. Each system gets its own JetStream stream and executor consumer."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from litestar.testing import AsyncTestClient
+
+from infra import bus
+from infra.api.app import create_app
+from infra.auth import issue_token
+from infra.commands import Commands
+from infra.config import Settings
+from infra.executor import Executor
+from infra.pg_store import PostgresEventStore
+from infra.projector import Projector
+from infra.relay import Relay
+from services.bootstrap import build_api, open_store
+
+JWT_SECRET = "integration-test-secret-0123456789abcdef"
+
+
+def make_settings(database_url: str, nats_url: str, data_dir: Path, **overrides: Any) -> Settings:
+    values: dict[str, Any] = dict(
+        database_url=database_url,
+        nats_url=nats_url,
+        jwt_secret=JWT_SECRET,
+        events_stream=f"T_{uuid.uuid4().hex[:12]}",
+        data_dir=data_dir,
+        poll_interval=0.05,
+        ack_wait=5.0,
+        stage_timeout=30.0,
+        kill_grace=0.5,
+        gateway_port=1,
+    )
+    values.update(overrides)
+    return Settings(**values)
+
+
+@dataclass
+class System:
+    settings: Settings
+    client: AsyncTestClient[Any]
+    store: PostgresEventStore
+    commands: Commands
+    relay: Relay
+    projector: Projector
+    executor: Executor
+    org: str
+
+    def token(self, *roles: str, sub: str = "alice", org: str | None | bool = True) -> str:
+        chosen = self.org if org is True else (None if org is False else org)
+        return issue_token(self.settings, sub=sub, roles=list(roles or ("admin",)), org=chosen)  # type: ignore[arg-type]
+
+    def headers(self, *roles: str, sub: str = "alice", org: str | None | bool = True) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token(*roles, sub=sub, org=org)}"}
+
+    async def create_pipeline(self, stages: list[dict[str, Any]], name: str | None = None) -> dict[str, Any]:
+        r = await self.client.post(
+            "/api/v1/pipelines",
+            json={"name": name or f"p-{uuid.uuid4().hex[:8]}", "stages": stages},
+            headers=self.headers("member"),
+        )
+        assert r.status_code == 201, r.text
+        body: dict[str, Any] = r.json()
+        return body
+
+    async def trigger(self, pipeline_id: str, **body: Any) -> dict[str, Any]:
+        r = await self.client.post(
+            f"/api/v1/pipelines/{pipeline_id}/trigger", json=body or None, headers=self.headers("member")
+        )
+        assert r.status_code == 201, r.text
+        out: dict[str, Any] = r.json()
+        return out
+
+    async def get_run(self, pipeline_id: str, run_id: str) -> dict[str, Any]:
+        r = await self.client.get(f"/api/v1/pipelines/{pipeline_id}/runs/{run_id}", headers=self.headers())
+        assert r.status_code == 200, r.text
+        out: dict[str, Any] = r.json()
+        return out
+
+    async def wait_run(
+        self, pipeline_id: str, run_id: str, until: Callable[[dict[str, Any]], bool], timeout: float = 20
+    ) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while True:
+            run = await self.get_run(pipeline_id, run_id)
+            if until(run):
+                return run
+            if time.monotonic() > deadline:
+                raise AssertionError(f"run never reached the expected state: {run['status']}: {run}")
+            await asyncio.sleep(0.05)
+
+    async def wait_status(self, pipeline_id: str, run_id: str, *statuses: str, timeout: float = 20) -> dict[str, Any]:
+        return await self.wait_run(pipeline_id, run_id, lambda r: r["status"] in statuses, timeout)
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 10, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not await check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+@contextlib.asynccontextmanager
+async def running_system(settings: Settings) -> AsyncIterator[System]:
+    pool, store = await open_store(settings)
+    nc = await bus.connect(settings.nats_url, "test-system")
+    await bus.ensure_events_stream(nc, settings.events_stream)
+    poker = bus.Poker(nc)
+    poker.start()
+    commands = Commands(store, on_append=poker.poke)
+    relay = Relay(store, settings.database_url, nc, stream=settings.events_stream, poll_interval=0.05)
+    projector = Projector(store, settings.database_url, nc, poll_interval=0.05)
+    executor = Executor(commands, settings, nc)
+    stop = asyncio.Event()
+    tasks = [
+        asyncio.create_task(relay.run(stop)),
+        asyncio.create_task(projector.run(stop)),
+        asyncio.create_task(executor.run(stop)),
+    ]
+    app = create_app(lambda: build_api(settings))
+    try:
+        async with AsyncTestClient(app=app, raise_server_exceptions=False) as client:
+            yield System(
+                settings=settings,
+                client=client,
+                store=store,
+                commands=commands,
+                relay=relay,
+                projector=projector,
+                executor=executor,
+                org=f"org-{uuid.uuid4().hex[:8]}",
+            )
+    finally:
+        stop.set()
+        done, pending = await asyncio.wait(tasks, timeout=10)
+        for t in pending:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        with contextlib.suppress(Exception):
+            await nc.jetstream().delete_stream(settings.events_stream)
+        await poker.stop()
+        await nc.drain()
+        await pool.close()
