@@ -18,6 +18,12 @@ CONFIG_FIELDS: dict[str, dict[str, bool]] = {
 }
 
 
+class RetryPolicy(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
+    max_attempts: int = 1
+    # Seconds before the second attempt; each later wait grows.
+    backoff: float = 0.0
+
+
 class Stage(msgspec.Struct, frozen=True, kw_only=True):
     id: str
     name: str
@@ -26,6 +32,7 @@ class Stage(msgspec.Struct, frozen=True, kw_only=True):
     config: dict[str, Any] = msgspec.field(default_factory=dict)
     # Seconds; None means the service's default (script) or no timeout (approval).
     timeout: float | None = None
+    retry: RetryPolicy | None = None
 
 
 def validate_stage_dicts(raw: object, path: str = "stages") -> dict[str, str]:
@@ -39,7 +46,7 @@ def validate_stage_dicts(raw: object, path: str = "stages") -> dict[str, str]:
         if not isinstance(item, dict):
             errors[p] = "must be an object"
             continue
-        allowed = {"id", "name", "type", "order", "config", "timeout"}
+        allowed = {"id", "name", "type", "order", "config", "timeout", "retry"}
         for key in item:
             if key not in allowed:
                 errors[f"{p}.{key}"] = "unknown field"
@@ -60,6 +67,9 @@ def validate_stage_dicts(raw: object, path: str = "stages") -> dict[str, str]:
         timeout = item.get("timeout")
         if timeout is not None and (not isinstance(timeout, int | float) or isinstance(timeout, bool) or timeout <= 0):
             errors[f"{p}.timeout"] = "must be a positive number of seconds"
+        retry = item.get("retry")
+        if retry is not None:
+            errors.update(_validate_retry(retry, f"{p}.retry"))
         stype = item.get("type")
         if stype not in STAGE_TYPES:
             errors[f"{p}.type"] = f"must be one of {', '.join(STAGE_TYPES)}"
@@ -84,6 +94,22 @@ def validate_stage_dicts(raw: object, path: str = "stages") -> dict[str, str]:
     return errors
 
 
+def _validate_retry(raw: object, path: str) -> dict[str, str]:
+    if not isinstance(raw, dict):
+        return {path: "must be an object with maxAttempts and backoff"}
+    errors: dict[str, str] = {}
+    for key in raw:
+        if key not in ("maxAttempts", "backoff"):
+            errors[f"{path}.{key}"] = "unknown field"
+    attempts = raw.get("maxAttempts", 1)
+    if not isinstance(attempts, int) or isinstance(attempts, bool) or not 1 <= attempts <= 20:
+        errors[f"{path}.maxAttempts"] = "must be an integer from 1 to 20"
+    backoff = raw.get("backoff", 0)
+    if not isinstance(backoff, int | float) or isinstance(backoff, bool) or not 0 <= backoff <= 3600:
+        errors[f"{path}.backoff"] = "must be a number of seconds from 0 to 3600"
+    return errors
+
+
 def stages_from_dicts(raw: list[dict[str, Any]], new_id: list[str]) -> tuple[Stage, ...]:
     """Build stages from validated client dicts, in the client's order.
 
@@ -92,7 +118,7 @@ def stages_from_dicts(raw: list[dict[str, Any]], new_id: list[str]) -> tuple[Sta
     taken = {item["id"] for item in raw if item.get("id")}
     spare = iter(x for x in new_id if x not in taken)
     # Clients may send `order`; stages run by it (ties and missing values keep list order).
-    ordered = sorted(enumerate(raw), key=lambda p: (p[1].get("order") or p[0] + 1, p[0]))
+    ordered = sorted(enumerate(raw), key=lambda p: (p[0] + 1 if p[1].get("order") is None else p[1]["order"], p[0]))
     stages: list[Stage] = []
     for i, (_, item) in enumerate(ordered):
         sid = item.get("id") or next(spare)
@@ -104,6 +130,7 @@ def stages_from_dicts(raw: list[dict[str, Any]], new_id: list[str]) -> tuple[Sta
                 order=i + 1,
                 config=dict(item.get("config") or {}),
                 timeout=item.get("timeout"),
+                retry=None if item.get("retry") is None else msgspec.convert(item["retry"], RetryPolicy),
             )
         )
     return tuple(stages)

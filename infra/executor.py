@@ -178,6 +178,8 @@ class Executor:
         finally:
             heartbeat.cancel()
             await self.drain()
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
 
     def on_message(self, msg: Msg) -> None:
         parts = msg.subject.split(".")

@@ -133,22 +133,25 @@ class PostgresEventStore:
             cur = await conn.execute(
                 "INSERT INTO events (stream_id, stream_version, event_id, event_type, org, pipeline_id, "
                 "run_id, data) "
-                "SELECT %s, v, i::uuid, t, %s, %s, %s, d::json "
-                "FROM unnest(%s::bigint[], %s::text[], %s::text[], %s::text[]) AS u(v, i, t, d) "
+                "SELECT %s, v, i::uuid, t, o, p, r, d::json "
+                "FROM unnest(%s::bigint[], %s::text[], %s::text[], %s::text[], %s::text[], %s::text[], %s::text[]) "
+                "AS u(v, i, t, o, p, r, d) "
                 "RETURNING position",
                 (
                     stream_id,
-                    events[0].org,
-                    events[0].pipeline_id,
-                    events[0].run_id,
                     list(range(first, version + 1)),
                     [e.event_id for e in events],
                     [ev.event_type(e.event) for e in events],
+                    [e.org for e in events],
+                    [e.pipeline_id for e in events],
+                    [e.run_id for e in events],
                     [ev.encode(e.event).decode() for e in events],
                 ),
             )
             positions = tuple(sorted(r[0] for r in await cur.fetchall()))
         except psycopg.errors.UniqueViolation as exc:
+            if exc.diag.constraint_name == "events_event_id_key":
+                raise ValueError("an event with this event id is already stored") from exc
             raise WrongExpectedVersion(stream_id, expected_version) from exc
         for k in release:
             await conn.execute("DELETE FROM unique_keys WHERE scope = %s AND key = %s", (k.scope, k.key))

@@ -65,9 +65,11 @@ __all__ = [
     "nats_server_binary",
     "port_is_free",
     "postgres_bin_dir",
+    "private_dir",
     "start_nats",
     "start_postgres",
     "stop_stale_process",
+    "write_private",
 ]
 
 log = logging.getLogger(__name__)
@@ -172,6 +174,30 @@ def stop_stale_process(pid: int, marker: str, *, sig: int = signal.SIGTERM, time
     return True
 
 
+def write_private(path: Path, text: str) -> None:
+    """Write `text` to `path` (atomically) readable by its owner only (0600)."""
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+        os.write(fd, text.encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+def private_dir(path: Path) -> Path:
+    """`path`, absolute, created if missing with mode 0700 (0711 when we are root, so that the
+    PostgreSQL user can pass through to its cluster)."""
+    path = Path(path).resolve()
+    if not path.exists():
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if os.geteuid() == 0:
+            os.chmod(path, 0o711)
+    return path
+
+
 def _read_pid(path: Path) -> int | None:
     try:
         return int(path.read_text().split()[0])
@@ -273,6 +299,7 @@ class ManagedProcess:
         output: Callable[[str], None] | None = None,
         log_path: Path | None = None,
         run_as: RunAs | None = None,
+        umask: int = -1,
     ) -> None:
         self.argv = [os.fspath(a) for a in argv]
         self.name = name or Path(self.argv[0]).name
@@ -293,6 +320,7 @@ class ManagedProcess:
                 stdout=stdout,
                 stderr=subprocess.STDOUT if stdout is not None else None,
                 start_new_session=True,
+                umask=umask,
                 **extra,
             )
         finally:
@@ -472,8 +500,7 @@ def start_postgres(
     `user` is the superuser; `database` is created when missing. `settings` are extra server
     settings (`-c name=value`), e.g. {"fsync": "off"} for throw-away test servers.
     """
-    data_dir = Path(data_dir).resolve()
-    data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    data_dir = private_dir(data_dir)
     pgdata = data_dir / "postgres"
     lock = FileLock(data_dir / "postgres.lock").acquire("embedded PostgreSQL")
     try:
@@ -517,7 +544,7 @@ def start_postgres(
     except BaseException:
         server.stop()
         raise
-    (data_dir / "postgres.port").write_text(f"{server.port}\n")
+    write_private(data_dir / "postgres.port", f"{server.port}\n")
     log.info("PostgreSQL ready on %s:%d in %.2fs", server.host, server.port, time.monotonic() - started)
     return server
 
@@ -630,15 +657,7 @@ def _read_or_create_password(path: Path) -> tuple[str, bool]:
         if password:
             return password, False
     password = secrets.token_urlsafe(24)
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.fchmod(fd, 0o600)
-        os.write(fd, f"{password}\n".encode())
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+    write_private(path, f"{password}\n")
     return password, True
 
 
@@ -883,8 +902,7 @@ class RunningNats:
 def start_nats(data_dir: Path, *, port: int | None = None, timeout: float = 15.0) -> RunningNats:
     """Start `nats-server -js` on 127.0.0.1 (`port`, else a free one) with its JetStream store in
     `data_dir/nats`; returns once it accepts clients with JetStream enabled."""
-    data_dir = Path(data_dir).resolve()
-    data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    data_dir = private_dir(data_dir)
     store = data_dir / "nats"
     store.mkdir(mode=0o700, exist_ok=True)
     lock = FileLock(data_dir / "nats.lock").acquire("embedded NATS")
@@ -914,7 +932,7 @@ def start_nats(data_dir: Path, *, port: int | None = None, timeout: float = 15.0
                 "-n", "pipelines", "-P", pid_file, "-m", "0",  # -m 0: no monitoring listener
             ]  # fmt: skip
             offset = _size(log_path)
-            process = ManagedProcess(argv, name="nats-server", log_path=log_path)
+            process = ManagedProcess(argv, name="nats-server", log_path=log_path, umask=0o077)
             candidate = RunningNats(store, LOOPBACK, chosen, log_path, pid_file, process)
             try:
                 _wait_nats(candidate, offset, deadline)
@@ -936,7 +954,7 @@ def start_nats(data_dir: Path, *, port: int | None = None, timeout: float = 15.0
     server._lock = lock
     with _live_lock:
         _live.add(server)
-    (data_dir / "nats.port").write_text(f"{server.port}\n")
+    write_private(data_dir / "nats.port", f"{server.port}\n")
     log.info("NATS ready on %s in %.2fs", server.url, time.monotonic() - started)
     return server
 

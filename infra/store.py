@@ -122,6 +122,7 @@ class InMemoryEventStore:
         self._keys: dict[tuple[str, str], str] = {}
         self._next_position = 1
         self._open: set[int] = set()
+        self._reserved_ids: set[str] = set()
         self._lock = asyncio.Lock()
         self.appended = asyncio.Event()
 
@@ -147,8 +148,14 @@ class InMemoryEventStore:
         claim: Sequence[UniqueKey] = (),
         release: Sequence[UniqueKey] = (),
     ) -> AsyncIterator[AppendResult]:
-        """Reserve positions now, make the events visible when the block exits."""
+        """Reserve positions now; make the events visible when the block exits, or undo all of it
+        if the block raises (as a rolled-back transaction would)."""
+        if not events:
+            raise ValueError("nothing to append")
         async with self._lock:
+            known = {r.event_id for r in self._events} | self._reserved_ids
+            if any(e.event_id in known for e in events):
+                raise ValueError("an event with this event id is already stored")
             current = self._versions.get(stream_id, 0)
             exists = stream_id in self._versions
             if expected_version == 0 and exists:
@@ -158,6 +165,7 @@ class InMemoryEventStore:
             for k in claim:
                 if (k.scope, k.key) in self._keys and k not in release:
                     raise UniqueKeyTaken(k.scope, k.key)
+            saved_keys = dict(self._keys)
             for k in release:
                 self._keys.pop((k.scope, k.key), None)
             for k in claim:
@@ -184,13 +192,24 @@ class InMemoryEventStore:
                 self._next_position += 1
             self._versions[stream_id] = current + len(events)
             self._open.add(tx)
+            self._reserved_ids.update(e.event_id for e in events)
         try:
             yield AppendResult(version=current + len(events), positions=tuple(r.position for r in recs))
-        finally:
+        except BaseException:
+            async with self._lock:
+                self._keys = saved_keys
+                if exists:
+                    self._versions[stream_id] = current
+                else:
+                    self._versions.pop(stream_id, None)
+            raise
+        else:
             self._events.extend(recs)
             self._events.sort(key=lambda r: r.cursor)
-            self._open.discard(tx)
             self.appended.set()
+        finally:
+            self._open.discard(tx)
+            self._reserved_ids.difference_update(e.event_id for e in events)
 
     async def read_stream(self, stream_id: str, after_version: int = 0) -> list[RecordedEvent]:
         return [r for r in self._events if r.stream_id == stream_id and r.stream_version > after_version]

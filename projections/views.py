@@ -10,6 +10,7 @@ import msgspec
 
 from domain.pipeline import PipelineState
 from domain.run import LogAppended, LogLine, RunState
+from domain.stages import RetryPolicy
 
 
 def iso(ts: datetime | None) -> str | None:
@@ -26,6 +27,7 @@ class StageView(msgspec.Struct, kw_only=True, rename="camel"):
     order: int
     config: dict[str, Any]
     timeout: float | None = None
+    retry: RetryPolicy | None = None
 
 
 class PipelineView(msgspec.Struct, kw_only=True, rename="camel"):
@@ -88,7 +90,9 @@ def pipeline_view(state: PipelineState) -> PipelineView:
         name=state.name,
         description=state.description,
         stages=[
-            StageView(id=s.id, name=s.name, type=s.type, order=s.order, config=s.config, timeout=s.timeout)
+            StageView(
+                id=s.id, name=s.name, type=s.type, order=s.order, config=s.config, timeout=s.timeout, retry=s.retry
+            )
             for s in state.stages
         ],
         organization_id=state.organization_id,

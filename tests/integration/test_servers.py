@@ -205,6 +205,14 @@ def test_without_urls_or_docker_the_embedded_servers_are_used() -> None:
     )
 
 
+def test_with_database_replaces_only_the_database_name() -> None:
+    url = "postgresql://u:p%40ss@127.0.0.1:5432/old?sslmode=disable"
+    assert servers.with_database(url, "new") == "postgresql://u:p%40ss@127.0.0.1:5432/new?sslmode=disable"
+    assert servers.database_name(servers.with_database(url, "new")) == "new"
+    dsn = servers.with_database("host=127.0.0.1 port=5 dbname=old user=u", "new")
+    assert servers.database_name(dsn) == "new"
+
+
 def test_a_docker_client_without_an_engine_fails_over_fast() -> None:
     for env in (
         {"DOCKER_HOST": "unix:///nonexistent/docker.sock"},

@@ -1,0 +1,479 @@
+"""The supervisor behind `pipelines up` (and the end-to-end tests).
+
+Where no PostgreSQL / NATS URL is given it starts the embedded servers under the data directory,
+then runs every service as its own process (`python -m services.<name>`), forwards their output
+prefixed with the service name, and restarts a service that dies (with a growing backoff). `stop()`
+sends SIGTERM to every service, waits, SIGKILLs stragglers and their process groups, then stops the
+embedded servers.
+
+    stack = Stack(env, data_dir=tmp, database_url=..., nats_url=..., api_port=..., gateway_port=...)
+    stack.start()
+    ...
+    stack.stop()
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import json
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Self, TextIO
+
+from infra.config import Settings
+from infra.servers import (
+    FileLock,
+    ManagedProcess,
+    RunningNats,
+    RunningPostgres,
+    ServerError,
+    port_is_free,
+    private_dir,
+    start_nats,
+    start_postgres,
+    stop_stale_process,
+    write_private,
+)
+
+__all__ = ["SERVICES", "Stack", "StackError"]
+
+SERVICES: tuple[str, ...] = ("api", "relay", "executor", "projector", "gateway")
+
+_COLORS = ("36", "33", "35", "32", "34", "31", "96", "93")
+
+
+class StackError(RuntimeError):
+    """The stack could not be started."""
+
+
+@dataclass(eq=False)
+class _Service:
+    name: str
+    argv: list[str]
+    process: ManagedProcess | None = None
+    restarts: int = 0
+    backoff: float = 0.0
+    restart_at: float | None = None
+
+
+def _describe_exit(code: int | None) -> str:
+    if code is None:
+        return "unknown status"
+    if code < 0:
+        try:
+            return f"signal {signal.Signals(-code).name}"
+        except ValueError:
+            return f"signal {-code}"
+    return f"code {code}"
+
+
+def _display_host(host: str) -> str:
+    return "127.0.0.1" if host in ("", "0.0.0.0", "::") else host
+
+
+class Stack:
+    """Embedded servers (when needed) plus one supervised process per service.
+
+    env: the base environment (default `os.environ`); children get all of it plus
+        PIPELINES_DATABASE_URL, PIPELINES_NATS_URL, PIPELINES_API_PORT, PIPELINES_GATEWAY_PORT and
+        PIPELINES_DATA_DIR set to the resolved values.
+    database_url / nats_url: used when given, else PIPELINES_DATABASE_URL / PIPELINES_NATS_URL from
+        `env`, else the embedded server is started under `data_dir` (unless `embedded=False`).
+    data_dir: default PIPELINES_DATA_DIR from `env`, else `.data` (relative to `cwd`).
+    api_port / gateway_port: default from `env` (PIPELINES_API_PORT / PIPELINES_GATEWAY_PORT).
+    services / package: run `python -m <package>.<name>` for each name.
+    output: where the prefixed output of the services and the supervisor goes (default stdout).
+    """
+
+    def __init__(
+        self,
+        env: Mapping[str, str] | None = None,
+        *,
+        services: Sequence[str] = SERVICES,
+        package: str = "services",
+        python: str = sys.executable,
+        database_url: str | None = None,
+        nats_url: str | None = None,
+        embedded: bool = True,
+        data_dir: Path | str | None = None,
+        api_port: int | None = None,
+        gateway_port: int | None = None,
+        cwd: Path | str | None = None,
+        output: TextIO | None = None,
+        restart: bool = True,
+        backoff: float = 0.5,
+        max_backoff: float = 10.0,
+        stable_after: float = 30.0,
+        stop_timeout: float = 10.0,
+        check_ports: bool = True,
+    ) -> None:
+        self.base_env: dict[str, str] = dict(os.environ if env is None else env)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the JWT secret warning is the caller's business
+            self.settings = Settings.from_env(self.base_env)
+        self.cwd = Path(cwd if cwd is not None else os.getcwd()).resolve()
+        raw_dir = Path(data_dir) if data_dir is not None else self.settings.data_dir
+        self.data_dir = raw_dir if raw_dir.is_absolute() else self.cwd / raw_dir
+        self.package = package
+        self.python = python
+        self.embedded = embedded
+        self.api_port = api_port if api_port is not None else self.settings.api_port
+        self.gateway_port = gateway_port if gateway_port is not None else self.settings.gateway_port
+        self._given_database_url = database_url or self.base_env.get("PIPELINES_DATABASE_URL") or None
+        self._given_nats_url = nats_url or self.base_env.get("PIPELINES_NATS_URL") or None
+        self.output: TextIO = output if output is not None else sys.stdout
+        self.restart_enabled = restart
+        self.backoff = backoff
+        self.max_backoff = max_backoff
+        self.stable_after = stable_after
+        self.stop_timeout = stop_timeout
+        self.check_ports = check_ports
+
+        self.postgres: RunningPostgres | None = None
+        self.nats: RunningNats | None = None
+        self.database_url: str = self._given_database_url or ""
+        self.nats_url: str = self._given_nats_url or ""
+        self.child_env: dict[str, str] = {}
+        self._services = {
+            name: _Service(name, [self.python, "-m", f"{package}.{name}"]) for name in dict.fromkeys(services)
+        }
+        self._width = max([5, *(len(n) for n in self._services)])
+        self._colors = {n: _COLORS[i % len(_COLORS)] for i, n in enumerate(self._services)}
+        self._color = self._isatty(self.output) and "NO_COLOR" not in self.base_env
+        self._out_lock = threading.Lock()
+        self._state_lock = threading.RLock()
+        self._stopping = threading.Event()
+        self._monitor: threading.Thread | None = None
+        self._lock: FileLock | None = None
+        self._started = False
+        self._stopped = False
+        self._server_retry_at = 0.0
+
+    # -- public API ------------------------------------------------------------------------------
+
+    @property
+    def services(self) -> tuple[str, ...]:
+        return tuple(self._services)
+
+    @property
+    def api_url(self) -> str:
+        return f"http://{_display_host(self.settings.api_host)}:{self.api_port}"
+
+    @property
+    def gateway_url(self) -> str:
+        """The WebSocket endpoint."""
+        return f"ws://{_display_host(self.settings.gateway_host)}:{self.gateway_port}/api/v1/ws"
+
+    @property
+    def pid_file(self) -> Path:
+        return self.data_dir / "stack.pids"
+
+    def start(self) -> Self:
+        """Start the embedded servers that are needed, then every service. Raises StackError
+        (having stopped whatever it started) when something cannot start."""
+        if self._started:
+            raise StackError("this stack was already started")
+        self._started = True
+        try:
+            private_dir(self.data_dir)
+            self._lock = FileLock(self.data_dir / "stack.lock").acquire("pipelines stack")
+            self._reap_stale_children()
+            if self.check_ports:
+                self._check_ports()
+            self._start_servers()
+            self.child_env = self._make_child_env()
+            with self._state_lock:
+                for service in self._services.values():
+                    self._spawn(service)
+            self._monitor = threading.Thread(target=self._monitor_loop, name="stack-monitor", daemon=True)
+            self._monitor.start()
+            atexit.register(self.stop)
+        except ServerError as exc:
+            self.stop()
+            raise StackError(str(exc)) from exc
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        """SIGTERM every service, wait up to `stop_timeout`, SIGKILL stragglers (and whatever they
+        left in their process groups), then stop the embedded servers. Idempotent."""
+        with self._state_lock:
+            if self._stopped:
+                return
+            self._stopped = True
+            self._stopping.set()
+        if self._monitor is not None and self._monitor is not threading.current_thread():
+            self._monitor.join()
+        with self._state_lock:
+            processes = [s.process for s in self._services.values() if s.process is not None]
+        for process in processes:
+            process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + self.stop_timeout
+        for process in processes:
+            process.wait(max(0.0, deadline - time.monotonic()))
+        for process in processes:
+            if process.alive():
+                self._say("stack", f"{process.name} did not stop within {self.stop_timeout:.0f}s: killing it")
+                process.kill()
+            process.signal_group(signal.SIGKILL)
+            process.join_output(1.0)
+            self._say("stack", f"{process.name} stopped ({_describe_exit(process.returncode)})")
+        if self.nats is not None:
+            self.nats.stop()
+            self._say("stack", "NATS stopped")
+        if self.postgres is not None:
+            self.postgres.stop()
+            self._say("stack", "PostgreSQL stopped")
+        with contextlib.suppress(OSError):
+            self.pid_file.unlink()
+        if self._lock is not None:
+            self._lock.release()
+        atexit.unregister(self.stop)
+
+    def force_kill(self) -> None:
+        """SIGKILL every service group now (a second Ctrl-C); `stop()` still has to run."""
+        with self._state_lock:
+            processes = [s.process for s in self._services.values() if s.process is not None]
+        for process in processes:
+            process.signal_group(signal.SIGKILL)
+
+    def pid(self, name: str) -> int | None:
+        """The pid of the running process of service `name`, if it is running."""
+        with self._state_lock:
+            process = self._services[name].process
+            return process.pid if process is not None and process.alive() else None
+
+    def pids(self) -> dict[str, int | None]:
+        return {name: self.pid(name) for name in self._services}
+
+    def restarts(self, name: str) -> int:
+        with self._state_lock:
+            return self._services[name].restarts
+
+    def send_signal(self, name: str, sig: int) -> None:
+        """Send `sig` to the running process of service `name` (tests use it to kill one)."""
+        with self._state_lock:
+            process = self._services[name].process
+        if process is not None:
+            process.send_signal(sig)
+
+    def wait_running(self, timeout: float = 10.0) -> bool:
+        """Wait until every service has a live process."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if all(self.pid(n) is not None for n in self._services):
+                return True
+            time.sleep(0.05)
+        return False
+
+    def wait_listening(self, timeout: float = 30.0) -> bool:
+        """Wait until the api and the gateway (those of them that run) accept TCP connections."""
+        ports = [p for n, p in (("api", self.api_port), ("gateway", self.gateway_port)) if n in self._services]
+        hosts = {self.api_port: self.settings.api_host, self.gateway_port: self.settings.gateway_host}
+        deadline = time.monotonic() + timeout
+        while ports and time.monotonic() < deadline:
+            port = ports[0]
+            try:
+                with socket.create_connection((_display_host(hosts[port]), port), timeout=1):
+                    ports.pop(0)
+                    continue
+            except OSError:
+                time.sleep(0.05)
+        return not ports
+
+    def banner(self, token_command: str = "pipelines token --sub alice --role admin") -> list[str]:
+        lines = []
+        if self.postgres is not None:
+            masked = self.postgres.url.replace(self.postgres.password, "***")
+            lines.append(f"PostgreSQL  {masked}  (embedded; password in {self.postgres.password_file})")
+        else:
+            lines.append(f"PostgreSQL  {_mask_url(self.database_url)}")
+        lines.append(f"NATS        {self.nats_url}{'  (embedded)' if self.nats is not None else ''}")
+        lines.append(f"API         {self.api_url}/api/v1/pipelines")
+        lines.append(f"OpenAPI     {self.api_url}/schema")
+        lines.append(f"WebSocket   {self.gateway_url}")
+        lines.append(f"Token       {token_command}")
+        lines.append(f"Data        {self.data_dir}")
+        return lines
+
+    def say(self, line: str) -> None:
+        """Print a supervisor line."""
+        self._say("stack", line)
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+    # -- internals -------------------------------------------------------------------------------
+
+    @staticmethod
+    def _isatty(stream: TextIO) -> bool:
+        try:
+            return stream.isatty()
+        except (AttributeError, ValueError):
+            return False
+
+    def _say(self, name: str, line: str) -> None:
+        label = f"{name:<{self._width}} |"
+        if self._color:
+            code = self._colors.get(name, "1")
+            label = f"\x1b[{code}m{label}\x1b[0m"
+        with self._out_lock, contextlib.suppress(OSError, ValueError):
+            self.output.write(f"{label} {line}\n")
+            self.output.flush()
+
+    def _check_ports(self) -> None:
+        wanted = {
+            "api": ("PIPELINES_API_PORT", self.api_port),
+            "gateway": ("PIPELINES_GATEWAY_PORT", self.gateway_port),
+        }
+        for name, (variable, port) in wanted.items():
+            if name in self._services and not port_is_free(port):
+                raise StackError(f"port {port} for the {name} is in use on 127.0.0.1: set {variable} to another port")
+
+    def _start_servers(self) -> None:
+        if self._given_database_url is None:
+            if not self.embedded:
+                raise StackError("no PIPELINES_DATABASE_URL given and embedded servers are disabled")
+            self._say("stack", f"starting embedded PostgreSQL in {self.data_dir / 'postgres'}")
+            began = time.monotonic()
+            self.postgres = start_postgres(self.data_dir)
+            self.database_url = self.postgres.url
+            self._say("stack", f"PostgreSQL ready on port {self.postgres.port} in {time.monotonic() - began:.1f}s")
+        if self._given_nats_url is None:
+            if not self.embedded:
+                raise StackError("no PIPELINES_NATS_URL given and embedded servers are disabled")
+            began = time.monotonic()
+            self.nats = start_nats(self.data_dir)
+            self.nats_url = self.nats.url
+            self._say("stack", f"NATS (JetStream) ready on port {self.nats.port} in {time.monotonic() - began:.1f}s")
+
+    def _make_child_env(self) -> dict[str, str]:
+        env = dict(self.base_env)
+        env.update(
+            PIPELINES_DATABASE_URL=self.database_url,
+            PIPELINES_NATS_URL=self.nats_url,
+            PIPELINES_API_PORT=str(self.api_port),
+            PIPELINES_GATEWAY_PORT=str(self.gateway_port),
+            PIPELINES_DATA_DIR=str(self.data_dir),
+            PYTHONUNBUFFERED="1",
+        )
+        return env
+
+    def _spawn(self, service: _Service) -> None:
+        name = service.name
+        service.process = ManagedProcess(
+            service.argv,
+            name=name,
+            env=self.child_env,
+            cwd=self.cwd,
+            output=lambda line: self._say(name, line),
+        )
+        service.restart_at = None
+        self._write_pid_file()
+
+    def _write_pid_file(self) -> None:
+        children = {s.name: s.process.pid for s in self._services.values() if s.process is not None}
+        data = {"supervisor": os.getpid(), "package": self.package, "children": children}
+        with contextlib.suppress(OSError):
+            write_private(self.pid_file, json.dumps(data))
+
+    def _reap_stale_children(self) -> None:
+        """Stop services left running by a supervisor that was killed (we hold the lock now)."""
+        try:
+            data = json.loads(self.pid_file.read_text())
+            package = str(data.get("package", self.package))
+            children = {str(k): int(v) for k, v in dict(data.get("children", {})).items()}
+        except (OSError, ValueError, TypeError, AttributeError):
+            return
+        for name, pid in children.items():
+            stop_stale_process(pid, marker=f"-m {package}.{name}", timeout=self.stop_timeout)
+        with contextlib.suppress(OSError):
+            self.pid_file.unlink()
+
+    def _monitor_loop(self) -> None:
+        while not self._stopping.wait(0.1):
+            try:
+                self._check_servers()
+                with self._state_lock:
+                    if self._stopping.is_set():
+                        return
+                    for service in self._services.values():
+                        self._check_service(service)
+            except Exception as exc:  # the monitor must survive anything
+                self._say("stack", f"supervisor error: {exc!r}")
+
+    def _check_service(self, service: _Service) -> None:
+        now = time.monotonic()
+        process = service.process
+        if process is not None and process.poll() is not None:
+            ran = now - process.started_at
+            process.signal_group(signal.SIGKILL)  # whatever it left in its group
+            service.process = None
+            if not self.restart_enabled:
+                self._say("stack", f"{service.name} exited with {_describe_exit(process.returncode)}")
+                return
+            if service.backoff == 0.0 or ran >= self.stable_after:
+                service.backoff = self.backoff
+            else:
+                service.backoff = min(service.backoff * 2, self.max_backoff)
+            service.restart_at = now + service.backoff
+            self._say(
+                "stack",
+                f"{service.name} (pid {process.pid}) exited with {_describe_exit(process.returncode)} "
+                f"after {ran:.1f}s; restarting in {service.backoff:.1f}s",
+            )
+        if service.process is None and service.restart_at is not None and now >= service.restart_at:
+            service.restarts += 1
+            self._spawn(service)
+            assert service.process is not None
+            self._say("stack", f"restarted {service.name} (pid {service.process.pid}, restart #{service.restarts})")
+
+    def _check_servers(self) -> None:
+        """Restart an embedded server that died, on the same port (the services know that URL)."""
+        if time.monotonic() < self._server_retry_at:
+            return
+        try:
+            if self.postgres is not None and not self.postgres.alive():
+                old = self.postgres
+                self._say("stack", f"PostgreSQL exited ({_describe_exit(old.process.returncode)}); restarting it")
+                old.stop()
+                self.postgres = start_postgres(self.data_dir, port=old.port)
+                self._say("stack", "PostgreSQL restarted")
+            if self.nats is not None and not self.nats.alive():
+                old_nats = self.nats
+                self._say("stack", f"NATS exited ({_describe_exit(old_nats.process.returncode)}); restarting it")
+                old_nats.stop()
+                self.nats = start_nats(self.data_dir, port=old_nats.port)
+                self._say("stack", "NATS restarted")
+        except ServerError as exc:
+            self._server_retry_at = time.monotonic() + 5.0
+            self._say("stack", f"could not restart an embedded server (retrying in 5s): {exc}")
+
+
+def _mask_url(url: str) -> str:
+    """postgresql://user:secret@host/db -> postgresql://user:***@host/db"""
+    scheme, sep, rest = url.partition("://")
+    if not sep or "@" not in rest:
+        return url
+    creds, _, host = rest.rpartition("@")
+    if ":" not in creds:
+        return url
+    user = creds.split(":", 1)[0]
+    return f"{scheme}://{user}:***@{host}"

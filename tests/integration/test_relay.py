@@ -1,0 +1,132 @@
+"""The relay publishes the feed to JetStream in order, exactly once, across crashes."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+
+import pytest
+import pytest_asyncio
+
+from domain.pipeline import PipelineCreated
+from infra import bus
+from infra.db import migrate, open_pool
+from infra.pg_store import PostgresEventStore
+from infra.relay import Relay
+from infra.store import FEED_START, NewEvent, RecordedEvent
+
+pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="session")]
+
+
+class Crash(Exception):
+    pass
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def store(database_url: str) -> AsyncIterator[PostgresEventStore]:
+    await migrate(database_url)
+    pool = await open_pool(database_url)
+    yield PostgresEventStore(pool)
+    await pool.close()
+
+
+async def _append_many(store: PostgresEventStore, writers: int, each: int) -> None:
+    async def writer(w: int) -> None:
+        for i in range(each):
+            pid = str(uuid.uuid4())
+            event = PipelineCreated(
+                pipeline_id=pid, name=f"relay-{w}-{i}-{pid[:6]}", description=None, stages=(),
+                organization_id="relay-org", created_by="t", at=datetime.now(UTC),
+            )
+            await store.append(f"pipeline-{pid}", [NewEvent(str(uuid.uuid4()), event, org="relay-org",
+                                                             pipeline_id=pid)], 0)
+
+    await asyncio.gather(*(writer(w) for w in range(writers)))
+
+
+async def _whole_feed(store: PostgresEventStore) -> list[RecordedEvent]:
+    out: list[RecordedEvent] = []
+    cursor = FEED_START
+    while batch := await store.read_feed(cursor, 1000):
+        out.extend(batch)
+        cursor = batch[-1].cursor
+    return out
+
+
+async def test_a_relay_killed_between_publish_and_checkpoint_loses_and_repeats_nothing(
+    store: PostgresEventStore, database_url: str, nats_url: str
+) -> None:
+    stream = f"RELAY_{uuid.uuid4().hex[:10]}"
+    nc = await bus.connect(nats_url, "relay-test")
+    try:
+        await bus.ensure_events_stream(nc, stream)
+        await _append_many(store, writers=6, each=20)
+
+        first = Relay(store, database_url, nc, stream=stream, batch=7)
+        calls = 0
+
+        async def crash_on_third_batch() -> None:
+            nonlocal calls
+            calls += 1
+            if calls == 3:
+                raise Crash()
+
+        first.after_publish = crash_on_third_batch
+        await first._resync()
+        with pytest.raises(Crash):
+            while await first.pump_once():
+                pass
+        assert first.published == 21  # three batches went out; the third was never checkpointed
+
+        # more events arrive while no relay runs, then a new relay starts from the stream's tail
+        await _append_many(store, writers=3, each=10)
+        second = Relay(store, database_url, nc, stream=stream, batch=50)
+        await second._resync()
+        while await second.pump_once():
+            pass
+
+        feed = await _whole_feed(store)
+        js = nc.jetstream()
+        info = await js.stream_info(stream)
+        assert info.state.messages == len(feed)
+        for seq, rec in enumerate(feed, start=1):
+            msg = await js.get_msg(stream, seq)
+            headers = msg.headers or {}
+            assert headers["Nats-Msg-Id"] == rec.event_id
+            assert headers["ce-id"] == rec.event_id and headers["ce-specversion"] == "1.0"
+            assert headers["ce-type"] == "pipelines.pipeline_created" and headers["ce-subject"] == rec.stream_id
+            assert headers["Pipelines-Position"] == str(rec.position)
+            assert msg.subject == f"pipelines.v1.relay-org.pipeline.{rec.stream_id[9:]}.pipeline_created"
+            assert msg.data == rec.data
+    finally:
+        await nc.jetstream().delete_stream(stream)
+        await nc.drain()
+
+
+async def test_a_running_relay_publishes_concurrent_appends_in_feed_order(
+    store: PostgresEventStore, database_url: str, nats_url: str
+) -> None:
+    stream = f"RELAY_{uuid.uuid4().hex[:10]}"
+    nc = await bus.connect(nats_url, "relay-test")
+    stop = asyncio.Event()
+    try:
+        await bus.ensure_events_stream(nc, stream)
+        relay = Relay(store, database_url, nc, stream=stream, poll_interval=0.02, batch=25)
+        task = asyncio.create_task(relay.run(stop))
+        await _append_many(store, writers=8, each=15)
+        feed = await _whole_feed(store)
+        js = nc.jetstream()
+        for _ in range(200):
+            if (await js.stream_info(stream)).state.messages >= len(feed):
+                break
+            await asyncio.sleep(0.05)
+        ids = [(await js.get_msg(stream, seq)).headers["Nats-Msg-Id"] for seq in range(1, len(feed) + 1)]  # type: ignore[index]
+        assert ids == [r.event_id for r in feed]
+        stop.set()
+        await asyncio.wait_for(task, 10)
+    finally:
+        stop.set()
+        await nc.jetstream().delete_stream(stream)
+        await nc.drain()
