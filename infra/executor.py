@@ -63,6 +63,7 @@ class RunLog:
         self._bytes = 0
         self._cut = False
         self._wake = asyncio.Event()
+        self._closing = False
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -82,7 +83,9 @@ class RunLog:
             self._wake.set()
 
     async def _loop(self) -> None:
-        while True:
+        # Never cancelled mid-flush: a flush swaps the buffer out before it appends, so a cancel
+        # there would lose those lines. close() asks the loop to finish instead.
+        while not self._closing:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self._interval)
             self._wake.clear()
@@ -118,10 +121,10 @@ class RunLog:
                     await self._publish(_json.encode(payload))
 
     async def close(self) -> None:
+        self._closing = True
+        self._wake.set()
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await self._task
         await self.flush()
 
 

@@ -8,9 +8,7 @@ import logging
 import signal
 import sys
 from collections.abc import Awaitable, Callable
-
-from nats.aio.client import Client as NATS
-from psycopg_pool import AsyncConnectionPool
+from typing import TYPE_CHECKING
 
 from infra import bus
 from infra.api.app import Deps
@@ -20,6 +18,10 @@ from infra.commands import Commands
 from infra.config import Settings
 from infra.db import migrate, open_pool
 from infra.pg_store import PostgresEventStore
+
+if TYPE_CHECKING:
+    from nats.aio.client import Client as NATS
+    from psycopg_pool import AsyncConnectionPool
 
 
 def setup_logging(service: str) -> None:

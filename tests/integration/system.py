@@ -57,11 +57,11 @@ class System:
     executor: Executor
     org: str
 
-    def token(self, *roles: str, sub: str = "alice", org: str | None | bool = True) -> str:
+    def token(self, *roles: str, sub: str = "alice", org: str | bool | None = True) -> str:
         chosen = self.org if org is True else (None if org is False else org)
         return issue_token(self.settings, sub=sub, roles=list(roles or ("admin",)), org=chosen)  # type: ignore[arg-type]
 
-    def headers(self, *roles: str, sub: str = "alice", org: str | None | bool = True) -> dict[str, str]:
+    def headers(self, *roles: str, sub: str = "alice", org: str | bool | None = True) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.token(*roles, sub=sub, org=org)}"}
 
     async def create_pipeline(self, stages: list[dict[str, Any]], name: str | None = None) -> dict[str, Any]:
@@ -144,7 +144,7 @@ async def running_system(settings: Settings) -> AsyncIterator[System]:
             )
     finally:
         stop.set()
-        done, pending = await asyncio.wait(tasks, timeout=10)
+        _, pending = await asyncio.wait(tasks, timeout=10)
         for t in pending:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)

@@ -52,7 +52,15 @@ async def test_create_get_update_and_delete_a_pipeline(system: System) -> None:
     assert p["name"] == name and p["description"] == "Runs tests"
     assert p["organizationId"] == system.org and p["createdBy"] == "alice"
     assert p["stages"] == [
-        {"id": "build", "name": "Build", "type": "script", "order": 1, "config": SCRIPT["config"], "timeout": None, "retry": None}
+        {
+            "id": "build",
+            "name": "Build",
+            "type": "script",
+            "order": 1,
+            "config": SCRIPT["config"],
+            "timeout": None,
+            "retry": None,
+        }
     ]
     assert p["createdAt"].endswith("Z") and p["updatedAt"] == p["createdAt"]
 

@@ -37,11 +37,17 @@ async def _append_many(store: PostgresEventStore, writers: int, each: int) -> No
         for i in range(each):
             pid = str(uuid.uuid4())
             event = PipelineCreated(
-                pipeline_id=pid, name=f"relay-{w}-{i}-{pid[:6]}", description=None, stages=(),
-                organization_id="relay-org", created_by="t", at=datetime.now(UTC),
+                pipeline_id=pid,
+                name=f"relay-{w}-{i}-{pid[:6]}",
+                description=None,
+                stages=(),
+                organization_id="relay-org",
+                created_by="t",
+                at=datetime.now(UTC),
             )
-            await store.append(f"pipeline-{pid}", [NewEvent(str(uuid.uuid4()), event, org="relay-org",
-                                                             pipeline_id=pid)], 0)
+            await store.append(
+                f"pipeline-{pid}", [NewEvent(str(uuid.uuid4()), event, org="relay-org", pipeline_id=pid)], 0
+            )
 
     await asyncio.gather(*(writer(w) for w in range(writers)))
 
@@ -96,9 +102,11 @@ async def test_a_relay_killed_between_publish_and_checkpoint_loses_and_repeats_n
             headers = msg.headers or {}
             assert headers["Nats-Msg-Id"] == rec.event_id
             assert headers["ce-id"] == rec.event_id and headers["ce-specversion"] == "1.0"
-            assert headers["ce-type"] == "pipelines.pipeline_created" and headers["ce-subject"] == rec.stream_id
+            assert headers["ce-type"] == f"pipelines.{rec.event_type}" and headers["ce-subject"] == rec.stream_id
             assert headers["Pipelines-Position"] == str(rec.position)
-            assert msg.subject == f"pipelines.v1.relay-org.pipeline.{rec.stream_id[9:]}.pipeline_created"
+            assert msg.subject == bus.event_subject(rec)
+            if rec.org == "relay-org":
+                assert msg.subject == f"pipelines.v1.relay-org.pipeline.{rec.stream_id[9:]}.pipeline_created"
             assert msg.data == rec.data
     finally:
         await nc.jetstream().delete_stream(stream)
