@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import signal
+from collections.abc import Iterator
+
 import uvicorn
 
 from infra.api.app import create_app
@@ -9,11 +14,22 @@ from infra.config import Settings
 from services.bootstrap import build_api, setup_logging
 
 
+class _Server(uvicorn.Server):
+    # uvicorn re-raises SIGTERM after its graceful shutdown, so the process would die "by signal";
+    # here the signal only asks the server to exit, and the process ends with status 0.
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.handle_exit, sig, None)
+        yield
+
+
 def main() -> None:
     setup_logging("api")
     settings = Settings.from_env()
     app = create_app(lambda: build_api(settings))
-    uvicorn.run(
+    config = uvicorn.Config(
         app,
         host=settings.api_host,
         port=settings.api_port,
@@ -21,6 +37,7 @@ def main() -> None:
         access_log=False,
         timeout_graceful_shutdown=5,
     )
+    asyncio.run(_Server(config).serve())
 
 
 if __name__ == "__main__":
