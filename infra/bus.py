@@ -73,10 +73,18 @@ async def ensure_events_stream(nc: NATS, stream: str) -> None:
     )
     try:
         await js.stream_info(stream)
+        return
     except NotFoundError:
-        with contextlib.suppress(Exception):
-            await js.add_stream(config)
-        await js.stream_info(stream)
+        pass
+    try:
+        await js.add_stream(config)
+    except Exception as exc:
+        # Another process may have created it meanwhile; anything else (say, another stream
+        # already owning `pipelines.v1.>` on this server) must be reported, not hidden.
+        try:
+            await js.stream_info(stream)
+        except NotFoundError:
+            raise RuntimeError(f"cannot create JetStream stream {stream} on {EVENTS_SUBJECTS}: {exc}") from exc
 
 
 class Poker:

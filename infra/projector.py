@@ -183,8 +183,9 @@ async def apply(conn: psycopg.AsyncConnection[Any], events: Sequence[RecordedEve
         if p is None:
             continue
         if not p.live:
+            # The pipeline's runs keep their rows: events of theirs may still arrive (a stage
+            # finishing after the delete), and the API hides them with the pipeline anyway.
             await conn.execute("DELETE FROM rm_pipelines WHERE id = %s", (pid,))
-            await conn.execute("DELETE FROM rm_runs WHERE pipeline_id = %s", (pid,))
             continue
         await conn.execute(
             "INSERT INTO rm_pipelines (id, org, name, created_at, doc, state) VALUES (%s, %s, %s, %s, %s, %s) "

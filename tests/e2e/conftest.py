@@ -1,8 +1,13 @@
 """The whole system as separate processes (api, relay, executor, projector, gateway), started by
-the same supervisor as `make up`, against the session's PostgreSQL and NATS."""
+the same supervisor as `make up`, against the session's PostgreSQL and NATS.
+
+Package-scoped: only one JetStream stream per server may own `pipelines.v1.>`, so the stack and
+its stream are gone before other packages' tests create theirs."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import io
 import os
 import sys
@@ -15,6 +20,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from infra import bus
 from infra.auth import issue_token
 from infra.config import Settings
 from infra.servers import free_port
@@ -47,7 +53,7 @@ class _Tee(io.StringIO):
         return super().write(s)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def stack(database_url: str, nats_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningStack]:
     data_dir: Path = tmp_path_factory.mktemp("stack")
     env = {k: v for k, v in os.environ.items() if not k.startswith("PIPELINES_")} | {
@@ -85,3 +91,14 @@ def stack(database_url: str, nats_url: str, tmp_path_factory: pytest.TempPathFac
         yield running
     finally:
         stack.stop()
+        asyncio.run(_delete_stream(nats_url, env["PIPELINES_EVENTS_STREAM"]))
+
+
+async def _delete_stream(nats_url: str, stream: str) -> None:
+    # One stream per server may own `pipelines.v1.>`: leave the server as we found it.
+    nc = await bus.connect(nats_url, "e2e-cleanup")
+    try:
+        with contextlib.suppress(Exception):
+            await nc.jetstream().delete_stream(stream)
+    finally:
+        await nc.close()

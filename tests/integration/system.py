@@ -116,7 +116,12 @@ async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 10, 
 async def running_system(settings: Settings) -> AsyncIterator[System]:
     pool, store = await open_store(settings)
     nc = await bus.connect(settings.nats_url, "test-system")
-    await bus.ensure_events_stream(nc, settings.events_stream)
+    try:
+        await bus.ensure_events_stream(nc, settings.events_stream)
+    except BaseException:
+        await nc.close()
+        await pool.close()
+        raise
     poker = bus.Poker(nc)
     poker.start()
     commands = Commands(store, on_append=poker.poke)
