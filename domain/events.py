@@ -26,6 +26,7 @@ from domain.run import (
     RunSucceeded,
     RunTriggered,
     StageFailed,
+    StageRetryScheduled,
     StageStarted,
     StageSucceeded,
 )
@@ -40,6 +41,7 @@ Event = (
     | ApprovalRequested
     | StageSucceeded
     | StageFailed
+    | StageRetryScheduled
     | RunApproved
     | RunRejected
     | RunCancelled

@@ -8,7 +8,7 @@ concurrency, so a stale caller loses instead of overwriting (cancelled stays can
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Literal
 
 import msgspec
@@ -41,6 +41,8 @@ class TriggerRun(msgspec.Struct, frozen=True, kw_only=True, tag="trigger_run"):
     definition_version: int
     stages: tuple[Stage, ...]
     variables: dict[str, str] = msgspec.field(default_factory=dict)
+    # Only the names: secret values never enter an event.
+    secret_names: tuple[str, ...] = ()
     by: str
     at: datetime
 
@@ -59,6 +61,13 @@ class CompleteStage(msgspec.Struct, frozen=True, kw_only=True, tag="complete_sta
     failure: Literal["failed", "timeout", "cancelled"] = "failed"
     error: str | None = None
     exit_code: int | None = None
+    at: datetime
+
+
+class ExpireApproval(msgspec.Struct, frozen=True, kw_only=True, tag="expire_approval"):
+    """Nobody approved or rejected the gate within its timeout."""
+
+    stage_id: str
     at: datetime
 
 
@@ -92,7 +101,7 @@ class Resume(_Control, frozen=True, kw_only=True, tag="resume"):
     pass
 
 
-RunCommand = TriggerRun | Advance | CompleteStage | Approve | Reject | Cancel | Stop | Pause | Resume
+RunCommand = TriggerRun | Advance | CompleteStage | ExpireApproval | Approve | Reject | Cancel | Stop | Pause | Resume
 
 # ---- events --------------------------------------------------------------------------------
 
@@ -104,6 +113,7 @@ class RunTriggered(msgspec.Struct, frozen=True, kw_only=True, tag="run_triggered
     definition_version: int
     stages: tuple[Stage, ...]
     variables: dict[str, str] = msgspec.field(default_factory=dict)
+    secret_names: tuple[str, ...] = ()
     triggered_by: str
     at: datetime
 
@@ -135,6 +145,18 @@ class StageFailed(msgspec.Struct, frozen=True, kw_only=True, tag="stage_failed")
     status: Literal["failed", "timeout", "cancelled"] = "failed"
     error: str | None = None
     exit_code: int | None = None
+    at: datetime
+
+
+class StageRetryScheduled(msgspec.Struct, frozen=True, kw_only=True, tag="stage_retry_scheduled"):
+    """An attempt failed and the stage's retry policy allows another, not before `retry_at`."""
+
+    stage_id: str
+    attempt: int
+    status: Literal["failed", "timeout"] = "failed"
+    error: str | None = None
+    exit_code: int | None = None
+    retry_at: datetime
     at: datetime
 
 
@@ -206,6 +228,7 @@ RunEvent = (
     | ApprovalRequested
     | StageSucceeded
     | StageFailed
+    | StageRetryScheduled
     | RunApproved
     | RunRejected
     | RunCancelled
@@ -219,6 +242,15 @@ RunEvent = (
 # ---- state ---------------------------------------------------------------------------------
 
 
+class AttemptResult(msgspec.Struct, frozen=True, kw_only=True):
+    attempt: int
+    status: StageStatus
+    started_at: datetime | None
+    finished_at: datetime | None
+    error: str | None = None
+    exit_code: int | None = None
+
+
 class StageRun(msgspec.Struct, frozen=True, kw_only=True):
     stage_id: str
     status: StageStatus = "pending"
@@ -227,6 +259,21 @@ class StageRun(msgspec.Struct, frozen=True, kw_only=True):
     finished_at: datetime | None = None
     error: str | None = None
     exit_code: int | None = None
+    # When a failed attempt is to be retried (status `queued` until then).
+    retry_at: datetime | None = None
+    attempts: tuple[AttemptResult, ...] = ()
+
+    def ended_attempt(
+        self, status: StageStatus, at: datetime, error: str | None, exit_code: int | None
+    ) -> AttemptResult:
+        return AttemptResult(
+            attempt=self.attempt,
+            status=status,
+            started_at=self.started_at,
+            finished_at=at,
+            error=error,
+            exit_code=exit_code,
+        )
 
 
 class Approval(msgspec.Struct, frozen=True, kw_only=True):
@@ -247,6 +294,7 @@ class RunState(msgspec.Struct, frozen=True, kw_only=True):
     stages: tuple[Stage, ...] = ()
     stage_runs: tuple[StageRun, ...] = ()
     variables: dict[str, str] = msgspec.field(default_factory=dict)
+    secret_names: tuple[str, ...] = ()
     triggered_by: str = ""
     created_at: datetime | None = None
     started_at: datetime | None = None
@@ -266,6 +314,16 @@ class RunState(msgspec.Struct, frozen=True, kw_only=True):
             if sr.stage_id == stage_id:
                 return i
         raise Refused(f"run has no stage {stage_id!r}")
+
+    @property
+    def next_retry_at(self) -> datetime | None:
+        """When a stage waiting to be retried may start (the executor sleeps until then)."""
+        if self.status != "running":
+            return None
+        return next((sr.retry_at for sr in self.stage_runs if sr.status == "queued"), None)
+
+    def stage(self, stage_id: str) -> Stage:
+        return self.stages[self.stage_index(stage_id)]
 
     @property
     def active_stage(self) -> StageRun | None:
@@ -290,7 +348,9 @@ def _advance(state: RunState, at: datetime) -> list[RunEvent]:
     elif state.status != "running" or state.active_stage is not None:
         return []
     for stage, sr in zip(state.stages, state.stage_runs, strict=True):
-        if sr.status != "pending":
+        if sr.status == "queued" and sr.retry_at is not None and sr.retry_at > at:
+            return events  # a retry is due later; the executor comes back then
+        if sr.status not in ("pending", "queued"):
             continue
         events.append(StageStarted(stage_id=stage.id, attempt=sr.attempt + 1, at=at))
         if stage.type == "approval":
@@ -335,6 +395,26 @@ def decide(command: RunCommand, state: RunState) -> list[RunEvent]:
             if command.succeeded:
                 done: RunEvent = StageSucceeded(stage_id=command.stage_id, exit_code=command.exit_code, at=command.at)
                 return [done, *_advance(evolve(state, done), command.at)]
+            retry = state.stage(command.stage_id).retry
+            if (
+                command.failure != "cancelled"
+                and retry is not None
+                and command.attempt < retry.max_attempts
+                and state.status in ("running", "paused")
+            ):
+                # The wait grows: backoff, 2 x backoff, 4 x backoff, ...
+                delay = retry.backoff * (2 ** (command.attempt - 1))
+                return [
+                    StageRetryScheduled(
+                        stage_id=command.stage_id,
+                        attempt=command.attempt,
+                        status="timeout" if command.failure == "timeout" else "failed",
+                        error=command.error,
+                        exit_code=command.exit_code,
+                        retry_at=command.at + timedelta(seconds=delay),
+                        at=command.at,
+                    )
+                ]
             failed = StageFailed(
                 stage_id=command.stage_id,
                 status=command.failure,
@@ -345,6 +425,20 @@ def decide(command: RunCommand, state: RunState) -> list[RunEvent]:
             if state.status in ("running", "paused"):
                 return [failed, RunFailed(stage_id=command.stage_id, reason=command.error, at=command.at)]
             return [failed]
+        case ExpireApproval():
+            gate = state.active_stage
+            stage = state.stage(command.stage_id)
+            if state.status != "waiting_approval" or gate is None or gate.stage_id != command.stage_id:
+                raise Refused(f"stage {command.stage_id} is not waiting for approval (run is {state.status})")
+            if stage.timeout is None or gate.started_at is None:
+                raise Refused(f"stage {command.stage_id} has no approval timeout")
+            if command.at < gate.started_at + timedelta(seconds=stage.timeout):
+                raise Refused(f"the approval of stage {command.stage_id} has not timed out yet")
+            reason = f"approval timed out after {stage.timeout:g} s"
+            return [
+                StageFailed(stage_id=command.stage_id, status="timeout", error=reason, at=command.at),
+                RunFailed(stage_id=command.stage_id, reason=reason, at=command.at),
+            ]
         case Approve():
             _require(state, ("waiting_approval",), "approve")
             gate = state.active_stage
@@ -384,8 +478,8 @@ def _end(state: RunState, status: RunStatus, at: datetime, by: str | None, reaso
     runs = tuple(
         msgspec.structs.replace(sr, status="skipped")
         if sr.status == "pending"
-        else msgspec.structs.replace(sr, status="cancelled", finished_at=at)
-        if sr.status == "waiting_approval"
+        else msgspec.structs.replace(sr, status="cancelled", finished_at=at, retry_at=None)
+        if sr.status in ("waiting_approval", "queued")
         else sr
         for sr in state.stage_runs
     )
@@ -414,6 +508,7 @@ def evolve(state: RunState, event: RunEvent) -> RunState:
                 stages=event.stages,
                 stage_runs=tuple(StageRun(stage_id=s.id) for s in event.stages),
                 variables=event.variables,
+                secret_names=event.secret_names,
                 triggered_by=event.triggered_by,
                 created_at=event.at,
                 updated_at=event.at,
@@ -430,17 +525,25 @@ def evolve(state: RunState, event: RunEvent) -> RunState:
                 finished_at=None,
                 error=None,
                 exit_code=None,
+                retry_at=None,
             )
             return r(state, stage_runs=runs, updated_at=event.at)
         case ApprovalRequested():
             runs = _set_stage(state, event.stage_id, status="waiting_approval")
             return r(state, stage_runs=runs, status="waiting_approval", updated_at=event.at)
         case StageSucceeded():
+            sr = state.stage_runs[state.stage_index(event.stage_id)]
             runs = _set_stage(
-                state, event.stage_id, status="succeeded", finished_at=event.at, exit_code=event.exit_code
+                state,
+                event.stage_id,
+                status="succeeded",
+                finished_at=event.at,
+                exit_code=event.exit_code,
+                attempts=(*sr.attempts, sr.ended_attempt("succeeded", event.at, None, event.exit_code)),
             )
             return r(state, stage_runs=runs, updated_at=event.at)
         case StageFailed():
+            sr = state.stage_runs[state.stage_index(event.stage_id)]
             runs = _set_stage(
                 state,
                 event.stage_id,
@@ -448,6 +551,20 @@ def evolve(state: RunState, event: RunEvent) -> RunState:
                 finished_at=event.at,
                 error=event.error,
                 exit_code=event.exit_code,
+                attempts=(*sr.attempts, sr.ended_attempt(event.status, event.at, event.error, event.exit_code)),
+            )
+            return r(state, stage_runs=runs, updated_at=event.at)
+        case StageRetryScheduled():
+            sr = state.stage_runs[state.stage_index(event.stage_id)]
+            runs = _set_stage(
+                state,
+                event.stage_id,
+                status="queued",
+                finished_at=event.at,
+                error=event.error,
+                exit_code=event.exit_code,
+                retry_at=event.retry_at,
+                attempts=(*sr.attempts, sr.ended_attempt(event.status, event.at, event.error, event.exit_code)),
             )
             return r(state, stage_runs=runs, updated_at=event.at)
         case RunApproved():

@@ -42,6 +42,15 @@ class PipelineView(msgspec.Struct, kw_only=True, rename="camel"):
     definition_version: int
 
 
+class AttemptView(msgspec.Struct, kw_only=True, rename="camel"):
+    attempt: int
+    status: str
+    started_at: str | None
+    finished_at: str | None
+    error: str | None
+    exit_code: int | None
+
+
 class StageResultView(msgspec.Struct, kw_only=True, rename="camel"):
     stage_id: str
     name: str
@@ -54,6 +63,8 @@ class StageResultView(msgspec.Struct, kw_only=True, rename="camel"):
     output: str
     error: str | None
     exit_code: int | None
+    retry_at: str | None = None
+    attempts: list[AttemptView] = msgspec.field(default_factory=list)
 
 
 class ApprovalView(msgspec.Struct, kw_only=True, rename="camel"):
@@ -72,6 +83,7 @@ class RunView(msgspec.Struct, kw_only=True, rename="camel"):
     triggered_by: str
     definition_version: int
     variables: dict[str, str]
+    secret_names: list[str]
     started_at: str | None
     finished_at: str | None
     duration_ms: int | None
@@ -141,6 +153,18 @@ def run_view(state: RunState, logs: Iterable[LogAppended] = ()) -> RunView:
                 output=outputs.get(sr.stage_id, ""),
                 error=sr.error,
                 exit_code=sr.exit_code,
+                retry_at=iso(sr.retry_at),
+                attempts=[
+                    AttemptView(
+                        attempt=a.attempt,
+                        status=a.status,
+                        started_at=iso(a.started_at),
+                        finished_at=iso(a.finished_at),
+                        error=a.error,
+                        exit_code=a.exit_code,
+                    )
+                    for a in sr.attempts
+                ],
             )
         )
     return RunView(
@@ -151,6 +175,7 @@ def run_view(state: RunState, logs: Iterable[LogAppended] = ()) -> RunView:
         triggered_by=state.triggered_by,
         definition_version=state.definition_version,
         variables=state.variables,
+        secret_names=list(state.secret_names),
         started_at=iso(state.started_at),
         finished_at=iso(state.finished_at),
         duration_ms=_ms(state.started_at or state.created_at, state.finished_at),
