@@ -9,7 +9,7 @@ overwrite.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -19,6 +19,8 @@ from domain import run as rn
 from domain.errors import Invalid, NotFound
 from domain.stages import stages_from_dicts, validate_stage_dicts
 from infra.store import EventStore, NewEvent, UniqueKey, UniqueKeyTaken, WrongExpectedVersion
+
+RunHook = Callable[[rn.RunState, list[rn.RunEvent]], Awaitable[None]]
 
 
 class NameTaken(Exception):
@@ -224,8 +226,15 @@ class Commands:
         make: Callable[[datetime], rn.RunCommand],
         *,
         visible: Callable[[rn.RunState], bool] = lambda s: True,
+        before_append: RunHook | None = None,
+        lost_race: RunHook | None = None,
     ) -> tuple[rn.RunState, list[rn.RunEvent]]:
-        """Decide `make(now)` against the run's current state and append; on a lost race, again."""
+        """Decide `make(now)` against the run's current state and append; on a lost race, again.
+
+        `before_append` runs between the decision and the append (the executor takes its stage
+        lease there, so a started stage always has one); `lost_race` undoes it when the append
+        loses to another writer.
+        """
         for _ in range(self._retries):
             state, version = await self.load_run(run_id)
             if not state.exists or not visible(state):
@@ -233,6 +242,8 @@ class Commands:
             new = rn.decide(make(self.now()), state)
             if not new:
                 return state, []
+            if before_append is not None:
+                await before_append(state, new)
             try:
                 await self.store.append(
                     ev.run_stream(run_id),
@@ -240,6 +251,8 @@ class Commands:
                     version,
                 )
             except WrongExpectedVersion:
+                if lost_race is not None:
+                    await lost_race(state, new)
                 continue
             self._appended()
             for e in new:

@@ -47,6 +47,11 @@ class Settings:
     max_log_bytes: int = 10 * 1024 * 1024
     # Relay and projector fall back to polling the feed at this interval when no wake-up arrives.
     poll_interval: float = 0.5
+    # An executor renews its stage leases every lease_ttl / 3 seconds; a lease not renewed for
+    # lease_ttl seconds means its executor was lost.
+    lease_ttl: float = 10.0
+    # How often each executor looks for lost leases and due timers (retries, approval timeouts).
+    sweep_interval: float = 1.0
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Settings:
@@ -76,4 +81,6 @@ class Settings:
             ack_wait=_float(e, "PIPELINES_ACK_WAIT", 30.0),
             max_log_bytes=_int(e, "PIPELINES_MAX_LOG_BYTES", 10 * 1024 * 1024),
             poll_interval=_float(e, "PIPELINES_POLL_INTERVAL", 0.5),
+            lease_ttl=_float(e, "PIPELINES_LEASE_TTL", 10.0),
+            sweep_interval=_float(e, "PIPELINES_SWEEP_INTERVAL", 1.0),
         )

@@ -11,10 +11,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
+import os
 import shutil
+import signal
+import socket
+import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal
 
@@ -30,11 +36,13 @@ from domain.stages import Stage
 from infra.bus import log_subject
 from infra.commands import Commands, ConcurrencyConflict
 from infra.config import Settings
+from infra.leases import Lease, LeaseStore
 from infra.script_runner import ScriptOutcome, ScriptRun, clean_env
 
 log = logging.getLogger("pipelines.executor")
 
 RUN_EVENTS_FILTER = "pipelines.v1.*.run.*.*"
+STOP_SUBJECT = "pipelines.v1.*.run.*.run_stopped"
 CONSUMER = "executor"
 _json = msgspec.json.Encoder()
 
@@ -138,12 +146,23 @@ class _Driver:
 
 
 class Executor:
-    def __init__(self, commands: Commands, settings: Settings, nc: NATS | None = None) -> None:
+    def __init__(
+        self,
+        commands: Commands,
+        settings: Settings,
+        nc: NATS | None = None,
+        leases: LeaseStore | None = None,
+    ) -> None:
         self.commands = commands
         self.settings = settings
         self.nc = nc
+        self.leases = leases
+        self.executor_id = uuid.uuid4().hex
+        self.host = socket.gethostname()
         self._drivers: dict[str, _Driver] = {}
         self._background: set[asyncio.Task[Any]] = set()
+        # Stage attempts this process is running right now: (run, stage, attempt).
+        self._running: set[tuple[str, str, int]] = set()
         self.workdir = settings.data_dir / "work"
 
     # ---- consuming JetStream -----------------------------------------------------------------
@@ -165,7 +184,11 @@ class Executor:
             with contextlib.suppress(Exception):
                 await js.add_consumer(self.settings.events_stream, config)
         sub = await js.pull_subscribe_bind(CONSUMER, self.settings.events_stream)
+        # Every executor hears every stop, whichever of them the durable consumer gave it to:
+        # only the one running the stage can kill its process group.
+        stops = await self.nc.subscribe(STOP_SUBJECT, cb=self._on_stop)
         heartbeat = asyncio.create_task(self._heartbeat())
+        sweeper = asyncio.create_task(self._sweeper())
         try:
             while not stop.is_set():
                 try:
@@ -180,9 +203,11 @@ class Executor:
                     self.on_message(msg)
         finally:
             heartbeat.cancel()
+            sweeper.cancel()
             await self.drain()
-            with contextlib.suppress(Exception):
-                await sub.unsubscribe()
+            for subscription in (sub, stops):
+                with contextlib.suppress(Exception):
+                    await subscription.unsubscribe()
 
     def on_message(self, msg: Msg) -> None:
         parts = msg.subject.split(".")
@@ -193,9 +218,21 @@ class Executor:
         driver = self.kick(run_id)
         driver.messages.append(msg)
         if event_type == "run_stopped":
-            driver.stop_requested = True
-            if driver.script is not None:
-                self._spawn(driver.script.stop())
+            self.stop_local(run_id)
+
+    async def _on_stop(self, msg: Msg) -> None:
+        parts = msg.subject.split(".")
+        if len(parts) == 6:
+            self.stop_local(parts[4])
+
+    def stop_local(self, run_id: str) -> None:
+        """Kill the run's script if this process runs it (TERM, then KILL after the grace period)."""
+        driver = self._drivers.get(run_id)
+        if driver is None:
+            return
+        driver.stop_requested = True
+        if driver.script is not None:
+            self._spawn(driver.script.stop())
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.create_task(coro)
@@ -214,13 +251,123 @@ class Executor:
         return driver
 
     async def _heartbeat(self) -> None:
-        # Long stages keep their messages from being redelivered to another executor.
+        # Long stages keep their messages from being redelivered to another executor, and their
+        # leases from expiring.
+        interval = max(min(self.settings.ack_wait, self.settings.lease_ttl) / 3, 0.2)
         while True:
-            await asyncio.sleep(max(self.settings.ack_wait / 3, 0.5))
+            await asyncio.sleep(interval)
+            if self.leases is not None:
+                try:
+                    await self.leases.heartbeat(self.executor_id, self.settings.lease_ttl)
+                except Exception as exc:
+                    log.warning("lease heartbeat failed: %s", exc)
             for driver in list(self._drivers.values()):
                 for msg in driver.messages:
                     with contextlib.suppress(Exception):
                         await msg.in_progress()
+
+    # ---- lost executors and timers -----------------------------------------------------------
+
+    async def _sweeper(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.sweep_interval)
+            try:
+                await self.sweep_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("sweep failed: %s", exc)
+
+    async def sweep_once(self) -> None:
+        """Recover stages whose executor was lost; fire due retries and approval timeouts."""
+        if self.leases is None:
+            return
+        for lease in await self.leases.claim_expired(self.executor_id, hold=self.settings.lease_ttl):
+            if (lease.run_id, lease.stage_id, lease.attempt) in self._running:
+                continue  # ours after all (a slow heartbeat); the claim renewed it
+            await self.recover(lease)
+        for timer in await self.leases.claim_due(hold=max(30.0, self.settings.lease_ttl)):
+            try:
+                if timer.kind == "approval":
+                    with contextlib.suppress(Refused, NotFound):
+                        await self.commands.run_command(timer.run_id, functools.partial(_expire, timer.key))
+                else:
+                    self.kick(timer.run_id)
+            finally:
+                await self.leases.done(timer)
+
+    async def recover(self, lease: Lease) -> None:
+        """A stage attempt whose executor stopped renewing its lease: make sure nothing of it still
+        runs here, record the attempt as failed (its retry policy decides what next), go on."""
+        assert self.leases is not None
+        if lease.host == self.host and lease.pgid:
+            await kill_orphan(lease.pgid, lease.run_id, self.settings.kill_grace)
+        try:
+            state, _ = await self.commands.load_run(lease.run_id)
+            sr = state.stage_runs[state.stage_index(lease.stage_id)] if state.exists else None
+            if sr is not None and sr.status == "running" and sr.attempt == lease.attempt:
+                message = (
+                    f"executor lost: the executor running stage {lease.stage_id} (attempt {lease.attempt}) "
+                    f"on {lease.host} stopped renewing its lease"
+                )
+                await self.commands.append_logs(
+                    state,
+                    [
+                        rn.LogAppended(
+                            stage_id=lease.stage_id, lines=(rn.LogLine("system", message),), at=self.commands.now()
+                        )
+                    ],
+                )
+                with contextlib.suppress(Refused):
+                    await self.commands.run_command(
+                        lease.run_id,
+                        lambda at: rn.CompleteStage(
+                            stage_id=lease.stage_id, attempt=lease.attempt, succeeded=False, error=message, at=at
+                        ),
+                        before_append=self._take_leases,
+                        lost_race=self._drop_leases,
+                    )
+        finally:
+            await self.leases.release(lease.run_id, lease.stage_id, lease.attempt)
+        self.kick(lease.run_id)
+
+    def _new_stage_attempts(self, state: rn.RunState, new: list[rn.RunEvent]) -> list[tuple[str, int]]:
+        return [
+            (e.stage_id, e.attempt)
+            for e in new
+            if isinstance(e, rn.StageStarted) and state.stage(e.stage_id).type != "approval"
+        ]
+
+    async def _take_leases(self, state: rn.RunState, new: list[rn.RunEvent]) -> None:
+        # Taken before the StageStarted append commits: a started stage always has a lease, so an
+        # executor that dies right after the commit is still noticed.
+        if self.leases is None:
+            return
+        for stage_id, attempt in self._new_stage_attempts(state, new):
+            await self.leases.acquire(
+                state.run_id, stage_id, attempt, self.executor_id, self.host, self.settings.lease_ttl
+            )
+
+    async def _drop_leases(self, state: rn.RunState, new: list[rn.RunEvent]) -> None:
+        if self.leases is None:
+            return
+        for stage_id, attempt in self._new_stage_attempts(state, new):
+            await self.leases.release(state.run_id, stage_id, attempt)
+
+    async def _schedule_timers(self, state: rn.RunState) -> None:
+        if self.leases is None:
+            return
+        retry_at = state.next_retry_at
+        if retry_at is not None:
+            stage_id = next(sr.stage_id for sr in state.stage_runs if sr.status == "queued")
+            await self.leases.schedule(state.run_id, "retry", stage_id, retry_at)
+        gate = state.active_stage
+        if state.status == "waiting_approval" and gate is not None and gate.started_at is not None:
+            timeout = state.stage(gate.stage_id).timeout
+            if timeout is not None:
+                await self.leases.schedule(
+                    state.run_id, "approval", gate.stage_id, gate.started_at + timedelta(seconds=timeout)
+                )
 
     async def drain(self) -> None:
         tasks = [d.task for d in self._drivers.values() if d.task is not None]
@@ -254,7 +401,9 @@ class Executor:
     # ---- driving a run -----------------------------------------------------------------------
 
     async def _advance(self, run_id: str) -> tuple[rn.RunState, list[rn.RunEvent]]:
-        return await self.commands.run_command(run_id, lambda at: rn.Advance(at=at))
+        return await self.commands.run_command(
+            run_id, lambda at: rn.Advance(at=at), before_append=self._take_leases, lost_race=self._drop_leases
+        )
 
     async def drive_once(self, run_id: str, driver: _Driver | None = None) -> rn.RunState:
         """Take the run as far as it can go now: start it, run stages, finish it."""
@@ -273,19 +422,43 @@ class Executor:
             job = self._started_job(state, new)
             if job is None:
                 if not new:
+                    await self._schedule_timers(state)
                     return state
                 state, new = await self._advance(run_id)
                 continue
             stage, attempt = job
-            outcome = await self._execute(state, stage, attempt, driver)
+            key = (run_id, stage.id, attempt)
+            self._running.add(key)
             try:
-                state, new = await self.commands.run_command(
-                    run_id,
-                    lambda at, s=stage, a=attempt, o=outcome: self._completion(s, a, o, at),  # type: ignore[misc]
-                )
+                outcome = await self._execute(state, stage, attempt, driver)
+            except asyncio.CancelledError:
+                # Shutting down mid-stage: record the attempt as failed (its retry policy decides)
+                # rather than leave it to the lease sweep.
+                lost = ScriptOutcome(exit_code=None, error="the executor stopped while this stage was running")
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(asyncio.shield(self._complete(run_id, stage, attempt, lost)), 5)
+                raise
+            finally:
+                self._running.discard(key)
+            try:
+                state, new = await self._complete(run_id, stage, attempt, outcome)
             except Refused as exc:
                 log.info("run %s: outcome of %s not recorded: %s", run_id, stage.id, exc)
                 state, new = await self._advance(run_id)
+
+    async def _complete(
+        self, run_id: str, stage: Stage, attempt: int, outcome: ScriptOutcome
+    ) -> tuple[rn.RunState, list[rn.RunEvent]]:
+        try:
+            return await self.commands.run_command(
+                run_id,
+                lambda at: self._completion(stage, attempt, outcome, at),
+                before_append=self._take_leases,
+                lost_race=self._drop_leases,
+            )
+        finally:
+            if self.leases is not None:
+                await self.leases.release(run_id, stage.id, attempt)
 
     @staticmethod
     def _started_job(state: rn.RunState, new: list[rn.RunEvent]) -> tuple[Stage, int] | None:
@@ -352,6 +525,15 @@ class Executor:
             await runlog.close()
         return outcome
 
+    async def _record_pgid(self, script: ScriptRun, run_id: str, stage_id: str, attempt: int) -> None:
+        assert self.leases is not None
+        for _ in range(500):
+            pid = script.pid
+            if pid is not None:
+                await self.leases.set_pgid(run_id, stage_id, attempt, pid)
+                return
+            await asyncio.sleep(0.01)
+
     async def _run_script(
         self, state: rn.RunState, stage: Stage, runlog: RunLog, driver: _Driver | None
     ) -> ScriptOutcome:
@@ -370,6 +552,8 @@ class Executor:
                 "STAGE_ID": stage.id,
             },
         )
+        if self.leases is not None:
+            self._spawn(self._record_pgid(script, state.run_id, stage.id, stage_attempt(state, stage.id)))
         try:
             return await script.run(
                 str(stage.config.get("command", "")),
@@ -383,6 +567,33 @@ class Executor:
                 driver.script = None
             if state.stages and stage.id == state.stages[-1].id:
                 shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _expire(stage_id: str, at: datetime) -> rn.ExpireApproval:
+    return rn.ExpireApproval(stage_id=stage_id, at=at)
+
+
+def stage_attempt(state: rn.RunState, stage_id: str) -> int:
+    return state.stage_runs[state.stage_index(stage_id)].attempt
+
+
+async def kill_orphan(pgid: int, run_id: str, grace: float) -> None:
+    """Kill a lost executor's script group, if it is still there and still that run's script."""
+    try:
+        environ = Path(f"/proc/{pgid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        environ = []
+    if environ and f"RUN_ID={run_id}".encode() not in environ:
+        return  # the pid was reused by something else: not ours to kill
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signal.SIGKILL)
+    deadline = asyncio.get_running_loop().time() + max(grace, 2.0)
+    while asyncio.get_running_loop().time() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except (ProcessLookupError, PermissionError):
+            return
+        await asyncio.sleep(0.02)
 
 
 def _describe(outcome: ScriptOutcome, stage: Stage, settings: Settings) -> str:

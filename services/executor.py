@@ -8,6 +8,7 @@ from infra import bus
 from infra.commands import Commands
 from infra.config import Settings
 from infra.executor import Executor
+from infra.leases import LeaseStore
 from services.bootstrap import connect_nats, open_store, run_until_signalled
 
 
@@ -21,7 +22,7 @@ def main() -> None:
         poker.start()
         try:
             await bus.ensure_events_stream(nc, settings.events_stream)
-            executor = Executor(Commands(store, on_append=poker.poke), settings, nc)
+            executor = Executor(Commands(store, on_append=poker.poke), settings, nc, LeaseStore(pool))
             await executor.run(stop)
         finally:
             await poker.stop()

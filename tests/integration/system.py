@@ -21,6 +21,7 @@ from infra.auth import issue_token
 from infra.commands import Commands
 from infra.config import Settings
 from infra.executor import Executor
+from infra.leases import LeaseStore
 from infra.pg_store import PostgresEventStore
 from infra.projector import Projector
 from infra.relay import Relay
@@ -40,6 +41,8 @@ def make_settings(database_url: str, nats_url: str, data_dir: Path, **overrides:
         ack_wait=5.0,
         stage_timeout=30.0,
         kill_grace=0.5,
+        lease_ttl=1.0,
+        sweep_interval=0.2,
         gateway_port=1,
     )
     values.update(overrides)
@@ -113,7 +116,7 @@ async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 10, 
 
 
 @contextlib.asynccontextmanager
-async def running_system(settings: Settings) -> AsyncIterator[System]:
+async def running_system(settings: Settings, *, with_executor: bool = True) -> AsyncIterator[System]:
     pool, store = await open_store(settings)
     nc = await bus.connect(settings.nats_url, "test-system")
     try:
@@ -127,13 +130,14 @@ async def running_system(settings: Settings) -> AsyncIterator[System]:
     commands = Commands(store, on_append=poker.poke)
     relay = Relay(store, settings.database_url, nc, stream=settings.events_stream, poll_interval=0.05)
     projector = Projector(store, settings.database_url, nc, poll_interval=0.05)
-    executor = Executor(commands, settings, nc)
+    executor = Executor(commands, settings, nc, LeaseStore(pool))
     stop = asyncio.Event()
     tasks = [
         asyncio.create_task(relay.run(stop)),
         asyncio.create_task(projector.run(stop)),
-        asyncio.create_task(executor.run(stop)),
     ]
+    if with_executor:
+        tasks.append(asyncio.create_task(executor.run(stop)))
     app = create_app(lambda: build_api(settings))
     try:
         async with AsyncTestClient(app=app, raise_server_exceptions=False) as client:
