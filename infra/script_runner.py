@@ -73,6 +73,11 @@ class ScriptRun:
             pass
         _signal_group(proc.pid, signal.SIGKILL)
 
+    @property
+    def pid(self) -> int | None:
+        """The script's pid, which is also its process group id; None until it has started."""
+        return self._proc.pid if self._proc is not None else None
+
     async def stop(self) -> None:
         self._stopped = True
         await self._terminate()
