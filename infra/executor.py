@@ -422,6 +422,9 @@ class Executor:
             job = self._started_job(state, new)
             if job is None:
                 if not new:
+                    if state.terminal:
+                        # Attempts and stages share the run's working directory until it ends.
+                        await asyncio.to_thread(shutil.rmtree, self.workdir / run_id, True)
                     await self._schedule_timers(state)
                     return state
                 state, new = await self._advance(run_id)
@@ -565,8 +568,6 @@ class Executor:
         finally:
             if driver is not None:
                 driver.script = None
-            if state.stages and stage.id == state.stages[-1].id:
-                shutil.rmtree(workdir, ignore_errors=True)
 
 
 def _expire(stage_id: str, at: datetime) -> rn.ExpireApproval:
