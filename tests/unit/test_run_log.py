@@ -1,0 +1,61 @@
+"""The executor's run log: batched appends, the per-run cap and its marker."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import pytest
+
+from domain import pipeline as pl
+from domain import run as rn
+from domain.stages import Stage
+from infra.commands import Commands
+from infra.executor import RunLog
+from infra.store import InMemoryEventStore
+
+pytestmark = pytest.mark.asyncio(loop_scope="session")
+
+
+async def _run(commands: Commands) -> rn.RunState:
+    stage = Stage(id="s", name="s", type="script", order=1, config={"command": "true"})
+    state, _ = await commands.trigger(
+        _pipeline(stage), by="u", variables={},
+    )
+    return state
+
+
+def _pipeline(stage: Stage) -> pl.PipelineState:
+    return pl.evolve(
+        pl.initial_state,
+        pl.PipelineCreated(
+            pipeline_id="p", name="p", description=None, stages=(stage,), organization_id=None, created_by="u",
+            at=datetime.now(UTC),
+        ),
+    )
+
+
+async def test_lines_beyond_the_cap_are_dropped_after_one_marker() -> None:
+    commands = Commands(InMemoryEventStore())
+    state = await _run(commands)
+    log = RunLog(commands, state, max_bytes=100, publish=None)
+    log.start()
+    for i in range(50):
+        log.line("s", "stdout", f"line {i:02d}")  # 7 bytes and a newline each: 12 fit in 100
+    await log.close()
+    chunks = await commands.load_logs(state.run_id)
+    lines = [ln for c in chunks for ln in c.lines]
+    assert [ln.text for ln in lines[:12]] == [f"line {i:02d}" for i in range(12)]
+    assert lines[12].stream == "system" and "truncated" in lines[12].text and "100 bytes" in lines[12].text
+    assert len(lines) == 13
+
+
+async def test_every_line_written_before_close_is_stored_in_order() -> None:
+    commands = Commands(InMemoryEventStore())
+    state = await _run(commands)
+    log = RunLog(commands, state, max_bytes=10**9, publish=None, interval=0.001, max_lines=7)
+    log.start()
+    for i in range(1000):
+        log.line("s", "stderr" if i % 2 else "stdout", str(i))
+    await log.close()
+    texts = [ln.text for c in await commands.load_logs(state.run_id) for ln in c.lines]
+    assert texts == [str(i) for i in range(1000)]
