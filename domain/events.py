@@ -6,11 +6,11 @@ or a tag.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeGuard
 
 import msgspec
 
-from domain.pipeline import PipelineCreated, PipelineDeleted, PipelineEvent, PipelineUpdated
+from domain.pipeline import PipelineCreated, PipelineDeleted, PipelineEvent, PipelineSpecSaved, PipelineUpdated
 from domain.run import (
     ApprovalRequested,
     LogAppended,
@@ -35,6 +35,7 @@ Event = (
     PipelineCreated
     | PipelineUpdated
     | PipelineDeleted
+    | PipelineSpecSaved
     | RunTriggered
     | RunStarted
     | StageStarted
@@ -55,6 +56,15 @@ Event = (
 
 PIPELINE_EVENTS: tuple[type[Any], ...] = PipelineEvent.__args__
 RUN_EVENTS: tuple[type[Any], ...] = RunEvent.__args__
+
+
+def is_pipeline_event(event: Event) -> TypeGuard[PipelineEvent]:
+    return isinstance(event, PIPELINE_EVENTS)
+
+
+def is_run_event(event: Event) -> TypeGuard[RunEvent]:
+    return isinstance(event, RUN_EVENTS)
+
 
 _encoder = msgspec.json.Encoder()
 _decoder: msgspec.json.Decoder[Event] = msgspec.json.Decoder(Event)

@@ -3,11 +3,20 @@
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Any, Literal
 
 import msgspec
 
 from domain.errors import NotFound, Refused
-from domain.stages import Stage
+from domain.stages import Stage, stage_to_dict
+
+SpecFormat = Literal["json", "yaml", "yml"]
+
+
+def stages_spec(stages: tuple[Stage, ...]) -> dict[str, Any]:
+    """The spec of a pipeline whose stages came from the API reference's `stages` field."""
+    return {"stages": [stage_to_dict(s) for s in stages]}
+
 
 # ---- commands ------------------------------------------------------------------------------
 
@@ -38,7 +47,18 @@ class DeletePipeline(msgspec.Struct, frozen=True, kw_only=True, tag="delete_pipe
     at: datetime
 
 
-PipelineCommand = CreatePipeline | UpdatePipeline | DeletePipeline
+class SaveSpec(msgspec.Struct, frozen=True, kw_only=True, tag="save_spec"):
+    """Save a validated spec as the pipeline's next definition version."""
+
+    spec: dict[str, Any]
+    stages: tuple[Stage, ...]
+    format: SpecFormat = "json"
+    commit_message: str | None = None
+    by: str
+    at: datetime
+
+
+PipelineCommand = CreatePipeline | UpdatePipeline | DeletePipeline | SaveSpec
 
 # ---- events --------------------------------------------------------------------------------
 
@@ -70,9 +90,28 @@ class PipelineDeleted(msgspec.Struct, frozen=True, kw_only=True, tag="pipeline_d
     at: datetime
 
 
-PipelineEvent = PipelineCreated | PipelineUpdated | PipelineDeleted
+class PipelineSpecSaved(msgspec.Struct, frozen=True, kw_only=True, tag="pipeline_spec_saved"):
+    spec: dict[str, Any]
+    stages: tuple[Stage, ...]
+    format: SpecFormat = "json"
+    commit_message: str | None = None
+    saved_by: str
+    at: datetime
+    definition_version: int
+
+
+PipelineEvent = PipelineCreated | PipelineUpdated | PipelineDeleted | PipelineSpecSaved
 
 # ---- state ---------------------------------------------------------------------------------
+
+
+class DefinitionVersion(msgspec.Struct, frozen=True, kw_only=True):
+    version: int
+    spec: dict[str, Any]
+    format: SpecFormat
+    saved_by: str
+    saved_at: datetime
+    commit_message: str | None = None
 
 
 class PipelineState(msgspec.Struct, frozen=True, kw_only=True):
@@ -87,10 +126,18 @@ class PipelineState(msgspec.Struct, frozen=True, kw_only=True):
     created_at: datetime | None = None
     updated_at: datetime | None = None
     definition_version: int = 0
+    variables: dict[str, str] = msgspec.field(default_factory=dict)
+    triggers: tuple[dict[str, Any], ...] = ()
+    spec_format: SpecFormat = "json"
+    # Every definition version, kept forever.
+    versions: tuple[DefinitionVersion, ...] = ()
 
     @property
     def live(self) -> bool:
         return self.exists and not self.deleted
+
+    def version(self, number: int) -> DefinitionVersion | None:
+        return next((v for v in self.versions if v.version == number), None)
 
 
 initial_state = PipelineState()
@@ -133,12 +180,34 @@ def decide(command: PipelineCommand, state: PipelineState) -> list[PipelineEvent
             if not state.live:
                 raise NotFound("pipeline not found")
             return [PipelineDeleted(deleted_by=command.by, at=command.at)]
+        case SaveSpec():
+            if not state.live:
+                raise NotFound("pipeline not found")
+            return [
+                PipelineSpecSaved(
+                    spec=command.spec,
+                    stages=command.stages,
+                    format=command.format,
+                    commit_message=command.commit_message,
+                    saved_by=command.by,
+                    at=command.at,
+                    definition_version=state.definition_version + 1,
+                )
+            ]
 
 
 def evolve(state: PipelineState, event: PipelineEvent) -> PipelineState:
     match event:
         case PipelineCreated():
+            first = DefinitionVersion(
+                version=event.definition_version,
+                spec=stages_spec(event.stages),
+                format="json",
+                saved_by=event.created_by,
+                saved_at=event.at,
+            )
             return PipelineState(
+                versions=(first,),
                 exists=True,
                 pipeline_id=event.pipeline_id,
                 name=event.name,
@@ -151,6 +220,20 @@ def evolve(state: PipelineState, event: PipelineEvent) -> PipelineState:
                 definition_version=event.definition_version,
             )
         case PipelineUpdated():
+            versions = state.versions
+            if event.definition_version != state.definition_version:
+                spec = {**(versions[-1].spec if versions else {}), **stages_spec(event.stages)}
+                spec.pop("jobs", None)
+                versions = (
+                    *versions,
+                    DefinitionVersion(
+                        version=event.definition_version,
+                        spec=spec,
+                        format=state.spec_format,
+                        saved_by=event.updated_by,
+                        saved_at=event.at,
+                    ),
+                )
             return msgspec.structs.replace(
                 state,
                 name=event.name,
@@ -158,6 +241,29 @@ def evolve(state: PipelineState, event: PipelineEvent) -> PipelineState:
                 stages=event.stages,
                 updated_at=event.at,
                 definition_version=event.definition_version,
+                versions=versions,
+            )
+        case PipelineSpecSaved():
+            variables = event.spec.get("variables") or {}
+            return msgspec.structs.replace(
+                state,
+                stages=event.stages,
+                variables=dict(variables),
+                triggers=tuple(event.spec.get("triggers") or ()),
+                spec_format=event.format,
+                updated_at=event.at,
+                definition_version=event.definition_version,
+                versions=(
+                    *state.versions,
+                    DefinitionVersion(
+                        version=event.definition_version,
+                        spec=event.spec,
+                        format=event.format,
+                        saved_by=event.saved_by,
+                        saved_at=event.at,
+                        commit_message=event.commit_message,
+                    ),
+                ),
             )
         case PipelineDeleted():
             return msgspec.structs.replace(state, deleted=True, updated_at=event.at)

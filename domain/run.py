@@ -382,6 +382,7 @@ def decide(command: RunCommand, state: RunState) -> list[RunEvent]:
                     definition_version=command.definition_version,
                     stages=command.stages,
                     variables=command.variables,
+                    secret_names=command.secret_names,
                     triggered_by=command.by,
                     at=command.at,
                 )

@@ -1,4 +1,5 @@
-"""Typed stages of the Pipelines API reference: script, approval, deploy, notify."""
+"""Stages: the typed stages of the Pipelines API reference (script, approval, deploy, notify) and
+stages of jobs from the pipeline model (jobs of steps, run in parallel subject to `needs`)."""
 
 from __future__ import annotations
 
@@ -6,8 +7,9 @@ from typing import Any, Literal
 
 import msgspec
 
-StageType = Literal["script", "approval", "deploy", "notify"]
+StageType = Literal["script", "approval", "deploy", "notify", "jobs"]
 STAGE_TYPES: tuple[str, ...] = ("script", "approval", "deploy", "notify")
+StepKind = Literal["shell", "approval", "deploy", "notify", "plugin"]
 
 # Which config fields each stage type takes, and whether each is required.
 CONFIG_FIELDS: dict[str, dict[str, bool]] = {
@@ -24,6 +26,38 @@ class RetryPolicy(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
     backoff: float = 0.0
 
 
+class Step(msgspec.Struct, frozen=True, kw_only=True):
+    """One step of a job: a builtin (`run` for shell, or approval/deploy/notify with `config`) or a
+    plugin named by `uses` (Python entry-point group `pipelines.steps`) with `action` and `args`."""
+
+    name: str
+    kind: StepKind
+    run: str | None = None
+    uses: str | None = None
+    action: str | None = None
+    args: dict[str, Any] = msgspec.field(default_factory=dict)
+    config: dict[str, Any] = msgspec.field(default_factory=dict)
+    when: str | None = None
+    timeout: float | None = None
+    continue_on_error: bool = False
+
+
+class Job(msgspec.Struct, frozen=True, kw_only=True):
+    """A job of a stage of jobs. A job with a `matrix` is expanded into one job per combination
+    before a run starts; `matrix_values` then holds that combination."""
+
+    name: str
+    steps: tuple[Step, ...]
+    needs: tuple[str, ...] = ()
+    when: str | None = None
+    matrix: dict[str, list[Any]] | None = None
+    matrix_values: dict[str, Any] | None = None
+    env: dict[str, str] = msgspec.field(default_factory=dict)
+    timeout: float | None = None
+    retry: RetryPolicy | None = None
+    continue_on_error: bool = False
+
+
 class Stage(msgspec.Struct, frozen=True, kw_only=True):
     id: str
     name: str
@@ -33,6 +67,9 @@ class Stage(msgspec.Struct, frozen=True, kw_only=True):
     # Seconds; None means the service's default (script) or no timeout (approval).
     timeout: float | None = None
     retry: RetryPolicy | None = None
+    # Only for type "jobs".
+    jobs: tuple[Job, ...] = ()
+    when: str | None = None
 
 
 def validate_stage_dicts(raw: object, path: str = "stages") -> dict[str, str]:
@@ -134,3 +171,13 @@ def stages_from_dicts(raw: list[dict[str, Any]], new_id: list[str]) -> tuple[Sta
             )
         )
     return tuple(stages)
+
+
+def stage_to_dict(stage: Stage) -> dict[str, Any]:
+    """A typed stage as a client writes it (camelCase, defaults left out)."""
+    out: dict[str, Any] = {"id": stage.id, "name": stage.name, "type": stage.type, "config": dict(stage.config)}
+    if stage.timeout is not None:
+        out["timeout"] = stage.timeout
+    if stage.retry is not None:
+        out["retry"] = {"maxAttempts": stage.retry.max_attempts, "backoff": stage.retry.backoff}
+    return out

@@ -69,7 +69,7 @@ class Commands:
         state, version = pl.initial_state, 0
         for rec in await self.store.read_stream(ev.pipeline_stream(pipeline_id)):
             e = rec.event
-            assert isinstance(e, pl.PipelineCreated | pl.PipelineUpdated | pl.PipelineDeleted)
+            assert ev.is_pipeline_event(e)
             state, version = pl.evolve(state, e), rec.stream_version
         return state, version
 
@@ -77,7 +77,7 @@ class Commands:
         state, version = rn.initial_state, 0
         for rec in await self.store.read_stream(ev.run_stream(run_id)):
             e = rec.event
-            assert not isinstance(e, pl.PipelineCreated | pl.PipelineUpdated | pl.PipelineDeleted | rn.LogAppended)
+            assert ev.is_run_event(e)
             state, version = rn.evolve(state, e), rec.stream_version
         return state, version
 
@@ -194,19 +194,77 @@ class Commands:
             return state
         raise ConcurrencyConflict("pipeline changed concurrently; try again")
 
+    async def save_spec(
+        self,
+        pipeline_id: str,
+        *,
+        spec: dict[str, Any],
+        format: pl.SpecFormat,
+        commit_message: str | None,
+        by: str,
+        plugins: frozenset[str] | None = None,
+        visible: Callable[[pl.PipelineState], bool] = lambda s: True,
+    ) -> pl.PipelineState:
+        """Validate a spec and save it as the pipeline's next definition version."""
+        from domain.spec import stages_from_spec, validate_spec
+
+        errors, _ = validate_spec(spec, plugins=plugins)
+        if errors:
+            raise Invalid({f"spec.{e.path}" if e.path != "spec" else "spec": e.message for e in errors})
+        # Stages of jobs validate, but the executor cannot run them yet: refuse them here rather
+        # than save a definition whose runs would fail.
+        if "jobs" in spec:
+            raise Invalid({"spec.jobs": "stages of jobs validate but cannot run yet; save typed stages only"})
+        for i, stage in enumerate(spec.get("stages", [])):
+            if isinstance(stage, dict) and "jobs" in stage:
+                raise Invalid(
+                    {f"spec.stages[{i}].jobs": "stages of jobs validate but cannot run yet; save typed stages only"}
+                )
+        typed = [s for s in spec.get("stages", []) if isinstance(s, dict) and "jobs" not in s]
+        stages = stages_from_spec(spec, [self.new_id() for _ in typed])
+        for _ in range(self._retries):
+            state, version = await self.load_pipeline(pipeline_id)
+            if not state.live or not visible(state):
+                raise NotFound("pipeline not found")
+            cmd = pl.SaveSpec(spec=spec, stages=stages, format=format, commit_message=commit_message, by=by,
+                              at=self.now())
+            new = pl.decide(cmd, state)
+            try:
+                await self.store.append(
+                    ev.pipeline_stream(pipeline_id),
+                    [NewEvent(self.new_id(), e, org=state.organization_id, pipeline_id=pipeline_id) for e in new],
+                    version,
+                )
+            except WrongExpectedVersion:
+                continue
+            self._appended()
+            for e in new:
+                state = pl.evolve(state, e)
+            return state
+        raise ConcurrencyConflict("pipeline changed concurrently; try again")
+
     # ---- runs ------------------------------------------------------------------------------
 
     async def trigger(
-        self, pipeline: pl.PipelineState, *, by: str, variables: dict[str, str] | None = None
+        self,
+        pipeline: pl.PipelineState,
+        *,
+        by: str,
+        variables: dict[str, str] | None = None,
+        secret_names: Sequence[str] = (),
+        run_id: str | None = None,
     ) -> tuple[rn.RunState, list[rn.RunEvent]]:
-        run_id = self.new_id()
+        """Start a run of the pipeline's current definition. The run's variables are the
+        pipeline's (from its spec) overridden by the trigger's."""
+        run_id = run_id or self.new_id()
         cmd = rn.TriggerRun(
             run_id=run_id,
             pipeline_id=pipeline.pipeline_id,
             organization_id=pipeline.organization_id,
             definition_version=pipeline.definition_version,
             stages=pipeline.stages,
-            variables=dict(variables or {}),
+            variables={**pipeline.variables, **(variables or {})},
+            secret_names=tuple(secret_names),
             by=by,
             at=self.now(),
         )

@@ -23,6 +23,12 @@ def _float(env: dict[str, str], name: str, default: float) -> float:
     return float(raw) if raw not in (None, "") else default
 
 
+def default_script_user() -> str | None:
+    """Scripts never run as root by default: as `nobody` when the executor is root, else as the
+    executor's own user (None: no switch)."""
+    return "nobody" if os.geteuid() == 0 else None
+
+
 @dataclass(frozen=True, kw_only=True)
 class Settings:
     database_url: str
@@ -52,6 +58,17 @@ class Settings:
     lease_ttl: float = 10.0
     # How often each executor looks for lost leases and due timers (retries, approval timeouts).
     sweep_interval: float = 1.0
+    # Key material for run secrets at rest (PIPELINES_SECRETS_KEY). When unset, a random key is
+    # generated once in <data_dir>/secrets.key (0600) and shared by every service of the data dir.
+    secrets_key: str | None = field(default=None, repr=False)
+    # The user (name or uid) scripts run as; None runs them as the executor's own user.
+    script_user: str | None = field(default_factory=default_script_user)
+    # Where scripts get their working directories (PIPELINES_WORK_DIR); default <data_dir>/work.
+    work_dir: Path | None = None
+
+    @property
+    def work_root(self) -> Path:
+        return self.work_dir if self.work_dir is not None else self.data_dir / "work"
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Settings:
@@ -83,4 +100,7 @@ class Settings:
             poll_interval=_float(e, "PIPELINES_POLL_INTERVAL", 0.5),
             lease_ttl=_float(e, "PIPELINES_LEASE_TTL", 10.0),
             sweep_interval=_float(e, "PIPELINES_SWEEP_INTERVAL", 1.0),
+            secrets_key=e.get("PIPELINES_SECRETS_KEY") or None,
+            script_user=e.get("PIPELINES_SCRIPT_USER") or default_script_user(),
+            work_dir=Path(e["PIPELINES_WORK_DIR"]) if e.get("PIPELINES_WORK_DIR") else None,
         )

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import logging
 import os
@@ -37,7 +38,9 @@ from infra.bus import log_subject
 from infra.commands import Commands, ConcurrencyConflict
 from infra.config import Settings
 from infra.leases import Lease, LeaseStore
+from infra.masking import Masker
 from infra.script_runner import ScriptOutcome, ScriptRun, clean_env
+from infra.secrets import SecretStore, SecretsUnavailable
 
 log = logging.getLogger("pipelines.executor")
 
@@ -60,8 +63,10 @@ class RunLog:
         publish: Callable[[bytes], Awaitable[None]] | None,
         interval: float = 0.05,
         max_lines: int = 500,
+        masker: Masker | None = None,
     ) -> None:
         self._commands = commands
+        self._masker = masker
         self._state = state
         self._max_bytes = max_bytes
         self._publish = publish
@@ -80,6 +85,8 @@ class RunLog:
     def line(self, stage_id: str | None, stream: Literal["stdout", "stderr", "system"], text: str) -> None:
         if self._cut:
             return
+        if self._masker is not None:
+            text = self._masker.mask(text)
         size = len(text.encode()) + 1
         if self._bytes + size > self._max_bytes and stream != "system":
             self._cut = True
@@ -152,18 +159,21 @@ class Executor:
         settings: Settings,
         nc: NATS | None = None,
         leases: LeaseStore | None = None,
+        secrets: SecretStore | None = None,
     ) -> None:
         self.commands = commands
         self.settings = settings
         self.nc = nc
         self.leases = leases
+        self.secrets = secrets
+        self._purged_at = 0.0
         self.executor_id = uuid.uuid4().hex
         self.host = socket.gethostname()
         self._drivers: dict[str, _Driver] = {}
         self._background: set[asyncio.Task[Any]] = set()
         # Stage attempts this process is running right now: (run, stage, attempt).
         self._running: set[tuple[str, str, int]] = set()
-        self.workdir = settings.data_dir / "work"
+        self.workdir = settings.work_root
 
     # ---- consuming JetStream -----------------------------------------------------------------
 
@@ -279,7 +289,12 @@ class Executor:
                 log.warning("sweep failed: %s", exc)
 
     async def sweep_once(self) -> None:
-        """Recover stages whose executor was lost; fire due retries and approval timeouts."""
+        """Recover stages whose executor was lost; fire due retries and approval timeouts; now and
+        then, delete the secrets of runs that ended (or never got recorded)."""
+        now = asyncio.get_running_loop().time()
+        if self.secrets is not None and now - self._purged_at > 60:
+            self._purged_at = now
+            await self.secrets.purge(older_than=600)
         if self.leases is None:
             return
         for lease in await self.leases.claim_expired(self.executor_id, hold=self.settings.lease_ttl):
@@ -425,6 +440,8 @@ class Executor:
                     if state.terminal:
                         # Attempts and stages share the run's working directory until it ends.
                         await asyncio.to_thread(shutil.rmtree, self.workdir / run_id, True)
+                        if self.secrets is not None and state.secret_names:
+                            await self.secrets.delete(run_id)
                     await self._schedule_timers(state)
                     return state
                 state, new = await self._advance(run_id)
@@ -489,7 +506,24 @@ class Executor:
             at=at,
         )
 
+    async def _load_secrets(self, state: rn.RunState) -> tuple[dict[str, str], str | None]:
+        """The run's secret values, or why they cannot be had (the stage then fails with that)."""
+        if not state.secret_names:
+            return {}, None
+        if self.secrets is None:
+            return {}, "this executor has no secret store: the run's secrets cannot be read"
+        try:
+            values = await self.secrets.get(state.run_id)
+        except SecretsUnavailable as exc:
+            return {}, str(exc)
+        missing = sorted(set(state.secret_names) - set(values))
+        if missing:
+            return values, f"the run's secrets {', '.join(missing)} are no longer available"
+        return {name: values[name] for name in state.secret_names}, None
+
     async def _execute(self, state: rn.RunState, stage: Stage, attempt: int, driver: _Driver | None) -> ScriptOutcome:
+        secrets, secrets_problem = await self._load_secrets(state)
+        masker = Masker(secrets.values())
         publish = None
         if self.nc is not None:
             nc, subject = self.nc, log_subject(state.organization_id, state.run_id)
@@ -497,15 +531,17 @@ class Executor:
             async def publish(payload: bytes) -> None:
                 await nc.publish(subject, payload)
 
-        runlog = RunLog(self.commands, state, max_bytes=self.settings.max_log_bytes, publish=publish)
+        runlog = RunLog(self.commands, state, max_bytes=self.settings.max_log_bytes, publish=publish, masker=masker)
         runlog.start()
         label = f"Stage {stage.name}" if stage.name == stage.id else f"Stage {stage.name} ({stage.id})"
         runlog.line(stage.id, "system", f"{label} started" + (f" (attempt {attempt})" if attempt > 1 else ""))
         loop = asyncio.get_running_loop()
         started = loop.time()
         try:
-            if stage.type == "script":
-                outcome = await self._run_script(state, stage, runlog, driver)
+            if secrets_problem is not None:
+                outcome = ScriptOutcome(exit_code=None, error=secrets_problem)
+            elif stage.type == "script":
+                outcome = await self._run_script(state, stage, runlog, driver, secrets)
             else:
                 outcome = ScriptOutcome(
                     exit_code=None,
@@ -526,7 +562,8 @@ class Executor:
                     )
         finally:
             await runlog.close()
-        return outcome
+        # The error becomes part of a stage event: never with a secret in it.
+        return dataclasses.replace(outcome, error=masker.mask_optional(outcome.error))
 
     async def _record_pgid(self, script: ScriptRun, run_id: str, stage_id: str, attempt: int) -> None:
         assert self.leases is not None
@@ -538,7 +575,7 @@ class Executor:
             await asyncio.sleep(0.01)
 
     async def _run_script(
-        self, state: rn.RunState, stage: Stage, runlog: RunLog, driver: _Driver | None
+        self, state: rn.RunState, stage: Stage, runlog: RunLog, driver: _Driver | None, secrets: dict[str, str]
     ) -> ScriptOutcome:
         script = ScriptRun(kill_grace=self.settings.kill_grace)
         if driver is not None:
@@ -550,6 +587,7 @@ class Executor:
             workdir,
             {
                 **state.variables,
+                **secrets,
                 "PIPELINE_ID": state.pipeline_id,
                 "RUN_ID": state.run_id,
                 "STAGE_ID": stage.id,
@@ -564,6 +602,7 @@ class Executor:
                 env=env,
                 timeout=stage.timeout or self.settings.stage_timeout,
                 on_line=lambda stream, text: runlog.line(stage.id, stream, text),
+                user=self.settings.script_user,
             )
         finally:
             if driver is not None:
@@ -608,4 +647,4 @@ def _describe(outcome: ScriptOutcome, stage: Stage, settings: Settings) -> str:
 
 
 def workdir_of(settings: Settings, run_id: str) -> Path:
-    return settings.data_dir / "work" / run_id
+    return settings.work_root / run_id

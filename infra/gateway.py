@@ -239,7 +239,7 @@ class _Views:
                 state = hist.states[-1] if hist.states else rn.initial_state
                 for r in more:
                     e = r.event
-                    assert not isinstance(e, pl.PipelineCreated | pl.PipelineUpdated | pl.PipelineDeleted)
+                    assert ev.is_run_event(e)
                     assert not isinstance(e, rn.LogAppended)
                     state = rn.evolve(state, e)
                     hist.positions.append(r.position)
@@ -273,7 +273,7 @@ class _Views:
                 state = hist.states[-1] if hist.states else pl.initial_state
                 for r in more:
                     e = r.event
-                    assert isinstance(e, pl.PipelineCreated | pl.PipelineUpdated | pl.PipelineDeleted)
+                    assert ev.is_pipeline_event(e)
                     state = pl.evolve(state, e)
                     hist.positions.append(r.position)
                     hist.states.append(state)

@@ -3,18 +3,33 @@ clean environment, a timeout, and output delivered line by line.
 
 The service's own environment (database URLs, the JWT secret) never reaches a script: the
 environment is built from nothing but a fixed PATH and the run's own values.
+
+A script can run as another user (`user=`, PIPELINES_SCRIPT_USER; `nobody` by default when the
+executor is root): then it cannot signal the services (another uid: EPERM) nor read the data
+directory's private files (0600, owned by the services' user). Its working directory, which is
+also its HOME, is made its own (0700); the work root above it is 0711 (others may pass through
+to a directory they know, not list it), and every directory above that must let the user pass:
+o+x is added, with a warning, where it is missing (as for the embedded PostgreSQL's user). The
+script gets no supplementary groups. Scripts of different runs share that one user, so they are
+not isolated from each other.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
+import pwd
 import signal
+import stat
+import subprocess
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
+
+log = logging.getLogger("pipelines.script")
 
 SAFE_PATH = "/usr/local/bin:/usr/bin:/bin"
 _CHUNK = 64 * 1024
@@ -46,6 +61,71 @@ def clean_env(workdir: Path, values: Mapping[str, str]) -> dict[str, str]:
     }
     env.update(values)
     return env
+
+
+class ScriptUserError(Exception):
+    """The configured script user does not exist, or its working directory cannot be prepared."""
+
+
+@dataclass(frozen=True)
+class ScriptUser:
+    uid: int
+    gid: int
+    name: str
+
+
+def resolve_user(spec: str | int | None) -> ScriptUser | None:
+    """The user to run scripts as: a name or a uid (a uid without a passwd entry runs with the gid
+    of the same number). None when no switch is needed: no user given, or it is ourselves."""
+    if spec is None or spec == "":
+        return None
+    entry: pwd.struct_passwd | None = None
+    try:
+        entry = pwd.getpwnam(spec) if isinstance(spec, str) and not spec.isdigit() else pwd.getpwuid(int(spec))
+    except KeyError:
+        if isinstance(spec, str) and not spec.isdigit():
+            raise ScriptUserError(f"script user {spec!r} does not exist on this host") from None
+    user = (
+        ScriptUser(entry.pw_uid, entry.pw_gid, entry.pw_name)
+        if entry is not None
+        else ScriptUser(int(spec), int(spec), str(spec))
+    )
+    if user.uid == os.geteuid():
+        return None
+    return user
+
+
+def _may_search(st: os.stat_result, user: ScriptUser) -> bool:
+    if user.uid == 0:
+        return True
+    if st.st_uid == user.uid:
+        return bool(st.st_mode & stat.S_IXUSR)
+    if st.st_gid == user.gid:
+        return bool(st.st_mode & stat.S_IXGRP)
+    return bool(st.st_mode & stat.S_IXOTH)
+
+
+def prepare_workdir(workdir: Path, user: ScriptUser | None) -> None:
+    """Create the script's working directory (its HOME too). With a `user`: owned by that user,
+    mode 0700, under a work root of mode 0711, every directory above it searchable by the user."""
+    workdir = workdir.absolute()
+    if user is None:
+        workdir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        return
+    root = workdir.parent
+    if not root.exists():
+        root.mkdir(mode=0o711, parents=True, exist_ok=True)
+    st = root.stat()
+    if st.st_uid == os.geteuid() and stat.S_IMODE(st.st_mode) != 0o711:
+        os.chmod(root, 0o711)
+    for directory in root.parents:
+        st = directory.stat()
+        if not _may_search(st, user):
+            log.warning("adding o+x to %s so that scripts, running as %s, can reach it", directory, user.name)
+            os.chmod(directory, stat.S_IMODE(st.st_mode) | stat.S_IXOTH)
+    workdir.mkdir(mode=0o700, exist_ok=True)
+    os.chown(workdir, user.uid, user.gid)
+    os.chmod(workdir, 0o700)
 
 
 def _signal_group(pgid: int, sig: int) -> None:
@@ -90,8 +170,14 @@ class ScriptRun:
         env: Mapping[str, str],
         timeout: float | None,
         on_line: OnLine,
+        user: str | int | None = None,
     ) -> ScriptOutcome:
-        workdir.mkdir(parents=True, exist_ok=True)
+        """Run `command`; as `user` (a name or uid) when given and not ourselves, which needs root."""
+        try:
+            as_user = resolve_user(user)
+            prepare_workdir(workdir, as_user)
+        except (ScriptUserError, OSError) as exc:
+            return ScriptOutcome(exit_code=None, error=f"could not prepare the script's user or directory: {exc}")
         try:
             proc = await asyncio.create_subprocess_exec(
                 "/bin/sh",
@@ -104,8 +190,12 @@ class ScriptRun:
                 env=dict(env),
                 start_new_session=True,  # its own session and process group
                 close_fds=True,
+                # another user: its uid and primary group, none of our supplementary groups
+                user=None if as_user is None else as_user.uid,
+                group=None if as_user is None else as_user.gid,
+                extra_groups=None if as_user is None else [],
             )
-        except OSError as exc:
+        except (OSError, ValueError, subprocess.SubprocessError) as exc:
             return ScriptOutcome(exit_code=None, error=f"could not start the script: {exc}")
         self._proc = proc
         assert proc.stdout is not None and proc.stderr is not None

@@ -13,7 +13,7 @@ import msgspec
 
 from domain import pipeline as pl
 from domain import run as rn
-from domain.events import Event
+from domain.events import Event, is_pipeline_event, is_run_event
 
 _state_encoder = msgspec.json.Encoder()
 _pipeline_decoder = msgspec.json.Decoder(pl.PipelineState)
@@ -41,12 +41,8 @@ class Folded:
 
 
 def fold_pipeline(state: pl.PipelineState, event: Event) -> pl.PipelineState:
-    if isinstance(event, pl.PipelineCreated | pl.PipelineUpdated | pl.PipelineDeleted):
-        return pl.evolve(state, event)
-    return state
+    return pl.evolve(state, event) if is_pipeline_event(event) else state
 
 
 def fold_run(state: rn.RunState, event: Event) -> rn.RunState:
-    if isinstance(event, pl.PipelineCreated | pl.PipelineUpdated | pl.PipelineDeleted | rn.LogAppended):
-        return state
-    return rn.evolve(state, event)
+    return rn.evolve(state, event) if is_run_event(event) else state

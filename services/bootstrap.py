@@ -18,6 +18,7 @@ from infra.commands import Commands
 from infra.config import Settings
 from infra.db import migrate, open_pool
 from infra.pg_store import PostgresEventStore
+from infra.secrets import SecretStore, load_key_material
 
 if TYPE_CHECKING:
     from nats.aio.client import Client as NATS
@@ -39,7 +40,9 @@ async def open_store(settings: Settings, *, max_size: int = 10) -> tuple[AsyncCo
 
 
 async def build_api(settings: Settings) -> Deps:
+    key = load_key_material(settings)  # the run secrets' key (created when missing): fails fast
     pool, store = await open_store(settings, max_size=20)
+    secrets = SecretStore(pool, key)
     nc = await bus.connect(settings.nats_url, "pipelines-api")
     poker = bus.Poker(nc)
     poker.start()
@@ -75,6 +78,7 @@ async def build_api(settings: Settings) -> Deps:
         idempotency=IdempotencyKeys(pool),
         ready=ready,
         close=close,
+        secrets=secrets,
     )
 
 

@@ -9,6 +9,7 @@ from infra.commands import Commands
 from infra.config import Settings
 from infra.executor import Executor
 from infra.leases import LeaseStore
+from infra.secrets import SecretStore, load_key_material
 from services.bootstrap import connect_nats, open_store, run_until_signalled
 
 
@@ -16,13 +17,16 @@ def main() -> None:
     settings = Settings.from_env()
 
     async def body(stop: asyncio.Event) -> None:
+        key = load_key_material(settings)  # the run secrets' key (created when missing): fails fast
         pool, store = await open_store(settings, max_size=10)
         nc = await connect_nats(settings, "pipelines-executor")
         poker = bus.Poker(nc)
         poker.start()
         try:
             await bus.ensure_events_stream(nc, settings.events_stream)
-            executor = Executor(Commands(store, on_append=poker.poke), settings, nc, LeaseStore(pool))
+            executor = Executor(
+                Commands(store, on_append=poker.poke), settings, nc, LeaseStore(pool), SecretStore(pool, key)
+            )
             await executor.run(stop)
         finally:
             await poker.stop()

@@ -29,9 +29,11 @@ from infra.api.bodies import CreatePipelineBody, PatchPipelineBody, parse_pipeli
 from infra.api.errors import error_response, handle
 from infra.api.idempotency import IdempotencyKeys, InFlight, KeyReuse, request_hash
 from infra.api.queries import ReadModels
+from infra.api.specs import SPEC_SCHEMA_URL, SpecController, spec_schema
 from infra.auth import AuthError, Principal, verify_token
 from infra.commands import Commands
 from infra.config import Settings
+from infra.secrets import SecretStore
 from projections.views import PipelineView, RunView, pipeline_view, run_view
 
 API = "/api/v1"
@@ -50,6 +52,8 @@ class Deps:
     idempotency: IdempotencyKeys
     ready: Callable[[], Awaitable[dict[str, bool]]]
     close: Callable[[], Awaitable[None]]
+    # Values of run secrets, encrypted at rest; None: triggers with secrets are refused.
+    secrets: SecretStore | None = None
 
 
 # ---- request bodies --------------------------------------------------------------------------
@@ -120,13 +124,33 @@ def _uuid_or_404(value: str, what: str) -> str:
         raise NotFoundException(f"{what} not found") from None
 
 
+async def load_visible_pipeline(request: Request[Principal, Any, State], pipeline_id: str) -> pl.PipelineState:
+    """The pipeline, if it exists, is not deleted and belongs to the caller's organization; else 404."""
+    deps: Deps = request.app.state.deps
+    state, _ = await deps.commands.load_pipeline(_uuid_or_404(pipeline_id, "pipeline"))
+    if not state.live or state.organization_id != request.user.org:
+        raise NotFoundException("pipeline not found")
+    return state
+
+
+def require_role(request: Request[Principal, Any, State], role: str) -> None:
+    if not request.user.has(role):
+        raise PermissionDeniedException(f"this action needs the {role} role")
+
+
 def _json(status: int, body: Any) -> Response[bytes]:
     return Response(content=_encoder.encode(body), status_code=status, media_type="application/json")
 
 
 async def _idempotent(
-    request: Request[Principal, Any, State], principal: Principal, run: Callable[[], Awaitable[Response[bytes]]]
+    request: Request[Principal, Any, State],
+    principal: Principal,
+    run: Callable[[], Awaitable[Response[bytes]]],
+    *,
+    digest: str | None = None,
 ) -> Response[bytes]:
+    """`digest`: what identifies the request body, by default its SHA-256 (the trigger passes an
+    HMAC when the body carries secrets)."""
     key = request.headers.get("idempotency-key")
     if not key:
         return await run()
@@ -134,7 +158,7 @@ async def _idempotent(
         return error_response(400, "Idempotency-Key must be at most 255 characters")
     deps: Deps = request.app.state.deps
     scope = f"{principal.org or '_'}|{principal.sub}|{request.method}|{request.url.path}"
-    digest = request_hash(await request.body())
+    digest = digest or request_hash(await request.body())
     try:
         stored = await deps.idempotency.begin(scope, key, digest)
     except (KeyReuse, InFlight) as exc:
@@ -174,16 +198,20 @@ def _decode_optional(raw: bytes, kind: type[Any]) -> Any:
         raise Invalid({"body": f"is not valid JSON: {exc}"}) from exc
 
 
-def _check_variables(variables: dict[str, str] | None, field: str) -> dict[str, str]:
+def _check_variables(variables: dict[str, str] | None, field: str, *, max_entries: int = 200) -> dict[str, str]:
+    """Names like environment variables; values at most 32 KiB, without NUL (they become
+    environment variables of scripts). Messages never quote a value: it may be a secret."""
     errors: dict[str, str] = {}
     variables = variables or {}
-    if len(variables) > 200:
-        errors[field] = "at most 200 entries"
+    if len(variables) > max_entries:
+        errors[field] = f"at most {max_entries} entries"
     for name, value in variables.items():
         if not _VAR_NAME.match(name):
             errors[f"{field}.{name}"] = "names are letters, digits and underscores, not starting with a digit"
-        elif len(value) > 32 * 1024:
+        elif len(value.encode()) > 32 * 1024:
             errors[f"{field}.{name}"] = "values are at most 32 KiB"
+        elif "\0" in value:
+            errors[f"{field}.{name}"] = "values may not contain NUL characters"
     if errors:
         raise Invalid(errors)
     return variables
@@ -305,19 +333,49 @@ class PipelineController(Controller):
 
     @post("/{pipeline_id:str}/trigger", guards=[member], summary="Trigger a run", status_code=201)
     async def trigger(self, request: Request[Principal, Any, State], pipeline_id: PathId) -> Response[bytes]:
+        """Secret values are stored encrypted (SecretStore) under the new run's id before the run is
+        appended, so the executor never sees a run whose secrets are not there yet; if the append
+        fails they are deleted again, and if this process dies in between, `SecretStore.purge`
+        removes them later (their run never existed). The run, its events and every response
+        carry only the names. With an Idempotency-Key, the stored request hash is an HMAC under
+        the secrets key rather than a plain SHA-256 of the body (which a dictionary attack on a
+        short secret could invert)."""
         deps: Deps = request.app.state.deps
         principal = request.user
-        body: TriggerBody = _decode_optional(await request.body(), TriggerBody)
+        raw = await request.body()
+        body: TriggerBody = _decode_optional(raw, TriggerBody)
         variables = _check_variables(body.variables, "variables")
-        if body.secrets:
-            raise Invalid({"secrets": "run secrets are not supported yet; use variables"})
+        secrets = _check_variables(body.secrets, "secrets", max_entries=100)
+        if clash := sorted(set(variables) & set(secrets)):
+            raise Invalid({f"secrets.{name}": "is also a variable: a name is a variable or a secret" for name in clash})
+        store = deps.secrets
+        if secrets and store is None:
+            raise Invalid({"secrets": "run secrets are not configured on this server"})
 
         async def run() -> Response[bytes]:
             pipeline = await self._pipeline(deps, principal, pipeline_id)
-            state, _ = await deps.commands.trigger(pipeline, by=principal.sub, variables=variables)
+            run_id = deps.commands.new_id()
+            if secrets and store is not None:
+                await store.put(run_id, secrets)
+            try:
+                state, _ = await deps.commands.trigger(
+                    pipeline,
+                    by=principal.sub,
+                    variables=variables,
+                    secret_names=tuple(sorted(secrets)),
+                    run_id=run_id,
+                )
+            except BaseException:
+                if secrets and store is not None:
+                    try:  # shielded: a cancelled request must not leave the values behind
+                        await asyncio.shield(store.delete(run_id))
+                    except (Exception, asyncio.CancelledError):
+                        pass  # `SecretStore.purge` removes what is left
+                raise
             return _json(201, run_view(state))
 
-        return await _idempotent(request, principal, run)
+        digest = store.request_digest(raw) if secrets and store is not None else None
+        return await _idempotent(request, principal, run, digest=digest)
 
     @get("/{pipeline_id:str}/runs", summary="The last 50 runs, newest first")
     async def list_runs(self, request: Request[Principal, Any, State], pipeline_id: PathId) -> list[RunView]:
@@ -476,11 +534,11 @@ def create_app(build: Callable[[], Awaitable[Deps]]) -> Litestar:
             await deps.close()
 
     app = Litestar(
-        route_handlers=[PipelineController, healthz, readyz, metrics],
+        route_handlers=[PipelineController, SpecController, spec_schema, healthz, readyz, metrics],
         middleware=[
             DefineMiddleware(
                 JWTAuth,
-                exclude=["^/healthz", "^/readyz", "^/metrics", "^/schema", f"^{API}/hooks"],
+                exclude=["^/healthz", "^/readyz", "^/metrics", "^/schema", f"^{API}/hooks", f"^{SPEC_SCHEMA_URL}"],
             )
         ],
         exception_handlers={Exception: handle},

@@ -25,6 +25,7 @@ from infra.leases import LeaseStore
 from infra.pg_store import PostgresEventStore
 from infra.projector import Projector
 from infra.relay import Relay
+from infra.secrets import SecretStore
 from services.bootstrap import build_api, open_store
 
 JWT_SECRET = "integration-test-secret-0123456789abcdef"
@@ -130,7 +131,7 @@ async def running_system(settings: Settings, *, with_executor: bool = True) -> A
     commands = Commands(store, on_append=poker.poke)
     relay = Relay(store, settings.database_url, nc, stream=settings.events_stream, poll_interval=0.05)
     projector = Projector(store, settings.database_url, nc, poll_interval=0.05)
-    executor = Executor(commands, settings, nc, LeaseStore(pool))
+    executor = Executor(commands, settings, nc, LeaseStore(pool), SecretStore.from_settings(pool, settings))
     stop = asyncio.Event()
     tasks = [
         asyncio.create_task(relay.run(stop)),

@@ -51,6 +51,7 @@ async def test_pause_lets_the_running_stage_finish_and_resume_continues(system: 
 
 
 async def test_stop_kills_the_whole_process_group_within_two_seconds(system: System, tmp_path: Path) -> None:
+    tmp_path.chmod(0o777)  # scripts run as an unprivileged user (PIPELINES_SCRIPT_USER)
     pidfile = tmp_path / "child.pid"
     command = f"(sleep 60 & echo $! > {pidfile}; wait) ; echo never"
     p = await system.create_pipeline([script("long", command), script("after", "echo after")])
@@ -143,6 +144,7 @@ async def test_an_approval_nobody_answers_times_out_and_fails_the_run(system: Sy
 
 
 async def test_a_finished_stage_is_never_run_again_on_redelivery(system: System, tmp_path: Path) -> None:
+    tmp_path.chmod(0o777)  # scripts run as an unprivileged user (PIPELINES_SCRIPT_USER)
     counter = tmp_path / "ran"
     p = await system.create_pipeline([script("once", f"echo x >> {counter}")])
     run = await system.trigger(p["id"])

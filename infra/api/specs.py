@@ -1,0 +1,325 @@
+"""Pipeline definitions as code: read, validate and save specs; definition versions."""
+
+from __future__ import annotations
+
+import json
+from importlib.metadata import entry_points
+from typing import TYPE_CHECKING, Annotated, Any, Literal
+
+import msgspec
+import yaml
+from litestar import Controller, Request, get, post
+from litestar.connection import ASGIConnection
+from litestar.datastructures import State
+from litestar.exceptions import NotFoundException, PermissionDeniedException
+from litestar.handlers.base import BaseRouteHandler
+from litestar.params import FromPath, Parameter
+
+from domain import pipeline as pl
+from domain.errors import Invalid
+from domain.spec import validate_spec
+from infra.auth import Principal
+from projections.views import iso
+
+if TYPE_CHECKING:
+    from infra.api.app import Deps
+
+SPEC_SCHEMA_URL = "/api/v1/schemas/pipeline-spec.json"
+PLUGIN_GROUP = "pipelines.steps"
+
+
+def installed_plugins() -> frozenset[str]:
+    """Step kinds that `uses` may name: entry points of the group `pipelines.steps`."""
+    return frozenset(e.name for e in entry_points(group=PLUGIN_GROUP))
+
+
+def render(spec: dict[str, Any], fmt: str) -> str:
+    if fmt in ("yaml", "yml"):
+        return yaml.safe_dump(spec, sort_keys=False, allow_unicode=True)
+    return json.dumps(spec, indent=2, ensure_ascii=False) + "\n"
+
+
+class SpecView(msgspec.Struct, kw_only=True, rename="camel"):
+    pipeline_id: str
+    version: int
+    format: str
+    spec: dict[str, Any]
+    content: str
+    saved_by: str
+    saved_at: str | None
+    commit_message: str | None
+
+
+class VersionView(msgspec.Struct, kw_only=True, rename="camel"):
+    version: int
+    format: str
+    saved_by: str
+    saved_at: str | None
+    commit_message: str | None
+
+
+class SpecIssue(msgspec.Struct, kw_only=True):
+    path: str
+    message: str
+
+
+class ValidationView(msgspec.Struct, kw_only=True):
+    valid: bool
+    errors: list[SpecIssue]
+    warnings: list[SpecIssue]
+
+
+class ValidateBody(msgspec.Struct, kw_only=True):
+    spec: Any
+    format: Literal["json", "yaml", "yml"] = "json"
+
+
+class SaveBody(msgspec.Struct, kw_only=True, rename="camel"):
+    spec: Any
+    format: Literal["json", "yaml", "yml"] = "json"
+    commit_message: Annotated[str, msgspec.Meta(max_length=2000)] | None = None
+    expected_head_commit_sha: str | None = None
+    request_id: str | None = None
+    save_mode: Literal["direct", "pr"] = "direct"
+
+
+class SavedView(msgspec.Struct, kw_only=True, rename="camel"):
+    pipeline_id: str
+    version: int
+    format: str
+    commit_sha: str | None = None
+    branch: str | None = None
+    pr_branch: str | None = None
+
+
+def _decode(raw: bytes, kind: type[Any]) -> Any:
+    try:
+        return msgspec.json.decode(raw, type=kind)
+    except msgspec.ValidationError as exc:
+        raise Invalid({"body": str(exc)}) from exc
+    except msgspec.DecodeError as exc:
+        raise Invalid({"body": f"is not valid JSON: {exc}"}) from exc
+
+
+def _view(state: pl.PipelineState, version: pl.DefinitionVersion, fmt: str | None) -> SpecView:
+    chosen = fmt or version.format
+    return SpecView(
+        pipeline_id=state.pipeline_id,
+        version=version.version,
+        format=chosen,
+        spec=version.spec,
+        content=render(version.spec, chosen),
+        saved_by=version.saved_by,
+        saved_at=iso(version.saved_at),
+        commit_message=version.commit_message,
+    )
+
+
+def _viewer(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
+    if not connection.user.has("viewer"):
+        raise PermissionDeniedException("this action needs the viewer role")
+
+
+class SpecController(Controller):
+    path = "/api/v1/pipelines/{pipeline_id:str}"
+    tags = ["definitions"]
+    guards = [_viewer]
+
+    @staticmethod
+    async def _pipeline(request: Request[Principal, Any, State], pipeline_id: str) -> pl.PipelineState:
+        from infra.api.app import load_visible_pipeline
+
+        return await load_visible_pipeline(request, pipeline_id)
+
+    @get("/spec", summary="The pipeline's spec (current or a given version), as JSON and as text")
+    async def get_spec(
+        self,
+        request: Request[Principal, Any, State],
+        pipeline_id: FromPath[str],
+        format: Annotated[Literal["json", "yaml", "yml"] | None, Parameter(query="format")] = None,
+        version: Annotated[int | None, Parameter(query="version", ge=1)] = None,
+    ) -> SpecView:
+        state = await self._pipeline(request, pipeline_id)
+        chosen = state.version(version or state.definition_version)
+        if chosen is None:
+            raise NotFoundException(f"pipeline has no definition version {version}")
+        return _view(state, chosen, format)
+
+    @get("/versions", summary="Every definition version of the pipeline, oldest first")
+    async def versions(self, request: Request[Principal, Any, State], pipeline_id: FromPath[str]) -> list[VersionView]:
+        state = await self._pipeline(request, pipeline_id)
+        return [
+            VersionView(
+                version=v.version,
+                format=v.format,
+                saved_by=v.saved_by,
+                saved_at=iso(v.saved_at),
+                commit_message=v.commit_message,
+            )
+            for v in state.versions
+        ]
+
+    @get("/versions/{version:int}", summary="The spec of one definition version")
+    async def version(
+        self, request: Request[Principal, Any, State], pipeline_id: FromPath[str], version: FromPath[int]
+    ) -> SpecView:
+        state = await self._pipeline(request, pipeline_id)
+        chosen = state.version(version)
+        if chosen is None:
+            raise NotFoundException(f"pipeline has no definition version {version}")
+        return _view(state, chosen, None)
+
+    @post("/spec/validate", status_code=200, summary="Validate a spec; every error with its path")
+    async def validate(self, request: Request[Principal, Any, State], pipeline_id: FromPath[str]) -> ValidationView:
+        await self._pipeline(request, pipeline_id)
+        body: ValidateBody = _decode(await request.body(), ValidateBody)
+        errors, warnings = validate_spec(body.spec, plugins=installed_plugins())
+        return ValidationView(
+            valid=not errors,
+            errors=[SpecIssue(path=e.path, message=e.message) for e in errors],
+            warnings=[SpecIssue(path=w.path, message=w.message) for w in warnings],
+        )
+
+    @post("/spec/save", status_code=200, summary="Save a spec as the next definition version")
+    async def save(self, request: Request[Principal, Any, State], pipeline_id: FromPath[str]) -> SavedView:
+        from infra.api.app import require_role
+
+        require_role(request, "member")
+        deps: Deps = request.app.state.deps
+        principal = request.user
+        body: SaveBody = _decode(await request.body(), SaveBody)
+        state = await self._pipeline(request, pipeline_id)
+        if body.save_mode == "pr" or body.expected_head_commit_sha is not None:
+            raise Invalid({"saveMode": "this pipeline is not backed by a Git repository; use saveMode direct"})
+        if not isinstance(body.spec, dict):
+            raise Invalid({"spec": "must be an object with `stages` or `jobs`"})
+        saved = await deps.commands.save_spec(
+            state.pipeline_id,
+            spec=body.spec,
+            format=body.format,
+            commit_message=body.commit_message,
+            by=principal.sub,
+            plugins=installed_plugins(),
+            visible=lambda s: s.organization_id == principal.org,
+        )
+        return SavedView(pipeline_id=saved.pipeline_id, version=saved.definition_version, format=body.format)
+
+
+_STRINGS = {"type": "object", "additionalProperties": {"type": "string"}}
+_RETRY = {
+    "type": "object",
+    "additionalProperties": False,
+    "properties": {
+        "maxAttempts": {"type": "integer", "minimum": 1, "maximum": 20},
+        "backoff": {"type": "number", "minimum": 0, "maximum": 3600},
+    },
+}
+_SECONDS = {"type": "number", "exclusiveMinimum": 0}
+_STEP = {
+    "type": "object",
+    "additionalProperties": False,
+    "properties": {
+        "name": {"type": "string", "pattern": "^[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}$"},
+        "run": {"type": "string", "description": "a shell command (the builtin shell step); may use ${{ }}"},
+        "uses": {"type": "string", "description": "a step plugin (entry-point group pipelines.steps)"},
+        "action": {"type": "string"},
+        "args": {"type": "object"},
+        "approval": {"type": "object", "properties": {"message": {"type": "string"}}, "additionalProperties": False},
+        "deploy": {
+            "type": "object",
+            "required": ["componentId", "environmentId"],
+            "properties": {"componentId": {"type": "string"}, "environmentId": {"type": "string"}},
+            "additionalProperties": False,
+        },
+        "notify": {
+            "type": "object",
+            "required": ["channel", "message"],
+            "properties": {"channel": {"type": "string"}, "message": {"type": "string"}},
+            "additionalProperties": False,
+        },
+        "when": {"type": "string"},
+        "timeout": _SECONDS,
+        "continueOnError": {"type": "boolean"},
+    },
+    "oneOf": [{"required": [k]} for k in ("run", "uses", "approval", "deploy", "notify")],
+}
+_JOB = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["name", "steps"],
+    "properties": {
+        "name": {"type": "string", "pattern": "^[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}$"},
+        "steps": {"type": "array", "minItems": 1, "items": _STEP},
+        "needs": {"type": "array", "items": {"type": "string"}},
+        "when": {"type": "string"},
+        "matrix": {
+            "type": "object",
+            "additionalProperties": {
+                "type": "array",
+                "minItems": 1,
+                "items": {"type": ["string", "number", "boolean"]},
+            },
+        },
+        "env": _STRINGS,
+        "timeout": _SECONDS,
+        "retry": _RETRY,
+        "continueOnError": {"type": "boolean"},
+    },
+}
+_TYPED_STAGE = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["type"],
+    "properties": {
+        "id": {"type": "string"},
+        "name": {"type": "string"},
+        "type": {"enum": ["script", "approval", "deploy", "notify"]},
+        "order": {"type": "integer"},
+        "timeout": _SECONDS,
+        "retry": _RETRY,
+        "config": {"type": "object"},
+    },
+}
+_JOBS_STAGE = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["jobs"],
+    "properties": {
+        "id": {"type": "string"},
+        "name": {"type": "string"},
+        "when": {"type": "string"},
+        "jobs": {"type": "array", "minItems": 1, "items": _JOB},
+    },
+}
+SPEC_SCHEMA: dict[str, Any] = {
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "$id": SPEC_SCHEMA_URL,
+    "title": "Pipeline spec",
+    "type": "object",
+    "additionalProperties": False,
+    "properties": {
+        "stages": {"type": "array", "items": {"oneOf": [_TYPED_STAGE, _JOBS_STAGE]}},
+        "jobs": {"type": "array", "minItems": 1, "items": _JOB},
+        "variables": _STRINGS,
+        "triggers": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["type"],
+                "properties": {
+                    "type": {"enum": ["manual", "cron", "event"]},
+                    "schedule": {"type": "string", "description": "five-field cron expression"},
+                    "timezone": {"type": "string"},
+                    "events": {"type": "array", "items": {"type": "string"}},
+                    "branches": {"type": "array", "items": {"type": "string"}},
+                },
+            },
+        },
+    },
+    "oneOf": [{"required": ["stages"]}, {"required": ["jobs"]}],
+}
+
+
+@get(SPEC_SCHEMA_URL, summary="JSON Schema of pipeline specs, for editors", tags=["definitions"])
+async def spec_schema() -> dict[str, Any]:
+    return SPEC_SCHEMA
