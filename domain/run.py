@@ -9,7 +9,7 @@ concurrency, so a stale caller loses instead of overwriting (cancelled stays can
 from __future__ import annotations
 
 from datetime import datetime, timedelta
-from typing import Literal
+from typing import Any, Literal
 
 import msgspec
 
@@ -43,6 +43,8 @@ class TriggerRun(msgspec.Struct, frozen=True, kw_only=True, tag="trigger_run"):
     variables: dict[str, str] = msgspec.field(default_factory=dict)
     # Only the names: secret values never enter an event.
     secret_names: tuple[str, ...] = ()
+    # What started the run: {"type": "manual"}, {"type": "cron", ...}, {"type": "event", ...}.
+    trigger: dict[str, Any] = msgspec.field(default_factory=lambda: {"type": "manual"})
     by: str
     at: datetime
 
@@ -114,6 +116,7 @@ class RunTriggered(msgspec.Struct, frozen=True, kw_only=True, tag="run_triggered
     stages: tuple[Stage, ...]
     variables: dict[str, str] = msgspec.field(default_factory=dict)
     secret_names: tuple[str, ...] = ()
+    trigger: dict[str, Any] = msgspec.field(default_factory=lambda: {"type": "manual"})
     triggered_by: str
     at: datetime
 
@@ -295,6 +298,7 @@ class RunState(msgspec.Struct, frozen=True, kw_only=True):
     stage_runs: tuple[StageRun, ...] = ()
     variables: dict[str, str] = msgspec.field(default_factory=dict)
     secret_names: tuple[str, ...] = ()
+    trigger: dict[str, Any] = msgspec.field(default_factory=lambda: {"type": "manual"})
     triggered_by: str = ""
     created_at: datetime | None = None
     started_at: datetime | None = None
@@ -383,6 +387,7 @@ def decide(command: RunCommand, state: RunState) -> list[RunEvent]:
                     stages=command.stages,
                     variables=command.variables,
                     secret_names=command.secret_names,
+                    trigger=command.trigger,
                     triggered_by=command.by,
                     at=command.at,
                 )
@@ -510,6 +515,7 @@ def evolve(state: RunState, event: RunEvent) -> RunState:
                 stage_runs=tuple(StageRun(stage_id=s.id) for s in event.stages),
                 variables=event.variables,
                 secret_names=event.secret_names,
+                trigger=event.trigger,
                 triggered_by=event.triggered_by,
                 created_at=event.at,
                 updated_at=event.at,

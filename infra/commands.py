@@ -253,6 +253,7 @@ class Commands:
         variables: dict[str, str] | None = None,
         secret_names: Sequence[str] = (),
         run_id: str | None = None,
+        trigger: dict[str, Any] | None = None,
     ) -> tuple[rn.RunState, list[rn.RunEvent]]:
         """Start a run of the pipeline's current definition. The run's variables are the
         pipeline's (from its spec) overridden by the trigger's."""
@@ -265,6 +266,7 @@ class Commands:
             stages=pipeline.stages,
             variables={**pipeline.variables, **(variables or {})},
             secret_names=tuple(secret_names),
+            trigger=trigger or {"type": "manual"},
             by=by,
             at=self.now(),
         )

@@ -31,6 +31,7 @@ import os
 import stat
 import uuid
 from collections.abc import Mapping
+from datetime import datetime
 from pathlib import Path
 
 from cryptography.exceptions import InvalidTag
@@ -217,3 +218,38 @@ class SecretStore:
                 (older_than, ev.run_stream(""), ev.run_stream(""), list(_TERMINAL_EVENTS)),
             )
             return cur.rowcount
+
+
+class WebhookSecrets:
+    """Per-pipeline webhook secrets, sealed with the same key as run secrets. Never returned by the API."""
+
+    def __init__(self, store: SecretStore) -> None:
+        self._store = store
+
+    @staticmethod
+    def _scope(pipeline_id: str) -> str:
+        return f"webhook:{pipeline_id}"
+
+    async def set(self, pipeline_id: str, secret: str) -> None:
+        sealed = self._store.encrypt(self._scope(pipeline_id), "webhook", secret)
+        async with self._store._pool.connection() as conn:
+            await conn.execute(
+                "INSERT INTO webhook_secrets (pipeline_id, value) VALUES (%s, %s) "
+                "ON CONFLICT (pipeline_id) DO UPDATE SET value = EXCLUDED.value, updated_at = now()",
+                (pipeline_id, sealed),
+            )
+
+    async def get(self, pipeline_id: str) -> tuple[str, datetime] | None:
+        """(secret, when it was set), or None when none is set."""
+        async with self._store._pool.connection() as conn:
+            cur = await conn.execute(
+                "SELECT value, updated_at FROM webhook_secrets WHERE pipeline_id = %s", (pipeline_id,)
+            )
+            row = await cur.fetchone()
+        if row is None:
+            return None
+        return self._store.decrypt(self._scope(pipeline_id), "webhook", bytes(row[0])), row[1]
+
+    async def delete(self, pipeline_id: str) -> None:
+        async with self._store._pool.connection() as conn:
+            await conn.execute("DELETE FROM webhook_secrets WHERE pipeline_id = %s", (pipeline_id,))

@@ -84,6 +84,7 @@ class RunView(msgspec.Struct, kw_only=True, rename="camel"):
     definition_version: int
     variables: dict[str, str]
     secret_names: list[str]
+    trigger: dict[str, Any]
     started_at: str | None
     finished_at: str | None
     duration_ms: int | None
@@ -176,6 +177,7 @@ def run_view(state: RunState, logs: Iterable[LogAppended] = ()) -> RunView:
         definition_version=state.definition_version,
         variables=state.variables,
         secret_names=list(state.secret_names),
+        trigger=state.trigger,
         started_at=iso(state.started_at),
         finished_at=iso(state.finished_at),
         duration_ms=_ms(state.started_at or state.created_at, state.finished_at),

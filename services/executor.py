@@ -1,4 +1,5 @@
-"""`python -m services.executor`: runs the stages of runs."""
+"""`python -m services.executor`: runs the stages of runs, and the cron scheduler (every executor
+runs one; each tick still starts exactly one run)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from infra.commands import Commands
 from infra.config import Settings
 from infra.executor import Executor
 from infra.leases import LeaseStore
+from infra.scheduler import Scheduler
 from infra.secrets import SecretStore, load_key_material
 from services.bootstrap import connect_nats, open_store, run_until_signalled
 
@@ -24,10 +26,10 @@ def main() -> None:
         poker.start()
         try:
             await bus.ensure_events_stream(nc, settings.events_stream)
-            executor = Executor(
-                Commands(store, on_append=poker.poke), settings, nc, LeaseStore(pool), SecretStore(pool, key)
-            )
-            await executor.run(stop)
+            commands = Commands(store, on_append=poker.poke)
+            executor = Executor(commands, settings, nc, LeaseStore(pool), SecretStore(pool, key))
+            scheduler = Scheduler(commands, pool, interval=settings.sweep_interval)
+            await asyncio.gather(executor.run(stop), scheduler.run(stop))
         finally:
             await poker.stop()
             await nc.drain()

@@ -27,6 +27,7 @@ from domain import run as rn
 from domain.errors import Invalid
 from infra.api.bodies import CreatePipelineBody, PatchPipelineBody, parse_pipeline_body
 from infra.api.errors import error_response, handle
+from infra.api.hooks import WebhookSettingsController, receive_hook
 from infra.api.idempotency import IdempotencyKeys, InFlight, KeyReuse, request_hash
 from infra.api.queries import ReadModels
 from infra.api.specs import SPEC_SCHEMA_URL, SpecController, spec_schema
@@ -534,7 +535,16 @@ def create_app(build: Callable[[], Awaitable[Deps]]) -> Litestar:
             await deps.close()
 
     app = Litestar(
-        route_handlers=[PipelineController, SpecController, spec_schema, healthz, readyz, metrics],
+        route_handlers=[
+            PipelineController,
+            SpecController,
+            WebhookSettingsController,
+            receive_hook,
+            spec_schema,
+            healthz,
+            readyz,
+            metrics,
+        ],
         middleware=[
             DefineMiddleware(
                 JWTAuth,
