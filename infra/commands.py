@@ -98,9 +98,16 @@ class Commands:
         return stages_from_dicts(raw, [self.new_id() for _ in raw])
 
     async def create_pipeline(
-        self, *, name: str, description: str | None, stages: list[Any], org: str | None, by: str
+        self,
+        *,
+        name: str,
+        description: str | None,
+        stages: list[Any],
+        org: str | None,
+        by: str,
+        pipeline_id: str | None = None,
     ) -> pl.PipelineState:
-        pipeline_id = self.new_id()
+        pipeline_id = pipeline_id or self.new_id()
         cmd = pl.CreatePipeline(
             pipeline_id=pipeline_id,
             name=name,

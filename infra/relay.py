@@ -102,10 +102,18 @@ class Relay:
                     await asyncio.wait_for(stop.wait(), 1.0)
             if stop.is_set():
                 return
-            await ensure_events_stream(self.nc, self.stream)
+            # NATS may be briefly away (restarting): keep trying rather than exit.
+            while not stop.is_set():
+                try:
+                    await ensure_events_stream(self.nc, self.stream)
+                    await self._resync()
+                    break
+                except Exception as exc:
+                    log.warning("cannot reach the events stream yet: %s", exc)
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(stop.wait(), 0.5)
             sub = await self.nc.subscribe(APPENDED_SUBJECT, cb=self._poke)
             try:
-                await self._resync()
                 while not stop.is_set():
                     try:
                         n = await self.pump_once()

@@ -28,13 +28,14 @@ from domain.errors import Invalid
 from infra.api.bodies import CreatePipelineBody, PatchPipelineBody, parse_pipeline_body
 from infra.api.errors import error_response, handle
 from infra.api.hooks import WebhookSettingsController, receive_hook
-from infra.api.idempotency import IdempotencyKeys, InFlight, KeyReuse, request_hash
+from infra.api.idempotency import IdempotencyKeys, InFlight, KeyReuse, derived_id, request_hash
 from infra.api.queries import ReadModels
 from infra.api.specs import SPEC_SCHEMA_URL, SpecController, spec_schema
 from infra.auth import AuthError, Principal, verify_token
 from infra.commands import Commands
 from infra.config import Settings
 from infra.secrets import SecretStore
+from infra.store import WrongExpectedVersion
 from projections.views import PipelineView, RunView, pipeline_view, run_view
 
 API = "/api/v1"
@@ -158,7 +159,7 @@ async def _idempotent(
     if len(key) > 255:
         return error_response(400, "Idempotency-Key must be at most 255 characters")
     deps: Deps = request.app.state.deps
-    scope = f"{principal.org or '_'}|{principal.sub}|{request.method}|{request.url.path}"
+    scope = _idempotency_scope(request, principal)
     digest = digest or request_hash(await request.body())
     try:
         stored = await deps.idempotency.begin(scope, key, digest)
@@ -180,6 +181,16 @@ async def _idempotent(
         raise
     await deps.idempotency.finish(scope, key, response.status_code or 200, response.content)
     return response
+
+
+def _idempotency_scope(request: Request[Principal, Any, State], principal: Principal) -> str:
+    return f"{principal.org or '_'}|{principal.sub}|{request.method}|{request.url.path}"
+
+
+def keyed_id(request: Request[Principal, Any, State], principal: Principal) -> str | None:
+    """With an Idempotency-Key, the id of what the command creates (stable across retries)."""
+    key = request.headers.get("idempotency-key")
+    return derived_id(_idempotency_scope(request, principal), key) if key else None
 
 
 def _status_of(request: Request[Any, Any, Any], exc: BaseException) -> int | None:
@@ -270,13 +281,20 @@ class PipelineController(Controller):
         body = parse_pipeline_body(await request.body(), partial=False)
 
         async def run() -> Response[bytes]:
-            state = await deps.commands.create_pipeline(
-                name=body["name"],
-                description=body.get("description"),
-                stages=body.get("stages") or [],
-                org=principal.org,
-                by=principal.sub,
-            )
+            pipeline_id = keyed_id(request, principal)
+            try:
+                state = await deps.commands.create_pipeline(
+                    name=body["name"],
+                    description=body.get("description"),
+                    stages=body.get("stages") or [],
+                    org=principal.org,
+                    by=principal.sub,
+                    pipeline_id=pipeline_id,
+                )
+            except WrongExpectedVersion:
+                # A retry of a keyed create whose first request died after creating it.
+                assert pipeline_id is not None
+                state, _ = await deps.commands.load_pipeline(pipeline_id)
             return _json(201, pipeline_view(state))
 
         return await _idempotent(request, principal, run)
@@ -355,7 +373,7 @@ class PipelineController(Controller):
 
         async def run() -> Response[bytes]:
             pipeline = await self._pipeline(deps, principal, pipeline_id)
-            run_id = deps.commands.new_id()
+            run_id = keyed_id(request, principal) or deps.commands.new_id()
             if secrets and store is not None:
                 await store.put(run_id, secrets)
             try:
@@ -366,6 +384,9 @@ class PipelineController(Controller):
                     secret_names=tuple(sorted(secrets)),
                     run_id=run_id,
                 )
+            except WrongExpectedVersion:
+                # A retry of a keyed trigger whose first request died after starting the run.
+                state, _ = await deps.commands.load_run(run_id)
             except BaseException:
                 if secrets and store is not None:
                     try:  # shielded: a cancelled request must not leave the values behind

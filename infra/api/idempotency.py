@@ -9,11 +9,20 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import uuid
 from dataclasses import dataclass
 
 from psycopg_pool import AsyncConnectionPool
 
 TTL_HOURS = 24
+# Ids of things a keyed command creates derive from the key (see `derived_id`).
+_KEYED = uuid.UUID("0c7e2f9a-51d4-4c3b-8e0a-7f6b5d4c3a21")
+
+
+def derived_id(scope: str, key: str) -> str:
+    """The id a command sent with this Idempotency-Key gives what it creates: a retry that takes
+    over a key whose first request died finds that thing already there instead of making another."""
+    return str(uuid.uuid5(_KEYED, f"{scope}\n{key}"))
 
 
 @dataclass(frozen=True)
@@ -35,9 +44,10 @@ def request_hash(body: bytes) -> str:
 
 
 class IdempotencyKeys:
-    def __init__(self, pool: AsyncConnectionPool, *, wait_seconds: float = 30.0) -> None:
+    def __init__(self, pool: AsyncConnectionPool, *, wait_seconds: float = 30.0, lease_seconds: float = 10.0) -> None:
         self._pool = pool
         self._wait = wait_seconds
+        self._lease = lease_seconds
 
     async def begin(self, scope: str, key: str, digest: str) -> Stored | None:
         """None: we own the key and must `finish` or `abandon` it. Else the stored response."""
@@ -50,9 +60,10 @@ class IdempotencyKeys:
                     (scope, key, TTL_HOURS),
                 )
                 cur = await conn.execute(
-                    "INSERT INTO idempotency_keys (scope, key, request_hash) VALUES (%s, %s, %s) "
+                    "INSERT INTO idempotency_keys (scope, key, request_hash, locked_until) "
+                    "VALUES (%s, %s, %s, now() + make_interval(secs => %s)) "
                     "ON CONFLICT DO NOTHING RETURNING 1",
-                    (scope, key, digest),
+                    (scope, key, digest, self._lease),
                 )
                 if await cur.fetchone() is not None:
                     return None
@@ -61,6 +72,16 @@ class IdempotencyKeys:
                     (scope, key),
                 )
                 row = await cur.fetchone()
+                if row is not None and row[0] == digest and row[1] is None:
+                    # Still pending: if its lease ran out, the first request's process is gone.
+                    cur = await conn.execute(
+                        "UPDATE idempotency_keys SET locked_until = now() + make_interval(secs => %s) "
+                        "WHERE scope = %s AND key = %s AND status_code IS NULL AND locked_until < now() "
+                        "RETURNING 1",
+                        (self._lease, scope, key),
+                    )
+                    if await cur.fetchone() is not None:
+                        return None
             if row is None:
                 continue  # expired and deleted between our statements: try to own it
             if row[0] != digest:
