@@ -110,21 +110,18 @@ class RunLog:
         if not self._buffer:
             return
         buffer, self._buffer = self._buffer, []
-        chunks: list[rn.LogAppended] = []
-        now = self._commands.now()
-        for stage_id, line in buffer:
-            if chunks and chunks[-1].stage_id == stage_id:
-                last = chunks[-1]
-                chunks[-1] = rn.LogAppended(stage_id=stage_id, lines=(*last.lines, line), at=now)
-            else:
-                chunks.append(rn.LogAppended(stage_id=stage_id, lines=(line,), at=now))
-        for attempt in range(5):
-            try:
-                await self._commands.append_logs(self._state, chunks)
-                break
-            except Exception as exc:  # keep the lines; try again
-                log.warning("log append failed (attempt %d): %s", attempt + 1, exc)
-                await asyncio.sleep(0.2 * (attempt + 1))
+        chunks = chunk_lines(buffer, self._commands.now())
+        # One append of at most a few chunks at a time keeps every stored event and every
+        # transaction small (events are published on NATS, whose messages are capped at 1 MB).
+        for start in range(0, len(chunks), 8):
+            group = chunks[start : start + 8]
+            for attempt in range(5):
+                try:
+                    await self._commands.append_logs(self._state, group)
+                    break
+                except Exception as exc:  # keep the lines; try again
+                    log.warning("log append failed (attempt %d): %s", attempt + 1, exc)
+                    await asyncio.sleep(0.2 * (attempt + 1))
         if self._publish is not None:
             for c in chunks:
                 payload = {
@@ -141,6 +138,29 @@ class RunLog:
         if self._task is not None:
             await self._task
         await self.flush()
+
+
+# A log event holds at most this many bytes of text (one over-long line is cut at MAX_LINE already).
+MAX_CHUNK_BYTES = 256 * 1024
+
+
+def chunk_lines(buffer: list[tuple[str | None, rn.LogLine]], at: datetime) -> list[rn.LogAppended]:
+    """Consecutive lines of one stage, in chunks of at most MAX_CHUNK_BYTES of text."""
+    chunks: list[rn.LogAppended] = []
+    current: list[rn.LogLine] = []
+    current_stage: str | None = None
+    size = 0
+    for stage_id, line in buffer:
+        n = len(line.text) + 16
+        if current and (stage_id != current_stage or size + n > MAX_CHUNK_BYTES):
+            chunks.append(rn.LogAppended(stage_id=current_stage, lines=tuple(current), at=at))
+            current, size = [], 0
+        current_stage = stage_id
+        current.append(line)
+        size += n
+    if current:
+        chunks.append(rn.LogAppended(stage_id=current_stage, lines=tuple(current), at=at))
+    return chunks
 
 
 @dataclass

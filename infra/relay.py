@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 from typing import Any
 
@@ -50,6 +51,23 @@ def headers_for(rec: RecordedEvent) -> dict[str, str]:
         TX: str(rec.tx_id),
         "Pipelines-Stream-Version": str(rec.stream_version),
     }
+
+
+def body_for(rec: RecordedEvent, limit: int) -> bytes:
+    """The event's JSON; an event too large for a NATS message goes out as a stub that says where
+    to read it, so that one oversized event can never stall the stream behind it."""
+    if len(rec.data) <= limit:
+        return rec.data
+    return json.dumps(
+        {
+            "type": rec.event_type,
+            "truncated": True,
+            "size": len(rec.data),
+            "position": rec.position,
+            "streamId": rec.stream_id,
+            "streamVersion": rec.stream_version,
+        }
+    ).encode()
 
 
 class Relay:
@@ -141,11 +159,12 @@ class Relay:
             return 0
         js = self.nc.jetstream()
         base = self.last_seq
+        limit = max(1024, self.nc.max_payload - 4096)  # room for the headers
         acks = await asyncio.gather(
             *(
                 js.publish(
                     event_subject(rec),
-                    rec.data,
+                    body_for(rec, limit),
                     stream=self.stream,
                     headers={**headers_for(rec), "Nats-Expected-Last-Sequence": str(base + i)},
                 )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from datetime import UTC, datetime
 
 import pytest
@@ -59,3 +60,29 @@ async def test_every_line_written_before_close_is_stored_in_order() -> None:
     await log.close()
     texts = [ln.text for c in await commands.load_logs(state.run_id) for ln in c.lines]
     assert texts == [str(i) for i in range(1000)]
+
+
+def test_log_chunks_stay_small_enough_for_a_nats_message() -> None:
+    from infra.executor import MAX_CHUNK_BYTES, chunk_lines
+
+    line = rn.LogLine("stdout", "x" * 1000)
+    buffer = [("s", line)] * 5000 + [("t", line)] * 3  # about 5 MB of output
+    chunks = chunk_lines(buffer, datetime.now(UTC))
+    assert sum(len(c.lines) for c in chunks) == 5003
+    assert all(sum(len(ln.text) for ln in c.lines) <= MAX_CHUNK_BYTES for c in chunks)
+    assert [c.stage_id for c in chunks][-1] == "t" and len(chunks[-1].lines) == 3
+
+
+def test_the_relay_publishes_an_oversized_event_as_a_stub() -> None:
+    import json
+
+    from infra.relay import body_for
+    from infra.store import RecordedEvent
+
+    rec = RecordedEvent(
+        position=7, tx_id=1, stream_id="runlog-r", stream_version=3, event_id="e", event_type="log_appended",
+        data=b"{" + b" " * 2_000_000 + b"}", org=None, pipeline_id=None, run_id="r", recorded_at=datetime.now(UTC),
+    )
+    stub = json.loads(body_for(rec, 1_000_000))
+    assert stub["truncated"] is True and stub["position"] == 7 and stub["size"] == 2_000_002
+    assert body_for(dataclasses.replace(rec, data=b"{}"), 1_000_000) == b"{}"
