@@ -18,16 +18,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import pwd
+import shutil
 import signal
 import stat
 import subprocess
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 log = logging.getLogger("pipelines.script")
 
@@ -49,6 +51,11 @@ class ScriptOutcome:
     @property
     def succeeded(self) -> bool:
         return self.exit_code == 0 and not self.timed_out and not self.killed and self.error is None
+
+
+@functools.cache
+def _setpriv() -> str | None:
+    return shutil.which("setpriv", path="/usr/bin:/bin:/usr/sbin:/sbin")
 
 
 def clean_env(workdir: Path, values: Mapping[str, str]) -> dict[str, str]:
@@ -178,11 +185,29 @@ class ScriptRun:
             prepare_workdir(workdir, as_user)
         except (ScriptUserError, OSError) as exc:
             return ScriptOutcome(exit_code=None, error=f"could not prepare the script's user or directory: {exc}")
+        argv: list[str] = ["/bin/sh", "-c", command]
+        switch: dict[str, Any] = {}
+        if as_user is not None:
+            setpriv = _setpriv()
+            if setpriv is not None:
+                # setpriv drops to the user (no supplementary groups, no capabilities) after the
+                # spawn, so Python can spawn without a full fork(): about 3x cheaper per script.
+                argv = [
+                    setpriv,
+                    f"--reuid={as_user.uid}",
+                    f"--regid={as_user.gid}",
+                    "--clear-groups",
+                    "--inh-caps=-all",
+                    "--bounding-set=-all",
+                    "--",
+                    *argv,
+                ]
+            else:
+                # another user: its uid and primary group, none of our supplementary groups
+                switch = {"user": as_user.uid, "group": as_user.gid, "extra_groups": []}
         try:
             proc = await asyncio.create_subprocess_exec(
-                "/bin/sh",
-                "-c",
-                command,
+                *argv,
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE,
@@ -190,10 +215,7 @@ class ScriptRun:
                 env=dict(env),
                 start_new_session=True,  # its own session and process group
                 close_fds=True,
-                # another user: its uid and primary group, none of our supplementary groups
-                user=None if as_user is None else as_user.uid,
-                group=None if as_user is None else as_user.gid,
-                extra_groups=None if as_user is None else [],
+                **switch,
             )
         except (OSError, ValueError, subprocess.SubprocessError) as exc:
             return ScriptOutcome(exit_code=None, error=f"could not start the script: {exc}")
