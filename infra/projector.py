@@ -20,7 +20,7 @@ from nats.aio.client import Client as NATS
 
 from domain import pipeline as pl
 from domain import run as rn
-from infra.bus import EVENTS_SUBJECTS
+from infra.bus import EVENTS_SUBJECTS, wait_for_wake
 from infra.pg_store import PostgresEventStore
 from infra.store import FEED_START, FeedCursor, RecordedEvent
 from projections import read_models as rm
@@ -63,6 +63,7 @@ class Projector:
             if self.nc is not None:
                 sub = await self.nc.subscribe(EVENTS_SUBJECTS, cb=self._poke)
             try:
+                fast = 0
                 while not stop.is_set():
                     try:
                         n = await self.catch_up()
@@ -70,10 +71,15 @@ class Projector:
                         log.exception("projection failed; retrying")
                         await asyncio.sleep(1)
                         continue
-                    if n == 0:
-                        with contextlib.suppress(TimeoutError):
-                            await asyncio.wait_for(self._wake.wait(), self.poll_interval)
-                        self._wake.clear()
+                    if n:
+                        fast = 0
+                    elif fast:
+                        # Woken, yet nothing readable: a transaction still open below the new event
+                        # holds the horizon back for a moment. Look again soon, not a poll later.
+                        fast -= 1
+                        await asyncio.sleep(0.002)
+                    else:
+                        fast = await wait_for_wake(self._wake, self.poll_interval)
             finally:
                 if sub is not None:
                     with contextlib.suppress(Exception):

@@ -25,7 +25,7 @@ import psycopg
 from nats.aio.client import Client as NATS
 from nats.js.errors import NotFoundError
 
-from infra.bus import APPENDED_SUBJECT, ensure_events_stream, event_subject
+from infra.bus import APPENDED_SUBJECT, ensure_events_stream, event_subject, wait_for_wake
 from infra.pg_store import PostgresEventStore
 from infra.store import FEED_START, FeedCursor, RecordedEvent
 
@@ -132,6 +132,7 @@ class Relay:
                         await asyncio.wait_for(stop.wait(), 0.5)
             sub = await self.nc.subscribe(APPENDED_SUBJECT, cb=self._poke)
             try:
+                fast = 0
                 while not stop.is_set():
                     try:
                         n = await self.pump_once()
@@ -141,10 +142,15 @@ class Relay:
                         with contextlib.suppress(Exception):
                             await self._resync()
                         continue
-                    if n == 0:
-                        with contextlib.suppress(TimeoutError):
-                            await asyncio.wait_for(self._wake.wait(), self.poll_interval)
-                        self._wake.clear()
+                    if n:
+                        fast = 0
+                    elif fast:
+                        # Woken, yet nothing readable: a transaction still open below the new event
+                        # holds the horizon back for a moment. Look again soon, not a poll later.
+                        fast -= 1
+                        await asyncio.sleep(0.002)
+                    else:
+                        fast = await wait_for_wake(self._wake, self.poll_interval)
             finally:
                 with contextlib.suppress(Exception):
                     await sub.unsubscribe()
