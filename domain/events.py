@@ -10,6 +10,13 @@ from typing import Any, TypeGuard
 
 import msgspec
 
+from domain.deployment import (
+    DeploymentEvent,
+    DeploymentFailed,
+    DeploymentQueued,
+    DeploymentStarted,
+    DeploymentSucceeded,
+)
 from domain.pipeline import PipelineCreated, PipelineDeleted, PipelineEvent, PipelineSpecSaved, PipelineUpdated
 from domain.run import (
     ApprovalRequested,
@@ -52,10 +59,15 @@ Event = (
     | RunSucceeded
     | RunFailed
     | LogAppended
+    | DeploymentQueued
+    | DeploymentStarted
+    | DeploymentSucceeded
+    | DeploymentFailed
 )
 
 PIPELINE_EVENTS: tuple[type[Any], ...] = PipelineEvent.__args__
 RUN_EVENTS: tuple[type[Any], ...] = RunEvent.__args__
+DEPLOYMENT_EVENTS: tuple[type[Any], ...] = DeploymentEvent.__args__
 
 
 def is_pipeline_event(event: Event) -> TypeGuard[PipelineEvent]:
@@ -94,6 +106,14 @@ def run_stream(run_id: str) -> str:
 
 def run_log_stream(run_id: str) -> str:
     return f"runlog-{run_id}"
+
+
+def deployment_stream(deployment_id: str) -> str:
+    return f"deployment-{deployment_id}"
+
+
+def is_deployment_event(event: Event) -> TypeGuard[DeploymentEvent]:
+    return isinstance(event, DEPLOYMENT_EVENTS)
 
 
 def aggregate_of(stream_id: str) -> tuple[str, str]:

@@ -63,6 +63,10 @@ class Commands:
         if self._on_append is not None:
             self._on_append()
 
+    def notify_appended(self) -> None:
+        """Wake the followers after an append made directly on the store."""
+        self._appended()
+
     # ---- loading ---------------------------------------------------------------------------
 
     async def load_pipeline(self, pipeline_id: str) -> tuple[pl.PipelineState, int]:

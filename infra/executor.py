@@ -37,8 +37,10 @@ from domain.stages import Stage
 from infra.bus import log_subject
 from infra.commands import Commands, ConcurrencyConflict
 from infra.config import Settings
+from infra.delivery import Deliveries
 from infra.leases import Lease, LeaseStore
 from infra.masking import Masker
+from infra.pg_store import PostgresEventStore
 from infra.script_runner import ScriptOutcome, ScriptRun, clean_env
 from infra.secrets import SecretStore, SecretsUnavailable
 
@@ -194,6 +196,12 @@ class Executor:
         # Stage attempts this process is running right now: (run, stage, attempt).
         self._running: set[tuple[str, str, int]] = set()
         self.workdir = settings.work_root
+        # Deploy and notify stages need the registry's tables (PostgreSQL).
+        self.deliveries: Deliveries | None = (
+            Deliveries(commands, commands.store.pool, settings.database_url, nc)
+            if isinstance(commands.store, PostgresEventStore)
+            else None
+        )
 
     # ---- consuming JetStream -----------------------------------------------------------------
 
@@ -562,6 +570,8 @@ class Executor:
                 outcome = ScriptOutcome(exit_code=None, error=secrets_problem)
             elif stage.type == "script":
                 outcome = await self._run_script(state, stage, runlog, driver, secrets)
+            elif stage.type in ("deploy", "notify") and self.deliveries is not None:
+                outcome = await self._deliver(self.deliveries, state, stage, attempt, runlog, driver, secrets)
             else:
                 outcome = ScriptOutcome(
                     exit_code=None,
@@ -594,8 +604,37 @@ class Executor:
                 return
             await asyncio.sleep(0.01)
 
+    async def _deliver(
+        self,
+        deliveries: Deliveries,
+        state: rn.RunState,
+        stage: Stage,
+        attempt: int,
+        runlog: RunLog,
+        driver: _Driver | None,
+        secrets: dict[str, str],
+    ) -> ScriptOutcome:
+        def line(stream: Literal["stdout", "stderr", "system"], text: str) -> None:
+            runlog.line(stage.id, stream, text)
+
+        if stage.type == "notify":
+            return await deliveries.notify(state, stage, line)
+
+        async def run_command(command: str, extra: dict[str, str]) -> ScriptOutcome:
+            return await self._run_script(state, stage, runlog, driver, secrets, command=command, extra=extra)
+
+        return await deliveries.deploy(state, stage, attempt, line, run_command)
+
     async def _run_script(
-        self, state: rn.RunState, stage: Stage, runlog: RunLog, driver: _Driver | None, secrets: dict[str, str]
+        self,
+        state: rn.RunState,
+        stage: Stage,
+        runlog: RunLog,
+        driver: _Driver | None,
+        secrets: dict[str, str],
+        *,
+        command: str | None = None,
+        extra: dict[str, str] | None = None,
     ) -> ScriptOutcome:
         script = ScriptRun(kill_grace=self.settings.kill_grace)
         if driver is not None:
@@ -611,13 +650,14 @@ class Executor:
                 "PIPELINE_ID": state.pipeline_id,
                 "RUN_ID": state.run_id,
                 "STAGE_ID": stage.id,
+                **(extra or {}),
             },
         )
         if self.leases is not None:
             self._spawn(self._record_pgid(script, state.run_id, stage.id, stage_attempt(state, stage.id)))
         try:
             return await script.run(
-                str(stage.config.get("command", "")),
+                str(stage.config.get("command", "")) if command is None else command,
                 workdir=workdir,
                 env=env,
                 timeout=stage.timeout or self.settings.stage_timeout,

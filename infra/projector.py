@@ -18,11 +18,13 @@ import msgspec
 import psycopg
 from nats.aio.client import Client as NATS
 
+from domain import deployment as dp
 from domain import pipeline as pl
 from domain import run as rn
 from infra.bus import EVENTS_SUBJECTS, wait_for_wake
 from infra.pg_store import PostgresEventStore
 from infra.store import FEED_START, FeedCursor, RecordedEvent
+from projections import deployments as dm
 from projections import read_models as rm
 from projections.views import pipeline_view, run_view
 
@@ -115,7 +117,7 @@ class Projector:
         total = 0
         async with self.store.pool.connection() as conn, conn.transaction():
             await conn.execute("LOCK TABLE checkpoints, rm_pipelines, rm_runs, rm_run_logs IN EXCLUSIVE MODE")
-            await conn.execute("TRUNCATE rm_pipelines, rm_runs, rm_run_logs")
+            await conn.execute("TRUNCATE rm_pipelines, rm_runs, rm_run_logs, rm_deployments")
             await conn.execute("DELETE FROM checkpoints WHERE name = %s", (NAME,))
             cursor = FEED_START
             while True:
@@ -224,6 +226,7 @@ async def apply(conn: psycopg.AsyncConnection[Any], events: Sequence[RecordedEve
                 rm.encode_state(r).decode(),
             ),
         )
+    await apply_deployments(conn, events)
     if log_rows:
         async with conn.cursor() as cur:
             await cur.executemany(
@@ -231,3 +234,36 @@ async def apply(conn: psycopg.AsyncConnection[Any], events: Sequence[RecordedEve
                 "ON CONFLICT DO NOTHING",
                 log_rows,
             )
+
+
+async def apply_deployments(conn: psycopg.AsyncConnection[Any], events: Sequence[RecordedEvent]) -> None:
+    """Fold `deployment-<id>` events into rm_deployments."""
+    ids = {e.stream_id.partition("-")[2] for e in events if e.stream_id.startswith("deployment-")}
+    if not ids:
+        return
+    cur = await conn.execute("SELECT id, state::text FROM rm_deployments WHERE id = ANY(%s)", (list(ids),))
+    states = {r[0]: dm.decode_state(r[1]) for r in await cur.fetchall()}
+    for rec in events:
+        kind, _, ident = rec.stream_id.partition("-")
+        if kind == "deployment":
+            states[ident] = dm.fold_deployment(states.get(ident, dp.initial_state), rec.event)
+    for ident in ids:
+        d = states.get(ident)
+        if d is None or not d.exists or d.queued_at is None:
+            continue
+        await conn.execute(
+            "INSERT INTO rm_deployments (id, org, environment_id, component_id, status, queued_at, finished_at, doc, "
+            "state) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT (id) DO UPDATE SET status = "
+            "EXCLUDED.status, finished_at = EXCLUDED.finished_at, doc = EXCLUDED.doc, state = EXCLUDED.state",
+            (
+                ident,
+                d.organization_id,
+                d.environment_id,
+                d.component_id,
+                d.status,
+                d.queued_at,
+                d.finished_at,
+                _enc.encode(dm.deployment_view(d)).decode(),
+                dm.encode_state(d).decode(),
+            ),
+        )

@@ -26,6 +26,13 @@ from domain import pipeline as pl
 from domain import run as rn
 from domain.errors import Invalid
 from infra.api.bodies import CreatePipelineBody, PatchPipelineBody, parse_pipeline_body
+from infra.api.delivery import (
+    ChannelController,
+    ComponentController,
+    DeploymentController,
+    EnvironmentController,
+    check_stage_refs,
+)
 from infra.api.errors import error_response, handle
 from infra.api.hooks import WebhookSettingsController, receive_hook
 from infra.api.idempotency import IdempotencyKeys, InFlight, KeyReuse, derived_id, request_hash
@@ -279,6 +286,7 @@ class PipelineController(Controller):
         deps: Deps = request.app.state.deps
         principal = request.user
         body = parse_pipeline_body(await request.body(), partial=False)
+        await check_stage_refs(request, body.get("stages"))
 
         async def run() -> Response[bytes]:
             pipeline_id = keyed_id(request, principal)
@@ -307,6 +315,7 @@ class PipelineController(Controller):
         deps: Deps = request.app.state.deps
         principal = request.user
         body = parse_pipeline_body(await request.body(), partial=not whole)
+        await check_stage_refs(request, body.get("stages"))
         state = await deps.commands.update_pipeline(
             _uuid_or_404(pipeline_id, "pipeline"),
             by=principal.sub,
@@ -560,6 +569,10 @@ def create_app(build: Callable[[], Awaitable[Deps]]) -> Litestar:
             PipelineController,
             SpecController,
             WebhookSettingsController,
+            EnvironmentController,
+            ComponentController,
+            ChannelController,
+            DeploymentController,
             receive_hook,
             spec_schema,
             healthz,

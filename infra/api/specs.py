@@ -193,6 +193,9 @@ class SpecController(Controller):
             raise Invalid({"saveMode": "this pipeline is not backed by a Git repository; use saveMode direct"})
         if not isinstance(body.spec, dict):
             raise Invalid({"spec": "must be an object with `stages` or `jobs`"})
+        from infra.api.delivery import check_stage_refs
+
+        await check_stage_refs(request, body.spec.get("stages"), "spec.stages")
         saved = await deps.commands.save_spec(
             state.pipeline_id,
             spec=body.spec,

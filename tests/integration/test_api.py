@@ -241,11 +241,16 @@ async def test_deploy_and_notify_stages_fail_clearly_until_configured(system: Sy
         "type": "deploy",
         "config": {"componentId": str(uuid.uuid4()), "environmentId": str(uuid.uuid4())},
     }
-    p = await system.create_pipeline([deploy])
+    r = await system.client.post(
+        "/api/v1/pipelines", json={"name": f"p-{uuid.uuid4().hex[:8]}", "stages": [deploy]}, headers=system.headers()
+    )
+    assert r.status_code == 400  # unknown component and environment (tests/integration/test_deploy_notify.py)
+    notify = {"id": "tell", "type": "notify", "config": {"channel": "#nowhere", "message": "hi"}}
+    p = await system.create_pipeline([notify])
     run = await system.trigger(p["id"])
     done = await system.wait_status(p["id"], run["id"], "succeeded", "failed")
     assert done["status"] == "failed"
-    assert "not configured" in done["stageResults"][0]["error"]
+    assert "no notifier is configured" in done["stageResults"][0]["error"]
 
 
 async def test_approval_gate_waits_then_approve_resumes_at_the_next_stage(system: System) -> None:

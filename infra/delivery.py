@@ -1,0 +1,455 @@
+"""Deploy and notify stages: the registry of environments, components and notification channels
+(org-scoped rows), and the executor's side of deploying and notifying.
+
+- `deploy`: the environment's deployer runs the deployment. `command`: a shell template run like a
+  script stage (clean environment: the run's variables and secrets, COMPONENT_ID, ENVIRONMENT_ID,
+  RUN_ID, PIPELINE_ID, DEPLOYMENT_ID). `webhook`: a POST of a JSON deployment request, signed with
+  HMAC-SHA256 (`X-Pipelines-Signature-256: sha256=<hex>`) when the environment has a secret; 2xx
+  is success. One deployment at a time per environment: a session-level advisory lock, taken on a
+  dedicated connection outside any transaction; PostgreSQL grants waiters in arrival order.
+  Every deployment is a `deployment-<id>` stream: queued, started, succeeded or failed.
+- `notify`: `message` (with `${{ run.* }}` and `${{ pipeline.* }}`) goes to the channel's notifier
+  (`slack`: `{"text": ...}`; `webhook`: a generic JSON document), retried with a growing backoff,
+  and is always published on NATS under `pipelines.notify.v1.<org>.<channel>`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import json
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Literal
+
+import httpx
+import msgspec
+import psycopg
+from nats.aio.client import Client as NATS
+from psycopg_pool import AsyncConnectionPool
+
+from domain import events as ev
+from domain import run as rn
+from domain.deployment import DeploymentFailed, DeploymentQueued, DeploymentStarted, DeploymentSucceeded
+from domain.expressions import ExpressionError, interpolate
+from domain.stages import Stage
+from infra.bus import notify_subject
+from infra.commands import Commands
+from infra.script_runner import ScriptOutcome
+from infra.store import NewEvent
+from projections.views import iso
+
+Kind = Literal["environment", "component", "channel"]
+SIGNATURE_HEADER = "X-Pipelines-Signature-256"
+_enc = msgspec.json.Encoder()
+
+Log = Callable[[Literal["stdout", "stderr", "system"], str], None]
+RunCommand = Callable[[str, dict[str, str]], Awaitable[ScriptOutcome]]
+
+
+class NameInUse(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class Item:
+    kind: str
+    id: str
+    org: str | None
+    name: str
+    doc: dict[str, Any]
+    secret: str | None
+    created_by: str
+    created_at: datetime
+    updated_at: datetime
+
+
+_COLUMNS = "kind, id, org, name, doc::text, secret, created_by, created_at, updated_at"
+
+
+def _item(row: tuple[Any, ...]) -> Item:
+    return Item(row[0], row[1], row[2], row[3], json.loads(row[4]), row[5], row[6], row[7], row[8])
+
+
+class Registry:
+    """Environments, components and channels, each scoped to an organization (None: none)."""
+
+    def __init__(self, pool: AsyncConnectionPool) -> None:
+        self._pool = pool
+
+    @property
+    def pool(self) -> AsyncConnectionPool:
+        return self._pool
+
+    async def create(
+        self, kind: Kind, org: str | None, name: str, doc: dict[str, Any], secret: str | None, by: str, at: datetime
+    ) -> Item:
+        try:
+            async with self._pool.connection() as conn:
+                cur = await conn.execute(
+                    f"INSERT INTO delivery_config ({_COLUMNS.replace('::text', '')}) "
+                    f"VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s) RETURNING {_COLUMNS}",
+                    (kind, str(uuid.uuid4()), org, name, json.dumps(doc), secret, by, at, at),
+                )
+                row = await cur.fetchone()
+        except psycopg.errors.UniqueViolation as exc:
+            raise NameInUse(f"a {kind} named {name!r} already exists") from exc
+        assert row is not None
+        return _item(row)
+
+    async def get(self, kind: Kind, org: str | None, item_id: str) -> Item | None:
+        async with self._pool.connection() as conn:
+            cur = await conn.execute(
+                f"SELECT {_COLUMNS} FROM delivery_config WHERE kind = %s AND id = %s AND org IS NOT DISTINCT FROM %s",
+                (kind, item_id, org),
+            )
+            row = await cur.fetchone()
+        return _item(row) if row else None
+
+    async def list_all(self, kind: Kind, org: str | None) -> list[Item]:
+        async with self._pool.connection() as conn:
+            cur = await conn.execute(
+                f"SELECT {_COLUMNS} FROM delivery_config WHERE kind = %s AND org IS NOT DISTINCT FROM %s "
+                "ORDER BY name, id",
+                (kind, org),
+            )
+            rows = await cur.fetchall()
+        return [_item(r) for r in rows]
+
+    async def update(
+        self,
+        kind: Kind,
+        org: str | None,
+        item_id: str,
+        name: str,
+        doc: dict[str, Any],
+        secret: str | None,
+        at: datetime,
+    ) -> Item | None:
+        try:
+            async with self._pool.connection() as conn:
+                cur = await conn.execute(
+                    "UPDATE delivery_config SET name = %s, doc = %s, secret = %s, updated_at = %s "
+                    f"WHERE kind = %s AND id = %s AND org IS NOT DISTINCT FROM %s RETURNING {_COLUMNS}",
+                    (name, json.dumps(doc), secret, at, kind, item_id, org),
+                )
+                row = await cur.fetchone()
+        except psycopg.errors.UniqueViolation as exc:
+            raise NameInUse(f"a {kind} named {name!r} already exists") from exc
+        return _item(row) if row else None
+
+    async def delete(self, kind: Kind, org: str | None, item_id: str) -> bool:
+        async with self._pool.connection() as conn:
+            cur = await conn.execute(
+                "DELETE FROM delivery_config WHERE kind = %s AND id = %s AND org IS NOT DISTINCT FROM %s RETURNING 1",
+                (kind, item_id, org),
+            )
+            return await cur.fetchone() is not None
+
+    async def existing(self, kind: Kind, org: str | None, ids: list[str]) -> set[str]:
+        if not ids:
+            return set()
+        async with self._pool.connection() as conn:
+            cur = await conn.execute(
+                "SELECT id FROM delivery_config WHERE kind = %s AND id = ANY(%s) AND org IS NOT DISTINCT FROM %s",
+                (kind, ids, org),
+            )
+            return {r[0] for r in await cur.fetchall()}
+
+    async def channel(self, org: str | None, name: str) -> Item | None:
+        """The channel called `name` (`#deploys` and `deploys` are the same), or with that id."""
+        bare = name.removeprefix("#")
+        async with self._pool.connection() as conn:
+            cur = await conn.execute(
+                f"SELECT {_COLUMNS} FROM delivery_config WHERE kind = 'channel' AND org IS NOT DISTINCT FROM %s "
+                "AND (name = %s OR ltrim(name, '#') = %s OR id = %s) ORDER BY (name = %s) DESC LIMIT 1",
+                (org, name, bare, name, name),
+            )
+            row = await cur.fetchone()
+        return _item(row) if row else None
+
+
+def sign(secret: str, body: bytes) -> str:
+    return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+
+
+def env_lock_key(environment_id: str) -> int:
+    digest = hashlib.sha256(f"pipelines-environment:{environment_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big", signed=True)
+
+
+@dataclass
+class DeliveryOptions:
+    notify_attempts: int = 4
+    # Seconds before the second delivery attempt; each later wait doubles.
+    notify_backoff: float = 1.0
+    http_timeout: float = 10.0
+
+
+async def post_json(url: str, body: bytes, headers: dict[str, str], timeout: float) -> tuple[int, str]:
+    async with httpx.AsyncClient(timeout=timeout, follow_redirects=False) as client:
+        response = await client.post(url, content=body, headers={"Content-Type": "application/json", **headers})
+        return response.status_code, response.text[:500]
+
+
+def _approval(state: rn.RunState) -> tuple[str | None, datetime | None]:
+    approved = [a for a in state.approvals if a.decision == "approved"]
+    return (approved[-1].by, approved[-1].at) if approved else (None, None)
+
+
+class Deliveries:
+    """The executor's deploy and notify stages."""
+
+    def __init__(
+        self,
+        commands: Commands,
+        pool: AsyncConnectionPool,
+        database_url: str,
+        nc: NATS | None,
+        options: DeliveryOptions | None = None,
+    ) -> None:
+        self.commands = commands
+        self.registry = Registry(pool)
+        self.database_url = database_url
+        self.nc = nc
+        self.options = options or DeliveryOptions()
+
+    async def _record(self, state: rn.RunState, deployment_id: str, event: ev.Event, expected: int | None) -> None:
+        await self.commands.store.append(
+            ev.deployment_stream(deployment_id),
+            [
+                NewEvent(
+                    self.commands.new_id(),
+                    event,
+                    org=state.organization_id,
+                    pipeline_id=state.pipeline_id,
+                    run_id=state.run_id,
+                )
+            ],
+            expected,
+        )
+        self.commands.notify_appended()
+
+    # ---- deploy ------------------------------------------------------------------------------
+
+    async def deploy(
+        self, state: rn.RunState, stage: Stage, attempt: int, log: Log, run_command: RunCommand
+    ) -> ScriptOutcome:
+        org = state.organization_id
+        env_id = str(stage.config.get("environmentId", ""))
+        component_id = str(stage.config.get("componentId", ""))
+        environment = await self.registry.get("environment", org, env_id)
+        if environment is None:
+            return ScriptOutcome(exit_code=None, error=f"environment {env_id} not found in this organization")
+        component = await self.registry.get("component", org, component_id)
+        if component is None:
+            return ScriptOutcome(exit_code=None, error=f"component {component_id} not found in this organization")
+        deployer = environment.doc.get("deployer") or {}
+        kind = str(deployer.get("type", ""))
+        deployment_id = self.commands.new_id()
+        approved_by, approved_at = _approval(state)
+        await self._record(
+            state,
+            deployment_id,
+            DeploymentQueued(
+                deployment_id=deployment_id,
+                organization_id=org,
+                environment_id=environment.id,
+                environment_name=environment.name,
+                component_id=component.id,
+                component_name=component.name,
+                run_id=state.run_id,
+                pipeline_id=state.pipeline_id,
+                stage_id=stage.id,
+                attempt=attempt,
+                definition_version=state.definition_version,
+                version=state.variables.get("VERSION"),
+                deployer=kind,
+                triggered_by=state.triggered_by,
+                approved_by=approved_by,
+                approved_at=approved_at,
+                at=self.commands.now(),
+            ),
+            0,
+        )
+        target = f"{component.name} to {environment.name}"
+        log("stdout", f"deployment {deployment_id}: {target} through the {kind} deployer")
+        async with await psycopg.AsyncConnection.connect(self.database_url, autocommit=True) as lock:
+            key = env_lock_key(environment.id)
+            cur = await lock.execute("SELECT pg_try_advisory_lock(%s)", (key,))
+            row = await cur.fetchone()
+            if not (row and row[0]):
+                log("stdout", f"queued: another deployment to {environment.name} is in progress")
+                await lock.execute("SELECT pg_advisory_lock(%s)", (key,))
+            try:
+                await self._record(
+                    state, deployment_id, DeploymentStarted(deployment_id=deployment_id, at=self.commands.now()), 1
+                )
+                outcome, detail = await self._run_deployer(
+                    kind, deployer, environment, deployment_id, component.id, state, log, run_command
+                )
+                if outcome.succeeded:
+                    log("stdout", f"deployment {deployment_id} succeeded: {target}")
+                    done: ev.Event = DeploymentSucceeded(
+                        deployment_id=deployment_id, detail=detail, at=self.commands.now()
+                    )
+                else:
+                    error = outcome.error or (
+                        "the deploy command timed out"
+                        if outcome.timed_out
+                        else "the deploy command was stopped"
+                        if outcome.killed
+                        else f"the deploy command exited with code {outcome.exit_code}"
+                    )
+                    log("stdout", f"deployment {deployment_id} failed: {error}")
+                    done = DeploymentFailed(deployment_id=deployment_id, error=error, at=self.commands.now())
+                    outcome = ScriptOutcome(
+                        exit_code=outcome.exit_code,
+                        timed_out=outcome.timed_out,
+                        killed=outcome.killed,
+                        error=f"deployment of {target} failed: {error}",
+                    )
+                await asyncio.shield(self._record(state, deployment_id, done, 2))
+            except asyncio.CancelledError:
+                await asyncio.shield(
+                    self._record(
+                        state,
+                        deployment_id,
+                        DeploymentFailed(
+                            deployment_id=deployment_id, error="the executor stopped", at=self.commands.now()
+                        ),
+                        None,
+                    )
+                )
+                raise
+            finally:
+                with contextlib.suppress(Exception):  # closing the connection releases it anyway
+                    await lock.execute("SELECT pg_advisory_unlock(%s)", (key,))
+        return outcome
+
+    async def _run_deployer(
+        self,
+        kind: str,
+        deployer: dict[str, Any],
+        environment: Item,
+        deployment_id: str,
+        component_id: str,
+        state: rn.RunState,
+        log: Log,
+        run_command: RunCommand,
+    ) -> tuple[ScriptOutcome, str | None]:
+        if kind == "command":
+            extra = {
+                "COMPONENT_ID": component_id,
+                "ENVIRONMENT_ID": environment.id,
+                "DEPLOYMENT_ID": deployment_id,
+                "RUN_ID": state.run_id,
+                "PIPELINE_ID": state.pipeline_id,
+            }
+            outcome = await run_command(str(deployer.get("command", "")), extra)
+            return outcome, None if outcome.exit_code is None else f"exit code {outcome.exit_code}"
+        if kind == "webhook":
+            url = str(deployer.get("url", ""))
+            body = _enc.encode(
+                {
+                    "deploymentId": deployment_id,
+                    "componentId": component_id,
+                    "environmentId": environment.id,
+                    "runId": state.run_id,
+                    "pipelineId": state.pipeline_id,
+                    "organizationId": state.organization_id,
+                    "definitionVersion": state.definition_version,
+                    "variables": state.variables,
+                }
+            )
+            headers = {SIGNATURE_HEADER: sign(environment.secret, body)} if environment.secret else {}
+            try:
+                status, text = await post_json(url, body, headers, self.options.http_timeout)
+            except httpx.HTTPError as exc:
+                return ScriptOutcome(exit_code=None, error=f"POST {url} failed: {exc!r}"), None
+            log("stdout", f"POST {url}: HTTP {status}" + (f": {text}" if text else ""))
+            if 200 <= status < 300:
+                return ScriptOutcome(exit_code=0), f"HTTP {status}"
+            return ScriptOutcome(exit_code=None, error=f"POST {url} answered HTTP {status}"), f"HTTP {status}"
+        return ScriptOutcome(exit_code=None, error=f"environment {environment.name} has no usable deployer"), None
+
+    # ---- notify ------------------------------------------------------------------------------
+
+    async def notify(self, state: rn.RunState, stage: Stage, log: Log) -> ScriptOutcome:
+        org = state.organization_id
+        channel_name = str(stage.config.get("channel", ""))
+        pipeline, _ = await self.commands.load_pipeline(state.pipeline_id)
+        context = {
+            "run": {
+                "id": state.run_id,
+                "status": state.status,
+                "pipelineId": state.pipeline_id,
+                "organizationId": org,
+                "definitionVersion": state.definition_version,
+                "triggeredBy": state.triggered_by,
+                "trigger": state.trigger,
+                "variables": state.variables,
+                "createdAt": iso(state.created_at),
+                "startedAt": iso(state.started_at),
+            },
+            "pipeline": {
+                "id": pipeline.pipeline_id,
+                "name": pipeline.name,
+                "description": pipeline.description,
+                "organizationId": pipeline.organization_id,
+                "definitionVersion": pipeline.definition_version,
+            },
+        }
+        try:
+            message = interpolate(str(stage.config.get("message", "")), context)
+        except ExpressionError as exc:
+            return ScriptOutcome(exit_code=None, error=f"config.message: {exc}")
+        payload = {
+            "channel": channel_name,
+            "message": message,
+            "runId": state.run_id,
+            "pipelineId": state.pipeline_id,
+            "pipelineName": pipeline.name,
+            "organizationId": org,
+            "status": state.status,
+            "sentAt": iso(self.commands.now()),
+        }
+        body = _enc.encode(payload)
+        if self.nc is not None:
+            subject = notify_subject(org, channel_name)
+            try:
+                await self.nc.publish(subject, body)
+                log("stdout", f"published on {subject}")
+            except Exception as exc:
+                log("system", f"publishing on {subject} failed: {exc}")
+        channel = await self.registry.channel(org, channel_name)
+        if channel is None:
+            return ScriptOutcome(
+                exit_code=None,
+                error=f"no notifier is configured for channel {channel_name!r}: create one with POST /api/v1/channels",
+            )
+        kind = channel.doc.get("type")
+        url = str(channel.doc.get("url", ""))
+        out = _enc.encode({"text": message}) if kind == "slack" else body
+        headers = {SIGNATURE_HEADER: sign(channel.secret, out)} if channel.secret else {}
+        attempts = max(1, self.options.notify_attempts)
+        problem = ""
+        for i in range(attempts):
+            try:
+                status, text = await post_json(url, out, headers, self.options.http_timeout)
+                if 200 <= status < 300:
+                    log("stdout", f"notification sent to {channel.name} ({kind}): HTTP {status} (attempt {i + 1})")
+                    return ScriptOutcome(exit_code=0)
+                problem = f"HTTP {status}" + (f": {text[:200]}" if text else "")
+            except httpx.HTTPError as exc:
+                problem = repr(exc)
+            log("stdout", f"delivery to {channel.name} failed (attempt {i + 1} of {attempts}): {problem}")
+            if i + 1 < attempts:
+                await asyncio.sleep(self.options.notify_backoff * (2**i))
+        return ScriptOutcome(
+            exit_code=None, error=f"notification to {channel.name} failed after {attempts} attempts: {problem}"
+        )
