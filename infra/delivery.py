@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import hashlib
 import hmac
@@ -40,6 +41,7 @@ from domain.stages import Stage
 from infra.bus import notify_subject
 from infra.commands import Commands
 from infra.script_runner import ScriptOutcome
+from infra.secrets import SecretStore
 from infra.store import NewEvent
 from projections.views import iso
 
@@ -71,15 +73,34 @@ class Item:
 _COLUMNS = "kind, id, org, name, doc::text, secret, created_by, created_at, updated_at"
 
 
-def _item(row: tuple[Any, ...]) -> Item:
-    return Item(row[0], row[1], row[2], row[3], json.loads(row[4]), row[5], row[6], row[7], row[8])
+_SEALED = "sealed:v1:"
 
 
 class Registry:
-    """Environments, components and channels, each scoped to an organization (None: none)."""
+    """Environments, components and channels, each scoped to an organization (None: none).
 
-    def __init__(self, pool: AsyncConnectionPool) -> None:
+    A webhook's HMAC secret is sealed with the secrets key (`SecretStore`, AES-GCM bound to the
+    item) before it is stored, and opened only when the executor signs with it."""
+
+    def __init__(self, pool: AsyncConnectionPool, sealer: SecretStore | None = None) -> None:
         self._pool = pool
+        self._sealer = sealer
+
+    def _seal(self, kind: str, item_id: str, secret: str | None) -> str | None:
+        if secret is None or self._sealer is None:
+            return secret
+        blob = self._sealer.encrypt(f"{kind}:{item_id}", "webhook-secret", secret)
+        return _SEALED + base64.b64encode(blob).decode()
+
+    def _item(self, row: tuple[Any, ...]) -> Item:
+        secret: str | None = row[5]
+        if secret is not None and secret.startswith(_SEALED):
+            if self._sealer is None:
+                raise RuntimeError("this secret is sealed, and this process has no secrets key to open it")
+            secret = self._sealer.decrypt(
+                f"{row[0]}:{row[1]}", "webhook-secret", base64.b64decode(secret[len(_SEALED) :])
+            )
+        return Item(row[0], row[1], row[2], row[3], json.loads(row[4]), secret, row[6], row[7], row[8])
 
     @property
     def pool(self) -> AsyncConnectionPool:
@@ -88,18 +109,19 @@ class Registry:
     async def create(
         self, kind: Kind, org: str | None, name: str, doc: dict[str, Any], secret: str | None, by: str, at: datetime
     ) -> Item:
+        item_id = str(uuid.uuid4())
         try:
             async with self._pool.connection() as conn:
                 cur = await conn.execute(
                     f"INSERT INTO delivery_config ({_COLUMNS.replace('::text', '')}) "
                     f"VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s) RETURNING {_COLUMNS}",
-                    (kind, str(uuid.uuid4()), org, name, json.dumps(doc), secret, by, at, at),
+                    (kind, item_id, org, name, json.dumps(doc), self._seal(kind, item_id, secret), by, at, at),
                 )
                 row = await cur.fetchone()
         except psycopg.errors.UniqueViolation as exc:
             raise NameInUse(f"a {kind} named {name!r} already exists") from exc
         assert row is not None
-        return _item(row)
+        return self._item(row)
 
     async def get(self, kind: Kind, org: str | None, item_id: str) -> Item | None:
         async with self._pool.connection() as conn:
@@ -108,7 +130,7 @@ class Registry:
                 (kind, item_id, org),
             )
             row = await cur.fetchone()
-        return _item(row) if row else None
+        return self._item(row) if row else None
 
     async def list_all(self, kind: Kind, org: str | None) -> list[Item]:
         async with self._pool.connection() as conn:
@@ -118,7 +140,7 @@ class Registry:
                 (kind, org),
             )
             rows = await cur.fetchall()
-        return [_item(r) for r in rows]
+        return [self._item(r) for r in rows]
 
     async def update(
         self,
@@ -135,12 +157,12 @@ class Registry:
                 cur = await conn.execute(
                     "UPDATE delivery_config SET name = %s, doc = %s, secret = %s, updated_at = %s "
                     f"WHERE kind = %s AND id = %s AND org IS NOT DISTINCT FROM %s RETURNING {_COLUMNS}",
-                    (name, json.dumps(doc), secret, at, kind, item_id, org),
+                    (name, json.dumps(doc), self._seal(kind, item_id, secret), at, kind, item_id, org),
                 )
                 row = await cur.fetchone()
         except psycopg.errors.UniqueViolation as exc:
             raise NameInUse(f"a {kind} named {name!r} already exists") from exc
-        return _item(row) if row else None
+        return self._item(row) if row else None
 
     async def delete(self, kind: Kind, org: str | None, item_id: str) -> bool:
         async with self._pool.connection() as conn:
@@ -170,7 +192,7 @@ class Registry:
                 (org, name, bare, name, name),
             )
             row = await cur.fetchone()
-        return _item(row) if row else None
+        return self._item(row) if row else None
 
 
 def sign(secret: str, body: bytes) -> str:
@@ -211,9 +233,10 @@ class Deliveries:
         database_url: str,
         nc: NATS | None,
         options: DeliveryOptions | None = None,
+        sealer: SecretStore | None = None,
     ) -> None:
         self.commands = commands
-        self.registry = Registry(pool)
+        self.registry = Registry(pool, sealer)
         self.database_url = database_url
         self.nc = nc
         self.options = options or DeliveryOptions()

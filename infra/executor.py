@@ -198,7 +198,7 @@ class Executor:
         self.workdir = settings.work_root
         # Deploy and notify stages need the registry's tables (PostgreSQL).
         self.deliveries: Deliveries | None = (
-            Deliveries(commands, commands.store.pool, settings.database_url, nc)
+            Deliveries(commands, commands.store.pool, settings.database_url, nc, sealer=secrets)
             if isinstance(commands.store, PostgresEventStore)
             else None
         )

@@ -48,7 +48,7 @@ def registry_of(request: Request[Any, Any, State]) -> Registry:
     deps: Deps = request.app.state.deps
     store = deps.commands.store
     assert isinstance(store, PostgresEventStore), "environments need the PostgreSQL store"
-    return Registry(store.pool)
+    return Registry(store.pool, deps.secrets)
 
 
 def _json(status: int, body: Any) -> Response[bytes]:

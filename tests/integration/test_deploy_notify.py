@@ -279,6 +279,11 @@ async def test_webhook_deployer_posts_a_signed_request(system: System) -> None:
         _, headers, body = hook.requests[0]
         expected = "sha256=" + hmac.new(b"topsecret", body, hashlib.sha256).hexdigest()
         assert headers["x-pipelines-signature-256"] == expected
+        # The secret is stored sealed (AES-GCM under the secrets key), never in clear.
+        async with system.store.pool.connection() as conn:
+            cur = await conn.execute("SELECT secret FROM delivery_config WHERE id = %s", (env["id"],))
+            stored = (await cur.fetchone() or ("",))[0]
+        assert stored.startswith("sealed:v1:") and "topsecret" not in stored
         sent = json.loads(body)
         assert sent["componentId"] == comp["id"] and sent["environmentId"] == env["id"]
         assert sent["runId"] == run["id"] and sent["pipelineId"] == p["id"] and sent["definitionVersion"] == 1
