@@ -190,6 +190,9 @@ async def _idempotent(
     return response
 
 
+idempotent = _idempotent  # for the other controllers' POST handlers
+
+
 def _idempotency_scope(request: Request[Principal, Any, State], principal: Principal) -> str:
     return f"{principal.org or '_'}|{principal.sub}|{request.method}|{request.url.path}"
 

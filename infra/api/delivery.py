@@ -224,7 +224,12 @@ class _Registry(Controller):
 
     @post("/", guards=[_admin], summary="Create (admin)", status_code=201)
     async def create_item(self, request: Request[Principal, Any, State]) -> Response[bytes]:
-        return await self._create(request)
+        from infra.api.app import idempotent
+
+        deps: Deps = request.app.state.deps
+        # The body may carry a webhook secret: keep only a keyed hash of it with the key.
+        digest = deps.secrets.request_digest(await request.body()) if deps.secrets is not None else None
+        return await idempotent(request, request.user, lambda: self._create(request), digest=digest)
 
     @get("/{item_id:str}", summary="Get one")
     async def get_item(self, request: Request[Principal, Any, State], item_id: FromPath[str]) -> Response[bytes]:

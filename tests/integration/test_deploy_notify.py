@@ -423,3 +423,15 @@ async def test_deployment_events_are_published_on_nats(system: System) -> None:
         ]
     finally:
         await sub.unsubscribe()
+
+
+async def test_creating_an_environment_honours_the_idempotency_key(system: System) -> None:
+    key = {"Idempotency-Key": "env-create-1"}
+    body = {"name": "idem-env", "deployer": {"type": "command", "command": "true"}}
+    first = await system.client.post("/api/v1/environments", json=body, headers={**system.headers("admin"), **key})
+    again = await system.client.post("/api/v1/environments", json=body, headers={**system.headers("admin"), **key})
+    assert first.status_code == 201 and again.status_code == 201 and again.json() == first.json()
+    other = await system.client.post(
+        "/api/v1/environments", json={**body, "name": "other"}, headers={**system.headers("admin"), **key}
+    )
+    assert other.status_code == 409
