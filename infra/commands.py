@@ -137,6 +137,39 @@ class Commands:
             state = pl.evolve(state, e)
         return state
 
+    async def _pipeline_command(
+        self,
+        pipeline_id: str,
+        make: Callable[[datetime], pl.PipelineCommand],
+        *,
+        visible: Callable[[pl.PipelineState], bool],
+        keys: Callable[[pl.PipelineState, list[pl.PipelineEvent]], tuple[list[UniqueKey], list[UniqueKey]]]
+        | None = None,
+    ) -> pl.PipelineState:
+        """Decide `make(now)` against the live pipeline's current state and append; on a lost race,
+        again. `keys` gives the unique keys (names) the events claim and release."""
+        for _ in range(self._retries):
+            state, version = await self.load_pipeline(pipeline_id)
+            if not state.live or not visible(state):
+                raise NotFound("pipeline not found")
+            new = pl.decide(make(self.now()), state)
+            claim, release = keys(state, new) if keys is not None else ([], [])
+            try:
+                await self.store.append(
+                    ev.pipeline_stream(pipeline_id),
+                    [NewEvent(self.new_id(), e, org=state.organization_id, pipeline_id=pipeline_id) for e in new],
+                    version,
+                    claim=claim,
+                    release=release,
+                )
+            except WrongExpectedVersion:
+                continue
+            self._appended()
+            for e in new:
+                state = pl.evolve(state, e)
+            return state
+        raise ConcurrencyConflict("pipeline changed concurrently; try again")
+
     async def update_pipeline(
         self,
         pipeline_id: str,
@@ -149,61 +182,35 @@ class Commands:
         visible: Callable[[pl.PipelineState], bool] = lambda s: True,
     ) -> pl.PipelineState:
         parsed = None if stages is None else self._stages(stages)
-        for _ in range(self._retries):
-            state, version = await self.load_pipeline(pipeline_id)
-            if not state.live or not visible(state):
-                raise NotFound("pipeline not found")
-            cmd = pl.UpdatePipeline(
-                name=name,
-                description=description,
-                set_description=set_description,
-                stages=parsed,
-                by=by,
-                at=self.now(),
-            )
-            new = pl.decide(cmd, state)
-            renamed = new[0].name != state.name if isinstance(new[0], pl.PipelineUpdated) else False
+
+        def renames(state: pl.PipelineState, new: list[pl.PipelineEvent]) -> tuple[list[UniqueKey], list[UniqueKey]]:
+            updated = new[0]
+            if not isinstance(updated, pl.PipelineUpdated) or updated.name == state.name:
+                return [], []
             org = state.organization_id
-            try:
-                await self.store.append(
-                    ev.pipeline_stream(pipeline_id),
-                    [NewEvent(self.new_id(), e, org=org, pipeline_id=pipeline_id) for e in new],
-                    version,
-                    claim=[name_key(org, new[0].name)] if renamed and isinstance(new[0], pl.PipelineUpdated) else [],
-                    release=[name_key(org, state.name)] if renamed else [],
-                )
-            except WrongExpectedVersion:
-                continue
-            except UniqueKeyTaken as exc:
-                raise NameTaken(f"a pipeline named {name!r} already exists") from exc
-            self._appended()
-            for e in new:
-                state = pl.evolve(state, e)
-            return state
-        raise ConcurrencyConflict("pipeline changed concurrently; try again")
+            return [name_key(org, updated.name)], [name_key(org, state.name)]
+
+        try:
+            return await self._pipeline_command(
+                pipeline_id,
+                lambda at: pl.UpdatePipeline(
+                    name=name, description=description, set_description=set_description, stages=parsed, by=by, at=at
+                ),
+                visible=visible,
+                keys=renames,
+            )
+        except UniqueKeyTaken as exc:
+            raise NameTaken(f"a pipeline named {name!r} already exists") from exc
 
     async def delete_pipeline(
         self, pipeline_id: str, *, by: str, visible: Callable[[pl.PipelineState], bool] = lambda s: True
     ) -> pl.PipelineState:
-        for _ in range(self._retries):
-            state, version = await self.load_pipeline(pipeline_id)
-            if not state.live or not visible(state):
-                raise NotFound("pipeline not found")
-            new = pl.decide(pl.DeletePipeline(by=by, at=self.now()), state)
-            try:
-                await self.store.append(
-                    ev.pipeline_stream(pipeline_id),
-                    [NewEvent(self.new_id(), e, org=state.organization_id, pipeline_id=pipeline_id) for e in new],
-                    version,
-                    release=[name_key(state.organization_id, state.name)],
-                )
-            except WrongExpectedVersion:
-                continue
-            self._appended()
-            for e in new:
-                state = pl.evolve(state, e)
-            return state
-        raise ConcurrencyConflict("pipeline changed concurrently; try again")
+        return await self._pipeline_command(
+            pipeline_id,
+            lambda at: pl.DeletePipeline(by=by, at=at),
+            visible=visible,
+            keys=lambda state, _: ([], [name_key(state.organization_id, state.name)]),
+        )
 
     async def save_spec(
         self,
@@ -233,26 +240,13 @@ class Commands:
                 )
         typed = [s for s in spec.get("stages", []) if isinstance(s, dict) and "jobs" not in s]
         stages = stages_from_spec(spec, [self.new_id() for _ in typed])
-        for _ in range(self._retries):
-            state, version = await self.load_pipeline(pipeline_id)
-            if not state.live or not visible(state):
-                raise NotFound("pipeline not found")
-            cmd = pl.SaveSpec(spec=spec, stages=stages, format=format, commit_message=commit_message, by=by,
-                              at=self.now())
-            new = pl.decide(cmd, state)
-            try:
-                await self.store.append(
-                    ev.pipeline_stream(pipeline_id),
-                    [NewEvent(self.new_id(), e, org=state.organization_id, pipeline_id=pipeline_id) for e in new],
-                    version,
-                )
-            except WrongExpectedVersion:
-                continue
-            self._appended()
-            for e in new:
-                state = pl.evolve(state, e)
-            return state
-        raise ConcurrencyConflict("pipeline changed concurrently; try again")
+        return await self._pipeline_command(
+            pipeline_id,
+            lambda at: pl.SaveSpec(
+                spec=spec, stages=stages, format=format, commit_message=commit_message, by=by, at=at
+            ),
+            visible=visible,
+        )
 
     # ---- runs ------------------------------------------------------------------------------
 
