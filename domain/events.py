@@ -20,6 +20,8 @@ from domain.deployment import (
 from domain.pipeline import PipelineCreated, PipelineDeleted, PipelineEvent, PipelineSpecSaved, PipelineUpdated
 from domain.run import (
     ApprovalRequested,
+    JobFinished,
+    JobStarted,
     LogAppended,
     RunApproved,
     RunCancelled,
@@ -34,8 +36,12 @@ from domain.run import (
     RunTriggered,
     StageFailed,
     StageRetryScheduled,
+    StageSkipped,
     StageStarted,
     StageSucceeded,
+    StepFinished,
+    StepRetryScheduled,
+    StepStarted,
 )
 
 Event = (
@@ -59,6 +65,12 @@ Event = (
     | RunSucceeded
     | RunFailed
     | LogAppended
+    | StageSkipped
+    | JobStarted
+    | JobFinished
+    | StepStarted
+    | StepFinished
+    | StepRetryScheduled
     | DeploymentQueued
     | DeploymentStarted
     | DeploymentSucceeded
