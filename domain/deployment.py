@@ -55,6 +55,19 @@ class DeploymentFailed(msgspec.Struct, frozen=True, kw_only=True, tag="deploymen
 DeploymentEvent = DeploymentQueued | DeploymentStarted | DeploymentSucceeded | DeploymentFailed
 
 
+class AbandonDeployment(msgspec.Struct, frozen=True, kw_only=True):
+    """Close a deployment whose executor is gone (or whose run stage ended without it): it is
+    recorded as failed with `reason`. A deployment already finished, or never queued, is left as
+    it is, so abandoning twice records one failure."""
+
+    deployment_id: str
+    reason: str
+    at: datetime
+
+
+DeploymentCommand = AbandonDeployment
+
+
 class DeploymentState(msgspec.Struct, frozen=True, kw_only=True):
     exists: bool = False
     deployment_id: str = ""
@@ -82,6 +95,18 @@ class DeploymentState(msgspec.Struct, frozen=True, kw_only=True):
 
 
 initial_state = DeploymentState()
+
+
+def is_finished(state: DeploymentState) -> bool:
+    return state.status in ("succeeded", "failed")
+
+
+def decide(command: DeploymentCommand, state: DeploymentState) -> list[DeploymentEvent]:
+    match command:
+        case AbandonDeployment():
+            if not state.exists or is_finished(state):
+                return []
+            return [DeploymentFailed(deployment_id=state.deployment_id, error=command.reason, at=command.at)]
 
 
 def evolve(state: DeploymentState, event: DeploymentEvent) -> DeploymentState:

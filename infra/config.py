@@ -15,12 +15,22 @@ DEV_JWT_SECRET = "dev-insecure-secret-change-me"
 
 def _int(env: dict[str, str], name: str, default: int) -> int:
     raw = env.get(name)
-    return int(raw) if raw not in (None, "") else default
+    if raw in (None, ""):
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise ValueError(f"{name} must be an integer, not {raw!r}") from None
 
 
 def _float(env: dict[str, str], name: str, default: float) -> float:
     raw = env.get(name)
-    return float(raw) if raw not in (None, "") else default
+    if raw in (None, ""):
+        return default
+    try:
+        return float(raw)
+    except ValueError:
+        raise ValueError(f"{name} must be a number, not {raw!r}") from None
 
 
 def default_script_user() -> str | None:
@@ -65,6 +75,21 @@ class Settings:
     script_user: str | None = field(default_factory=default_script_user)
     # Where scripts get their working directories (PIPELINES_WORK_DIR); default <data_dir>/work.
     work_dir: Path | None = None
+    # Notification deliveries (notify stages): attempts in all, seconds before the second attempt
+    # (each later wait doubles), and seconds each HTTP request may take (webhook deployers too).
+    notify_max_attempts: int = 4
+    notify_backoff: float = 1.0
+    notify_timeout: float = 10.0
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.notify_max_attempts <= 20:
+            raise ValueError(f"PIPELINES_NOTIFY_MAX_ATTEMPTS must be 1-20, not {self.notify_max_attempts}")
+        if not 0 <= self.notify_backoff <= 3600:
+            raise ValueError(f"PIPELINES_NOTIFY_BACKOFF must be 0-3600 seconds, not {self.notify_backoff:g}")
+        if not 0 < self.notify_timeout <= 600:
+            raise ValueError(
+                f"PIPELINES_NOTIFY_TIMEOUT must be more than 0 and at most 600 seconds, not {self.notify_timeout:g}"
+            )
 
     @property
     def work_root(self) -> Path:
@@ -103,4 +128,7 @@ class Settings:
             secrets_key=e.get("PIPELINES_SECRETS_KEY") or None,
             script_user=e.get("PIPELINES_SCRIPT_USER") or default_script_user(),
             work_dir=Path(e["PIPELINES_WORK_DIR"]) if e.get("PIPELINES_WORK_DIR") else None,
+            notify_max_attempts=_int(e, "PIPELINES_NOTIFY_MAX_ATTEMPTS", 4),
+            notify_backoff=_float(e, "PIPELINES_NOTIFY_BACKOFF", 1.0),
+            notify_timeout=_float(e, "PIPELINES_NOTIFY_TIMEOUT", 10.0),
         )

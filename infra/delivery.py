@@ -8,6 +8,10 @@
   is success. One deployment at a time per environment: a session-level advisory lock, taken on a
   dedicated connection outside any transaction; PostgreSQL grants waiters in arrival order.
   Every deployment is a `deployment-<id>` stream: queued, started, succeeded or failed.
+  A deployment whose executor died is closed as failed by `Deliveries.abandon` (called when the
+  stage's lease is recovered) or `Deliveries.close_orphans` (a sweep): the dead executor's lock
+  went with its database session (PostgreSQL ends a session whose client vanished; the lock
+  session sets TCP keepalives so that a lost host is noticed in about half a minute too).
 - `notify`: `message` (with `${{ run.* }}` and `${{ pipeline.* }}`) goes to the channel's notifier
   (`slack`: `{"text": ...}`; `webhook`: a generic JSON document), retried with a growing backoff,
   and is always published on NATS under `pipelines.notify.v1.<org>.<channel>`.
@@ -24,7 +28,7 @@ import json
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, Literal
 
 import httpx
@@ -33,16 +37,19 @@ import psycopg
 from nats.aio.client import Client as NATS
 from psycopg_pool import AsyncConnectionPool
 
+from domain import deployment as dp
 from domain import events as ev
 from domain import run as rn
 from domain.deployment import DeploymentFailed, DeploymentQueued, DeploymentStarted, DeploymentSucceeded
+from domain.errors import Refused
 from domain.expressions import ExpressionError, interpolate
 from domain.stages import Stage
 from infra.bus import notify_subject
 from infra.commands import Commands
+from infra.config import Settings
 from infra.script_runner import ScriptOutcome
 from infra.secrets import SecretStore
-from infra.store import NewEvent
+from infra.store import NewEvent, WrongExpectedVersion
 from projections.views import iso
 
 Kind = Literal["environment", "component", "channel"]
@@ -182,6 +189,26 @@ class Registry:
             )
             return {r[0] for r in await cur.fetchall()}
 
+    async def used_by(self, kind: Kind, org: str | None, item_id: str) -> list[tuple[str, str]]:
+        """(id, name) of the live pipelines of `org` whose current definition deploys with this
+        environment or component: a typed `deploy` stage's config, or a `deploy` step's config in
+        a stage of jobs. From the pipelines read model (deleted pipelines have no row there)."""
+        key = {"environment": "environmentId", "component": "componentId"}.get(kind)
+        if key is None:
+            return []
+        async with self._pool.connection() as conn:
+            cur = await conn.execute(
+                "SELECT p.id, p.name FROM rm_pipelines p WHERE p.org IS NOT DISTINCT FROM %(org)s AND EXISTS ("
+                "  SELECT 1 FROM jsonb_array_elements(coalesce(p.state::jsonb -> 'stages', '[]')) s"
+                "  WHERE (s ->> 'type' = 'deploy' AND s -> 'config' ->> %(key)s = %(id)s) OR EXISTS ("
+                "    SELECT 1 FROM jsonb_array_elements(coalesce(s -> 'jobs', '[]')) j,"
+                "                  jsonb_array_elements(coalesce(j -> 'steps', '[]')) st"
+                "    WHERE st ->> 'kind' = 'deploy' AND st -> 'config' ->> %(key)s = %(id)s)"
+                ") ORDER BY p.name, p.id",
+                {"org": org, "key": key, "id": item_id},
+            )
+            return [(r[0], r[1]) for r in await cur.fetchall()]
+
     async def channel(self, org: str | None, name: str) -> Item | None:
         """The channel called `name` (`#deploys` and `deploys` are the same), or with that id."""
         bare = name.removeprefix("#")
@@ -211,6 +238,15 @@ class DeliveryOptions:
     notify_backoff: float = 1.0
     http_timeout: float = 10.0
 
+    @classmethod
+    def from_settings(cls, settings: Settings) -> DeliveryOptions:
+        """PIPELINES_NOTIFY_MAX_ATTEMPTS, PIPELINES_NOTIFY_BACKOFF and PIPELINES_NOTIFY_TIMEOUT."""
+        return cls(
+            notify_attempts=settings.notify_max_attempts,
+            notify_backoff=settings.notify_backoff,
+            http_timeout=settings.notify_timeout,
+        )
+
 
 async def post_json(url: str, body: bytes, headers: dict[str, str], timeout: float) -> tuple[int, str]:
     async with httpx.AsyncClient(timeout=timeout, follow_redirects=False) as client:
@@ -234,28 +270,121 @@ class Deliveries:
         nc: NATS | None,
         options: DeliveryOptions | None = None,
         sealer: SecretStore | None = None,
+        *,
+        settings: Settings | None = None,
     ) -> None:
+        """`options` wins; else `settings` (the PIPELINES_NOTIFY_* variables); else the defaults."""
         self.commands = commands
         self.registry = Registry(pool, sealer)
         self.database_url = database_url
         self.nc = nc
-        self.options = options or DeliveryOptions()
+        if options is None:
+            options = DeliveryOptions.from_settings(settings) if settings is not None else DeliveryOptions()
+        self.options = options
 
-    async def _record(self, state: rn.RunState, deployment_id: str, event: ev.Event, expected: int | None) -> None:
+    async def _append(
+        self,
+        deployment_id: str,
+        events: list[dp.DeploymentEvent],
+        expected: int | None,
+        org: str | None,
+        pipeline_id: str,
+        run_id: str,
+    ) -> None:
         await self.commands.store.append(
             ev.deployment_stream(deployment_id),
-            [
-                NewEvent(
-                    self.commands.new_id(),
-                    event,
-                    org=state.organization_id,
-                    pipeline_id=state.pipeline_id,
-                    run_id=state.run_id,
-                )
-            ],
+            [NewEvent(self.commands.new_id(), e, org=org, pipeline_id=pipeline_id, run_id=run_id) for e in events],
             expected,
         )
         self.commands.notify_appended()
+
+    async def _record(
+        self, state: rn.RunState, deployment_id: str, event: dp.DeploymentEvent, expected: int | None
+    ) -> None:
+        await self._append(deployment_id, [event], expected, state.organization_id, state.pipeline_id, state.run_id)
+
+    async def load_deployment(self, deployment_id: str) -> tuple[dp.DeploymentState, int]:
+        state, version = dp.initial_state, 0
+        for rec in await self.commands.store.read_stream(ev.deployment_stream(deployment_id)):
+            e = rec.event
+            if ev.is_deployment_event(e):
+                state = dp.evolve(state, e)
+            version = rec.stream_version
+        return state, version
+
+    # ---- closing deployments whose executor is gone -------------------------------------------
+
+    async def _close(self, deployment_id: str, reason: str) -> bool:
+        """Record the deployment as failed with `reason` unless it has finished (the deployment
+        decider); True when this call closed it. A lost race re-reads and decides again."""
+        for _ in range(10):
+            state, version = await self.load_deployment(deployment_id)
+            new = dp.decide(
+                dp.AbandonDeployment(deployment_id=deployment_id, reason=reason, at=self.commands.now()), state
+            )
+            if not new:
+                return False
+            try:
+                await self._append(deployment_id, new, version, state.organization_id, state.pipeline_id, state.run_id)
+                return True
+            except WrongExpectedVersion:
+                continue
+        raise RuntimeError(f"deployment {deployment_id}: too many concurrent writers")
+
+    async def _deployments_of(self, run_id: str, stage_id: str, attempt: int | None) -> list[str]:
+        """The deployments a stage of a run has queued (from the event store, not the read model,
+        which may lag); the decider then skips those that have finished."""
+        async with self.registry.pool.connection() as conn:
+            cur = await conn.execute(
+                "SELECT stream_id FROM events WHERE run_id = %s AND event_type = 'deployment_queued' "
+                "AND data->>'stage_id' = %s AND (%s::int IS NULL OR (data->>'attempt')::int = %s::int) "
+                "ORDER BY position",
+                (run_id, stage_id, attempt, attempt),
+            )
+            rows = await cur.fetchall()
+        return [str(r[0]).removeprefix("deployment-") for r in rows]
+
+    async def abandon(self, run_id: str, stage_id: str, reason: str, *, attempt: int | None = None) -> list[str]:
+        """Record every unfinished deployment of this run's stage (of that attempt, when given) as
+        failed with `reason`: its executor died. Nothing to release: a dead executor's environment
+        lock, and its place in the environment's queue, went with its database session. Safe to
+        call again, and when the stage never deployed. Returns the ids of the deployments it closed."""
+        return [d for d in await self._deployments_of(run_id, stage_id, attempt) if await self._close(d, reason)]
+
+    async def close_orphans(self, older_than: float = 0.0, limit: int = 100) -> list[str]:
+        """A sweep: close the deployments still queued or running (per the read model, then checked
+        on the event store) whose run stage is no longer running that attempt: the stage finished,
+        failed or moved on to a retry without them. `older_than`: seconds since queued. Returns the
+        ids closed."""
+        since = self.commands.now() - timedelta(seconds=older_than)
+        async with self.registry.pool.connection() as conn:
+            cur = await conn.execute(
+                "SELECT id, doc->>'runId', doc->>'stageId', (doc->>'attempt')::int FROM rm_deployments "
+                "WHERE status IN ('queued', 'running') AND queued_at <= %s ORDER BY queued_at LIMIT %s",
+                (since, limit),
+            )
+            rows = await cur.fetchall()
+        closed: list[str] = []
+        runs: dict[str, rn.RunState] = {}
+        for deployment_id, run_id, stage_id, attempt in rows:
+            if run_id not in runs:
+                runs[run_id], _ = await self.commands.load_run(run_id)
+            state = runs[run_id]
+            try:
+                sr = state.stage_runs[state.stage_index(stage_id)] if state.exists else None
+            except Refused:
+                sr = None
+            if sr is not None and sr.status == "running" and sr.attempt == attempt:
+                continue  # its executor is (as far as we know) still at it
+            where = f"stage {stage_id} of run {run_id}"
+            reason = (
+                f"executor lost: {where} is {sr.status} (attempt {sr.attempt}) but this deployment never finished"
+                if sr is not None
+                else f"executor lost: {where} does not exist"
+            )
+            if await self._close(deployment_id, reason):
+                closed.append(deployment_id)
+        return closed
 
     # ---- deploy ------------------------------------------------------------------------------
 
@@ -301,23 +430,37 @@ class Deliveries:
         )
         target = f"{component.name} to {environment.name}"
         log("stdout", f"deployment {deployment_id}: {target} through the {kind} deployer")
-        async with await psycopg.AsyncConnection.connect(self.database_url, autocommit=True) as lock:
+        async with await psycopg.AsyncConnection.connect(
+            self.database_url, autocommit=True, application_name=f"pipelines-deploy {deployment_id}"[:63]
+        ) as lock:
             key = env_lock_key(environment.id)
-            cur = await lock.execute("SELECT pg_try_advisory_lock(%s)", (key,))
-            row = await cur.fetchone()
-            if not (row and row[0]):
-                log("stdout", f"queued: another deployment to {environment.name} is in progress")
-                await lock.execute("SELECT pg_advisory_lock(%s)", (key,))
             try:
-                await self._record(
-                    state, deployment_id, DeploymentStarted(deployment_id=deployment_id, at=self.commands.now()), 1
+                # The server notices a vanished client (its host lost) within about half a minute,
+                # and ends the session, which frees the lock (ignored on a Unix socket).
+                await lock.execute(
+                    "SELECT set_config('tcp_keepalives_idle', '15', false), "
+                    "set_config('tcp_keepalives_interval', '5', false), set_config('tcp_keepalives_count', '3', false)"
                 )
+                cur = await lock.execute("SELECT pg_try_advisory_lock(%s)", (key,))
+                row = await cur.fetchone()
+                if not (row and row[0]):
+                    log("stdout", f"queued: another deployment to {environment.name} is in progress")
+                    await lock.execute("SELECT pg_advisory_lock(%s)", (key,))
+                try:
+                    await self._record(
+                        state, deployment_id, DeploymentStarted(deployment_id=deployment_id, at=self.commands.now()), 1
+                    )
+                except WrongExpectedVersion:
+                    closed, _ = await self.load_deployment(deployment_id)
+                    error = f"deployment {deployment_id} was closed while it waited: {closed.error or closed.status}"
+                    log("system", error)
+                    return ScriptOutcome(exit_code=None, error=error)
                 outcome, detail = await self._run_deployer(
                     kind, deployer, environment, deployment_id, component.id, state, log, run_command
                 )
                 if outcome.succeeded:
                     log("stdout", f"deployment {deployment_id} succeeded: {target}")
-                    done: ev.Event = DeploymentSucceeded(
+                    done: dp.DeploymentEvent = DeploymentSucceeded(
                         deployment_id=deployment_id, detail=detail, at=self.commands.now()
                     )
                 else:
@@ -336,18 +479,17 @@ class Deliveries:
                         killed=outcome.killed,
                         error=f"deployment of {target} failed: {error}",
                     )
-                await asyncio.shield(self._record(state, deployment_id, done, 2))
+                try:
+                    await asyncio.shield(self._record(state, deployment_id, done, 2))
+                except WrongExpectedVersion:
+                    # Closed meanwhile (this executor was taken for lost): the history keeps that.
+                    closed, _ = await self.load_deployment(deployment_id)
+                    error = f"deployment {deployment_id} was closed meanwhile: {closed.error or closed.status}"
+                    log("system", error)
+                    outcome = ScriptOutcome(exit_code=outcome.exit_code, error=error)
             except asyncio.CancelledError:
-                await asyncio.shield(
-                    self._record(
-                        state,
-                        deployment_id,
-                        DeploymentFailed(
-                            deployment_id=deployment_id, error="the executor stopped", at=self.commands.now()
-                        ),
-                        None,
-                    )
-                )
+                # Queued or running: either way it is closed as failed (once, by the decider).
+                await asyncio.shield(self._close(deployment_id, "the executor stopped"))
                 raise
             finally:
                 with contextlib.suppress(Exception):  # closing the connection releases it anyway

@@ -11,7 +11,7 @@ import msgspec
 from litestar import Controller, Request, Response, delete, get, patch, post, put
 from litestar.connection import ASGIConnection
 from litestar.datastructures import State
-from litestar.exceptions import NotFoundException, PermissionDeniedException
+from litestar.exceptions import HTTPException, NotFoundException, PermissionDeniedException
 from litestar.handlers.base import BaseRouteHandler
 from litestar.params import FromPath, FromQuery, Parameter
 
@@ -214,7 +214,14 @@ class _Registry(Controller):
         return _json(200, _view(item))
 
     async def _delete(self, request: Request[Principal, Any, State], item_id: str) -> None:
-        if not await registry_of(request).delete(self.kind, request.user.org, item_id):
+        registry = registry_of(request)
+        if self.kind in ("environment", "component"):
+            item = await self._get(request, item_id)
+            users = await registry.used_by(self.kind, request.user.org, item.id)
+            if users:
+                names = ", ".join(f"{name} ({pid})" for pid, name in users)
+                raise HTTPException(status_code=409, detail=f"{self.kind} {item.id} is used by pipelines: {names}")
+        if not await registry.delete(self.kind, request.user.org, item_id):
             raise NotFoundException(f"{self.kind} not found")
 
     @get("/", summary="List")

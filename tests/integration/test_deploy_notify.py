@@ -14,10 +14,16 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import psycopg
 import pytest
 
+from domain import events as ev
+from domain.deployment import DeploymentQueued, DeploymentStarted
+from domain.pipeline import PipelineSpecSaved
+from domain.stages import Job, Stage, Step
 from infra.bus import notify_subject
-from infra.delivery import DeliveryOptions
+from infra.delivery import DeliveryOptions, env_lock_key
+from infra.store import NewEvent
 from tests.integration.system import System, eventually
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="session")]
@@ -435,3 +441,230 @@ async def test_creating_an_environment_honours_the_idempotency_key(system: Syste
         "/api/v1/environments", json={**body, "name": "other"}, headers={**system.headers("admin"), **key}
     )
     assert other.status_code == 409
+
+
+async def _half_done_deployment(
+    system: System, comp: dict[str, Any], env: dict[str, Any], pipeline_id: str, run_id: str, stage_id: str
+) -> str:
+    """What a dead executor leaves behind: a deployment queued and started, never finished."""
+    deployment_id = str(uuid.uuid4())
+    now = system.commands.now()
+    queued = DeploymentQueued(
+        deployment_id=deployment_id,
+        organization_id=system.org,
+        environment_id=env["id"],
+        environment_name=env["name"],
+        component_id=comp["id"],
+        component_name=comp["name"],
+        run_id=run_id,
+        pipeline_id=pipeline_id,
+        stage_id=stage_id,
+        attempt=1,
+        definition_version=1,
+        deployer="command",
+        at=now,
+    )
+    for version, event in enumerate([queued, DeploymentStarted(deployment_id=deployment_id, at=now)]):
+        meta = NewEvent(str(uuid.uuid4()), event, org=system.org, pipeline_id=pipeline_id, run_id=run_id)
+        await system.store.append(ev.deployment_stream(deployment_id), [meta], version)
+    system.commands.notify_appended()
+
+    async def running() -> bool:
+        page = await deployments(system, environmentId=env["id"], status="running")
+        return deployment_id in [d["id"] for d in page["data"]]
+
+    await eventually(running, what="the half-done deployment in the history")
+    return deployment_id
+
+
+async def _deployment(system: System, deployment_id: str) -> dict[str, Any]:
+    r = await system.client.get(f"/api/v1/deployments/{deployment_id}", headers=system.headers("viewer"))
+    assert r.status_code == 200, r.text
+    out: dict[str, Any] = r.json()
+    return out
+
+
+async def test_abandon_closes_a_deployment_left_by_a_dead_executor(system: System) -> None:
+    deliveries = system.executor.deliveries
+    assert deliveries is not None
+    comp = await component(system)
+    env = await environment(system, {"type": "command", "command": "echo deployed"})
+    p = await system.create_pipeline([deploy_stage(comp, env)])
+    dead_run = str(uuid.uuid4())
+    # The dead executor held the environment's lock on its own session.
+    dead = await psycopg.AsyncConnection.connect(system.settings.database_url, autocommit=True)
+    try:
+        await dead.execute("SELECT pg_advisory_lock(%s)", (env_lock_key(env["id"]),))
+        deployment_id = await _half_done_deployment(system, comp, env, p["id"], dead_run, "deploy")
+        # A new deployment to that environment queues behind it ...
+        run = await system.trigger(p["id"])
+
+        async def queued() -> bool:
+            return "queued: another deployment" in (await system.get_run(p["id"], run["id"]))["logs"]
+
+        await eventually(queued, what="the next deployment queued behind the dead one")
+    finally:
+        await dead.close()  # ... until the executor's process (and so its session) is gone.
+    reason = "executor lost: the executor running stage deploy stopped renewing its lease"
+    assert await deliveries.abandon(dead_run, "deploy", reason, attempt=2) == []  # another attempt's
+    assert await deliveries.abandon(dead_run, "deploy", reason, attempt=1) == [deployment_id]
+    assert await deliveries.abandon(dead_run, "deploy", reason) == []  # twice: nothing more
+    assert await deliveries.abandon(dead_run, "other-stage", reason) == []  # nothing to close
+    assert await deliveries.abandon(str(uuid.uuid4()), "deploy", reason) == []
+    records = await system.store.read_stream(ev.deployment_stream(deployment_id))
+    assert [r.event_type for r in records] == ["deployment_queued", "deployment_started", "deployment_failed"]
+
+    async def closed() -> bool:
+        return (await _deployment(system, deployment_id))["status"] == "failed"
+
+    await eventually(closed, what="the abandoned deployment failed in the history")
+    d = await _deployment(system, deployment_id)
+    assert d["error"] == reason and d["finishedAt"] is not None and d["runId"] == dead_run
+
+    done = await system.wait_status(p["id"], run["id"], "succeeded", "failed")
+    assert done["status"] == "succeeded", done
+    # And a later one still runs at once.
+    run2 = await system.trigger(p["id"])
+    done2 = await system.wait_status(p["id"], run2["id"], "succeeded", "failed")
+    assert done2["status"] == "succeeded", done2
+    assert "queued: another deployment" not in done2["logs"]
+
+    async def recorded() -> bool:
+        page = await deployments(system, environmentId=env["id"])
+        return sorted(x["status"] for x in page["data"]) == ["failed", "succeeded", "succeeded"]
+
+    await eventually(recorded, what="the next deployments in the history")
+
+
+async def test_close_orphans_closes_deployments_whose_stage_has_ended(system: System) -> None:
+    deliveries = system.executor.deliveries
+    assert deliveries is not None
+    comp = await component(system)
+    env = await environment(system, {"type": "command", "command": "true"})
+    p = await system.create_pipeline([deploy_stage(comp, env)])
+    run = await system.trigger(p["id"])
+    done = await system.wait_status(p["id"], run["id"], "succeeded", "failed")
+    assert done["status"] == "succeeded", done
+    # Left running against a stage that has ended (its executor died after the stage was settled).
+    orphan = await _half_done_deployment(system, comp, env, p["id"], run["id"], "deploy")
+    closed = await deliveries.close_orphans()
+    assert orphan in closed
+    assert orphan not in await deliveries.close_orphans()
+
+    async def failed() -> bool:
+        return (await _deployment(system, orphan))["status"] == "failed"
+
+    await eventually(failed, what="the orphan closed")
+    d = await _deployment(system, orphan)
+    assert "executor lost" in (d["error"] or "") and "is succeeded" in (d["error"] or "")
+    # The run's own deployment is untouched.
+    page = await deployments(system, environmentId=env["id"], status="succeeded")
+    assert page["total"] == 1
+
+
+async def _projected(system: System, pipeline_id: str, version: int | None) -> None:
+    """Wait until the pipelines read model holds this definition version (None: the row is gone)."""
+
+    async def check() -> bool:
+        async with system.store.pool.connection() as conn:
+            cur = await conn.execute(
+                "SELECT (state::jsonb ->> 'definition_version')::int FROM rm_pipelines WHERE id = %s", (pipeline_id,)
+            )
+            row = await cur.fetchone()
+        return (row[0] if row else None) == version
+
+    await eventually(check, what=f"pipeline {pipeline_id} at version {version} in the read model")
+
+
+async def test_deleting_an_environment_or_component_a_pipeline_uses_is_refused(system: System) -> None:
+    comp = await component(system)
+    env = await environment(system, {"type": "command", "command": "true"})
+    env2 = await environment(system, {"type": "command", "command": "true"})
+    admin = system.headers("admin")
+    p = await system.create_pipeline([deploy_stage(comp, env)], name=f"a-{uuid.uuid4().hex[:6]}")
+    # A deploy step inside a job uses them too. (The API refuses to save stages of jobs until they
+    # can run, so the saved definition is appended as the spec save would record it.)
+    p2 = await system.create_pipeline([{"id": "s", "name": "s", "type": "script", "config": {"command": "true"}}])
+    step = Step(name="ship", kind="deploy", config={"componentId": comp["id"], "environmentId": env2["id"]})
+    jobs = Stage(id="b", name="b", type="jobs", order=0, jobs=(Job(name="j", steps=(step,)),))
+    _, version = await system.commands.load_pipeline(p2["id"])
+    saved = PipelineSpecSaved(
+        spec={"stages": [{"id": "b", "jobs": [{"name": "j", "steps": [{"name": "ship", "deploy": step.config}]}]}]},
+        stages=(jobs,),
+        saved_by="alice",
+        at=system.commands.now(),
+        definition_version=2,
+    )
+    await system.store.append(
+        ev.pipeline_stream(p2["id"]),
+        [NewEvent(str(uuid.uuid4()), saved, org=system.org, pipeline_id=p2["id"])],
+        version,
+    )
+    system.commands.notify_appended()
+    await _projected(system, p["id"], 1)
+    await _projected(system, p2["id"], 2)
+
+    r = await system.client.delete(f"/api/v1/environments/{env['id']}", headers=admin)
+    assert r.status_code == 409, r.text
+    assert r.json() == {
+        "statusCode": 409,
+        "error": "Conflict",
+        "message": f"environment {env['id']} is used by pipelines: {p['name']} ({p['id']})",
+    }
+    r = await system.client.delete(f"/api/v1/environments/{env2['id']}", headers=admin)
+    assert r.status_code == 409 and p2["id"] in r.json()["message"] and p["id"] not in r.json()["message"]
+    r = await system.client.delete(f"/api/v1/components/{comp['id']}", headers=admin)
+    assert r.status_code == 409, r.text
+    message = r.json()["message"]
+    assert message.startswith(f"component {comp['id']} is used by pipelines: ")
+    assert p["id"] in message and p2["id"] in message
+    # Another organization neither sees it nor learns who uses it.
+    r = await system.client.delete(f"/api/v1/environments/{env['id']}", headers=system.headers("admin", org="x"))
+    assert r.status_code == 404
+    # Still there.
+    r = await system.client.get(f"/api/v1/environments/{env['id']}", headers=admin)
+    assert r.status_code == 200
+
+    # Once no live pipeline uses them, they go.
+    script = {"id": "s", "name": "s", "type": "script", "config": {"command": "true"}}
+    r = await system.client.patch(f"/api/v1/pipelines/{p['id']}", json={"stages": [script]}, headers=admin)
+    assert r.status_code == 200, r.text
+    await _projected(system, p["id"], 2)
+    r = await system.client.delete(f"/api/v1/environments/{env['id']}", headers=admin)
+    assert r.status_code == 204, r.text
+    r = await system.client.delete(f"/api/v1/components/{comp['id']}", headers=admin)
+    assert r.status_code == 409 and p2["id"] in r.json()["message"] and p["id"] not in r.json()["message"]
+    r = await system.client.delete(f"/api/v1/pipelines/{p2['id']}", headers=admin)
+    assert r.status_code in (200, 204), r.text
+    await _projected(system, p2["id"], None)
+    r = await system.client.delete(f"/api/v1/components/{comp['id']}", headers=admin)
+    assert r.status_code == 204, r.text
+    r = await system.client.delete(f"/api/v1/environments/{env2['id']}", headers=admin)
+    assert r.status_code == 204, r.text
+
+
+async def test_a_deployment_closed_while_it_waited_does_not_run(system: System) -> None:
+    deliveries = system.executor.deliveries
+    assert deliveries is not None
+    comp = await component(system)
+    env = await environment(system, {"type": "command", "command": "echo ran"})
+    p = await system.create_pipeline([deploy_stage(comp, env)])
+    holder = await psycopg.AsyncConnection.connect(system.settings.database_url, autocommit=True)
+    try:
+        await holder.execute("SELECT pg_advisory_lock(%s)", (env_lock_key(env["id"]),))
+        run = await system.trigger(p["id"])
+
+        async def queued() -> bool:
+            return "queued: another deployment" in (await system.get_run(p["id"], run["id"]))["logs"]
+
+        await eventually(queued, what="the deployment queued")
+        closed = await deliveries.abandon(run["id"], "deploy", "taken for lost")
+        assert len(closed) == 1
+    finally:
+        await holder.close()
+    done = await system.wait_status(p["id"], run["id"], "failed", "succeeded")
+    assert done["status"] == "failed", done
+    assert "was closed while it waited: taken for lost" in (done["stageResults"][0]["error"] or "")
+    assert "ran" not in done["stageResults"][0]["output"].split()
+    records = await system.store.read_stream(ev.deployment_stream(closed[0]))
+    assert [r.event_type for r in records] == ["deployment_queued", "deployment_failed"]
