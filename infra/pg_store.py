@@ -10,6 +10,16 @@ the horizon has committed or rolled back, so nothing can appear behind the curso
 Why the stream-version write comes first: a transaction gets its xid at its first write. Taking
 the stream's row lock first means a writer that queues behind another on the same stream has
 not yet taken an xid, so it does not hold the horizon back while it waits.
+
+Why an append is one statement: a transaction that spans round trips (`BEGIN`, the stream-version
+write, the insert, `COMMIT`) keeps its xid open while the client thinks between them, which holds
+the feed's horizon back for every follower and caps appends near a third of bare INSERT commits.
+An append without unique keys is therefore a single data-modifying statement sent in autocommit
+(one round trip, prepared after a few uses): a CTE writes the stream's version first (the
+optimistic-concurrency check: no row means another writer got there first) and the events are
+inserted from its result, so no event is written unless the version moved, and both writes share
+one xid and commit together. The unique index on (stream_id, stream_version) stays the real guard.
+Appends that claim or release unique keys keep the transactional path (`append_in`).
 """
 
 from __future__ import annotations
@@ -73,8 +83,19 @@ class PostgresEventStore:
         claim: Sequence[UniqueKey] = (),
         release: Sequence[UniqueKey] = (),
     ) -> AppendResult:
-        async with self._pool.connection() as conn, conn.transaction():
-            return await self.append_in(conn, stream_id, events, expected_version, claim=claim, release=release)
+        if claim or release:
+            async with self._pool.connection() as conn, conn.transaction():
+                return await self.append_in(conn, stream_id, events, expected_version, claim=claim, release=release)
+        # getconn/putconn rather than `connection()`: the same checks on return (a connection left
+        # mid-statement or in a transaction is reset or discarded) without a commit call per append.
+        conn = await self._pool.getconn()
+        try:
+            if conn.autocommit:
+                return await _append_one_statement(conn, stream_id, events, expected_version)
+            async with conn.transaction():  # a pool without autocommit: still one statement
+                return await _append_one_statement(conn, stream_id, events, expected_version)
+        finally:
+            await self._pool.putconn(conn)
 
     @contextlib.asynccontextmanager
     async def begin_append(
@@ -224,3 +245,99 @@ class PostgresEventStore:
             )
             row = await cur.fetchone()
             return (row[0], row[1]) if row else (0, 0)
+
+
+# The stream-version write of `_append_one_statement`, by expected version: 0 (the stream must
+# not exist: a second creator fails on the primary key), None (any: an upsert that takes the row
+# lock), n (compare and set: no row when the stream is elsewhere).
+_STREAM_CREATE = "INSERT INTO streams (stream_id, version) VALUES (%(s)s, %(n)s) RETURNING version"
+_STREAM_ANY = (
+    "INSERT INTO streams (stream_id, version) VALUES (%(s)s, %(n)s) "
+    "ON CONFLICT (stream_id) DO UPDATE SET version = streams.version + EXCLUDED.version RETURNING version"
+)
+_STREAM_AT = (
+    "UPDATE streams SET version = version + %(n)s WHERE stream_id = %(s)s AND version = %(e)s RETURNING version"
+)
+
+
+def _append_sql(stream_write: str) -> str:
+    return (
+        f"WITH s AS ({stream_write}) "
+        "INSERT INTO events (stream_id, stream_version, event_id, event_type, org, pipeline_id, run_id, data) "
+        "SELECT %(s)s, s.version - %(n)s + u.k, u.i::uuid, u.t, u.o, u.p, u.r, u.d::json "
+        "FROM s, unnest(%(i)s::text[], %(t)s::text[], %(o)s::text[], %(p)s::text[], %(r)s::text[], %(d)s::text[]) "
+        "WITH ORDINALITY AS u(i, t, o, p, r, d, k) "
+        "ORDER BY u.k "
+        "RETURNING position, stream_version"
+    )
+
+
+def _append_one_sql(stream_write: str) -> str:
+    """The same for the common append of one event, without arrays (cheaper on both sides)."""
+    return (
+        f"WITH s AS ({stream_write}) "
+        "INSERT INTO events (stream_id, stream_version, event_id, event_type, org, pipeline_id, run_id, data) "
+        "SELECT %(s)s, s.version, %(i)s::uuid, %(t)s, %(o)s, %(p)s, %(r)s, %(d)s::json FROM s "
+        "RETURNING position, stream_version"
+    )
+
+
+# By expected version (0, None, n) and whether one event or several.
+_APPEND_SQL: dict[tuple[str, bool], str] = {
+    (kind, one): (_append_one_sql if one else _append_sql)(write)
+    for kind, write in (("create", _STREAM_CREATE), ("any", _STREAM_ANY), ("at", _STREAM_AT))
+    for one in (True, False)
+}
+
+
+async def _append_one_statement(
+    conn: psycopg.AsyncConnection[Any],
+    stream_id: str,
+    events: Sequence[NewEvent],
+    expected_version: int | None,
+) -> AppendResult:
+    """Append without unique keys in one statement (see the module's docstring)."""
+    n = len(events)
+    if n == 0:
+        raise ValueError("nothing to append")
+    kind = "create" if expected_version == 0 else "any" if expected_version is None else "at"
+    query = _APPEND_SQL[(kind, n == 1)]
+    params: dict[str, Any]
+    if n == 1:
+        (e,) = events
+        params = {
+            "s": stream_id,
+            "n": 1,
+            "e": expected_version,
+            "i": e.event_id,
+            "t": ev.event_type(e.event),
+            "o": e.org,
+            "p": e.pipeline_id,
+            "r": e.run_id,
+            "d": ev.encode(e.event).decode(),
+        }
+    else:
+        params = {
+            "s": stream_id,
+            "n": n,
+            "e": expected_version,
+            "i": [e.event_id for e in events],
+            "t": [ev.event_type(e.event) for e in events],
+            "o": [e.org for e in events],
+            "p": [e.pipeline_id for e in events],
+            "r": [e.run_id for e in events],
+            "d": [ev.encode(e.event).decode() for e in events],
+        }
+    try:
+        cur = await conn.execute(query, params)
+        rows = await cur.fetchall()
+    except psycopg.errors.UniqueViolation as exc:
+        if exc.diag.constraint_name == "events_event_id_key":
+            raise ValueError("an event with this event id is already stored") from exc
+        # streams_pkey (the stream exists) or the (stream_id, stream_version) guard.
+        raise WrongExpectedVersion(stream_id, expected_version) from exc
+    if not rows:
+        # The stream-version write matched no row: the stream is not at the expected version.
+        raise WrongExpectedVersion(stream_id, expected_version)
+    rows.sort(key=lambda r: int(r[1]))
+    return AppendResult(version=int(rows[-1][1]), positions=tuple(int(r[0]) for r in rows))

@@ -200,6 +200,85 @@ async def test_of_many_concurrent_creates_of_one_stream_exactly_one_wins(store: 
     assert len(await read_all(store)) == 2
 
 
+async def test_an_event_id_already_stored_is_refused_and_nothing_is_written(store: Any) -> None:
+    first = new("first")
+    await store.append("run-r1", [first], 0)
+    again = NewEvent(event_id=first.event_id, event=first.event)
+    with pytest.raises(ValueError, match="event id"):
+        await store.append("run-r2", [again], 0)
+    with pytest.raises(ValueError, match="event id"):
+        await store.append("run-r1", [new("other"), again], 1)
+    with pytest.raises(ValueError, match="event id"):
+        await store.append("run-r1", [again], None)
+    await nothing_written(store, "run-r1", 1, [first.event_id])
+    assert await store.read_stream("run-r2") == []
+    assert (await store.append("run-r2", [new()], 0)).version == 1
+
+
+async def test_racing_writers_on_shared_streams_lose_cleanly_and_a_follower_misses_nothing(store: Any) -> None:
+    """Writers share streams two by two and append through `append` (no held transaction) at the
+    version they last saw, retrying after a lost race; a live follower sees every winner once."""
+    writers, appends_each = 8, 30
+    committed: list[str] = []
+    conflicts = 0
+    done = asyncio.Event()
+
+    async def writer(w: int) -> None:
+        nonlocal conflicts
+        stream = f"run-shared{w % (writers // 2)}"
+        version: int | None = None
+        for i in range(appends_each):
+            batch = [new(f"w{w}.{i}.{j}") for j in range(1 + (i % 4 == 0))]
+            while True:
+                if version is None:
+                    version = len(await store.read_stream(stream))
+                try:
+                    result = await store.append(stream, batch, version)
+                except WrongExpectedVersion:
+                    conflicts += 1
+                    version = None
+                    continue
+                version = result.version
+                committed.extend(e.event_id for e in batch)
+                break
+            await asyncio.sleep(0)
+
+    delivered: list[RecordedEvent] = []
+
+    async def follower() -> None:
+        cursor = FEED_START
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + FOLLOW_DEADLINE_S
+        while True:
+            finished = done.is_set()
+            page = await store.read_feed(cursor, 50)
+            for record in page:
+                assert record.cursor > cursor, "the feed went backwards or repeated an event"
+                cursor = record.cursor
+            delivered.extend(page)
+            if finished and not page:
+                return
+            assert loop.time() < deadline, f"follower stalled at {len(delivered)}/{len(committed)} events"
+            if not page:
+                await asyncio.sleep(0.001)
+
+    follow = asyncio.create_task(follower())
+    await asyncio.gather(*(writer(w) for w in range(writers)))
+    done.set()
+    await follow
+
+    delivered_ids = ids(delivered)
+    assert len(delivered_ids) == len(set(delivered_ids)), "an event was delivered twice"
+    assert set(delivered_ids) == set(committed), "the follower skipped committed events"
+    for k in range(writers // 2):
+        records = await store.read_stream(f"run-shared{k}")
+        assert [r.stream_version for r in records] == list(range(1, len(records) + 1))
+        in_feed = [r.stream_version for r in delivered if r.stream_id == f"run-shared{k}"]
+        assert in_feed == list(range(1, len(records) + 1))
+    # Every append of a batch is whole: the events of one append are never split by a loser.
+    assert len(committed) == writers * (appends_each + (appends_each + 3) // 4)
+
+
 # ---- unique keys --------------------------------------------------------------------------
 
 
