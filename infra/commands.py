@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from importlib.metadata import entry_points
+from typing import Any, Literal
 
 from domain import events as ev
 from domain import pipeline as pl
 from domain import run as rn
 from domain.errors import Invalid, NotFound
 from domain.stages import stages_from_dicts, validate_stage_dicts
+from infra.git_repo import FileAtHead, GitConflict, GitError, GitRepos, parse_spec, render_spec
 from infra.store import EventStore, NewEvent, UniqueKey, UniqueKeyTaken, WrongExpectedVersion
 
 RunHook = Callable[[rn.RunState, list[rn.RunEvent]], Awaitable[None]]
@@ -29,6 +32,18 @@ class NameTaken(Exception):
 
 class ConcurrencyConflict(Exception):
     """Still losing optimistic-concurrency races after retries (HTTP 409)."""
+
+
+@dataclass(frozen=True)
+class SavedSpec:
+    """What a spec save did: the pipeline after it, and for a Git-backed pipeline the commit
+    (`branch` is the pipeline's branch; `pr_branch` the new branch of a `pr` save, whose
+    definition is unchanged until the branch is merged and the pipeline triggered)."""
+
+    state: pl.PipelineState
+    commit_sha: str | None = None
+    branch: str | None = None
+    pr_branch: str | None = None
 
 
 def name_key(org: str | None, name: str) -> UniqueKey:
@@ -52,8 +67,10 @@ class Commands:
         new_id: Callable[[], str] = new_uuid,
         on_append: Callable[[], None] | None = None,
         retries: int = 8,
+        git: GitRepos | None = None,
     ) -> None:
         self.store = store
+        self.git = git or GitRepos()
         self.now = now
         self.new_id = new_id
         self._on_append = on_append
@@ -110,6 +127,9 @@ class Commands:
         org: str | None,
         by: str,
         pipeline_id: str | None = None,
+        repo_url: str | None = None,
+        default_branch: str | None = None,
+        pipeline_file_path: str | None = None,
     ) -> pl.PipelineState:
         pipeline_id = pipeline_id or self.new_id()
         cmd = pl.CreatePipeline(
@@ -120,6 +140,9 @@ class Commands:
             organization_id=org,
             by=by,
             at=self.now(),
+            repo_url=repo_url,
+            default_branch=default_branch or pl.DEFAULT_BRANCH,
+            pipeline_file_path=pipeline_file_path or pl.DEFAULT_PIPELINE_FILE,
         )
         new = pl.decide(cmd, pl.initial_state)
         try:
@@ -153,6 +176,8 @@ class Commands:
             if not state.live or not visible(state):
                 raise NotFound("pipeline not found")
             new = pl.decide(make(self.now()), state)
+            if not new:
+                return state
             claim, release = keys(state, new) if keys is not None else ([], [])
             try:
                 await self.store.append(
@@ -179,6 +204,10 @@ class Commands:
         description: str | None = None,
         set_description: bool = False,
         stages: list[Any] | None = None,
+        repo_url: str | None = None,
+        set_repo_url: bool = False,
+        default_branch: str | None = None,
+        pipeline_file_path: str | None = None,
         visible: Callable[[pl.PipelineState], bool] = lambda s: True,
     ) -> pl.PipelineState:
         parsed = None if stages is None else self._stages(stages)
@@ -194,7 +223,16 @@ class Commands:
             return await self._pipeline_command(
                 pipeline_id,
                 lambda at: pl.UpdatePipeline(
-                    name=name, description=description, set_description=set_description, stages=parsed, by=by, at=at
+                    name=name,
+                    description=description,
+                    set_description=set_description,
+                    stages=parsed,
+                    repo_url=repo_url,
+                    set_repo_url=set_repo_url,
+                    default_branch=default_branch,
+                    pipeline_file_path=pipeline_file_path,
+                    by=by,
+                    at=at,
                 ),
                 visible=visible,
                 keys=renames,
@@ -222,31 +260,106 @@ class Commands:
         by: str,
         plugins: frozenset[str] | None = None,
         visible: Callable[[pl.PipelineState], bool] = lambda s: True,
-    ) -> pl.PipelineState:
-        """Validate a spec and save it as the pipeline's next definition version."""
+        save_mode: Literal["direct", "pr"] = "direct",
+        expected_head_commit_sha: str | None = None,
+    ) -> SavedSpec:
+        """Validate a spec and save it as the pipeline's next definition version.
+
+        A Git-backed pipeline's spec is first committed (as `format`) to its file: pushed to its
+        branch (`direct`; then recorded as the next version with the commit), or to a new branch
+        awaiting review (`pr`; the definition is unchanged). A branch head that is not
+        `expected_head_commit_sha`, or that moves while we push, is a ConcurrencyConflict."""
         from domain.spec import stages_from_spec, validate_spec
 
         errors, _ = validate_spec(spec, plugins=plugins)
         if errors:
             raise Invalid({f"spec.{e.path}" if e.path != "spec" else "spec": e.message for e in errors})
-        # Stages of jobs validate, but the executor cannot run them yet: refuse them here rather
-        # than save a definition whose runs would fail.
-        if "jobs" in spec:
-            raise Invalid({"spec.jobs": "stages of jobs validate but cannot run yet; save typed stages only"})
-        for i, stage in enumerate(spec.get("stages", [])):
-            if isinstance(stage, dict) and "jobs" in stage:
-                raise Invalid(
-                    {f"spec.stages[{i}].jobs": "stages of jobs validate but cannot run yet; save typed stages only"}
-                )
         typed = [s for s in spec.get("stages", []) if isinstance(s, dict) and "jobs" not in s]
         stages = stages_from_spec(spec, [self.new_id() for _ in typed])
-        return await self._pipeline_command(
+        state, _ = await self.load_pipeline(pipeline_id)
+        if not state.live or not visible(state):
+            raise NotFound("pipeline not found")
+        pushed = None
+        if state.repo_url is not None:
+            path = state.pipeline_file_path
+            short = self.new_id().replace("-", "")[:12]
+            pr_branch = pl.pr_branch_name(pipeline_id, short) if save_mode == "pr" else None
+            try:
+                pushed = await self.git.commit_file(
+                    state.repo_url,
+                    state.default_branch,
+                    path,
+                    render_spec(spec, format),
+                    message=commit_message or f"Update {path}",
+                    author=by,
+                    expected_head=expected_head_commit_sha,
+                    push_to=pr_branch,
+                )
+            except GitConflict as exc:
+                raise ConcurrencyConflict(str(exc)) from exc
+            except GitError as exc:
+                raise Invalid({"repoUrl": str(exc)}) from exc
+            if pr_branch is not None:
+                return SavedSpec(state, commit_sha=pushed.commit_sha, branch=state.default_branch, pr_branch=pr_branch)
+        elif save_mode == "pr" or expected_head_commit_sha is not None:
+            raise Invalid({"saveMode": "this pipeline is not backed by a Git repository; use saveMode direct"})
+        commit_sha = pushed.commit_sha if pushed is not None else None
+        saved = await self._pipeline_command(
             pipeline_id,
             lambda at: pl.SaveSpec(
-                spec=spec, stages=stages, format=format, commit_message=commit_message, by=by, at=at
+                spec=spec,
+                stages=stages,
+                format=format,
+                commit_message=commit_message,
+                commit_sha=commit_sha,
+                by=by,
+                at=at,
             ),
             visible=visible,
         )
+        return SavedSpec(saved, commit_sha=commit_sha, branch=state.default_branch if pushed is not None else None)
+
+    async def read_git_spec(self, pipeline: pl.PipelineState) -> tuple[dict[str, Any], pl.SpecFormat, FileAtHead]:
+        """The spec in a Git-backed pipeline's file at its branch head (validated), its format,
+        and the file with its commit. Invalid (400) when it cannot be read or is not valid."""
+        from domain.spec import validate_spec
+
+        assert pipeline.repo_url is not None
+        path = pipeline.pipeline_file_path
+        try:
+            head = await self.git.read_file(pipeline.repo_url, pipeline.default_branch, path)
+            spec, fmt = parse_spec(head.content, path)
+        except GitError as exc:
+            raise Invalid({"repoUrl": f"cannot read {path} from branch {pipeline.default_branch!r}: {exc}"}) from exc
+        where = f"{path}@{head.commit_sha[:12]}"
+        errors, _ = validate_spec(spec, plugins=frozenset(e.name for e in entry_points(group="pipelines.steps")))
+        if errors:
+            raise Invalid({f"{where}: {e.path}": e.message for e in errors})
+        assert isinstance(spec, dict)
+        return spec, fmt, head
+
+    async def sync_from_git(self, pipeline: pl.PipelineState, *, by: str) -> tuple[pl.PipelineState, FileAtHead]:
+        """Read a Git-backed pipeline's spec at its branch head; when it differs from the current
+        definition, record it as the next definition version (with its commit) first."""
+        from domain.spec import stages_from_spec
+
+        spec, fmt, head = await self.read_git_spec(pipeline)
+        typed = [s for s in spec.get("stages", []) if isinstance(s, dict) and "jobs" not in s]
+        stages = stages_from_spec(spec, [self.new_id() for _ in typed])
+        state = await self._pipeline_command(
+            pipeline.pipeline_id,
+            lambda at: pl.SaveSpec(
+                spec=spec,
+                stages=stages,
+                format=fmt,
+                commit_sha=head.commit_sha,
+                only_if_changed=True,
+                by=by,
+                at=at,
+            ),
+            visible=lambda s: s.organization_id == pipeline.organization_id,
+        )
+        return state, head
 
     # ---- runs ------------------------------------------------------------------------------
 
@@ -261,7 +374,15 @@ class Commands:
         trigger: dict[str, Any] | None = None,
     ) -> tuple[rn.RunState, list[rn.RunEvent]]:
         """Start a run of the pipeline's current definition. The run's variables are the
-        pipeline's (from its spec) overridden by the trigger's."""
+        pipeline's (from its spec) overridden by the trigger's. A Git-backed pipeline's definition
+        is first read from its branch head (a new version when it changed); the run's trigger
+        records the commit (`commitSha`, `branch`)."""
+        trigger = dict(trigger or {"type": "manual"})
+        if pipeline.repo_url is not None:
+            pipeline, head = await self.sync_from_git(pipeline, by=by)
+            trigger["commitSha"] = head.commit_sha
+            if not trigger.get("branch"):
+                trigger["branch"] = head.branch
         run_id = run_id or self.new_id()
         cmd = rn.TriggerRun(
             run_id=run_id,
@@ -271,7 +392,7 @@ class Commands:
             stages=pipeline.stages,
             variables={**pipeline.variables, **(variables or {})},
             secret_names=tuple(secret_names),
-            trigger=trigger or {"type": "manual"},
+            trigger=trigger,
             by=by,
             at=self.now(),
         )

@@ -374,8 +374,8 @@ class Deliveries:
                 sr = state.stage_runs[state.stage_index(stage_id)] if state.exists else None
             except Refused:
                 sr = None
-            if sr is not None and sr.status == "running" and sr.attempt == attempt:
-                continue  # its executor is (as far as we know) still at it
+            if sr is not None and sr.status == "running" and (sr.attempt == attempt or sr.jobs):
+                continue  # its executor is (as far as we know) still at it (a step's attempts are its own)
             where = f"stage {stage_id} of run {run_id}"
             reason = (
                 f"executor lost: {where} is {sr.status} (attempt {sr.attempt}) but this deployment never finished"

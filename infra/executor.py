@@ -31,6 +31,7 @@ from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
 
+from domain import expressions
 from domain import run as rn
 from domain.errors import NotFound, Refused
 from domain.stages import Stage
@@ -43,6 +44,8 @@ from infra.masking import Masker
 from infra.pg_store import PostgresEventStore
 from infra.script_runner import ScriptOutcome, ScriptRun, clean_env
 from infra.secrets import SecretStore, SecretsUnavailable
+from infra.step_plugins import plugin_command
+from infra.units import Unit, split_key, started_units, unit_key, unit_status
 
 log = logging.getLogger("pipelines.executor")
 
@@ -84,7 +87,14 @@ class RunLog:
     def start(self) -> None:
         self._task = asyncio.create_task(self._loop())
 
-    def line(self, stage_id: str | None, stream: Literal["stdout", "stderr", "system"], text: str) -> None:
+    def line(
+        self,
+        stage_id: str | None,
+        stream: Literal["stdout", "stderr", "system"],
+        text: str,
+        job: str | None = None,
+        step: str | None = None,
+    ) -> None:
         if self._cut:
             return
         if self._masker is not None:
@@ -95,7 +105,8 @@ class RunLog:
             text = f"[log truncated: this run's log reached the limit of {self._max_bytes} bytes]"
             stream = "system"
         self._bytes += size
-        self._buffer.append((stage_id, rn.LogLine(stream, text)))
+        key = None if stage_id is None else unit_key(stage_id, job, step)
+        self._buffer.append((key, rn.LogLine(stream, text)))
         if len(self._buffer) >= self._max_lines:
             self._wake.set()
 
@@ -126,11 +137,13 @@ class RunLog:
                     await asyncio.sleep(0.2 * (attempt + 1))
         if self._publish is not None:
             for c in chunks:
-                payload = {
+                payload: dict[str, Any] = {
                     "runId": self._state.run_id,
                     "stage": c.stage_id,
                     "lines": [{"stream": ln.stream, "text": ln.text} for ln in c.lines],
                 }
+                if c.job is not None:
+                    payload["job"], payload["step"] = c.job, c.step
                 with contextlib.suppress(Exception):
                     await self._publish(_json.encode(payload))
 
@@ -147,21 +160,27 @@ MAX_CHUNK_BYTES = 256 * 1024
 
 
 def chunk_lines(buffer: list[tuple[str | None, rn.LogLine]], at: datetime) -> list[rn.LogAppended]:
-    """Consecutive lines of one stage, in chunks of at most MAX_CHUNK_BYTES of text."""
+    """Consecutive lines of one stage (or one step of a job), in chunks of at most MAX_CHUNK_BYTES
+    of text. Each line comes with its unit key (see infra.units)."""
     chunks: list[rn.LogAppended] = []
     current: list[rn.LogLine] = []
-    current_stage: str | None = None
+    current_key: str | None = None
     size = 0
-    for stage_id, line in buffer:
+
+    def close() -> None:
+        stage_id, job, step = split_key(current_key) if current_key is not None else (None, None, None)
+        chunks.append(rn.LogAppended(stage_id=stage_id, job=job, step=step, lines=tuple(current), at=at))
+
+    for key, line in buffer:
         n = len(line.text) + 16
-        if current and (stage_id != current_stage or size + n > MAX_CHUNK_BYTES):
-            chunks.append(rn.LogAppended(stage_id=current_stage, lines=tuple(current), at=at))
+        if current and (key != current_key or size + n > MAX_CHUNK_BYTES):
+            close()
             current, size = [], 0
-        current_stage = stage_id
+        current_key = key
         current.append(line)
         size += n
     if current:
-        chunks.append(rn.LogAppended(stage_id=current_stage, lines=tuple(current), at=at))
+        close()
     return chunks
 
 
@@ -169,8 +188,10 @@ def chunk_lines(buffer: list[tuple[str | None, rn.LogLine]], at: datetime) -> li
 class _Driver:
     task: asyncio.Task[None] | None = None
     dirty: bool = False
+    # Set when something happened to the run while its units run (an approval, a resume).
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
     messages: list[Msg] = field(default_factory=list)
-    script: ScriptRun | None = None
+    scripts: set[ScriptRun] = field(default_factory=set)
     stop_requested: bool = False
 
 
@@ -189,6 +210,7 @@ class Executor:
         self.leases = leases
         self.secrets = secrets
         self._purged_at = 0.0
+        self._orphans_at = 0.0
         self.executor_id = uuid.uuid4().hex
         self.host = socket.gethostname()
         self._drivers: dict[str, _Driver] = {}
@@ -198,7 +220,7 @@ class Executor:
         self.workdir = settings.work_root
         # Deploy and notify stages need the registry's tables (PostgreSQL).
         self.deliveries: Deliveries | None = (
-            Deliveries(commands, commands.store.pool, settings.database_url, nc, sealer=secrets)
+            Deliveries(commands, commands.store.pool, settings.database_url, nc, sealer=secrets, settings=settings)
             if isinstance(commands.store, PostgresEventStore)
             else None
         )
@@ -269,8 +291,8 @@ class Executor:
         if driver is None:
             return
         driver.stop_requested = True
-        if driver.script is not None:
-            self._spawn(driver.script.stop())
+        for script in list(driver.scripts):
+            self._spawn(script.stop())
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.create_task(coro)
@@ -286,6 +308,7 @@ class Executor:
             driver.task = asyncio.create_task(self._drive(run_id, driver), name=f"run-{run_id}")
         else:
             driver.dirty = True
+            driver.wake.set()
         return driver
 
     async def _heartbeat(self) -> None:
@@ -325,6 +348,9 @@ class Executor:
             await self.secrets.purge(older_than=600)
         if self.leases is None:
             return
+        if self.deliveries is not None and now - self._orphans_at > 60:
+            self._orphans_at = now
+            await self.deliveries.close_orphans(older_than=self.settings.lease_ttl)
         for lease in await self.leases.claim_expired(self.executor_id, hold=self.settings.lease_ttl):
             if (lease.run_id, lease.stage_id, lease.attempt) in self._running:
                 continue  # ours after all (a slow heartbeat); the claim renewed it
@@ -347,39 +373,43 @@ class Executor:
             await kill_orphan(lease.pgid, lease.run_id, self.settings.kill_grace)
         try:
             state, _ = await self.commands.load_run(lease.run_id)
-            sr = state.stage_runs[state.stage_index(lease.stage_id)] if state.exists else None
-            if sr is not None and sr.status == "running" and sr.attempt == lease.attempt:
+            stage_id, job, step = split_key(lease.stage_id)
+            if state.exists and unit_status(state, lease.stage_id) == ("running", lease.attempt):
+                what = f"stage {stage_id}" if job is None else f"step {step} of job {job}"
                 message = (
-                    f"executor lost: the executor running stage {lease.stage_id} (attempt {lease.attempt}) "
+                    f"executor lost: the executor running {what} (attempt {lease.attempt}) "
                     f"on {lease.host} stopped renewing its lease"
                 )
                 await self.commands.append_logs(
                     state,
                     [
                         rn.LogAppended(
-                            stage_id=lease.stage_id, lines=(rn.LogLine("system", message),), at=self.commands.now()
+                            stage_id=stage_id,
+                            job=job,
+                            step=step,
+                            lines=(rn.LogLine("system", message),),
+                            at=self.commands.now(),
                         )
                     ],
                 )
+                lost = ScriptOutcome(exit_code=None, error=message)
                 with contextlib.suppress(Refused):
                     await self.commands.run_command(
                         lease.run_id,
-                        lambda at: rn.CompleteStage(
-                            stage_id=lease.stage_id, attempt=lease.attempt, succeeded=False, error=message, at=at
-                        ),
+                        lambda at: completion(stage_id, job, step, lease.attempt, lost, at),
                         before_append=self._take_leases,
                         lost_race=self._drop_leases,
                     )
+                # A deployment the lost executor was making is closed too (after the stage is
+                # recorded, so a failure here still leaves the stage failed).
+                if self.deliveries is not None:
+                    await self.deliveries.abandon(lease.run_id, stage_id, message, attempt=lease.attempt)
         finally:
             await self.leases.release(lease.run_id, lease.stage_id, lease.attempt)
         self.kick(lease.run_id)
 
     def _new_stage_attempts(self, state: rn.RunState, new: list[rn.RunEvent]) -> list[tuple[str, int]]:
-        return [
-            (e.stage_id, e.attempt)
-            for e in new
-            if isinstance(e, rn.StageStarted) and state.stage(e.stage_id).type != "approval"
-        ]
+        return [(unit.key, unit.attempt) for unit in started_units(state, new)]
 
     async def _take_leases(self, state: rn.RunState, new: list[rn.RunEvent]) -> None:
         # Taken before the StageStarted append commits: a started stage always has a lease, so an
@@ -402,14 +432,22 @@ class Executor:
             return
         retry_at = state.next_retry_at
         if retry_at is not None:
-            stage_id = next(sr.stage_id for sr in state.stage_runs if sr.status == "queued")
-            await self.leases.schedule(state.run_id, "retry", stage_id, retry_at)
-        gate = state.active_stage
-        if state.status == "waiting_approval" and gate is not None and gate.started_at is not None:
-            timeout = state.stage(gate.stage_id).timeout
+            await self.leases.schedule(state.run_id, "retry", "next", retry_at)
+        if state.status != "waiting_approval":
+            return
+        for gate in state.open_gates:
+            if gate.started_at is None:
+                continue
+            if gate.job is None or gate.step is None:
+                timeout = state.stage(gate.stage_id).timeout
+            else:
+                timeout = state.step(gate.stage_id, gate.job, gate.step).timeout
             if timeout is not None:
                 await self.leases.schedule(
-                    state.run_id, "approval", gate.stage_id, gate.started_at + timedelta(seconds=timeout)
+                    state.run_id,
+                    "approval",
+                    unit_key(gate.stage_id, gate.job, gate.step),
+                    gate.started_at + timedelta(seconds=timeout),
                 )
 
     async def drain(self) -> None:
@@ -449,7 +487,8 @@ class Executor:
         )
 
     async def drive_once(self, run_id: str, driver: _Driver | None = None) -> rn.RunState:
-        """Take the run as far as it can go now: start it, run stages, finish it."""
+        """Take the run as far as it can go now: start it, run its stages and the steps of its jobs
+        (several at once when jobs run in parallel), finish it."""
         state, _ = await self.commands.load_run(run_id)
         if not state.exists:
             raise NotFound(f"run {run_id} not found")
@@ -460,79 +499,95 @@ class Executor:
                     run_id, lambda at: rn.Cancel(by="system", reason="pipeline deleted", at=at)
                 )
                 return state
+        if driver is not None:
+            driver.wake.clear()
         state, new = await self._advance(run_id)
-        while True:
-            job = self._started_job(state, new)
-            if job is None:
-                if not new:
-                    if state.terminal:
-                        # Attempts and stages share the run's working directory until it ends.
-                        await asyncio.to_thread(shutil.rmtree, self.workdir / run_id, True)
-                        if self.secrets is not None and state.secret_names:
-                            await self.secrets.delete(run_id)
+        tasks: dict[asyncio.Task[ScriptOutcome], Unit] = {}
+        try:
+            while True:
+                units = started_units(state, new)
+                for unit in units:
+                    self._running.add((run_id, unit.key, unit.attempt))
+                    task = asyncio.create_task(self._execute(state, unit, driver), name=f"{run_id}:{unit.key}")
+                    tasks[task] = unit
+                if not tasks:
+                    if not new:
+                        if state.terminal:
+                            # Attempts and stages share the run's working directory until it ends.
+                            await asyncio.to_thread(shutil.rmtree, self.workdir / run_id, True)
+                            if self.secrets is not None and state.secret_names:
+                                await self.secrets.delete(run_id)
+                        await self._schedule_timers(state)
+                        return state
+                    state, new = await self._advance(run_id)
+                    continue
+                # Wait for a unit to finish, for something to happen to the run (an approval of
+                # one job's gate while other jobs run, a resume, a stop), or for a retry to be due.
+                retry_at = state.next_retry_at
+                if retry_at is not None or state.status == "waiting_approval":
                     await self._schedule_timers(state)
-                    return state
-                state, new = await self._advance(run_id)
-                continue
-            stage, attempt = job
-            key = (run_id, stage.id, attempt)
-            self._running.add(key)
-            try:
-                outcome = await self._execute(state, stage, attempt, driver)
-            except asyncio.CancelledError:
-                # Shutting down mid-stage: record the attempt as failed (its retry policy decides)
-                # rather than leave it to the lease sweep.
-                lost = ScriptOutcome(exit_code=None, error="the executor stopped while this stage was running")
+                waiters: set[asyncio.Task[Any]] = set(tasks)
+                wake: asyncio.Task[Any] | None = None
+                if driver is not None:
+                    wake = asyncio.create_task(driver.wake.wait())
+                    waiters.add(wake)
+                timeout = None if retry_at is None else max(0.0, (retry_at - self.commands.now()).total_seconds())
+                done, _ = await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+                if wake is not None and wake not in done:
+                    wake.cancel()
+                new = []
+                if not done:  # a retry is due
+                    state, new = await self._advance(run_id)
+                    continue
+                for task in done:
+                    unit_done = tasks.pop(task, None)
+                    if unit_done is None:
+                        continue
+                    self._running.discard((run_id, unit_done.key, unit_done.attempt))
+                    try:
+                        outcome = task.result()
+                    except Exception as exc:  # a bug in running the unit: record it, never hang
+                        log.exception("run %s: running %s failed", run_id, unit_done.key)
+                        outcome = ScriptOutcome(exit_code=None, error=f"the executor failed to run this: {exc}")
+                    try:
+                        state, more = await self._complete(run_id, unit_done, outcome)
+                        new += more
+                    except Refused as exc:
+                        log.info("run %s: outcome of %s not recorded: %s", run_id, unit_done.key, exc)
+                if driver is not None and driver.wake.is_set():
+                    driver.wake.clear()
+                    driver.dirty = False
+                    state, more = await self._advance(run_id)
+                    new += more
+        except asyncio.CancelledError:
+            # Shutting down mid-run: record what was running as failed (each retry policy decides)
+            # rather than leave it to the lease sweep.
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            lost = ScriptOutcome(exit_code=None, error="the executor stopped while this was running")
+            for unit in tasks.values():
                 with contextlib.suppress(Exception):
-                    await asyncio.wait_for(asyncio.shield(self._complete(run_id, stage, attempt, lost)), 5)
-                raise
-            finally:
-                self._running.discard(key)
-            try:
-                state, new = await self._complete(run_id, stage, attempt, outcome)
-            except Refused as exc:
-                log.info("run %s: outcome of %s not recorded: %s", run_id, stage.id, exc)
-                state, new = await self._advance(run_id)
+                    await asyncio.wait_for(asyncio.shield(self._complete(run_id, unit, lost)), 5)
+            raise
+        finally:
+            for unit in tasks.values():
+                self._running.discard((run_id, unit.key, unit.attempt))
 
-    async def _complete(
-        self, run_id: str, stage: Stage, attempt: int, outcome: ScriptOutcome
-    ) -> tuple[rn.RunState, list[rn.RunEvent]]:
+    async def _complete(self, run_id: str, unit: Unit, outcome: ScriptOutcome) -> tuple[rn.RunState, list[rn.RunEvent]]:
+        stage_id = unit.stage.id
+        job = unit.job.name if unit.job else None
+        step = unit.step.name if unit.step else None
         try:
             return await self.commands.run_command(
                 run_id,
-                lambda at: self._completion(stage, attempt, outcome, at),
+                lambda at: completion(stage_id, job, step, unit.attempt, outcome, at),
                 before_append=self._take_leases,
                 lost_race=self._drop_leases,
             )
         finally:
             if self.leases is not None:
-                await self.leases.release(run_id, stage.id, attempt)
-
-    @staticmethod
-    def _started_job(state: rn.RunState, new: list[rn.RunEvent]) -> tuple[Stage, int] | None:
-        for e in new:
-            if isinstance(e, rn.StageStarted):
-                stage = next(s for s in state.stages if s.id == e.stage_id)
-                if stage.type != "approval":
-                    return stage, e.attempt
-        return None
-
-    @staticmethod
-    def _completion(stage: Stage, attempt: int, outcome: ScriptOutcome, at: Any) -> rn.CompleteStage:
-        if outcome.succeeded:
-            return rn.CompleteStage(stage_id=stage.id, attempt=attempt, succeeded=True, exit_code=0, at=at)
-        failure: Literal["failed", "timeout", "cancelled"] = (
-            "cancelled" if outcome.killed else "timeout" if outcome.timed_out else "failed"
-        )
-        return rn.CompleteStage(
-            stage_id=stage.id,
-            attempt=attempt,
-            succeeded=False,
-            failure=failure,
-            error=outcome.error,
-            exit_code=outcome.exit_code,
-            at=at,
-        )
+                await self.leases.release(run_id, unit.key, unit.attempt)
 
     async def _load_secrets(self, state: rn.RunState) -> tuple[dict[str, str], str | None]:
         """The run's secret values, or why they cannot be had (the stage then fails with that)."""
@@ -549,7 +604,7 @@ class Executor:
             return values, f"the run's secrets {', '.join(missing)} are no longer available"
         return {name: values[name] for name in state.secret_names}, None
 
-    async def _execute(self, state: rn.RunState, stage: Stage, attempt: int, driver: _Driver | None) -> ScriptOutcome:
+    async def _execute(self, state: rn.RunState, unit: Unit, driver: _Driver | None) -> ScriptOutcome:
         secrets, secrets_problem = await self._load_secrets(state)
         masker = Masker(secrets.values())
         publish = None
@@ -561,86 +616,166 @@ class Executor:
 
         runlog = RunLog(self.commands, state, max_bytes=self.settings.max_log_bytes, publish=publish, masker=masker)
         runlog.start()
-        label = f"Stage {stage.name}" if stage.name == stage.id else f"Stage {stage.name} ({stage.id})"
-        runlog.line(stage.id, "system", f"{label} started" + (f" (attempt {attempt})" if attempt > 1 else ""))
+        stage, job, step = unit.stage, unit.job, unit.step
+        job_name, step_name = (job.name, step.name) if job and step else (None, None)
+
+        def line(stream: Literal["stdout", "stderr", "system"], text: str) -> None:
+            runlog.line(stage.id, stream, text, job_name, step_name)
+
+        label = unit.label
+        line("system", f"{label} started" + (f" (attempt {unit.attempt})" if unit.attempt > 1 else ""))
         loop = asyncio.get_running_loop()
         started = loop.time()
+        timeout = self._timeout(state, unit)
         try:
             if secrets_problem is not None:
                 outcome = ScriptOutcome(exit_code=None, error=secrets_problem)
+            elif job is not None and step is not None:
+                outcome = await self._run_step(state, unit, line, driver, secrets, timeout)
             elif stage.type == "script":
-                outcome = await self._run_script(state, stage, runlog, driver, secrets)
-            elif stage.type in ("deploy", "notify") and self.deliveries is not None:
-                outcome = await self._deliver(self.deliveries, state, stage, attempt, runlog, driver, secrets)
-            else:
-                outcome = ScriptOutcome(
-                    exit_code=None,
-                    error=f"{stage.type} stages are not configured on this server: "
-                    f"no {'deployer' if stage.type == 'deploy' else 'notifier'} is set up",
+                outcome = await self._run_script(
+                    state, unit, line, driver, secrets, command=str(stage.config.get("command", "")), timeout=timeout
                 )
+            elif stage.type in ("deploy", "notify"):
+                outcome = await self._deliver(state, unit, stage, line, driver, secrets, timeout)
+            else:
+                outcome = ScriptOutcome(exit_code=None, error=f"{stage.type} stages are not run by the executor")
             ms = round((loop.time() - started) * 1000)
             if outcome.succeeded:
-                runlog.line(stage.id, "system", f"{label} succeeded ({ms} ms)")
+                line("system", f"{label} succeeded ({ms} ms)")
             else:
-                runlog.line(stage.id, "system", f"{label} failed: {_describe(outcome, stage, self.settings)}")
+                described = _describe(outcome, timeout)
+                line("system", f"{label} failed: {described}")
                 if outcome.error is None:
-                    outcome = ScriptOutcome(
-                        exit_code=outcome.exit_code,
-                        timed_out=outcome.timed_out,
-                        killed=outcome.killed,
-                        error=_describe(outcome, stage, self.settings),
-                    )
+                    outcome = dataclasses.replace(outcome, error=described)
         finally:
             await runlog.close()
         # The error becomes part of a stage event: never with a secret in it.
         return dataclasses.replace(outcome, error=masker.mask_optional(outcome.error))
 
-    async def _record_pgid(self, script: ScriptRun, run_id: str, stage_id: str, attempt: int) -> None:
+    def _timeout(self, state: rn.RunState, unit: Unit) -> float:
+        """A stage's own timeout; for a step, its own, else what is left of its job's."""
+        if unit.job is None or unit.step is None:
+            return unit.stage.timeout or self.settings.stage_timeout
+        limits = [self.settings.stage_timeout]
+        if unit.step.timeout is not None:
+            limits.append(unit.step.timeout)
+        if unit.job.timeout is not None:
+            jr = state.job_run(unit.stage.id, unit.job.name)
+            if jr.started_at is not None:
+                left = unit.job.timeout - (self.commands.now() - jr.started_at).total_seconds()
+                limits.append(max(left, 0.001))
+        return min(limits)
+
+    def _context(self, state: rn.RunState, unit: Unit, secrets: dict[str, str]) -> dict[str, Any]:
+        index = None
+        if unit.job is not None and unit.step is not None:
+            index = [s.name for s in unit.job.steps].index(unit.step.name)
+        return rn.job_context(state, unit.stage, unit.job, upto=index, secrets=secrets)
+
+    async def _run_step(
+        self,
+        state: rn.RunState,
+        unit: Unit,
+        line: Callable[[Literal["stdout", "stderr", "system"], str], None],
+        driver: _Driver | None,
+        secrets: dict[str, str],
+        timeout: float,
+    ) -> ScriptOutcome:
+        assert unit.job is not None and unit.step is not None
+        job, step = unit.job, unit.step
+        context = self._context(state, unit, secrets)
+        try:
+            env = {k: expressions.interpolate(v, context) for k, v in job.env.items()}
+            context["env"] = env
+            extra = {
+                **env,
+                "JOB_NAME": job.name,
+                "STEP_NAME": step.name,
+                **{f"MATRIX_{k.upper()}": expressions.render(v) for k, v in (job.matrix_values or {}).items()},
+            }
+            if step.kind == "shell":
+                command = expressions.interpolate(step.run or "", context)
+                return await self._run_script(
+                    state, unit, line, driver, secrets, command=command, extra=extra, timeout=timeout
+                )
+            if step.kind in ("deploy", "notify"):
+                config = {k: expressions.interpolate(str(v), context) for k, v in step.config.items()}
+                as_stage = Stage(
+                    id=unit.stage.id, name=f"{job.name}/{step.name}", type=step.kind, order=0, config=config
+                )
+                return await self._deliver(state, unit, as_stage, line, driver, secrets, timeout)
+            if step.kind == "plugin":
+                args = _interpolate_all(step.args, context)
+                command, plugin_env = plugin_command(step.uses or "", step.action, args, context)
+                return await self._run_script(
+                    state,
+                    unit,
+                    line,
+                    driver,
+                    secrets,
+                    command=command,
+                    extra={**extra, **plugin_env},
+                    timeout=timeout,
+                    as_service=True,
+                )
+        except expressions.ExpressionError as exc:
+            return ScriptOutcome(exit_code=None, error=f"step {step.name}: {exc}")
+        return ScriptOutcome(exit_code=None, error=f"step kind {step.kind} is not run by the executor")
+
+    async def _record_pgid(self, script: ScriptRun, run_id: str, key: str, attempt: int) -> None:
         assert self.leases is not None
         for _ in range(500):
             pid = script.pid
             if pid is not None:
-                await self.leases.set_pgid(run_id, stage_id, attempt, pid)
+                await self.leases.set_pgid(run_id, key, attempt, pid)
                 return
             await asyncio.sleep(0.01)
 
     async def _deliver(
         self,
-        deliveries: Deliveries,
         state: rn.RunState,
+        unit: Unit,
         stage: Stage,
-        attempt: int,
-        runlog: RunLog,
+        line: Callable[[Literal["stdout", "stderr", "system"], str], None],
         driver: _Driver | None,
         secrets: dict[str, str],
+        timeout: float,
     ) -> ScriptOutcome:
-        def line(stream: Literal["stdout", "stderr", "system"], text: str) -> None:
-            runlog.line(stage.id, stream, text)
-
+        if self.deliveries is None:
+            return ScriptOutcome(
+                exit_code=None,
+                error=f"{stage.type} is not configured on this server: "
+                f"no {'deployer' if stage.type == 'deploy' else 'notifier'} is set up",
+            )
         if stage.type == "notify":
-            return await deliveries.notify(state, stage, line)
+            return await self.deliveries.notify(state, stage, line)
 
         async def run_command(command: str, extra: dict[str, str]) -> ScriptOutcome:
-            return await self._run_script(state, stage, runlog, driver, secrets, command=command, extra=extra)
+            return await self._run_script(
+                state, unit, line, driver, secrets, command=command, extra=extra, timeout=timeout
+            )
 
-        return await deliveries.deploy(state, stage, attempt, line, run_command)
+        return await self.deliveries.deploy(state, stage, unit.attempt, line, run_command)
 
     async def _run_script(
         self,
         state: rn.RunState,
-        stage: Stage,
-        runlog: RunLog,
+        unit: Unit,
+        line: Callable[[Literal["stdout", "stderr", "system"], str], None],
         driver: _Driver | None,
         secrets: dict[str, str],
         *,
-        command: str | None = None,
+        command: str,
+        timeout: float,
         extra: dict[str, str] | None = None,
+        as_service: bool = False,
     ) -> ScriptOutcome:
         script = ScriptRun(kill_grace=self.settings.kill_grace)
         if driver is not None:
-            driver.script = script
             if driver.stop_requested:
                 return ScriptOutcome(exit_code=None, killed=True)
+            driver.scripts.add(script)
         workdir = self.workdir / state.run_id
         env = clean_env(
             workdir,
@@ -649,32 +784,73 @@ class Executor:
                 **secrets,
                 "PIPELINE_ID": state.pipeline_id,
                 "RUN_ID": state.run_id,
-                "STAGE_ID": stage.id,
+                "STAGE_ID": unit.stage.id,
                 **(extra or {}),
             },
         )
         if self.leases is not None:
-            self._spawn(self._record_pgid(script, state.run_id, stage.id, stage_attempt(state, stage.id)))
+            self._spawn(self._record_pgid(script, state.run_id, unit.key, unit.attempt))
         try:
             return await script.run(
-                str(stage.config.get("command", "")) if command is None else command,
+                command,
                 workdir=workdir,
                 env=env,
-                timeout=stage.timeout or self.settings.stage_timeout,
-                on_line=lambda stream, text: runlog.line(stage.id, stream, text),
-                user=self.settings.script_user,
+                timeout=timeout,
+                on_line=line,
+                # Plugins are the admin's installed code: they run in their own process with a
+                # clean environment, as the service's user (they need its Python).
+                user=None if as_service else self.settings.script_user,
             )
         finally:
             if driver is not None:
-                driver.script = None
+                driver.scripts.discard(script)
 
 
-def _expire(stage_id: str, at: datetime) -> rn.ExpireApproval:
-    return rn.ExpireApproval(stage_id=stage_id, at=at)
+def completion(
+    stage_id: str, job: str | None, step: str | None, attempt: int, outcome: ScriptOutcome, at: datetime
+) -> rn.CompleteStage | rn.CompleteStep:
+    """The command that records an attempt's outcome: of a typed stage, or of a step of a job."""
+    failure: Literal["failed", "timeout", "cancelled"] = (
+        "cancelled" if outcome.killed else "timeout" if outcome.timed_out else "failed"
+    )
+    exit_code = 0 if outcome.succeeded else outcome.exit_code
+    error = None if outcome.succeeded else outcome.error
+    if job is None or step is None:
+        return rn.CompleteStage(
+            stage_id=stage_id,
+            attempt=attempt,
+            succeeded=outcome.succeeded,
+            failure=failure,
+            error=error,
+            exit_code=exit_code,
+            at=at,
+        )
+    return rn.CompleteStep(
+        stage_id=stage_id,
+        job=job,
+        step=step,
+        attempt=attempt,
+        succeeded=outcome.succeeded,
+        failure=failure,
+        error=error,
+        exit_code=exit_code,
+        at=at,
+    )
 
 
-def stage_attempt(state: rn.RunState, stage_id: str) -> int:
-    return state.stage_runs[state.stage_index(stage_id)].attempt
+def _interpolate_all(value: Any, context: dict[str, Any]) -> Any:
+    if isinstance(value, str):
+        return expressions.interpolate(value, context)
+    if isinstance(value, dict):
+        return {k: _interpolate_all(v, context) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_interpolate_all(v, context) for v in value]
+    return value
+
+
+def _expire(key: str, at: datetime) -> rn.ExpireApproval:
+    stage_id, job, step = split_key(key)
+    return rn.ExpireApproval(stage_id=stage_id, job=job, step=step, at=at)
 
 
 async def kill_orphan(pgid: int, run_id: str, grace: float) -> None:
@@ -696,13 +872,13 @@ async def kill_orphan(pgid: int, run_id: str, grace: float) -> None:
         await asyncio.sleep(0.02)
 
 
-def _describe(outcome: ScriptOutcome, stage: Stage, settings: Settings) -> str:
+def _describe(outcome: ScriptOutcome, timeout: float) -> str:
     if outcome.error:
         return outcome.error
     if outcome.killed:
         return "stopped: the script's process group was killed"
     if outcome.timed_out:
-        return f"timed out after {stage.timeout or settings.stage_timeout:g} s; the process group was killed"
+        return f"timed out after {timeout:g} s; the process group was killed"
     return f"exit code {outcome.exit_code}"
 
 

@@ -9,8 +9,8 @@ from typing import Any
 import msgspec
 
 from domain.pipeline import PipelineState
-from domain.run import LogAppended, LogLine, RunState
-from domain.stages import RetryPolicy
+from domain.run import LogAppended, LogLine, RunState, StageRun
+from domain.stages import RetryPolicy, Stage
 
 
 def iso(ts: datetime | None) -> str | None:
@@ -40,6 +40,10 @@ class PipelineView(msgspec.Struct, kw_only=True, rename="camel"):
     created_at: str | None
     updated_at: str | None
     definition_version: int
+    # Git-backed pipelines (all null when the pipeline is not).
+    repo_url: str | None = None
+    default_branch: str | None = None
+    pipeline_file_path: str | None = None
 
 
 class AttemptView(msgspec.Struct, kw_only=True, rename="camel"):
@@ -49,6 +53,33 @@ class AttemptView(msgspec.Struct, kw_only=True, rename="camel"):
     finished_at: str | None
     error: str | None
     exit_code: int | None
+
+
+class StepResultView(msgspec.Struct, kw_only=True, rename="camel"):
+    name: str
+    kind: str
+    status: str
+    attempt: int
+    started_at: str | None
+    finished_at: str | None
+    duration_ms: int | None
+    output: str
+    error: str | None
+    exit_code: int | None
+    retry_at: str | None = None
+    attempts: list[AttemptView] = msgspec.field(default_factory=list)
+
+
+class JobResultView(msgspec.Struct, kw_only=True, rename="camel"):
+    name: str
+    status: str
+    needs: list[str]
+    matrix: dict[str, Any] | None
+    started_at: str | None
+    finished_at: str | None
+    duration_ms: int | None
+    error: str | None
+    steps: list[StepResultView]
 
 
 class StageResultView(msgspec.Struct, kw_only=True, rename="camel"):
@@ -65,6 +96,8 @@ class StageResultView(msgspec.Struct, kw_only=True, rename="camel"):
     exit_code: int | None
     retry_at: str | None = None
     attempts: list[AttemptView] = msgspec.field(default_factory=list)
+    # Stages of jobs: every job (matrix jobs expanded) with its steps.
+    jobs: list[JobResultView] | None = None
 
 
 class ApprovalView(msgspec.Struct, kw_only=True, rename="camel"):
@@ -73,6 +106,8 @@ class ApprovalView(msgspec.Struct, kw_only=True, rename="camel"):
     by: str
     comment: str | None
     at: str | None
+    job: str | None = None
+    step: str | None = None
 
 
 class RunView(msgspec.Struct, kw_only=True, rename="camel"):
@@ -113,6 +148,9 @@ def pipeline_view(state: PipelineState) -> PipelineView:
         created_at=iso(state.created_at),
         updated_at=iso(state.updated_at),
         definition_version=state.definition_version,
+        repo_url=state.repo_url,
+        default_branch=state.default_branch if state.repo_url is not None else None,
+        pipeline_file_path=state.pipeline_file_path if state.repo_url is not None else None,
     )
 
 
@@ -123,22 +161,86 @@ def _ms(start: datetime | None, end: datetime | None) -> int | None:
 
 
 def log_text(chunks: Iterable[tuple[str | None, Sequence[LogLine]]]) -> tuple[str, dict[str, str]]:
-    """The run's whole log, and each stage's own output (its script's stdout and stderr).
+    """The run's whole log, and each stage's own output (its scripts' stdout and stderr).
 
-    `chunks` are (stage id, lines) pairs in log order.
+    `chunks` are (key, lines) pairs in log order; a key is a stage id, or for a step of a job
+    `<stage id>\u241f<job>\u241f<step>`. Outputs are kept under both the stage id and the step's key.
     """
     log: list[str] = []
     outputs: dict[str, list[str]] = {}
-    for stage_id, lines in chunks:
+    for key, lines in chunks:
+        stage_id = None if key is None else key.split(_SEP, 1)[0]
         for line in lines:
             log.append(line.text + "\n")
-            if line.stream != "system" and stage_id is not None:
+            if line.stream != "system" and key is not None and stage_id is not None:
                 outputs.setdefault(stage_id, []).append(line.text + "\n")
+                if key != stage_id:
+                    outputs.setdefault(key, []).append(line.text + "\n")
     return "".join(log), {k: "".join(v) for k, v in outputs.items()}
 
 
+_SEP = "\u241f"
+
+
+def log_key(chunk: LogAppended) -> str | None:
+    """Where a chunk of log belongs: its stage, or its step of a job (see log_text)."""
+    if chunk.stage_id is None or chunk.job is None or chunk.step is None:
+        return chunk.stage_id
+    return _SEP.join((chunk.stage_id, chunk.job, chunk.step))
+
+
+def _attempts(attempts: Iterable[Any]) -> list[AttemptView]:
+    return [
+        AttemptView(
+            attempt=a.attempt,
+            status=a.status,
+            started_at=iso(a.started_at),
+            finished_at=iso(a.finished_at),
+            error=a.error,
+            exit_code=a.exit_code,
+        )
+        for a in attempts
+    ]
+
+
+def _jobs_view(stage: Stage, sr: StageRun, outputs: dict[str, str]) -> list[JobResultView]:
+    views = []
+    for job, jr in zip(stage.jobs, sr.jobs, strict=True):
+        steps = [
+            StepResultView(
+                name=st.name,
+                kind=step.kind if step.kind != "plugin" else f"uses:{step.uses}",
+                status=st.status,
+                attempt=st.attempt,
+                started_at=iso(st.started_at),
+                finished_at=iso(st.finished_at),
+                duration_ms=_ms(st.started_at, st.finished_at),
+                output=outputs.get(_SEP.join((stage.id, job.name, st.name)), ""),
+                error=st.error,
+                exit_code=st.exit_code,
+                retry_at=iso(st.retry_at),
+                attempts=_attempts(st.attempts),
+            )
+            for step, st in zip(job.steps, jr.steps, strict=True)
+        ]
+        views.append(
+            JobResultView(
+                name=jr.name,
+                status=jr.status,
+                needs=list(job.needs),
+                matrix=job.matrix_values,
+                started_at=iso(jr.started_at),
+                finished_at=iso(jr.finished_at),
+                duration_ms=_ms(jr.started_at, jr.finished_at),
+                error=jr.error,
+                steps=steps,
+            )
+        )
+    return views
+
+
 def run_view(state: RunState, logs: Iterable[LogAppended] = ()) -> RunView:
-    text, outputs = log_text((c.stage_id, c.lines) for c in logs)
+    text, outputs = log_text((log_key(c), c.lines) for c in logs)
     results = []
     for stage, sr in zip(state.stages, state.stage_runs, strict=True):
         results.append(
@@ -155,17 +257,8 @@ def run_view(state: RunState, logs: Iterable[LogAppended] = ()) -> RunView:
                 error=sr.error,
                 exit_code=sr.exit_code,
                 retry_at=iso(sr.retry_at),
-                attempts=[
-                    AttemptView(
-                        attempt=a.attempt,
-                        status=a.status,
-                        started_at=iso(a.started_at),
-                        finished_at=iso(a.finished_at),
-                        error=a.error,
-                        exit_code=a.exit_code,
-                    )
-                    for a in sr.attempts
-                ],
+                attempts=_attempts(sr.attempts),
+                jobs=_jobs_view(stage, sr, outputs) if stage.type == "jobs" else None,
             )
         )
     return RunView(
@@ -184,7 +277,15 @@ def run_view(state: RunState, logs: Iterable[LogAppended] = ()) -> RunView:
         logs=text,
         stage_results=results,
         approvals=[
-            ApprovalView(stage_id=a.stage_id, decision=a.decision, by=a.by, comment=a.comment, at=iso(a.at))
+            ApprovalView(
+                stage_id=a.stage_id,
+                decision=a.decision,
+                by=a.by,
+                comment=a.comment,
+                at=iso(a.at),
+                job=a.job,
+                step=a.step,
+            )
             for a in state.approvals
         ],
         status_reason=state.status_reason,

@@ -1,0 +1,218 @@
+"""Stages of jobs run for real: a matrix build, parallel test jobs on concurrent processes, a
+conditional job, an approval step, a plugin step and a deploy step, saved as YAML through the API;
+the run detail shows every job and step. Also: a failed job fails only the jobs that need it, and
+stop and pause with several jobs running."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from typing import Any
+
+import pytest
+
+from tests.integration.system import System
+from tests.integration.test_deploy_notify import component, environment
+
+pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="session")]
+
+
+def rendezvous(me: str, other: str) -> str:
+    """Succeeds only if the other job's step runs at the same time as this one."""
+    return (
+        f"touch {me}.ready; i=0; while [ $i -lt 200 ]; do [ -f {other}.ready ] && echo met {other} && exit 0; "
+        "sleep 0.05; i=$((i+1)); done; echo never met; exit 1"
+    )
+
+
+async def save(system: System, spec: dict[str, Any], fmt: str = "yaml") -> dict[str, Any]:
+    p = await system.create_pipeline([], name=f"jobs-{uuid.uuid4().hex[:8]}")
+    r = await system.client.post(
+        f"/api/v1/pipelines/{p['id']}/spec/save", json={"spec": spec, "format": fmt}, headers=system.headers("member")
+    )
+    assert r.status_code == 200, r.text
+    return p
+
+
+def jobs_of(run: dict[str, Any], stage: int = 0) -> dict[str, dict[str, Any]]:
+    return {j["name"]: j for j in run["stageResults"][stage]["jobs"]}
+
+
+def steps_of(job: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {s["name"]: s for s in job["steps"]}
+
+
+async def test_a_pipeline_of_jobs_runs_matrix_parallel_conditional_approval_plugin_and_deploy(system: System) -> None:
+    comp = await component(system)
+    env = await environment(
+        system, {"type": "command", "command": "echo deploying $COMPONENT_ID to $ENVIRONMENT_ID; cat release.txt"}
+    )
+    spec = {
+        "variables": {"PUBLISH": "no"},
+        "stages": [
+            {
+                "id": "build",
+                "jobs": [
+                    {
+                        "name": "image",
+                        "matrix": {"arch": ["amd64", "arm64"]},
+                        "steps": [{"name": "build", "run": "echo building ${{ matrix.arch }} for $MATRIX_ARCH"}],
+                    },
+                    {"name": "unit", "needs": ["image"], "steps": [{"name": "test", "run": rendezvous("u", "i")}]},
+                    {
+                        "name": "integration",
+                        "needs": ["image"],
+                        "steps": [{"name": "test", "run": rendezvous("i", "u")}],
+                    },
+                    {
+                        "name": "publish",
+                        "needs": ["unit", "integration"],
+                        "when": "variables.PUBLISH == 'yes'",
+                        "steps": [{"name": "push", "run": "echo push"}],
+                    },
+                    {
+                        "name": "release",
+                        "needs": ["unit", "integration"],
+                        "steps": [
+                            {"name": "ok", "approval": {"message": "Ship it?"}},
+                            {
+                                "name": "mark",
+                                "uses": "file",
+                                "action": "write",
+                                "args": {"path": "release.txt", "content": "release of ${{ run.id }}"},
+                            },
+                            {"name": "ship", "deploy": {"componentId": comp["id"], "environmentId": env["id"]}},
+                        ],
+                    },
+                ],
+            }
+        ],
+    }
+    p = await save(system, spec)
+    run = await system.trigger(p["id"])
+    waiting = await system.wait_status(p["id"], run["id"], "waiting_approval", "failed")
+    assert waiting["status"] == "waiting_approval", waiting["logs"]
+    jobs = jobs_of(waiting)
+    assert {n: j["status"] for n, j in jobs.items()} == {
+        "image (amd64)": "succeeded",
+        "image (arm64)": "succeeded",
+        "unit": "succeeded",
+        "integration": "succeeded",
+        "publish": "skipped",
+        "release": "running",
+    }
+    assert jobs["image (arm64)"]["matrix"] == {"arch": "arm64"}
+    assert steps_of(jobs["image (arm64)"])["build"]["output"] == "building arm64 for arm64\n"
+    assert "met i" in steps_of(jobs["unit"])["test"]["output"]  # the two test jobs ran at once
+    assert "met u" in steps_of(jobs["integration"])["test"]["output"]
+    assert jobs["publish"]["error"] == "when is false: variables.PUBLISH == 'yes'"
+    assert steps_of(jobs["release"])["ok"]["status"] == "waiting_approval"
+
+    r = await system.client.post(
+        f"/api/v1/pipelines/{p['id']}/runs/{run['id']}/approve", json={"comment": "go"}, headers=system.headers()
+    )
+    assert r.status_code == 200, r.text
+    done = await system.wait_status(p["id"], run["id"], "succeeded", "failed")
+    assert done["status"] == "succeeded", done["logs"]
+    release = steps_of(jobs_of(done)["release"])
+    assert [release[n]["status"] for n in ("ok", "mark", "ship")] == ["succeeded"] * 3
+    assert "wrote" in release["mark"]["output"]
+    assert f"deploying {comp['id']} to {env['id']}" in release["ship"]["output"]
+    assert f"release of {run['id']}" in release["ship"]["output"]
+    for job in jobs_of(done).values():
+        if job["status"] == "succeeded":
+            assert job["startedAt"] and job["finishedAt"] and job["durationMs"] is not None
+    assert done["approvals"][0]["job"] == "release" and done["approvals"][0]["step"] == "ok"
+    assert done["stageResults"][0]["status"] == "succeeded"
+    assert "Job image (amd64), step build started" in done["logs"]
+
+
+async def test_a_failed_job_fails_only_the_jobs_that_need_it(system: System) -> None:
+    spec = {
+        "jobs": [
+            {"name": "broken", "steps": [{"name": "s", "run": "echo oops; exit 3"}]},
+            {"name": "after", "needs": ["broken"], "steps": [{"name": "s", "run": "echo never"}]},
+            {"name": "independent", "steps": [{"name": "s", "run": "sleep 0.3; echo fine"}]},
+            {"name": "cleanup", "needs": ["broken"], "when": "failure()", "steps": [{"name": "s", "run": "echo tidy"}]},
+        ]
+    }
+    p = await save(system, spec, fmt="json")
+    run = await system.trigger(p["id"])
+    done = await system.wait_status(p["id"], run["id"], "succeeded", "failed")
+    assert done["status"] == "failed"
+    jobs = jobs_of(done)
+    assert jobs["broken"]["status"] == "failed" and steps_of(jobs["broken"])["s"]["exitCode"] == 3
+    assert jobs["after"]["status"] == "failed" and 'needs "broken"' in jobs["after"]["error"]
+    assert steps_of(jobs["after"])["s"]["status"] == "skipped"
+    assert jobs["independent"]["status"] == "succeeded"
+    assert jobs["cleanup"]["status"] == "succeeded"
+    assert '"broken" failed' in (done["statusReason"] or "")
+
+
+async def test_stop_kills_every_running_job_and_pause_holds_new_steps(system: System) -> None:
+    spec = {
+        "jobs": [
+            {"name": "a", "steps": [{"name": "long", "run": "echo started; sleep 30"}]},
+            {"name": "b", "steps": [{"name": "long", "run": "echo started; sleep 30"}]},
+        ]
+    }
+    p = await save(system, spec)
+    run = await system.trigger(p["id"])
+
+    def both_running(r: dict[str, Any]) -> bool:
+        jobs = r["stageResults"][0]["jobs"]
+        return all(steps_of(j)["long"]["status"] == "running" for j in jobs)
+
+    await system.wait_run(p["id"], run["id"], both_running)
+    await asyncio.sleep(0.3)
+    r = await system.client.post(f"/api/v1/pipelines/{p['id']}/runs/{run['id']}/stop", headers=system.headers())
+    assert r.status_code == 200 and r.json()["status"] == "cancelled"
+
+    def settled(r: dict[str, Any]) -> bool:
+        return r["stageResults"][0]["status"] != "running"
+
+    done = await system.wait_run(p["id"], run["id"], settled, timeout=15)
+    assert {n: j["status"] for n, j in jobs_of(done).items()} == {"a": "cancelled", "b": "cancelled"}
+    assert done["stageResults"][0]["status"] == "cancelled"
+
+    spec = {
+        "jobs": [
+            {"name": "a", "steps": [{"name": "one", "run": "sleep 0.5"}, {"name": "two", "run": "echo two"}]},
+            {"name": "b", "steps": [{"name": "one", "run": "sleep 0.5"}]},
+        ]
+    }
+    p = await save(system, spec)
+    run = await system.trigger(p["id"])
+    await system.wait_run(p["id"], run["id"], lambda r: r["status"] == "running" and both_one_running(r))
+    r = await system.client.post(f"/api/v1/pipelines/{p['id']}/runs/{run['id']}/pause", headers=system.headers())
+    assert r.status_code == 200 and r.json()["status"] == "paused"
+    await asyncio.sleep(1.2)
+    held = await system.get_run(p["id"], run["id"])
+    assert held["status"] == "paused"
+    assert steps_of(jobs_of(held)["a"])["one"]["status"] == "succeeded"
+    assert steps_of(jobs_of(held)["a"])["two"]["status"] == "pending"
+    r = await system.client.post(f"/api/v1/pipelines/{p['id']}/runs/{run['id']}/resume", headers=system.headers())
+    assert r.status_code == 200
+    done = await system.wait_status(p["id"], run["id"], "succeeded", "failed")
+    assert done["status"] == "succeeded"
+
+
+def both_one_running(r: dict[str, Any]) -> bool:
+    return all(steps_of(j)["one"]["status"] == "running" for j in r["stageResults"][0]["jobs"])
+
+
+async def test_a_plugin_step_that_fails_fails_its_step_with_its_output(system: System) -> None:
+    spec = {
+        "jobs": [
+            {
+                "name": "j",
+                "steps": [{"name": "check", "uses": "file", "action": "check", "args": {"path": "missing.txt"}}],
+            }
+        ]
+    }
+    p = await save(system, spec)
+    run = await system.trigger(p["id"])
+    done = await system.wait_status(p["id"], run["id"], "succeeded", "failed")
+    step = steps_of(jobs_of(done)["j"])["check"]
+    assert step["status"] == "failed" and step["kind"] == "uses:file"
+    assert "missing.txt does not exist" in step["output"]
