@@ -216,3 +216,36 @@ async def test_a_plugin_step_that_fails_fails_its_step_with_its_output(system: S
     step = steps_of(jobs_of(done)["j"])["check"]
     assert step["status"] == "failed" and step["kind"] == "uses:file"
     assert "missing.txt does not exist" in step["output"]
+
+
+async def test_the_readme_spec_of_jobs_validates_runs_and_deploys(system: System) -> None:
+    import yaml
+
+    from tests.e2e.test_readme import README
+
+    text = README.split("<!-- jobs-spec:start -->", 1)[1].split("<!-- jobs-spec:end -->", 1)[0]
+    spec = yaml.safe_load(text.split("```yaml\n", 1)[1].split("```", 1)[0])
+    comp = await component(system)
+    env = await environment(system, {"type": "command", "command": "echo deploying $COMPONENT_ID"})
+    p = await save(system, spec)
+    r = await system.client.get(f"/api/v1/pipelines/{p['id']}/spec?format=yaml", headers=system.headers("viewer"))
+    assert r.status_code == 200 and yaml.safe_load(r.json()["content"]) == spec
+    run = await system.trigger(p["id"], variables={"COMPONENT": comp["id"], "ENVIRONMENT": env["id"]})
+    waiting = await system.wait_status(p["id"], run["id"], "waiting_approval", "failed")
+    assert waiting["status"] == "waiting_approval", waiting["logs"]
+    assert {n: j["status"] for n, j in jobs_of(waiting).items()} == {
+        "image (amd64)": "succeeded",
+        "image (arm64)": "succeeded",
+        "unit": "succeeded",
+        "lint": "succeeded",
+        "publish": "skipped",
+    }
+    r = await system.client.post(f"/api/v1/pipelines/{p['id']}/runs/{run['id']}/approve", headers=system.headers())
+    assert r.status_code == 200, r.text
+    done = await system.wait_status(p["id"], run["id"], "succeeded", "failed")
+    assert done["status"] == "succeeded", done["logs"]
+    ship = steps_of(jobs_of(done, 1)["ship"])
+    assert f"deploying {comp['id']}" in ship["deploy"]["output"]
+    assert ship["tell"]["output"] == f"shipped run {run['id']}\n"
+    r = await system.client.get("/api/v1/deployments", params={"environmentId": env["id"]}, headers=system.headers())
+    assert r.json()["data"][0]["status"] == "succeeded"
