@@ -354,21 +354,32 @@ async def check_stage_refs(request: Request[Principal, Any, State], stages: Any,
     if not isinstance(stages, list):
         return
     wanted: list[tuple[str, str, Kind]] = []
-    for i, item in enumerate(stages):
-        config = item.get("config") if isinstance(item, dict) else None
-        if not isinstance(item, dict) or item.get("type") != "deploy" or not isinstance(config, dict):
-            continue
+
+    def want(config: dict[str, Any], where: str) -> None:
         for key, kind in (("componentId", "component"), ("environmentId", "environment")):
             value = config.get(key)
-            if isinstance(value, str) and value.strip():
-                wanted.append((f"{path}[{i}].config.{key}", value, kind))  # type: ignore[arg-type]
+            # A value with ${{ }} is known only when the run starts (the deploy then fails clearly).
+            if isinstance(value, str) and value.strip() and "${{" not in value:
+                wanted.append((f"{where}.{key}", value, kind))  # type: ignore[arg-type]
+
+    for i, item in enumerate(stages):
+        if not isinstance(item, dict):
+            continue
+        config = item.get("config")
+        if item.get("type") == "deploy" and isinstance(config, dict):
+            want(config, f"{path}[{i}].config")
+        # deploy steps of the jobs of a stage of jobs
+        for j, job in enumerate(item.get("jobs") or []):
+            for k, step in enumerate(job.get("steps") or [] if isinstance(job, dict) else []):
+                if isinstance(step, dict) and isinstance(step.get("deploy"), dict):
+                    want(step["deploy"], f"{path}[{i}].jobs[{j}].steps[{k}].deploy")
     if not wanted:
         return
     registry = registry_of(request)
     known: dict[str, set[str]] = {}
     for kind in ("component", "environment"):
         ids = [v for _, v, k in wanted if k == kind]
-        known[kind] = await registry.existing(kind, request.user.org, ids)  # type: ignore[arg-type]
+        known[kind] = await registry.existing(kind, request.user.org, ids)
     errors = {p: f"unknown {k} {v!r}" for p, v, k in wanted if v not in known[k]}
     if errors:
         raise Invalid(errors)

@@ -249,3 +249,24 @@ async def test_the_readme_spec_of_jobs_validates_runs_and_deploys(system: System
     assert ship["tell"]["output"] == f"shipped run {run['id']}\n"
     r = await system.client.get("/api/v1/deployments", params={"environmentId": env["id"]}, headers=system.headers())
     assert r.json()["data"][0]["status"] == "succeeded"
+
+
+async def test_a_deploy_step_naming_an_unknown_environment_is_refused_at_save(system: System) -> None:
+    p = await system.create_pipeline([])
+    spec = {
+        "stages": [
+            {
+                "id": "ship",
+                "jobs": [{"name": "j", "steps": [{"deploy": {"componentId": "c-x", "environmentId": "e-x"}}]}],
+            }
+        ]
+    }
+    r = await system.client.post(
+        f"/api/v1/pipelines/{p['id']}/spec/save", json={"spec": spec}, headers=system.headers("member")
+    )
+    assert r.status_code == 400
+    paths = {e["path"] for e in r.json()["errors"]}
+    assert paths == {
+        "spec.stages[0].jobs[0].steps[0].deploy.componentId",
+        "spec.stages[0].jobs[0].steps[0].deploy.environmentId",
+    }
