@@ -301,6 +301,9 @@ class PipelineController(Controller):
                     org=principal.org,
                     by=principal.sub,
                     pipeline_id=pipeline_id,
+                    repo_url=body.get("repoUrl"),
+                    default_branch=body.get("defaultBranch"),
+                    pipeline_file_path=body.get("pipelineFilePath"),
                 )
             except WrongExpectedVersion:
                 # A retry of a keyed create whose first request died after creating it.
@@ -326,6 +329,10 @@ class PipelineController(Controller):
             description=body.get("description"),
             set_description=whole or "description" in body,
             stages=(body.get("stages") or []) if whole else body.get("stages"),
+            repo_url=body.get("repoUrl"),
+            set_repo_url=whole or "repoUrl" in body,
+            default_branch=body.get("defaultBranch") or (pl.DEFAULT_BRANCH if whole else None),
+            pipeline_file_path=body.get("pipelineFilePath") or (pl.DEFAULT_PIPELINE_FILE if whole else None),
             visible=lambda s: s.organization_id == principal.org,
         )
         return pipeline_view(state)

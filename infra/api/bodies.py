@@ -7,6 +7,7 @@ from typing import Any
 import msgspec
 
 from domain.errors import Invalid
+from domain.pipeline import check_git_source
 from domain.stages import validate_stage_dicts
 
 
@@ -16,9 +17,13 @@ class CreatePipelineBody(msgspec.Struct, kw_only=True):
     name: str
     description: str | None = None
     stages: list[dict[str, Any]] | None = None
+    # Git-backed pipelines: the spec lives in pipelineFilePath on defaultBranch of repoUrl.
+    repoUrl: str | None = None
+    defaultBranch: str | None = None
+    pipelineFilePath: str | None = None
 
 
-_FIELDS = {"name", "description", "stages"}
+_FIELDS = {"name", "description", "stages", "repoUrl", "defaultBranch", "pipelineFilePath"}
 
 
 def parse_pipeline_body(raw: bytes, *, partial: bool) -> dict[str, Any]:
@@ -46,6 +51,7 @@ def parse_pipeline_body(raw: bytes, *, partial: bool) -> dict[str, Any]:
         errors["description"] = "must be a string of at most 2000 characters, or null"
     if body.get("stages") is not None:
         errors.update(validate_stage_dicts(body["stages"]))
+    errors.update(check_git_source(body.get("repoUrl"), body.get("defaultBranch"), body.get("pipelineFilePath")))
     if errors:
         raise Invalid(errors)
     return body
@@ -57,3 +63,6 @@ class PatchPipelineBody(msgspec.Struct, kw_only=True):
     name: str | None = None
     description: str | None = None
     stages: list[dict[str, Any]] | None = None
+    repoUrl: str | None = None
+    defaultBranch: str | None = None
+    pipelineFilePath: str | None = None

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
+import re
 from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import msgspec
-import yaml
 from litestar import Controller, Request, get, post
 from litestar.connection import ASGIConnection
 from litestar.datastructures import State
@@ -19,6 +18,7 @@ from domain import pipeline as pl
 from domain.errors import Invalid
 from domain.spec import validate_spec
 from infra.auth import Principal
+from infra.git_repo import render_spec
 from projections.views import iso
 
 if TYPE_CHECKING:
@@ -33,21 +33,27 @@ def installed_plugins() -> frozenset[str]:
     return frozenset(e.name for e in entry_points(group=PLUGIN_GROUP))
 
 
+_COMMIT_SHA = re.compile(r"^[0-9a-fA-F]{7,64}$")
+
+
 def render(spec: dict[str, Any], fmt: str) -> str:
-    if fmt in ("yaml", "yml"):
-        return yaml.safe_dump(spec, sort_keys=False, allow_unicode=True)
-    return json.dumps(spec, indent=2, ensure_ascii=False) + "\n"
+    return render_spec(spec, fmt)
 
 
 class SpecView(msgspec.Struct, kw_only=True, rename="camel"):
+    """`version` is null when the spec read from a Git-backed pipeline's branch head is not a
+    recorded definition version yet (it becomes one at the next trigger)."""
+
     pipeline_id: str
-    version: int
+    version: int | None
     format: str
     spec: dict[str, Any]
     content: str
-    saved_by: str
+    saved_by: str | None
     saved_at: str | None
     commit_message: str | None
+    commit_sha: str | None = None
+    branch: str | None = None
 
 
 class VersionView(msgspec.Struct, kw_only=True, rename="camel"):
@@ -56,6 +62,7 @@ class VersionView(msgspec.Struct, kw_only=True, rename="camel"):
     saved_by: str
     saved_at: str | None
     commit_message: str | None
+    commit_sha: str | None = None
 
 
 class SpecIssue(msgspec.Struct, kw_only=True):
@@ -112,6 +119,7 @@ def _view(state: pl.PipelineState, version: pl.DefinitionVersion, fmt: str | Non
         saved_by=version.saved_by,
         saved_at=iso(version.saved_at),
         commit_message=version.commit_message,
+        commit_sha=version.commit_sha,
     )
 
 
@@ -140,10 +148,31 @@ class SpecController(Controller):
         version: Annotated[int | None, Parameter(query="version", ge=1)] = None,
     ) -> SpecView:
         state = await self._pipeline(request, pipeline_id)
+        if state.repo_url is not None and version is None:
+            return await self._git_head(request, state, format)
         chosen = state.version(version or state.definition_version)
         if chosen is None:
             raise NotFoundException(f"pipeline has no definition version {version}")
         return _view(state, chosen, format)
+
+    @staticmethod
+    async def _git_head(request: Request[Principal, Any, State], state: pl.PipelineState, fmt: str | None) -> SpecView:
+        """A Git-backed pipeline's spec as it is at its branch head."""
+        deps: Deps = request.app.state.deps
+        spec, stored, head = await deps.commands.read_git_spec(state)
+        recorded = next((v for v in reversed(state.versions) if v.spec == spec), None)
+        return SpecView(
+            pipeline_id=state.pipeline_id,
+            version=recorded.version if recorded is not None else None,
+            format=fmt or stored,
+            spec=spec,
+            content=head.content if fmt is None or fmt == stored else render(spec, fmt),
+            saved_by=recorded.saved_by if recorded is not None else None,
+            saved_at=iso(recorded.saved_at) if recorded is not None else None,
+            commit_message=recorded.commit_message if recorded is not None else None,
+            commit_sha=head.commit_sha,
+            branch=head.branch,
+        )
 
     @get("/versions", summary="Every definition version of the pipeline, oldest first")
     async def versions(self, request: Request[Principal, Any, State], pipeline_id: FromPath[str]) -> list[VersionView]:
@@ -155,6 +184,7 @@ class SpecController(Controller):
                 saved_by=v.saved_by,
                 saved_at=iso(v.saved_at),
                 commit_message=v.commit_message,
+                commit_sha=v.commit_sha,
             )
             for v in state.versions
         ]
@@ -189,8 +219,11 @@ class SpecController(Controller):
         principal = request.user
         body: SaveBody = _decode(await request.body(), SaveBody)
         state = await self._pipeline(request, pipeline_id)
-        if body.save_mode == "pr" or body.expected_head_commit_sha is not None:
+        if state.repo_url is None and (body.save_mode == "pr" or body.expected_head_commit_sha is not None):
             raise Invalid({"saveMode": "this pipeline is not backed by a Git repository; use saveMode direct"})
+        sha = body.expected_head_commit_sha
+        if sha is not None and not _COMMIT_SHA.match(sha):
+            raise Invalid({"expectedHeadCommitSha": "must be a commit sha (7-64 hex digits)"})
         if not isinstance(body.spec, dict):
             raise Invalid({"spec": "must be an object with `stages` or `jobs`"})
         from infra.api.delivery import check_stage_refs
@@ -204,8 +237,17 @@ class SpecController(Controller):
             by=principal.sub,
             plugins=installed_plugins(),
             visible=lambda s: s.organization_id == principal.org,
+            save_mode=body.save_mode,
+            expected_head_commit_sha=sha,
         )
-        return SavedView(pipeline_id=saved.pipeline_id, version=saved.definition_version, format=body.format)
+        return SavedView(
+            pipeline_id=saved.state.pipeline_id,
+            version=saved.state.definition_version,
+            format=body.format,
+            commit_sha=saved.commit_sha,
+            branch=saved.branch,
+            pr_branch=saved.pr_branch,
+        )
 
 
 _STRINGS = {"type": "object", "additionalProperties": {"type": "string"}}
