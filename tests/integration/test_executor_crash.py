@@ -117,6 +117,58 @@ async def test_a_killed_executors_stage_without_retries_fails_with_a_clear_messa
             await asyncio.wait_for(rescuer, 15)
 
 
+async def test_a_killed_executors_parallel_steps_are_each_recovered_and_retried(bare_system: System) -> None:
+    system = bare_system
+    marker = f"m-{uuid.uuid4().hex[:6]}"
+    hang = f"if [ -f {marker}-$JOB_NAME ]; then echo second attempt; else touch {marker}-$JOB_NAME; sleep 60; fi"
+    spec = {
+        "jobs": [
+            {"name": name, "retry": {"maxAttempts": 2, "backoff": 0}, "steps": [{"name": "work", "run": hang}]}
+            for name in ("a", "b")
+        ]
+        + [{"name": "after", "needs": ["a", "b"], "steps": [{"name": "s", "run": "echo after"}]}]
+    }
+    p = await system.create_pipeline([])
+    r = await system.client.post(
+        f"/api/v1/pipelines/{p['id']}/spec/save", json={"spec": spec}, headers=system.headers("member")
+    )
+    assert r.status_code == 200, r.text
+    victim = _executor_process(system)
+    stop = asyncio.Event()
+    rescuer: asyncio.Task[None] | None = None
+    try:
+        run = await system.trigger(p["id"])
+
+        async def two_leases() -> list[int]:
+            async with system.store.pool.connection() as conn:
+                cur = await conn.execute("SELECT pgid FROM stage_leases WHERE run_id = %s", (run["id"],))
+                return [int(row[0]) for row in await cur.fetchall() if row[0]]
+
+        deadline = time.monotonic() + 20
+        while len(pgids := await two_leases()) < 2:
+            assert time.monotonic() < deadline, "both steps should be running under leases"
+            await asyncio.sleep(0.05)
+        os.kill(victim.pid, signal.SIGKILL)
+        victim.wait(5)
+        rescuer = asyncio.create_task(system.executor.run(stop))
+        done = await system.wait_status(p["id"], run["id"], "succeeded", "failed", timeout=40)
+        assert done["status"] == "succeeded", done["logs"]
+        assert not any(_alive(pgid) for pgid in pgids)
+        jobs = {j["name"]: j for j in done["stageResults"][0]["jobs"]}
+        for name in ("a", "b"):
+            step = jobs[name]["steps"][0]
+            assert [a["status"] for a in step["attempts"]] == ["failed", "succeeded"]
+            assert "executor lost" in step["attempts"][0]["error"]
+            assert step["output"].endswith("second attempt\n")
+        assert jobs["after"]["status"] == "succeeded"
+    finally:
+        stop.set()
+        if victim.poll() is None:
+            victim.kill()
+        if rescuer is not None:
+            await asyncio.wait_for(rescuer, 15)
+
+
 async def _lease_pgid(system: System, run_id: str) -> int:
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
