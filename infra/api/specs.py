@@ -7,7 +7,7 @@ from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import msgspec
-from litestar import Controller, Request, get, post
+from litestar import Controller, Request, Response, get, post
 from litestar.connection import ASGIConnection
 from litestar.datastructures import State
 from litestar.exceptions import NotFoundException, PermissionDeniedException
@@ -211,8 +211,9 @@ class SpecController(Controller):
         )
 
     @post("/spec/save", status_code=200, summary="Save a spec as the next definition version")
-    async def save(self, request: Request[Principal, Any, State], pipeline_id: FromPath[str]) -> SavedView:
-        from infra.api.app import require_role
+    async def save(self, request: Request[Principal, Any, State], pipeline_id: FromPath[str]) -> Response[bytes]:
+        """With an Idempotency-Key, a retried save answers the first answer (and commits nothing again)."""
+        from infra.api.app import idempotent, require_role
 
         require_role(request, "member")
         deps: Deps = request.app.state.deps
@@ -229,25 +230,31 @@ class SpecController(Controller):
         from infra.api.delivery import check_stage_refs
 
         await check_stage_refs(request, body.spec.get("stages"), "spec.stages")
-        saved = await deps.commands.save_spec(
-            state.pipeline_id,
-            spec=body.spec,
-            format=body.format,
-            commit_message=body.commit_message,
-            by=principal.sub,
-            plugins=installed_plugins(),
-            visible=lambda s: s.organization_id == principal.org,
-            save_mode=body.save_mode,
-            expected_head_commit_sha=sha,
-        )
-        return SavedView(
-            pipeline_id=saved.state.pipeline_id,
-            version=saved.state.definition_version,
-            format=body.format,
-            commit_sha=saved.commit_sha,
-            branch=saved.branch,
-            pr_branch=saved.pr_branch,
-        )
+        spec: dict[str, Any] = body.spec
+
+        async def run() -> Response[bytes]:
+            saved = await deps.commands.save_spec(
+                state.pipeline_id,
+                spec=spec,
+                format=body.format,
+                commit_message=body.commit_message,
+                by=principal.sub,
+                plugins=installed_plugins(),
+                visible=lambda s: s.organization_id == principal.org,
+                save_mode=body.save_mode,
+                expected_head_commit_sha=sha,
+            )
+            view = SavedView(
+                pipeline_id=saved.state.pipeline_id,
+                version=saved.state.definition_version,
+                format=body.format,
+                commit_sha=saved.commit_sha,
+                branch=saved.branch,
+                pr_branch=saved.pr_branch,
+            )
+            return Response(content=msgspec.json.encode(view), status_code=200, media_type="application/json")
+
+        return await idempotent(request, principal, run)
 
 
 _STRINGS = {"type": "object", "additionalProperties": {"type": "string"}}

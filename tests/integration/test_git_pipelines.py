@@ -178,6 +178,21 @@ async def test_a_stale_expected_head_is_409_and_saves_nothing(system: System, tm
     assert r.status_code == 200, r.text
 
 
+async def test_a_save_retried_with_its_idempotency_key_commits_once(system: System, tmp_path: Path) -> None:
+    bare, url = bare_repo(tmp_path)
+    p = await create_git_pipeline(system, url)
+    headers = {**system.headers("member"), "Idempotency-Key": f"save-{uuid.uuid4()}"}
+    answers = [
+        await system.client.post(
+            f"/api/v1/pipelines/{p['id']}/spec/save", json={"spec": SPEC, "format": "yaml"}, headers=headers
+        )
+        for _ in range(2)
+    ]
+    assert [r.status_code for r in answers] == [200, 200]
+    assert answers[0].json() == answers[1].json()
+    assert git(bare, "rev-list", "--count", "main") == "1"
+
+
 async def test_of_two_saves_expecting_the_same_head_one_wins(system: System, tmp_path: Path) -> None:
     bare, url = bare_repo(tmp_path, {"pipeline.yaml": yaml.safe_dump(SPEC)})
     head = git(bare, "rev-parse", "main")
