@@ -208,13 +208,12 @@ class _Views:
         e = rec.event
         if not isinstance(e, rn.LogAppended):
             return ()
+        where: dict[str, str | None] = {"runId": run_id, "stage": e.stage_id}
+        if e.job is not None:  # inside a stage of jobs
+            where["job"], where["step"] = e.job, e.step
         return tuple(
             _encoder.encode(
-                {
-                    "event": "pipeline.log",
-                    "data": {"runId": run_id, "stage": e.stage_id, "message": line.text},
-                    "position": rec.position,
-                }
+                {"event": "pipeline.log", "data": {**where, "message": line.text}, "position": rec.position}
             )
             for line in e.lines
         )
