@@ -94,12 +94,17 @@ class Commands:
             state, version = pl.evolve(state, e), rec.stream_version
         return state, version
 
-    async def load_run(self, run_id: str) -> tuple[rn.RunState, int]:
+    async def load_run(
+        self, run_id: str, on_version: Callable[[str, int], None] | None = None
+    ) -> tuple[rn.RunState, int]:
+        """The run folded from its stream, and the stream's version (also told to `on_version`)."""
         state, version = rn.initial_state, 0
         for rec in await self.store.read_stream(ev.run_stream(run_id)):
             e = rec.event
             assert ev.is_run_event(e)
             state, version = rn.evolve(state, e), rec.stream_version
+        if on_version is not None:
+            on_version(run_id, version)
         return state, version
 
     async def load_logs(self, run_id: str) -> list[rn.LogAppended]:
@@ -414,15 +419,16 @@ class Commands:
         visible: Callable[[rn.RunState], bool] = lambda s: True,
         before_append: RunHook | None = None,
         lost_race: RunHook | None = None,
+        on_version: Callable[[str, int], None] | None = None,
     ) -> tuple[rn.RunState, list[rn.RunEvent]]:
         """Decide `make(now)` against the run's current state and append; on a lost race, again.
 
         `before_append` runs between the decision and the append (the executor takes its stage
         lease there, so a started stage always has one); `lost_race` undoes it when the append
-        loses to another writer.
+        loses to another writer. `on_version` is told each version read and the one written.
         """
         for _ in range(self._retries):
-            state, version = await self.load_run(run_id)
+            state, version = await self.load_run(run_id, on_version)
             if not state.exists or not visible(state):
                 raise NotFound("run not found")
             new = rn.decide(make(self.now()), state)
@@ -441,6 +447,8 @@ class Commands:
                     await lost_race(state, new)
                 continue
             self._appended()
+            if on_version is not None:
+                on_version(run_id, version + len(new))
             for e in new:
                 state = rn.evolve(state, e)
             return state, new

@@ -19,6 +19,7 @@ import shutil
 import signal
 import socket
 import uuid
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -52,6 +53,8 @@ log = logging.getLogger("pipelines.executor")
 RUN_EVENTS_FILTER = "pipelines.v1.*.run.*.*"
 STOP_SUBJECT = "pipelines.v1.*.run.*.run_stopped"
 CONSUMER = "executor"
+STREAM_VERSION = "Pipelines-Stream-Version"
+KNOWN_RUNS = 10_000
 _json = msgspec.json.Encoder()
 
 
@@ -214,6 +217,11 @@ class Executor:
         self.executor_id = uuid.uuid4().hex
         self.host = socket.gethostname()
         self._drivers: dict[str, _Driver] = {}
+        # The run stream versions this process has read or written, most recent last (bounded):
+        # a message of an event at or below that version is one the executor already acted on.
+        # Only the driver's own reads and decisions count (a read that acts on nothing, such as a
+        # sweep's, must not hide an event from the driver).
+        self._known: OrderedDict[str, int] = OrderedDict()
         self._background: set[asyncio.Task[Any]] = set()
         # Stage attempts this process is running right now: (run, stage, attempt).
         self._running: set[tuple[str, str, int]] = set()
@@ -269,12 +277,27 @@ class Executor:
                 with contextlib.suppress(Exception):
                     await subscription.unsubscribe()
 
+    def _note_version(self, run_id: str, version: int) -> None:
+        if self._known.get(run_id, -1) < version:
+            self._known[run_id] = version
+        self._known.move_to_end(run_id)
+        while len(self._known) > KNOWN_RUNS:
+            self._known.popitem(last=False)
+
     def on_message(self, msg: Msg) -> None:
         parts = msg.subject.split(".")
         if len(parts) != 6:
             self._spawn(msg.ack())
             return
         run_id, event_type = parts[4], parts[5]
+        try:
+            version = int((msg.headers or {}).get(STREAM_VERSION, "0"))
+        except ValueError:
+            version = 0
+        if 0 < version <= self._known.get(run_id, 0) and event_type != "run_stopped":
+            # Our own event (or one we read before acting): nothing new to react to.
+            self._spawn(msg.ack())
+            return
         driver = self.kick(run_id)
         driver.messages.append(msg)
         if event_type == "run_stopped":
@@ -360,8 +383,8 @@ class Executor:
                 if timer.kind == "approval":
                     with contextlib.suppress(Refused, NotFound):
                         await self.commands.run_command(timer.run_id, functools.partial(_expire, timer.key))
-                else:
-                    self.kick(timer.run_id)
+                # The expiry's event is one this process knows: drive the run from here.
+                self.kick(timer.run_id)
             finally:
                 await self.leases.done(timer)
 
@@ -483,7 +506,11 @@ class Executor:
 
     async def _advance(self, run_id: str) -> tuple[rn.RunState, list[rn.RunEvent]]:
         return await self.commands.run_command(
-            run_id, lambda at: rn.Advance(at=at), before_append=self._take_leases, lost_race=self._drop_leases
+            run_id,
+            lambda at: rn.Advance(at=at),
+            before_append=self._take_leases,
+            lost_race=self._drop_leases,
+            on_version=self._note_version,
         )
 
     async def drive_once(self, run_id: str, driver: _Driver | None = None) -> rn.RunState:
@@ -553,7 +580,11 @@ class Executor:
                         state, more = await self._complete(run_id, unit_done, outcome)
                         new += more
                     except Refused as exc:
+                        # Someone else settled it (a lost lease recovered elsewhere, a stopped run):
+                        # look at the run as it is now.
                         log.info("run %s: outcome of %s not recorded: %s", run_id, unit_done.key, exc)
+                        state, more = await self._advance(run_id)
+                        new += more
                 if driver is not None and driver.wake.is_set():
                     driver.wake.clear()
                     driver.dirty = False
@@ -584,6 +615,7 @@ class Executor:
                 lambda at: completion(stage_id, job, step, unit.attempt, outcome, at),
                 before_append=self._take_leases,
                 lost_race=self._drop_leases,
+                on_version=self._note_version,
             )
         finally:
             if self.leases is not None:
