@@ -270,3 +270,46 @@ async def test_a_deploy_step_naming_an_unknown_environment_is_refused_at_save(sy
         "spec.stages[0].jobs[0].steps[0].deploy.componentId",
         "spec.stages[0].jobs[0].steps[0].deploy.environmentId",
     }
+
+
+async def test_the_readme_spec_kept_as_yaml_in_git_validates_runs_and_shows_every_job_and_step(
+    system: System, tmp_path: Any
+) -> None:
+    import yaml
+
+    from tests.e2e.test_readme import README
+    from tests.integration.test_git_pipelines import bare_repo, create_git_pipeline
+
+    block = README.split("<!-- jobs-spec:start -->", 1)[1].split("<!-- jobs-spec:end -->", 1)[0]
+    text = block.split("```yaml\n", 1)[1].split("```", 1)[0]
+    _, url = bare_repo(tmp_path, {".pipelines/ci.yaml": text})
+    p = await create_git_pipeline(system, url, pipelineFilePath=".pipelines/ci.yaml")
+    r = await system.client.post(
+        f"/api/v1/pipelines/{p['id']}/spec/validate", json={"spec": yaml.safe_load(text)}, headers=system.headers()
+    )
+    assert r.status_code == 200 and r.json()["valid"] is True, r.text
+    comp = await component(system)
+    env = await environment(system, {"type": "command", "command": "echo deploying $COMPONENT_ID"})
+    run = await system.trigger(p["id"], variables={"COMPONENT": comp["id"], "ENVIRONMENT": env["id"]})
+    assert run["trigger"]["commitSha"] and run["trigger"]["branch"] == "main"
+    await system.wait_status(p["id"], run["id"], "waiting_approval", "failed")
+    r = await system.client.post(f"/api/v1/pipelines/{p['id']}/runs/{run['id']}/approve", headers=system.headers())
+    assert r.status_code == 200, r.text
+    done = await system.wait_status(p["id"], run["id"], "succeeded", "failed")
+    assert done["status"] == "succeeded", done["logs"]
+    shown = {
+        (stage["stageId"], job["name"], step["name"]): step["status"]
+        for stage in done["stageResults"]
+        for job in stage["jobs"]
+        for step in job["steps"]
+    }
+    assert shown == {
+        ("build", "image (amd64)", "build"): "succeeded",
+        ("build", "image (arm64)", "build"): "succeeded",
+        ("build", "unit", "test"): "succeeded",
+        ("build", "lint", "check"): "succeeded",
+        ("build", "publish", "push"): "skipped",
+        ("release", "ship", "approve"): "succeeded",
+        ("release", "ship", "deploy"): "succeeded",
+        ("release", "ship", "tell"): "succeeded",
+    }
