@@ -33,6 +33,28 @@ def _float(env: dict[str, str], name: str, default: float) -> float:
         raise ValueError(f"{name} must be a number, not {raw!r}") from None
 
 
+def default_script_uids() -> tuple[int, int] | None:
+    """When the executor is root, each run's scripts get a uid of their own from this range, so
+    that concurrent runs cannot read each other's files, environment (secrets) or processes."""
+    return (200_000, 299_999) if os.geteuid() == 0 else None
+
+
+def parse_uid_range(raw: str) -> tuple[int, int] | None:
+    """`200000-299999`, or `off` (None): PIPELINES_SCRIPT_UIDS."""
+    if raw.strip().lower() in ("off", "none", "no", "false", "0"):
+        return None
+    first, sep, last = raw.partition("-")
+    try:
+        lo, hi = int(first), int(last)
+    except ValueError:
+        raise ValueError(
+            f"PIPELINES_SCRIPT_UIDS must be FIRST-LAST (for example 200000-299999) or off, not {raw!r}"
+        ) from None
+    if not sep or not 1000 <= lo <= hi < 2**31 - 1:
+        raise ValueError(f"PIPELINES_SCRIPT_UIDS must be FIRST-LAST with 1000 <= FIRST <= LAST, not {raw!r}")
+    return lo, hi
+
+
 def default_script_user() -> str | None:
     """Scripts never run as root by default: as `nobody` when the executor is root, else as the
     executor's own user (None: no switch)."""
@@ -41,9 +63,10 @@ def default_script_user() -> str | None:
 
 @dataclass(frozen=True, kw_only=True)
 class Settings:
-    database_url: str
+    # Both may hold credentials: never in a repr (logs, tracebacks).
+    database_url: str = field(repr=False)
     nats_url: str
-    jwt_secret: str
+    jwt_secret: str = field(repr=False)
     jwt_algorithm: str = "HS256"
     jwt_issuer: str | None = None
     jwt_audience: str | None = None
@@ -73,6 +96,8 @@ class Settings:
     secrets_key: str | None = field(default=None, repr=False)
     # The user (name or uid) scripts run as; None runs them as the executor's own user.
     script_user: str | None = field(default_factory=default_script_user)
+    # A uid per run from this range (inclusive), instead of `script_user`; None: off.
+    script_uids: tuple[int, int] | None = field(default_factory=default_script_uids)
     # Where scripts get their working directories (PIPELINES_WORK_DIR); default <data_dir>/work.
     work_dir: Path | None = None
     # Notification deliveries (notify stages): attempts in all, seconds before the second attempt
@@ -127,6 +152,12 @@ class Settings:
             sweep_interval=_float(e, "PIPELINES_SWEEP_INTERVAL", 1.0),
             secrets_key=e.get("PIPELINES_SECRETS_KEY") or None,
             script_user=e.get("PIPELINES_SCRIPT_USER") or default_script_user(),
+            # An explicit PIPELINES_SCRIPT_USER means that user, unless a uid range is asked for too.
+            script_uids=parse_uid_range(e["PIPELINES_SCRIPT_UIDS"])
+            if e.get("PIPELINES_SCRIPT_UIDS")
+            else None
+            if e.get("PIPELINES_SCRIPT_USER")
+            else default_script_uids(),
             work_dir=Path(e["PIPELINES_WORK_DIR"]) if e.get("PIPELINES_WORK_DIR") else None,
             notify_max_attempts=_int(e, "PIPELINES_NOTIFY_MAX_ATTEMPTS", 4),
             notify_backoff=_float(e, "PIPELINES_NOTIFY_BACKOFF", 1.0),

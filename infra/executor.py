@@ -44,6 +44,7 @@ from infra.leases import Lease, LeaseStore
 from infra.masking import Masker
 from infra.pg_store import PostgresEventStore
 from infra.script_runner import ScriptOutcome, ScriptRun, clean_env
+from infra.script_uids import NoFreeUid, ScriptUids
 from infra.secrets import SecretStore, SecretsUnavailable
 from infra.step_plugins import plugin_command
 from infra.units import Unit, split_key, started_units, unit_key, unit_status
@@ -226,6 +227,9 @@ class Executor:
         # Stage attempts this process is running right now: (run, stage, attempt).
         self._running: set[tuple[str, str, int]] = set()
         self.workdir = settings.work_root
+        # A uid per run for its scripts (when root): see infra.script_uids.
+        self.uids = ScriptUids(self.workdir / ".uids", *settings.script_uids) if settings.script_uids else None
+        self._uids_swept_at = 0.0
         # Deploy and notify stages need the registry's tables (PostgreSQL).
         self.deliveries: Deliveries | None = (
             Deliveries(commands, commands.store.pool, settings.database_url, nc, sealer=secrets, settings=settings)
@@ -369,6 +373,9 @@ class Executor:
         if self.secrets is not None and now - self._purged_at > 60:
             self._purged_at = now
             await self.secrets.purge(older_than=600)
+        if self.uids is not None and now - self._uids_swept_at > 300:
+            self._uids_swept_at = now
+            await asyncio.to_thread(self.uids.sweep)
         if self.leases is None:
             return
         if self.deliveries is not None and now - self._orphans_at > 60:
@@ -542,6 +549,8 @@ class Executor:
                         if state.terminal:
                             # Attempts and stages share the run's working directory until it ends.
                             await asyncio.to_thread(shutil.rmtree, self.workdir / run_id, True)
+                            if self.uids is not None:
+                                await asyncio.to_thread(self.uids.release, run_id)
                             if self.secrets is not None and state.secret_names:
                                 await self.secrets.delete(run_id)
                         await self._schedule_timers(state)
@@ -807,6 +816,17 @@ class Executor:
         if driver is not None:
             if driver.stop_requested:
                 return ScriptOutcome(exit_code=None, killed=True)
+        # Plugins are the admin's installed code: they run in their own process with a clean
+        # environment, as the service's user (they need its Python).
+        user: str | int | None = None if as_service else self.settings.script_user
+        identity: dict[str, str] = {}
+        if self.uids is not None and not as_service:
+            try:
+                user = await asyncio.to_thread(self.uids.acquire, state.run_id)
+            except NoFreeUid as exc:
+                return ScriptOutcome(exit_code=None, error=str(exc))
+            identity = {"USER": f"run-{user}", "LOGNAME": f"run-{user}"}
+        if driver is not None:
             driver.scripts.add(script)
         workdir = self.workdir / state.run_id
         env = clean_env(
@@ -817,6 +837,7 @@ class Executor:
                 "PIPELINE_ID": state.pipeline_id,
                 "RUN_ID": state.run_id,
                 "STAGE_ID": unit.stage.id,
+                **identity,
                 **(extra or {}),
             },
         )
@@ -829,9 +850,7 @@ class Executor:
                 env=env,
                 timeout=timeout,
                 on_line=line,
-                # Plugins are the admin's installed code: they run in their own process with a
-                # clean environment, as the service's user (they need its Python).
-                user=None if as_service else self.settings.script_user,
+                user=user,
             )
         finally:
             if driver is not None:

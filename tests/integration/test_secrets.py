@@ -215,8 +215,46 @@ def test_script_user_and_work_dir_settings(tmp_path: Path) -> None:
     settings = _settings(tmp_path)
     assert settings.script_user == ("nobody" if os.geteuid() == 0 else None)
     assert settings.work_root == tmp_path / "work"
+    assert settings.script_uids == ((200_000, 299_999) if os.geteuid() == 0 else None)
     settings = _settings(tmp_path, PIPELINES_SCRIPT_USER="daemon", PIPELINES_WORK_DIR="/srv/work")
     assert settings.script_user == "daemon" and settings.work_root == Path("/srv/work")
+    assert settings.script_uids is None  # an explicit user means that user
+    settings = _settings(tmp_path, PIPELINES_SCRIPT_UIDS="300000-300999")
+    assert settings.script_uids == (300_000, 300_999)
+    assert "postgresql://" not in repr(settings) and settings.jwt_secret not in repr(settings)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="switching users needs root")
+async def test_concurrent_runs_scripts_have_their_own_uids_and_cannot_read_each_other(system: System) -> None:
+    holder = await system.create_pipeline(
+        [{"id": "hold", "type": "script", "config": {"command": "id -u; echo mine > own.txt; sleep 4"}}]
+    )
+    held = await system.trigger(holder["id"], secrets={"TOKEN": "s3cr3t-of-a"})
+    await system.wait_run(
+        holder["id"], held["id"], lambda r: "own.txt" not in r["logs"] and r["stageResults"][0]["output"] != ""
+    )
+    spy = await system.create_pipeline(
+        [
+            {
+                "id": "spy",
+                "type": "script",
+                "config": {
+                    "command": "id -u; echo user=$USER; "
+                    "for p in /proc/[0-9]*; do cat $p/environ 2>/dev/null; done "
+                    "| tr '\\0' '\\n' | grep -c s3cr3t-of-a; "
+                    f"cat ../{held['id']}/own.txt 2>/dev/null || echo denied; "
+                    "kill -0 $(pgrep -x sleep | head -1) 2>/dev/null && echo signalled || echo cannot-signal"
+                },
+            }
+        ]
+    )
+    run = await system.trigger(spy["id"])
+    done = await system.wait_status(spy["id"], run["id"], "succeeded", "failed")
+    lines = done["stageResults"][0]["output"].split("\n")
+    first = (await system.get_run(holder["id"], held["id"]))["stageResults"][0]["output"].split("\n")[0]
+    assert lines[0] != first and int(lines[0]) >= 200_000 and int(first) >= 200_000
+    assert lines[1] == f"user=run-{lines[0]}"
+    assert lines[2:5] == ["0", "denied", "cannot-signal"], done["stageResults"][0]["output"]
 
 
 # ---- the API -----------------------------------------------------------------------------------
@@ -232,7 +270,7 @@ async def test_trigger_with_secrets_reaches_scripts_masked_everywhere(
     command = (
         'echo "token=$API_TOKEN"; echo "$API_TOKEN" >&2; '
         'printf %s "$API_TOKEN" | sha256sum; printf %s "$API_TOKEN" | base64; '
-        'printf \'{"t": "%s"}\\n\' "$API_TOKEN"; echo "plain=$PLAIN"; id -un'
+        'printf \'{"t": "%s"}\\n\' "$API_TOKEN"; echo "plain=$PLAIN"; echo "uid=$(id -u)"'
     )
     p = await system.create_pipeline([{"id": "use", "type": "script", "config": {"command": command}}])
     nc = await bus.connect(system.settings.nats_url, "test-secrets")
@@ -262,7 +300,7 @@ async def test_trigger_with_secrets_reaches_scripts_masked_everywhere(
         assert '{"t": "***"}' in out and "plain=visible" in out
         assert VALUE not in json.dumps(done)
         if os.geteuid() == 0:
-            assert "nobody\n" in out  # scripts do not run as root
+            assert "uid=2" in out  # scripts do not run as root: a uid of the run's own (200000-299999)
 
         events = await system.client.get(
             f"/api/v1/pipelines/{p['id']}/runs/{run['id']}/events", headers=system.headers()
