@@ -7,11 +7,18 @@ restarted. Afterwards:
   nobody approved: still waiting);
 - every run's event history is a valid sequence of the state machine, and folds to what the API
   answers;
-- no stage ran more often than its attempts recorded (a redelivery never runs a stage twice);
+- no stage and no step of a job ran more often than its attempts recorded (a redelivery never runs
+  one twice), and every attempt that ran to its end was recorded by the script itself;
+- every job and step of a stage of jobs started and ended once per attempt (tests/fault/history.py);
 - every trigger (retried with its Idempotency-Key while the api was down) made exactly one run;
 - every event in the store appears in JetStream exactly once and in feed order (Nats-Msg-Id = event
   id at the same index, same subject and body);
 - the read models equal a rebuild from the store.
+
+The pipelines: two script stages ("ok"), a gate between scripts ("gate"), a failing script
+("fail"), and a stage of parallel jobs (one a matrix, one needing another, steps retried by their
+job's `retry`) followed by a script stage ("jobs"); executor kills are aimed at a running script
+stage or step.
 
 `make test` runs a 10-run version (under a minute); `make soak` the 50-run version (marked soak),
 which also kills nats-server with SIGKILL.
@@ -39,7 +46,7 @@ from infra.projector import Projector
 from infra.relay import POSITION
 from infra.store import FEED_START, RecordedEvent
 from tests.fault.conftest import FaultStack
-from tests.fault.history import TERMINAL, describe, fold_history
+from tests.fault.history import TERMINAL, EffectKey, History, describe, effect_problems, fold_history
 
 pytestmark = [pytest.mark.e2e, pytest.mark.asyncio(loop_scope="session")]
 
@@ -96,11 +103,61 @@ RETRY = {"maxAttempts": 3, "backoff": 0.1}
 
 
 def _effect(fault: FaultStack) -> str:
-    """A shell snippet that records that the stage's script started (once per execution)."""
-    return f'echo "$RUN_ID $STAGE_ID" >> {fault.effects_dir}/starts'
+    """A shell snippet that records that a script stage or a step of a job started (once per
+    execution): `run|stage|job|step`, job and step empty for a typed stage (see `_effects`). A file
+    of its own per execution: scripts of different runs may run as different users, and one could
+    not append to a file another created."""
+    return f'e=$(mktemp {fault.effects_dir}/start.XXXXXXXXXX) && echo "$RUN_ID|$STAGE_ID|$JOB_NAME|$STEP_NAME" > "$e"'
+
+
+def _effects(fault: FaultStack) -> Counter[EffectKey]:
+    out: Counter[EffectKey] = Counter()
+    for path in fault.effects_dir.glob("start.*"):
+        parts = path.read_text().strip().split("|")
+        if len(parts) == 4:
+            out[parts[0], parts[1], parts[2], parts[3]] += 1
+    return out
+
+
+def jobs_spec(fault: FaultStack) -> dict[str, Any]:
+    """A stage of jobs run in parallel (a matrix of two, one job needing another), each step
+    retried by its job's `retry` when its executor dies, then a script stage."""
+    e = _effect(fault)
+    return {
+        "stages": [
+            {
+                "id": "work",
+                "jobs": [
+                    {
+                        "name": "compile",
+                        "retry": RETRY,
+                        "steps": [
+                            {"name": "fetch", "run": f"{e}; sleep 0.3; echo fetched"},
+                            {"name": "build", "run": f"{e}; sleep 0.6; echo built"},
+                        ],
+                    },
+                    {
+                        "name": "lint",
+                        "retry": RETRY,
+                        "matrix": {"shard": ["a", "b"]},
+                        "steps": [{"name": "check", "run": f"{e}; sleep 0.7; echo linted $MATRIX_SHARD"}],
+                    },
+                    {
+                        "name": "package",
+                        "needs": ["compile"],
+                        "retry": RETRY,
+                        "steps": [{"name": "pack", "run": f"{e}; sleep 0.4; echo packed"}],
+                    },
+                ],
+            },
+            {"id": "ship", "type": "script", "retry": RETRY, "config": {"command": f"{e}; sleep 0.2; echo shipped"}},
+        ]
+    }
 
 
 def pipelines(fault: FaultStack) -> dict[str, list[dict[str, Any]]]:
+    """The pipelines of typed stages, created with their stages (the "jobs" one is saved as a spec
+    afterwards: see `jobs_spec`)."""
     e = _effect(fault)
     return {
         "ok": [
@@ -119,7 +176,10 @@ def pipelines(fault: FaultStack) -> dict[str, list[dict[str, Any]]]:
     }
 
 
-KINDS = ("ok", "gate", "fail", "ok", "gate")
+# Seven runs in a cycle: three kinds of three (ok, gate, jobs) and a failing one; 10 runs trigger
+# every kind (gates approved in even blocks of seven, so the 10-run suite has both an approved
+# gate and one left waiting), 50 runs about 14 of each and 7 failing.
+KINDS = ("ok", "gate", "jobs", "ok", "fail", "jobs", "gate")
 
 
 @dataclass
@@ -135,31 +195,46 @@ class Trigger:
 @dataclass
 class Chaos:
     actions: list[tuple[str, float]] = field(default_factory=list)
-    # Executor kills that hit a running script stage.
+    # Executor kills that hit a running script stage, and a running step of a job.
     mid_stage: int = 0
+    mid_step: int = 0
 
     def summary(self) -> str:
         by: dict[str, list[float]] = defaultdict(list)
         for name, seconds in self.actions:
             by[name].append(seconds)
         done = ", ".join(f"{n} x{len(s)} (back in max {max(s):.1f}s)" for n, s in by.items())
-        return f"{done}; executor kills during a script: {self.mid_stage}"
+        return f"{done}; executor kills during a script stage: {self.mid_stage}, during a step: {self.mid_step}"
 
 
-async def _script_running(client: Client, ids: dict[str, str], triggers: list[Trigger], timeout: float) -> bool:
-    """Wait (bounded) until some run has a script stage running, so that killing the executor
-    interrupts one."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+def _running_steps(stage: dict[str, Any]) -> int:
+    return sum(1 for j in stage.get("jobs") or [] for st in j["steps"] if st["status"] == "running")
+
+
+async def _work_running(
+    client: Client, ids: dict[str, str], triggers: list[Trigger], timeout: float
+) -> tuple[bool, bool]:
+    """Wait (bounded) until a script stage and a step of a job run at the same time (half a second
+    after either was first seen, either is enough), so that killing the executor interrupts them;
+    says which ran."""
+    began = time.monotonic()
+    seen: float | None = None
+    while True:
+        stage = step = False
         for t in list(triggers):
             if t.run_id is None:
                 continue
             with contextlib.suppress(GaveUp, AssertionError):
                 run = await client.get(f"/api/v1/pipelines/{ids[t.kind]}/runs/{t.run_id}")
-                if any(s["status"] == "running" and s["type"] == "script" for s in run["stageResults"]):
-                    return True
+                for s in run["stageResults"]:
+                    stage = stage or (s["status"] == "running" and s["type"] == "script")
+                    step = step or _running_steps(s) > 0
+        waited = time.monotonic() - began
+        if (stage or step) and seen is None:
+            seen = time.monotonic()
+        if (stage and step) or ((stage or step) and time.monotonic() - (seen or began) > 0.5) or waited > timeout:
+            return stage, step
         await asyncio.sleep(0.05)
-    return False
 
 
 async def _trigger(client: Client, ids: dict[str, str], t: Trigger) -> None:
@@ -194,20 +269,29 @@ async def _chaos(
 ) -> None:
     """One at a time: kill -9 each service and wait for it to come back; restart nats-server.
     Before each action the next share of the runs is triggered, so that every fault lands while
-    runs are under way."""
+    runs are under way; the share before an executor kill has a run of jobs in it (taken ahead of
+    its turn), so that the kill hits steps of jobs as well as script stages."""
     actions = rounds * (len(SERVICES) + 1)
     requests: list[asyncio.Task[None]] = []
+    queue = list(triggers)  # not yet sent
     done = 0
     for r in range(rounds):
         targets = [*SERVICES, "nats"]
         rng.shuffle(targets)
         for target in targets:
-            share = triggers[len(triggers) * done // actions : len(triggers) * (done + 1) // actions]
+            size = len(triggers) * (done + 1) // actions - len(triggers) * done // actions
+            jobs_run = next((t for t in queue if t.kind == "jobs"), None)
+            if target == "executor" and size and jobs_run is not None and jobs_run not in queue[:size]:
+                queue.remove(jobs_run)
+                queue.insert(0, jobs_run)
+            share, queue = queue[:size], queue[size:]
             requests += [asyncio.create_task(_trigger(client, ids, t)) for t in share]
             done += 1
             if target == "executor":
-                if await _script_running(client, ids, triggers, 5.0):
-                    chaos.mid_stage += 1  # the executor dies with a script stage under way
+                # The executor dies with a script stage and steps of jobs under way.
+                stage, step = await _work_running(client, ids, triggers, 5.0)
+                chaos.mid_stage += stage
+                chaos.mid_step += step
             elif target == "api":
                 await asyncio.sleep(rng.uniform(0, 0.05))  # the api dies with the triggers in flight
             else:
@@ -341,8 +425,9 @@ class Outcome:
     problems: list[str] = field(default_factory=list)
     statuses: Counter[tuple[str, str]] = field(default_factory=Counter)
     timings: dict[str, float] = field(default_factory=dict)
-    # Stage attempts that failed because their executor was lost (and were retried or failed).
+    # Stage and step attempts that failed because their executor was lost (and were retried or failed).
     recovered: int = 0
+    recovered_steps: int = 0
 
 
 async def scenario(fault: FaultStack, *, runs: int, rounds: int, hard_nats: bool, settle: float) -> Outcome:
@@ -361,7 +446,16 @@ async def scenario(fault: FaultStack, *, runs: int, rounds: int, hard_nats: bool
             )
             assert r.status_code == 201, r.text
             ids[kind] = r.json()["id"]
-        # Half of the gates (alternate blocks of five runs) are approved, the others left waiting.
+        r = await client.request(
+            "POST", "/api/v1/pipelines", json_body={"name": f"fault-jobs-{uuid.uuid4().hex[:6]}", "stages": []}
+        )
+        assert r.status_code == 201, r.text
+        ids["jobs"] = r.json()["id"]
+        r = await client.request(
+            "POST", f"/api/v1/pipelines/{ids['jobs']}/spec/save", json_body={"spec": jobs_spec(fault), "format": "json"}
+        )
+        assert r.status_code == 200, r.text
+        # Half of the gates (alternate blocks of len(KINDS) runs) are approved, the others left waiting.
         triggers = [
             Trigger(i, KINDS[i % len(KINDS)], approve=KINDS[i % len(KINDS)] == "gate" and (i // len(KINDS)) % 2 == 0)
             for i in range(runs)
@@ -419,15 +513,7 @@ async def scenario(fault: FaultStack, *, runs: int, rounds: int, hard_nats: bool
             index_of = {run_id: int(index) for run_id, _, index in stored_runs}
 
             # Every run: where it ended, its history, and what its scripts did.
-            starts = (
-                Counter(
-                    tuple(line.split())
-                    for line in (fault.effects_dir / "starts").read_text().splitlines()
-                    if line.strip()
-                )
-                if (fault.effects_dir / "starts").exists()
-                else Counter()
-            )
+            effects = _effects(fault)
             for run_id, pipeline_id, _ in stored_runs:
                 kind = kind_of[pipeline_id]
                 t = triggers[index_of[run_id]]
@@ -438,7 +524,7 @@ async def scenario(fault: FaultStack, *, runs: int, rounds: int, hard_nats: bool
                     out.problems.append(f"run {run_id} still changes after everything settled")
                 status = run["status"]
                 out.statuses[(kind, status)] += 1
-                expected = {"ok": "succeeded", "fail": "failed"}.get(kind) or (
+                expected = {"ok": "succeeded", "jobs": "succeeded", "fail": "failed"}.get(kind) or (
                     "succeeded" if t.approve else "waiting_approval"
                 )
                 where = f"run {run_id} ({kind}#{t.index}): "
@@ -448,19 +534,23 @@ async def scenario(fault: FaultStack, *, runs: int, rounds: int, hard_nats: bool
                 if history.view() != run:
                     diff = [k for k in run if run.get(k) != history.view().get(k)]
                     out.problems.append(f"{where}the API's run differs from its folded history in {diff}")
-                out.recovered += sum(
-                    1
+                lost = [
+                    a
                     for s in run["stageResults"]
                     for a in s["attempts"]
                     if a["status"] != "succeeded" and "executor" in (a["error"] or "")
-                )
-                attempts = Counter(s.event.stage_id for s in history.steps if s.type == "stage_started")
-                for stage in run["stageResults"]:
-                    ran = starts.get((run_id, stage["stageId"]), 0)
-                    if stage["type"] == "script" and ran > attempts.get(stage["stageId"], 0):
-                        out.problems.append(
-                            f"{where}stage {stage['stageId']} ran {ran} times in {attempts[stage['stageId']]} attempts"
-                        )
+                ]
+                lost_steps = [
+                    a
+                    for s in run["stageResults"]
+                    for j in s.get("jobs") or []
+                    for st in j["steps"]
+                    for a in st["attempts"]
+                    if a["status"] != "succeeded" and "executor" in (a["error"] or "")
+                ]
+                out.recovered += len(lost)
+                out.recovered_steps += len(lost_steps)
+                out.problems += [where + p for p in effect_problems(history, effects)]
 
             # JetStream against the store; the read models against a rebuild.
             out.problems += await check_jetstream(fault, store, timeout=30)
@@ -484,7 +574,8 @@ async def scenario(fault: FaultStack, *, runs: int, rounds: int, hard_nats: bool
     print(
         f"\nfault suite, {runs} runs: {dict(out.statuses)}\n"
         f"  chaos: {chaos.summary()}; supervisor restarts {restarts}\n"
-        f"  stage attempts recovered from a lost executor: {out.recovered}; client retries: {dict(client.retries)}\n"
+        f"  attempts recovered from a lost executor: {out.recovered} of stages, {out.recovered_steps} of steps; "
+        f"client retries: {dict(client.retries)}\n"
         f"  timings: {', '.join(f'{k} {v:.1f}s' for k, v in out.timings.items())}"
     )
     return out
@@ -527,3 +618,45 @@ async def test_history_checker_sees_an_overwritten_cancel() -> None:
     history = fold_history("r", records)
     assert any("moved a cancelled run to succeeded" in p for p in history.problems), history.problems
     assert json.dumps(history.view())  # the fold still renders
+
+
+async def test_history_checker_sees_a_step_started_twice_and_run_too_often() -> None:
+    """The checker on a stage of jobs: a history with a step retried after a lost executor is clean;
+    the same attempt of a step started twice, and a step executed more often than its attempts,
+    are reported."""
+    at = "2026-01-01T00:00:00Z"
+    shell = {"name": "s", "kind": "shell", "run": "true"}
+    job = {"name": "j", "retry": {"maxAttempts": 2, "backoff": 0}, "steps": [shell]}
+    stage = {"id": "w", "name": "w", "type": "jobs", "order": 1, "jobs": [job]}
+    step = {"stage_id": "w", "job": "j", "step": "s"}
+    good: list[tuple[str, dict[str, Any]]] = [
+        ("run_triggered", {"run_id": "r", "pipeline_id": "p", "organization_id": None, "definition_version": 1,
+                           "stages": [stage], "triggered_by": "t", "at": at}),
+        ("run_started", {"at": at}),
+        ("stage_started", {"stage_id": "w", "attempt": 1, "at": at}),
+        ("job_started", {"stage_id": "w", "job": "j", "at": at}),
+        ("step_started", {**step, "attempt": 1, "at": at}),
+        ("step_retry_scheduled", {**step, "attempt": 1, "error": "executor lost", "retry_at": at, "at": at}),
+        ("step_started", {**step, "attempt": 2, "at": at}),
+        ("step_finished", {**step, "attempt": 2, "status": "succeeded", "exit_code": 0, "at": at}),
+        ("job_finished", {"stage_id": "w", "job": "j", "status": "succeeded", "at": at}),
+        ("stage_succeeded", {"stage_id": "w", "at": at}),
+        ("run_succeeded", {"at": at}),
+    ]  # fmt: skip
+
+    def fold(events: list[tuple[str, dict[str, Any]]]) -> History:
+        records = [
+            {"position": i + 1, "streamId": "run-r", "streamVersion": i + 1, "type": t, "data": {"type": t, **d}}
+            for i, (t, d) in enumerate(events)
+        ]
+        return fold_history("r", records)
+
+    clean = fold(good)
+    assert clean.status == "succeeded" and not clean.problems, clean.problems
+    assert not effect_problems(clean, Counter({("r", "w", "j", "s"): 2}))
+    # One more execution than attempts: a redelivery ran the step again.
+    assert any("ran 3 times in 2 attempts" in p for p in effect_problems(clean, Counter({("r", "w", "j", "s"): 3})))
+
+    # Attempt 1 started again without a retry in between.
+    twice = fold([*good[:5], ("step_started", {**step, "attempt": 1, "at": at}), *good[5:]])
+    assert any("attempt 1 of step s of job j (stage w) started twice" in p for p in twice.problems), twice.problems
