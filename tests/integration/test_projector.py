@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from typing import Any
 
 import pytest
 
+from infra.projector import CheckpointMoved, Projector
+from infra.store import FEED_START
 from tests.integration.system import System, eventually
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="session")]
@@ -46,3 +50,50 @@ async def test_rebuild_recreates_the_same_read_models(system: System) -> None:
     assert applied > 0
     after = await _rows(system)
     assert after == before
+
+
+async def test_racing_projectors_apply_every_event_exactly_once(system: System) -> None:
+    """A second projector (small batches, its own state cache) catches up while the live one runs:
+    their batches race on the checkpoint's compare-and-set, a loser rolls back and reads again
+    from the table, and the read models end up exactly as a rebuild makes them."""
+    rival = Projector(system.store, system.settings.database_url, batch=3)
+    stop = asyncio.Event()
+    raced = 0
+
+    async def race() -> None:
+        nonlocal raced
+        while not stop.is_set():
+            raced += await rival.catch_up()
+            await asyncio.sleep(0.001)
+
+    task = asyncio.create_task(race())
+    try:
+        script = {"id": "s", "type": "script", "config": {"command": "echo a; echo b"}}
+        runs = []
+        for _ in range(3):
+            p = await system.create_pipeline([script, {"id": "t", "type": "script", "config": {"command": "true"}}])
+            runs += [(p["id"], (await system.trigger(p["id"]))["id"]) for _ in range(2)]
+        for pipeline_id, run_id in runs:
+            await system.wait_status(pipeline_id, run_id, "succeeded")
+    finally:
+        stop.set()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    async def caught_up() -> bool:
+        return await system.projector.checkpoint() == await system.store.head()
+
+    await eventually(caught_up, what="the projector to catch up")
+    assert raced > 0
+    before = await _rows(system)
+    assert sum(row[0] in {r for _, r in runs} for row in before["rm_runs"]) == len(runs)
+    # A batch whose starting point is not the checkpoint is refused whole (in pipeline mode, where
+    # nothing waits for the compare-and-set's result) and writes nothing.
+    old = await system.store.read_feed(FEED_START, 5)
+    for stale in (FEED_START, old[0].cursor):
+        with pytest.raises(CheckpointMoved):
+            await rival._commit_batch(stale, old[1:])
+    assert await _rows(system) == before
+    assert await system.projector.checkpoint() == await system.store.head()
+    await system.projector.rebuild()
+    assert await _rows(system) == before
