@@ -32,6 +32,15 @@ How it works:
 - Each connection has a bounded queue. When the dispatcher finds it full, the queued event frames
   are dropped and every subscription of that connection falls back to catching up from the last
   frame actually handed to the socket. The dispatcher never waits for a client.
+- The live fan-out encodes each event's WebSocket frames once (server frames are not masked, so
+  the bytes on the wire are the same for every subscriber) and writes them straight to each
+  connection's transport, without a task switch, a lock or an `await` per subscriber. That is
+  what websockets' `broadcast()` does, minus its per-connection frame serialisation; the same
+  guards apply (the connection is OPEN, no fragmented message is being sent, no extensions).
+  A connection takes this path only when nothing of its own is queued or being sent (so frames
+  never overtake each other) and while its transport buffer is under `write_buffer_limit`; a
+  client whose buffer is over it is too slow: it falls back to catching up, as above. Memory per
+  client stays bounded by that limit plus its queue.
 """
 
 from __future__ import annotations
@@ -59,6 +68,7 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
+from websockets.protocol import State
 
 from domain import events as ev
 from domain import pipeline as pl
@@ -341,13 +351,16 @@ class _Sub:
 class _Conn:
     """One client: its subscriptions and its bounded outgoing queue, drained by `writer()`."""
 
-    def __init__(self, ws: ServerConnection, principal: Principal, limit: int) -> None:
+    def __init__(self, ws: ServerConnection, principal: Principal, limit: int, buffer_limit: int = 256 << 10) -> None:
         self.ws = ws
         self.principal = principal
         self.limit = limit
+        self.buffer_limit = buffer_limit
         self.subs: dict[tuple[Channel, Scope, str], _Sub] = {}
         self.items: deque[_Item] = deque()
         self.overflows = 0
+        # The writer is inside `ws.send` (a frame of the queue is on its way to the transport).
+        self.sending = False
         self._nonempty = asyncio.Event()
         self._room = asyncio.Event()
         self._room.set()
@@ -364,6 +377,28 @@ class _Conn:
     def push(self, items: Iterable[_Item]) -> None:
         self.items.extend(items)
         self._nonempty.set()
+
+    def write_now(self, wire: bytes) -> bool | None:
+        """Write an event's encoded frames straight to the transport. None: not now (something is
+        queued or being sent, or the connection is not plainly open): use the queue. False: the
+        client's transport buffer is over the limit (too slow). True: written."""
+        ws = self.ws
+        if (
+            self.items
+            or self.sending
+            or ws.protocol.state is not State.OPEN
+            or getattr(ws, "send_in_progress", None) is not None
+            or ws.protocol.extensions
+        ):
+            return None
+        transport = ws.transport
+        if transport.is_closing():
+            return None
+        if transport.get_write_buffer_size() > self.buffer_limit:
+            return False
+        if wire:
+            transport.write(wire)
+        return True
 
     async def control(self, event: str, data: dict[str, Any]) -> None:
         await self.wait_room(1)
@@ -391,7 +426,26 @@ class _Conn:
                     sub.sent, sub.partial = item.cursor, None
                 else:
                     sub.partial = (item.cursor, item.index + 1)
-            await self.ws.send(item.frame, text=True)
+            self.sending = True
+            try:
+                await self.ws.send(item.frame, text=True)
+            finally:
+                self.sending = False
+
+
+def _wire(frames: tuple[bytes, ...]) -> bytes:
+    """The frames as unmasked, unfragmented WebSocket text frames, back to back (RFC 6455 5.2)."""
+    out = bytearray()
+    for payload in frames:
+        n = len(payload)
+        if n < 126:
+            out += bytes((0x81, n))
+        elif n < 1 << 16:
+            out += bytes((0x81, 126)) + n.to_bytes(2, "big")
+        else:
+            out += bytes((0x81, 127)) + n.to_bytes(8, "big")
+        out += payload
+    return bytes(out)
 
 
 def _items(sub: _Sub, rec: RecordedEvent, frames: tuple[bytes, ...]) -> list[_Item]:
@@ -471,6 +525,7 @@ class Gateway:
         buffer_limit: int | None = None,
         page_size: int = 500,
         max_subscriptions: int = 100,
+        write_buffer_limit: int = 256 << 10,
     ) -> None:
         self.settings = settings
         self.store = store
@@ -480,11 +535,13 @@ class Gateway:
         self.buffer_limit = buffer_limit if buffer_limit is not None else max(queue_limit, 100)
         self.page_size = page_size
         self.max_subscriptions = max_subscriptions
+        self.write_buffer_limit = write_buffer_limit
         self.ready = asyncio.Event()
         self.port = settings.gateway_port
         # Counters, for tests and logs.
         self.overflows = 0
         self.dispatched = 0
+        self.written_direct = 0  # events written straight to a subscriber's transport
         self._views = _Views(store)
         self._index: dict[tuple[Channel, Scope, str], set[_Sub]] = {}
         self._scope_counts: dict[tuple[Channel, Scope], int] = {}
@@ -584,7 +641,7 @@ class Gateway:
             await ws.close(1008, "unauthorized")
             return
         principal, exp = auth
-        conn = _Conn(ws, principal, self.queue_limit)
+        conn = _Conn(ws, principal, self.queue_limit, self.write_buffer_limit)
         self._conns.add(conn)
         tasks = [
             asyncio.create_task(conn.writer(), name="gateway-writer"),
@@ -806,6 +863,7 @@ class Gateway:
     async def _dispatch(self, rec: RecordedEvent) -> None:
         rec, subs = await self._candidates(rec)
         frames: tuple[bytes, ...] | None = None
+        wire: bytes | None = None
         for sub in subs:
             if sub.closed or rec.cursor <= sub.enqueued:
                 continue
@@ -824,6 +882,17 @@ class Gateway:
                 continue
             assert frames is not None
             conn = sub.conn
+            if sub.partial is None:
+                if wire is None:
+                    wire = _wire(frames)  # once per event, for every subscriber
+                written = conn.write_now(wire)
+                if written:
+                    sub.enqueued = sub.sent = rec.cursor
+                    self.written_direct += 1
+                    continue
+                if written is False:
+                    self._overflow(conn)
+                    continue
             items = _items(sub, rec, frames)
             if conn.room_for(len(items)):
                 conn.push(items)

@@ -574,3 +574,45 @@ async def test_stopping_the_gateway_closes_its_clients(env: Env) -> None:
         assert ws.close_code == 1001
     finally:
         await ws.close()
+
+
+def test_wire_frames_are_what_websockets_would_send() -> None:
+    """The live fan-out writes pre-encoded frames straight to each transport: byte for byte what
+    the library writes for `send(text)` on a server connection without extensions."""
+    from websockets.frames import Frame, Opcode
+
+    from infra.gateway import _wire
+
+    payloads = (b"", b"x" * 125, b"y" * 126, b"z" * 65535, b"w" * 65536, '{"m":"zo\u00eb \u2713"}'.encode())
+    for p in payloads:
+        assert _wire((p,)) == Frame(Opcode.TEXT, p).serialize(mask=False, extensions=[])
+    assert _wire(payloads) == b"".join(Frame(Opcode.TEXT, p).serialize(mask=False, extensions=[]) for p in payloads)
+
+
+async def test_many_subscribers_of_one_run_get_every_frame_once_in_order(env: Env) -> None:
+    pipeline = await env.pipeline(env.org)
+    run = await env.trigger(pipeline)
+    await env.settle()
+    token = env.token(env.org)
+    direct = env.gateway.written_direct
+    async with contextlib.AsyncExitStack() as stack:
+        clients = [await stack.enter_async_context(client(env, token)) for _ in range(40)]
+        for c in clients:
+            await c.subscribe("logs", {"runId": run.run_id})
+            await c.subscribe("runs", {"runId": run.run_id})
+        outsider = await stack.enter_async_context(client(env, env.token(f"other-{uuid.uuid4().hex[:8]}")))
+        await outsider.subscribe("runs", {})
+        await outsider.subscribe("logs", {})
+        await env.advance(run.run_id)
+        for i in range(10):
+            await env.log(run, f"line {i}.a", f"line {i}.b")
+        await env.complete(run.run_id)
+        expected = [f"line {i}.{x}" for i in range(10) for x in "ab"]
+        for c in clients:
+            frames = await c.take(len(expected) + 4, timeout=WAIT)
+            assert [f["data"]["message"] for f in log_frames(frames)] == expected
+            assert [f["data"]["status"] for f in run_frames(frames)] == ["running", "running", "running", "succeeded"]
+            await c.quiet(0.1)
+        # Another organization's subscriber of everything it may see got none of it.
+        await outsider.quiet(0.2)
+    assert env.gateway.written_direct > direct  # the fast path was taken
