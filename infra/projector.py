@@ -36,7 +36,7 @@ from infra.pg_store import PostgresEventStore
 from infra.store import FEED_START, FeedCursor, RecordedEvent
 from projections import deployments as dm
 from projections import read_models as rm
-from projections.views import pipeline_view, run_view
+from projections.views import log_key, pipeline_view, run_view
 
 log = logging.getLogger("pipelines.projector")
 
@@ -302,7 +302,9 @@ async def apply(
             runs[ident] = rm.fold_run(runs.get(ident, rn.initial_state), event)
             last[rec.stream_id] = rec.stream_version
         elif kind == "runlog" and isinstance(event, rn.LogAppended):
-            log_rows.append((ident, rec.position, event.stage_id, _enc.encode(event.lines).decode()))
+            # Inside a stage of jobs the key names the step too (views.log_key), so lists show each
+            # step's own output.
+            log_rows.append((ident, rec.position, log_key(event), _enc.encode(event.lines).decode()))
     gone: list[str] = []
     prow: list[tuple[str, str | None, str, Any, str, str]] = []
     for pid in pipeline_ids:

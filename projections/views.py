@@ -186,7 +186,11 @@ def log_key(chunk: LogAppended) -> str | None:
     """Where a chunk of log belongs: its stage, or its step of a job (see log_text)."""
     if chunk.stage_id is None or chunk.job is None or chunk.step is None:
         return chunk.stage_id
-    return _SEP.join((chunk.stage_id, chunk.job, chunk.step))
+    return step_log_key(chunk.stage_id, chunk.job, chunk.step)
+
+
+def step_log_key(stage_id: str, job: str, step: str) -> str:
+    return _SEP.join((stage_id, job, step))
 
 
 def _attempts(attempts: Iterable[Any]) -> list[AttemptView]:
@@ -215,7 +219,7 @@ def _jobs_view(stage: Stage, sr: StageRun, outputs: dict[str, str]) -> list[JobR
                 started_at=iso(st.started_at),
                 finished_at=iso(st.finished_at),
                 duration_ms=_ms(st.started_at, st.finished_at),
-                output=outputs.get(_SEP.join((stage.id, job.name, st.name)), ""),
+                output=outputs.get(step_log_key(stage.id, job.name, st.name), ""),
                 error=st.error,
                 exit_code=st.exit_code,
                 retry_at=iso(st.retry_at),

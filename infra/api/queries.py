@@ -6,7 +6,7 @@ import msgspec
 from psycopg_pool import AsyncConnectionPool
 
 from domain.run import LogLine
-from projections.views import PipelineView, RunView, log_text
+from projections.views import PipelineView, RunView, log_text, step_log_key
 
 _pipeline = msgspec.json.Decoder(PipelineView)
 _run = msgspec.json.Decoder(RunView)
@@ -53,6 +53,9 @@ class ReadModels:
             view.logs = text
             for sr in view.stage_results:
                 sr.output = outputs.get(sr.stage_id, "")
+                for job in sr.jobs or ():
+                    for step in job.steps:
+                        step.output = outputs.get(step_log_key(sr.stage_id, job.name, step.name), "")
             out.append(view)
         return out
 

@@ -313,3 +313,28 @@ async def test_the_readme_spec_kept_as_yaml_in_git_validates_runs_and_shows_ever
         ("release", "ship", "deploy"): "succeeded",
         ("release", "ship", "tell"): "succeeded",
     }
+
+
+async def test_the_run_list_shows_each_steps_own_output(system: System) -> None:
+    spec = {
+        "jobs": [
+            {"name": "a", "steps": [{"name": "one", "run": "echo from-one"}, {"name": "two", "run": "echo from-two"}]}
+        ]
+    }
+    p = await save(system, spec)
+    run = await system.trigger(p["id"])
+    await system.wait_status(p["id"], run["id"], "succeeded", "failed")
+
+    async def listed() -> dict[str, Any] | None:
+        r = await system.client.get(f"/api/v1/pipelines/{p['id']}/runs", headers=system.headers("viewer"))
+        found = [x for x in r.json() if x["id"] == run["id"] and x["status"] == "succeeded"]
+        return found[0] if found else None
+
+    for _ in range(200):
+        if (view := await listed()) is not None:
+            break
+        await asyncio.sleep(0.05)
+    assert view is not None
+    steps = steps_of(jobs_of(view)["a"])
+    assert steps["one"]["output"] == "from-one\n" and steps["two"]["output"] == "from-two\n"
+    assert view["stageResults"][0]["output"] == "from-one\nfrom-two\n"
