@@ -50,6 +50,10 @@ def name_key(org: str | None, name: str) -> UniqueKey:
     return UniqueKey(scope=f"pipeline-name:{org or '_'}", key=name)
 
 
+# Told a run's state and the stream version it was folded at.
+VersionHook = Callable[[str, rn.RunState, int], None]
+
+
 def utc_now() -> datetime:
     return datetime.now(UTC)
 
@@ -95,7 +99,7 @@ class Commands:
         return state, version
 
     async def load_run(
-        self, run_id: str, on_version: Callable[[str, int], None] | None = None
+        self, run_id: str, on_version: VersionHook | None = None
     ) -> tuple[rn.RunState, int]:
         """The run folded from its stream, and the stream's version (also told to `on_version`)."""
         state, version = rn.initial_state, 0
@@ -104,7 +108,7 @@ class Commands:
             assert ev.is_run_event(e)
             state, version = rn.evolve(state, e), rec.stream_version
         if on_version is not None:
-            on_version(run_id, version)
+            on_version(run_id, state, version)
         return state, version
 
     async def load_logs(self, run_id: str) -> list[rn.LogAppended]:
@@ -419,16 +423,22 @@ class Commands:
         visible: Callable[[rn.RunState], bool] = lambda s: True,
         before_append: RunHook | None = None,
         lost_race: RunHook | None = None,
-        on_version: Callable[[str, int], None] | None = None,
+        on_version: VersionHook | None = None,
+        known: tuple[rn.RunState, int] | None = None,
     ) -> tuple[rn.RunState, list[rn.RunEvent]]:
         """Decide `make(now)` against the run's current state and append; on a lost race, again.
 
         `before_append` runs between the decision and the append (the executor takes its stage
         lease there, so a started stage always has one); `lost_race` undoes it when the append
-        loses to another writer. `on_version` is told each version read and the one written.
+        loses to another writer. `on_version` is told each state and version read or written.
+        `known` (a state and its version, from an earlier call) saves the first read: only for
+        commands that always append or refuse, so that a stale state shows as a lost race.
         """
         for _ in range(self._retries):
-            state, version = await self.load_run(run_id, on_version)
+            if known is not None:
+                (state, version), known = known, None
+            else:
+                state, version = await self.load_run(run_id, on_version)
             if not state.exists or not visible(state):
                 raise NotFound("run not found")
             new = rn.decide(make(self.now()), state)
@@ -447,10 +457,10 @@ class Commands:
                     await lost_race(state, new)
                 continue
             self._appended()
-            if on_version is not None:
-                on_version(run_id, version + len(new))
             for e in new:
                 state = rn.evolve(state, e)
+            if on_version is not None:
+                on_version(run_id, state, version + len(new))
             return state, new
         raise ConcurrencyConflict("run changed concurrently; try again")
 

@@ -188,6 +188,10 @@ def chunk_lines(buffer: list[tuple[str | None, rn.LogLine]], at: datetime) -> li
     return chunks
 
 
+class _PipelineGone(Exception):
+    """The run's pipeline was deleted before the run started."""
+
+
 @dataclass
 class _Driver:
     task: asyncio.Task[None] | None = None
@@ -196,6 +200,8 @@ class _Driver:
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     messages: list[Msg] = field(default_factory=list)
     scripts: set[ScriptRun] = field(default_factory=set)
+    # The run's state and stream version as the driver last read or wrote them.
+    known: tuple[rn.RunState, int] | None = None
     stop_requested: bool = False
 
 
@@ -511,31 +517,45 @@ class Executor:
 
     # ---- driving a run -----------------------------------------------------------------------
 
-    async def _advance(self, run_id: str) -> tuple[rn.RunState, list[rn.RunEvent]]:
+    async def _advance(self, run_id: str, driver: _Driver | None) -> tuple[rn.RunState, list[rn.RunEvent]]:
+        # Always from a fresh read: an Advance that decides nothing appends nothing, so a stale
+        # state would never show (an approval would go unnoticed).
         return await self.commands.run_command(
             run_id,
             lambda at: rn.Advance(at=at),
-            before_append=self._take_leases,
+            before_append=self._before_start,
             lost_race=self._drop_leases,
-            on_version=self._note_version,
+            on_version=self._noter(driver),
         )
+
+    def _noter(self, driver: _Driver | None) -> Callable[[str, rn.RunState, int], None]:
+        def note(run_id: str, state: rn.RunState, version: int) -> None:
+            self._note_version(run_id, version)
+            if driver is not None:
+                driver.known = (state, version)
+
+        return note
+
+    async def _before_start(self, state: rn.RunState, new: list[rn.RunEvent]) -> None:
+        """Before a run starts, its pipeline must still be there; before a unit starts, its lease."""
+        if any(isinstance(e, rn.RunStarted) for e in new):
+            pipeline, _ = await self.commands.load_pipeline(state.pipeline_id)
+            if not pipeline.live:
+                raise _PipelineGone(state.pipeline_id)
+        await self._take_leases(state, new)
 
     async def drive_once(self, run_id: str, driver: _Driver | None = None) -> rn.RunState:
         """Take the run as far as it can go now: start it, run its stages and the steps of its jobs
         (several at once when jobs run in parallel), finish it."""
-        state, _ = await self.commands.load_run(run_id)
-        if not state.exists:
-            raise NotFound(f"run {run_id} not found")
-        if state.status == "queued":
-            pipeline, _ = await self.commands.load_pipeline(state.pipeline_id)
-            if not pipeline.live:
-                state, _ = await self.commands.run_command(
-                    run_id, lambda at: rn.Cancel(by="system", reason="pipeline deleted", at=at)
-                )
-                return state
         if driver is not None:
             driver.wake.clear()
-        state, new = await self._advance(run_id)
+        try:
+            state, new = await self._advance(run_id, driver)
+        except _PipelineGone:
+            state, _ = await self.commands.run_command(
+                run_id, lambda at: rn.Cancel(by="system", reason="pipeline deleted", at=at)
+            )
+            return state
         tasks: dict[asyncio.Task[ScriptOutcome], Unit] = {}
         try:
             while True:
@@ -555,7 +575,7 @@ class Executor:
                                 await self.secrets.delete(run_id)
                         await self._schedule_timers(state)
                         return state
-                    state, new = await self._advance(run_id)
+                    state, new = await self._advance(run_id, driver)
                     continue
                 # Wait for a unit to finish, for something to happen to the run (an approval of
                 # one job's gate while other jobs run, a resume, a stop), or for a retry to be due.
@@ -573,7 +593,7 @@ class Executor:
                     wake.cancel()
                 new = []
                 if not done:  # a retry is due
-                    state, new = await self._advance(run_id)
+                    state, new = await self._advance(run_id, driver)
                     continue
                 for task in done:
                     unit_done = tasks.pop(task, None)
@@ -586,18 +606,18 @@ class Executor:
                         log.exception("run %s: running %s failed", run_id, unit_done.key)
                         outcome = ScriptOutcome(exit_code=None, error=f"the executor failed to run this: {exc}")
                     try:
-                        state, more = await self._complete(run_id, unit_done, outcome)
+                        state, more = await self._complete(run_id, unit_done, outcome, driver)
                         new += more
                     except Refused as exc:
                         # Someone else settled it (a lost lease recovered elsewhere, a stopped run):
                         # look at the run as it is now.
                         log.info("run %s: outcome of %s not recorded: %s", run_id, unit_done.key, exc)
-                        state, more = await self._advance(run_id)
+                        state, more = await self._advance(run_id, driver)
                         new += more
                 if driver is not None and driver.wake.is_set():
                     driver.wake.clear()
                     driver.dirty = False
-                    state, more = await self._advance(run_id)
+                    state, more = await self._advance(run_id, driver)
                     new += more
         except asyncio.CancelledError:
             # Shutting down mid-run: record what was running as failed (each retry policy decides)
@@ -614,21 +634,28 @@ class Executor:
             for unit in tasks.values():
                 self._running.discard((run_id, unit.key, unit.attempt))
 
-    async def _complete(self, run_id: str, unit: Unit, outcome: ScriptOutcome) -> tuple[rn.RunState, list[rn.RunEvent]]:
+    async def _complete(
+        self, run_id: str, unit: Unit, outcome: ScriptOutcome, driver: _Driver | None = None
+    ) -> tuple[rn.RunState, list[rn.RunEvent]]:
         stage_id = unit.stage.id
         job = unit.job.name if unit.job else None
         step = unit.step.name if unit.step else None
         try:
+            # A completion always appends (or is refused): the state the driver last saw saves a
+            # read, and if it is stale the append loses the race and the command reads again.
             return await self.commands.run_command(
                 run_id,
                 lambda at: completion(stage_id, job, step, unit.attempt, outcome, at),
                 before_append=self._take_leases,
                 lost_race=self._drop_leases,
-                on_version=self._note_version,
+                on_version=self._noter(driver),
+                known=driver.known if driver is not None else None,
             )
         finally:
+            # Off the critical path: a lease left behind is found expired and dropped by the sweep
+            # (its unit is no longer running).
             if self.leases is not None:
-                await self.leases.release(run_id, unit.key, unit.attempt)
+                self._spawn(self.leases.release(run_id, unit.key, unit.attempt))
 
     async def _load_secrets(self, state: rn.RunState) -> tuple[dict[str, str], str | None]:
         """The run's secret values, or why they cannot be had (the stage then fails with that)."""
