@@ -21,7 +21,8 @@ job's `retry`) followed by a script stage ("jobs"); executor kills are aimed at 
 stage or step.
 
 `make test` runs a 10-run version (under a minute); `make soak` the 50-run version (marked soak),
-which also kills nats-server with SIGKILL.
+which also kills nats-server with SIGKILL. PIPELINES_FAULT_SEED=n changes the order of the faults
+and the pauses between them (the services never see the variable).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import random
 import time
 import uuid
@@ -431,7 +433,9 @@ class Outcome:
 
 
 async def scenario(fault: FaultStack, *, runs: int, rounds: int, hard_nats: bool, settle: float) -> Outcome:
-    rng = random.Random(runs * 7919 + rounds)
+    # The order of the faults and the pauses between them; PIPELINES_FAULT_SEED=n tries another.
+    seed = int(os.environ.get("PIPELINES_FAULT_SEED") or runs * 7919 + rounds)
+    rng = random.Random(seed)
     out = Outcome()
     began = time.monotonic()
     chaos = Chaos()
@@ -572,7 +576,7 @@ async def scenario(fault: FaultStack, *, runs: int, rounds: int, hard_nats: bool
         exits = [line for line in fault.log.path.read_text().splitlines() if "exited with" in line]
         print("  services that also exited on their own (the supervisor restarted them):\n    " + "\n    ".join(exits))
     print(
-        f"\nfault suite, {runs} runs: {dict(out.statuses)}\n"
+        f"\nfault suite, {runs} runs (seed {seed}): {dict(out.statuses)}\n"
         f"  chaos: {chaos.summary()}; supervisor restarts {restarts}\n"
         f"  attempts recovered from a lost executor: {out.recovered} of stages, {out.recovered_steps} of steps; "
         f"client retries: {dict(client.retries)}\n"
