@@ -131,7 +131,10 @@ def pgbench_inserts(database_url: str, concurrency: int, duration: float) -> flo
     }
     with tempfile.TemporaryDirectory() as tmp:
         script = Path(tmp) / "insert.sql"
-        script.write_text(f"INSERT INTO bench_raw (data) VALUES ('{SAMPLE_JSON}');\n")
+        # pgbench reads `:name` as a variable (`"job":null` would become `"job"$1`): a space after
+        # each key's colon keeps the same JSON out of its way.
+        spaced = SAMPLE_JSON.replace('":', '": ')
+        script.write_text(f"INSERT INTO bench_raw (data) VALUES ('{spaced}');\n")
         seconds = max(1, round(duration))
         try:
             out = subprocess.run(

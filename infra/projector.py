@@ -10,8 +10,8 @@ by compare-and-set, so a rebuild that committed meanwhile is noticed and the bat
 
 A poked read can find nothing new: the event sits behind the feed's horizon while an older
 transaction (any writer's, events or not) is still open. When committed events are waiting
-behind the horizon the projector reads again after 1 ms, backing off to the poll interval,
-rather than sleeping until the next poke. `rebuild()` recreates every read model from the store
+behind the horizon the projector reads again after 1 ms, backing off to 25 ms (the poll
+interval if shorter), rather than sleeping until the next poke. `rebuild()` recreates every read model from the store
 in one transaction; readers see the old rows until it commits.
 """
 
@@ -41,6 +41,7 @@ from projections.views import log_key, pipeline_view, run_view
 log = logging.getLogger("pipelines.projector")
 
 NAME = "projector"
+_MAX_BACKOFF = 0.025
 PROJECTOR_LOCK = 7_311_224_003
 _enc = msgspec.json.Encoder()
 
@@ -95,8 +96,9 @@ class Projector:
                         await asyncio.sleep(1)
                         continue
                     if pending:
-                        # Committed events wait behind the horizon: look again soon, backing off.
-                        backoff = min(max(backoff * 2, 0.001), self.poll_interval)
+                        # Committed events wait behind the horizon: look again soon, backing off
+                        # (to at most 25 ms: a poke may never come for the transaction holding it).
+                        backoff = min(max(backoff * 2, 0.001), _MAX_BACKOFF, self.poll_interval)
                         timeout = backoff
                     else:
                         backoff = 0.0
