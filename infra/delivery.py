@@ -544,11 +544,15 @@ class Deliveries:
 
     # ---- notify ------------------------------------------------------------------------------
 
-    async def notify(self, state: rn.RunState, stage: Stage, log: Log) -> ScriptOutcome:
+    async def notify(
+        self, state: rn.RunState, stage: Stage, log: Log, extra: dict[str, Any] | None = None
+    ) -> ScriptOutcome:
+        """`extra`: more of the expression context (a step of a job: its matrix, jobs, steps...)."""
         org = state.organization_id
         channel_name = str(stage.config.get("channel", ""))
         pipeline, _ = await self.commands.load_pipeline(state.pipeline_id)
         context = {
+            **(extra or {}),
             "run": {
                 "id": state.run_id,
                 "status": state.status,

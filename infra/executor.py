@@ -767,6 +767,15 @@ class Executor:
                 return await self._run_script(
                     state, unit, line, driver, secrets, command=command, extra=extra, timeout=timeout
                 )
+            if step.kind == "notify" and self.deliveries is not None:
+                # The notifier renders the message itself, with run.* and pipeline.* in full; the
+                # step adds its own context (never secret values: a message leaves the system).
+                told: dict[str, Any] = {k: v for k, v in context.items() if k not in ("run", "pipeline")}
+                told["secrets"] = {name: "***" for name in secrets}
+                as_stage = Stage(
+                    id=unit.stage.id, name=f"{job.name}/{step.name}", type="notify", order=0, config=dict(step.config)
+                )
+                return await self.deliveries.notify(state, as_stage, line, told)
             if step.kind in ("deploy", "notify"):
                 config = {k: expressions.interpolate(str(v), context) for k, v in step.config.items()}
                 as_stage = Stage(

@@ -338,3 +338,34 @@ async def test_the_run_list_shows_each_steps_own_output(system: System) -> None:
     steps = steps_of(jobs_of(view)["a"])
     assert steps["one"]["output"] == "from-one\n" and steps["two"]["output"] == "from-two\n"
     assert view["stageResults"][0]["output"] == "from-one\nfrom-two\n"
+
+
+async def test_a_notify_step_renders_matrix_and_run_values_and_sends_them(system: System) -> None:
+    from tests.integration.test_deploy_notify import _post, receiver
+
+    async with receiver() as hook:
+        name = f"builds-{uuid.uuid4().hex[:6]}"
+        await _post(system, "/api/v1/channels", {"name": name, "type": "webhook", "url": hook.url})
+        spec = {
+            "jobs": [
+                {
+                    "name": "tell",
+                    "matrix": {"os": ["linux"]},
+                    "steps": [
+                        {
+                            "name": "say",
+                            "notify": {
+                                "channel": name,
+                                "message": "${{ matrix.os }} build of ${{ pipeline.id }} "
+                                "run ${{ run.id }} ${{ secrets.T }}",
+                            },
+                        }
+                    ],
+                }
+            ]
+        }
+        p = await save(system, spec)
+        run = await system.trigger(p["id"], secrets={"T": "hush-hush"})
+        done = await system.wait_status(p["id"], run["id"], "succeeded", "failed")
+        assert done["status"] == "succeeded", done["logs"]
+        assert hook.bodies()[0]["message"] == f"linux build of {p['id']} run {run['id']} ***"

@@ -51,5 +51,5 @@ def test_concurrent_claims_for_one_run_agree_on_its_uid(tmp_path: Path) -> None:
     uids = ScriptUids(tmp_path / "uids", 300_000, 300_099)
     for n in range(20):
         with ThreadPoolExecutor(8) as pool:
-            got = set(pool.map(lambda _: uids.acquire(f"run-{n}"), range(8)))
+            got = set(pool.map(uids.acquire, [f"run-{n}"] * 8))
         assert len(got) == 1
