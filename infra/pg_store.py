@@ -25,6 +25,7 @@ Appends that claim or release unique keys keep the transactional path (`append_i
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
@@ -69,6 +70,9 @@ def _record(row: tuple[Any, ...]) -> RecordedEvent:
 class PostgresEventStore:
     def __init__(self, pool: AsyncConnectionPool) -> None:
         self._pool = pool
+        self._cursors: weakref.WeakKeyDictionary[psycopg.AsyncConnection[Any], psycopg.AsyncCursor[Any]] = (
+            weakref.WeakKeyDictionary()
+        )
 
     @property
     def pool(self) -> AsyncConnectionPool:
@@ -90,10 +94,14 @@ class PostgresEventStore:
         # mid-statement or in a transaction is reset or discarded) without a commit call per append.
         conn = await self._pool.getconn()
         try:
+            # One cursor per pooled connection, reused: appends are the hottest path there is.
+            cur = self._cursors.get(conn)
+            if cur is None:
+                cur = self._cursors[conn] = conn.cursor()
             if conn.autocommit:
-                return await _append_one_statement(conn, stream_id, events, expected_version)
+                return await _append_one_statement(cur, stream_id, events, expected_version)
             async with conn.transaction():  # a pool without autocommit: still one statement
-                return await _append_one_statement(conn, stream_id, events, expected_version)
+                return await _append_one_statement(cur, stream_id, events, expected_version)
         finally:
             await self._pool.putconn(conn)
 
@@ -291,7 +299,7 @@ _APPEND_SQL: dict[tuple[str, bool], str] = {
 
 
 async def _append_one_statement(
-    conn: psycopg.AsyncConnection[Any],
+    cur: psycopg.AsyncCursor[Any],
     stream_id: str,
     events: Sequence[NewEvent],
     expected_version: int | None,
@@ -329,7 +337,8 @@ async def _append_one_statement(
             "d": [ev.encode(e.event).decode() for e in events],
         }
     try:
-        cur = await conn.execute(query, params)
+        # Prepared from the first call: the same few statements run on every connection all day.
+        await cur.execute(query, params, prepare=True)
         rows = await cur.fetchall()
     except psycopg.errors.UniqueViolation as exc:
         if exc.diag.constraint_name == "events_event_id_key":
