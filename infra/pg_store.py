@@ -163,7 +163,7 @@ class PostgresEventStore:
                 "INSERT INTO events (stream_id, stream_version, event_id, event_type, org, pipeline_id, "
                 "run_id, data) "
                 "SELECT %s, v, i::uuid, t, o, p, r, d::json "
-                "FROM unnest(%s::bigint[], %s::text[], %s::text[], %s::text[], %s::text[], %s::text[], %s::text[]) "
+                "FROM unnest(%b::bigint[], %b::text[], %b::text[], %b::text[], %b::text[], %b::text[], %b::text[]) "
                 "AS u(v, i, t, o, p, r, d) "
                 "RETURNING position",
                 (
@@ -273,7 +273,7 @@ def _append_sql(stream_write: str) -> str:
         f"WITH s AS ({stream_write}) "
         "INSERT INTO events (stream_id, stream_version, event_id, event_type, org, pipeline_id, run_id, data) "
         "SELECT %(s)s, s.version - %(n)s + u.k, u.i::uuid, u.t, u.o, u.p, u.r, u.d::json "
-        "FROM s, unnest(%(i)s::text[], %(t)s::text[], %(o)s::text[], %(p)s::text[], %(r)s::text[], %(d)s::text[]) "
+        "FROM s, unnest(%(i)b::text[], %(t)b::text[], %(o)b::text[], %(p)b::text[], %(r)b::text[], %(d)b::text[]) "
         "WITH ORDINALITY AS u(i, t, o, p, r, d, k) "
         "ORDER BY u.k "
         "RETURNING position, stream_version"

@@ -334,7 +334,7 @@ async def apply(
         await conn.execute(
             "INSERT INTO rm_pipelines (id, org, name, created_at, doc, state) "
             "SELECT i, o, n, c, d::jsonb, s::json "
-            "FROM unnest(%s::text[], %s::text[], %s::text[], %s::timestamptz[], %s::text[], %s::text[]) "
+            "FROM unnest(%b::text[], %b::text[], %b::text[], %b::timestamptz[], %b::text[], %b::text[]) "
             "AS u(i, o, n, c, d, s) "
             "ON CONFLICT (id) DO UPDATE SET org = EXCLUDED.org, name = EXCLUDED.name, doc = EXCLUDED.doc, "
             "state = EXCLUDED.state",
@@ -360,7 +360,7 @@ async def apply(
         await conn.execute(
             "INSERT INTO rm_runs (id, pipeline_id, org, status, created_at, doc, state) "
             "SELECT i, p, o, st, c, d::jsonb, s::json "
-            "FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[], %s::timestamptz[], %s::text[], %s::text[]) "
+            "FROM unnest(%b::text[], %b::text[], %b::text[], %b::text[], %b::timestamptz[], %b::text[], %b::text[]) "
             "AS u(i, p, o, st, c, d, s) "
             "ON CONFLICT (id) DO UPDATE SET status = EXCLUDED.status, doc = EXCLUDED.doc, state = EXCLUDED.state",
             _columns(rrow, 7),
@@ -369,7 +369,7 @@ async def apply(
     if log_rows:
         await conn.execute(
             "INSERT INTO rm_run_logs (run_id, position, stage_id, lines) "
-            "SELECT r, p, s, l::jsonb FROM unnest(%s::text[], %s::bigint[], %s::text[], %s::text[]) AS u(r, p, s, l) "
+            "SELECT r, p, s, l::jsonb FROM unnest(%b::text[], %b::bigint[], %b::text[], %b::text[]) AS u(r, p, s, l) "
             "ON CONFLICT DO NOTHING",
             _columns(log_rows, 4),
         )
@@ -442,8 +442,8 @@ async def apply_deployments(conn: psycopg.AsyncConnection[Any], events: Sequence
         await conn.execute(
             "INSERT INTO rm_deployments (id, org, environment_id, component_id, status, queued_at, finished_at, doc, "
             "state) SELECT i, o, e, c, st, q, f, d::jsonb, s::jsonb "
-            "FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[], %s::text[], %s::timestamptz[], "
-            "%s::timestamptz[], %s::text[], %s::text[]) AS u(i, o, e, c, st, q, f, d, s) "
+            "FROM unnest(%b::text[], %b::text[], %b::text[], %b::text[], %b::text[], %b::timestamptz[], "
+            "%b::timestamptz[], %b::text[], %b::text[]) AS u(i, o, e, c, st, q, f, d, s) "
             "ON CONFLICT (id) DO UPDATE SET status = EXCLUDED.status, finished_at = EXCLUDED.finished_at, "
             "doc = EXCLUDED.doc, state = EXCLUDED.state",
             _columns(rows, 9),
