@@ -236,6 +236,8 @@ class Executor:
         # A uid per run for its scripts (when root): see infra.script_uids.
         self.uids = ScriptUids(self.workdir / ".uids", *settings.script_uids) if settings.script_uids else None
         self._uids_swept_at = 0.0
+        # The uids this process claimed for runs it drives (until they end).
+        self._run_uids: dict[str, int] = {}
         # Deploy and notify stages need the registry's tables (PostgreSQL).
         self.deliveries: Deliveries | None = (
             Deliveries(commands, commands.store.pool, settings.database_url, nc, sealer=secrets, settings=settings)
@@ -381,7 +383,10 @@ class Executor:
             await self.secrets.purge(older_than=600)
         if self.uids is not None and now - self._uids_swept_at > 300:
             self._uids_swept_at = now
-            await asyncio.to_thread(self.uids.sweep)
+            for uid, run_id in await asyncio.to_thread(self.uids.stale):
+                state, _ = await self.commands.load_run(run_id)
+                if not state.exists or state.terminal:
+                    await asyncio.to_thread(self.uids.drop, uid, run_id)
         if self.leases is None:
             return
         if self.deliveries is not None and now - self._orphans_at > 60:
@@ -570,6 +575,7 @@ class Executor:
                             # Attempts and stages share the run's working directory until it ends.
                             await asyncio.to_thread(shutil.rmtree, self.workdir / run_id, True)
                             if self.uids is not None:
+                                self._run_uids.pop(run_id, None)
                                 await asyncio.to_thread(self.uids.release, run_id)
                             if self.secrets is not None and state.secret_names:
                                 await self.secrets.delete(run_id)
@@ -857,10 +863,15 @@ class Executor:
         user: str | int | None = None if as_service else self.settings.script_user
         identity: dict[str, str] = {}
         if self.uids is not None and not as_service:
-            try:
-                user = await asyncio.to_thread(self.uids.acquire, state.run_id)
-            except NoFreeUid as exc:
-                return ScriptOutcome(exit_code=None, error=str(exc))
+            user = self._run_uids.get(state.run_id)
+            if user is None:
+                try:
+                    user = await asyncio.to_thread(self.uids.acquire, state.run_id)
+                except NoFreeUid as exc:
+                    return ScriptOutcome(exit_code=None, error=str(exc))
+                if len(self._run_uids) > 10_000:  # runs another executor ended
+                    self._run_uids.clear()
+                self._run_uids[state.run_id] = user
             identity = {"USER": f"run-{user}", "LOGNAME": f"run-{user}"}
         if driver is not None:
             driver.scripts.add(script)

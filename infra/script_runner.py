@@ -81,6 +81,7 @@ class ScriptUser:
     name: str
 
 
+@functools.lru_cache(maxsize=4096)
 def resolve_user(spec: str | int | None) -> ScriptUser | None:
     """The user to run scripts as: a name or a uid (a uid without a passwd entry runs with the gid
     of the same number). None when no switch is needed: no user given, or it is ourselves."""

@@ -4,8 +4,8 @@ Scripts of one run share a uid that no other run on this host has at the same ti
 scripts cannot read another's working directory, `/proc/<pid>/environ` (its secrets) or signal its
 processes. A uid is claimed by hard-linking a file holding the run id to `<dir>/<uid>` (atomic on
 the host, across every executor process sharing the work directory); the same run asking again gets
-the same uid, and the file is removed when the run ends. Files of runs whose executor died are
-removed by `sweep` once no process runs under their uid for a while.
+the same uid, and the file is removed when the run ends. Claims of runs that ended without it
+(their executor died) are found by `stale` and dropped by the executor's sweep.
 """
 
 from __future__ import annotations
@@ -54,22 +54,31 @@ class ScriptUids:
             if self._holder(entry) == run_id:
                 entry.unlink(missing_ok=True)
 
-    def sweep(self, older_than: float = 3600.0) -> int:
-        """Remove claims older than `older_than` seconds under whose uid no process runs."""
+    def stale(self, older_than: float = 3600.0) -> list[tuple[int, str]]:
+        """Claims older than `older_than` seconds under whose uid no process runs: (uid, run id).
+        Only the caller knows whether each run has ended (a run waiting for approval for hours
+        runs nothing and still needs its uid, which owns its working directory)."""
         if not self.dir.exists():
-            return 0
+            return []
         busy = _uids_in_use()
         now = time.time()
-        removed = 0
+        found: list[tuple[int, str]] = []
         for entry in self.dir.iterdir():
             try:
                 if entry.name.startswith(".") or now - entry.stat().st_mtime < older_than or int(entry.name) in busy:
                     continue
             except (OSError, ValueError):
                 continue
-            entry.unlink(missing_ok=True)
-            removed += 1
-        return removed
+            holder = self._holder(entry)
+            if holder is not None:
+                found.append((int(entry.name), holder))
+        return found
+
+    def drop(self, uid: int, run_id: str) -> None:
+        """Remove the claim of `uid` if `run_id` still holds it."""
+        path = self._path(uid)
+        if self._holder(path) == run_id:
+            path.unlink(missing_ok=True)
 
     def _claim(self, path: Path, run_id: str) -> bool:
         # The claim appears with its content or not at all (a hard link never replaces a file),

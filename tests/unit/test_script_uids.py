@@ -24,7 +24,7 @@ def test_a_run_keeps_its_uid_and_concurrent_runs_get_different_ones(tmp_path: Pa
     assert ScriptUids(tmp_path / "uids", 300_000, 300_009).acquire("run-3") in others  # another process
 
 
-def test_stale_claims_without_processes_are_swept(tmp_path: Path) -> None:
+def test_stale_claims_without_processes_are_found_and_dropped_by_their_holder(tmp_path: Path) -> None:
     uids = ScriptUids(tmp_path / "uids", 300_000, 300_001)
     uid = uids.acquire("gone")
     old = 1_000_000_000
@@ -32,7 +32,10 @@ def test_stale_claims_without_processes_are_swept(tmp_path: Path) -> None:
     mine = ScriptUids(tmp_path / "uids", os.getuid(), os.getuid())
     mine.acquire("alive")  # a uid with live processes (ours) is never swept
     os.utime(tmp_path / "uids" / str(os.getuid()), (old, old))
-    assert uids.sweep(older_than=60) == 1
+    assert uids.stale(older_than=60) == [(uid, "gone")]
+    uids.drop(uid, "someone-else")  # only its holder's claim is dropped
+    assert (tmp_path / "uids" / str(uid)).exists()
+    uids.drop(uid, "gone")
     assert not (tmp_path / "uids" / str(uid)).exists()
     assert (tmp_path / "uids" / str(os.getuid())).exists()
 
