@@ -70,6 +70,7 @@ class Commands:
         now: Callable[[], datetime] = utc_now,
         new_id: Callable[[], str] = new_uuid,
         on_append: Callable[[], None] | None = None,
+        on_run_appended: Callable[[str], None] | None = None,
         retries: int = 8,
         git: GitRepos | None = None,
     ) -> None:
@@ -78,11 +79,17 @@ class Commands:
         self.now = now
         self.new_id = new_id
         self._on_append = on_append
+        # Told the id of every run this process appended to (the API wakes the executors with it).
+        self._on_run_appended = on_run_appended
         self._retries = retries
 
     def _appended(self) -> None:
         if self._on_append is not None:
             self._on_append()
+
+    def _run_appended(self, run_id: str) -> None:
+        if self._on_run_appended is not None:
+            self._on_run_appended(run_id)
 
     def notify_appended(self) -> None:
         """Wake the followers after an append made directly on the store."""
@@ -410,6 +417,7 @@ class Commands:
             ev.run_stream(run_id), self._run_events(cmd.organization_id, cmd.pipeline_id, run_id, new), 0
         )
         self._appended()
+        self._run_appended(run_id)
         return rn.fold(new), new
 
     def _run_events(self, org: str | None, pipeline_id: str, run_id: str, new: Sequence[ev.Event]) -> list[NewEvent]:
@@ -457,6 +465,7 @@ class Commands:
                     await lost_race(state, new)
                 continue
             self._appended()
+            self._run_appended(run_id)
             for e in new:
                 state = rn.evolve(state, e)
             if on_version is not None:

@@ -36,7 +36,7 @@ from domain import expressions
 from domain import run as rn
 from domain.errors import NotFound, Refused
 from domain.stages import Stage
-from infra.bus import log_subject
+from infra.bus import RUN_WAKE_QUEUE, RUN_WAKE_SUBJECT, log_subject
 from infra.commands import Commands, ConcurrencyConflict
 from infra.config import Settings
 from infra.delivery import Deliveries
@@ -267,6 +267,9 @@ class Executor:
         # Every executor hears every stop, whichever of them the durable consumer gave it to:
         # only the one running the stage can kill its process group.
         stops = await self.nc.subscribe(STOP_SUBJECT, cb=self._on_stop)
+        # The API's direct wake-ups (one executor of the group each): a run starts without waiting
+        # for the relay's hop; the JetStream message that follows is then already known.
+        wakes = await self.nc.subscribe(f"{RUN_WAKE_SUBJECT}.*", queue=RUN_WAKE_QUEUE, cb=self._on_wake)
         heartbeat = asyncio.create_task(self._heartbeat())
         sweeper = asyncio.create_task(self._sweeper())
         try:
@@ -285,7 +288,7 @@ class Executor:
             heartbeat.cancel()
             sweeper.cancel()
             await self.drain()
-            for subscription in (sub, stops):
+            for subscription in (sub, stops, wakes):
                 with contextlib.suppress(Exception):
                     await subscription.unsubscribe()
 
@@ -314,6 +317,11 @@ class Executor:
         driver.messages.append(msg)
         if event_type == "run_stopped":
             self.stop_local(run_id)
+
+    async def _on_wake(self, msg: Msg) -> None:
+        run_id = msg.subject.rsplit(".", 1)[-1]
+        if run_id:
+            self.kick(run_id)
 
     async def _on_stop(self, msg: Msg) -> None:
         parts = msg.subject.split(".")

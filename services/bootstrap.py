@@ -46,7 +46,8 @@ async def build_api(settings: Settings) -> Deps:
     nc = await bus.connect(settings.nats_url, "pipelines-api")
     poker = bus.Poker(nc)
     poker.start()
-    commands = Commands(store, on_append=poker.poke)
+    waker = bus.RunWaker(nc)
+    commands = Commands(store, on_append=poker.poke, on_run_appended=waker.wake)
 
     async def ready() -> dict[str, bool]:
         checks = {"database": False, "nats": nc.is_connected, "gateway": False}
