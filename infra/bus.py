@@ -20,9 +20,9 @@ EVENTS_SUBJECTS = "pipelines.v1.>"
 # Published (core NATS, no payload) after every committed append so that the relay reads the
 # feed at once instead of waiting for its next poll. Never part of the event stream.
 APPENDED_SUBJECT = "pipelines.internal.appended"
-# `pipelines.internal.runs.<run id>`: the API tells the executors (one of them, a queue group) that a
-# run changed, so that the executor need not wait for the relay's republish of the event (which
-# still arrives, and is then acked at once as already known).
+# `pipelines.internal.runs.<events stream>.<run id>`: the API tells the executors of its system (one
+# of them, a queue group) that a run changed, so that the executor need not wait for the relay's
+# republish of the event (which still arrives, and is then acked at once as already known).
 RUN_WAKE_SUBJECT = "pipelines.internal.runs"
 RUN_WAKE_QUEUE = "executors"
 _BAD = re.compile(r"[^A-Za-z0-9_-]")
@@ -139,8 +139,9 @@ class RunWaker:
     """Publishes run wake-ups without making the caller wait; best effort (the event on JetStream
     is the guarantee)."""
 
-    def __init__(self, nc: NATS) -> None:
+    def __init__(self, nc: NATS, stream: str) -> None:
         self._nc = nc
+        self._prefix = f"{RUN_WAKE_SUBJECT}.{stream}"
         self._tasks: set[asyncio.Task[None]] = set()
 
     def wake(self, run_id: str) -> None:
@@ -150,6 +151,6 @@ class RunWaker:
 
     async def _publish(self, run_id: str) -> None:
         try:
-            await self._nc.publish(f"{RUN_WAKE_SUBJECT}.{run_id}", b"")
+            await self._nc.publish(f"{self._prefix}.{run_id}", b"")
         except Exception:  # best effort: the relay's message still wakes the executor
             pass

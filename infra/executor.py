@@ -269,7 +269,9 @@ class Executor:
         stops = await self.nc.subscribe(STOP_SUBJECT, cb=self._on_stop)
         # The API's direct wake-ups (one executor of the group each): a run starts without waiting
         # for the relay's hop; the JetStream message that follows is then already known.
-        wakes = await self.nc.subscribe(f"{RUN_WAKE_SUBJECT}.*", queue=RUN_WAKE_QUEUE, cb=self._on_wake)
+        wakes = await self.nc.subscribe(
+            f"{RUN_WAKE_SUBJECT}.{self.settings.events_stream}.*", queue=RUN_WAKE_QUEUE, cb=self._on_wake
+        )
         heartbeat = asyncio.create_task(self._heartbeat())
         sweeper = asyncio.create_task(self._sweeper())
         try:

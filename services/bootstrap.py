@@ -46,7 +46,7 @@ async def build_api(settings: Settings) -> Deps:
     nc = await bus.connect(settings.nats_url, "pipelines-api")
     poker = bus.Poker(nc)
     poker.start()
-    waker = bus.RunWaker(nc)
+    waker = bus.RunWaker(nc, settings.events_stream)
     commands = Commands(store, on_append=poker.poke, on_run_appended=waker.wake)
 
     async def ready() -> dict[str, bool]:

@@ -155,3 +155,24 @@ async def test_a_finished_stage_is_never_run_again_on_redelivery(system: System,
     after = await system.store.read_stream(f"run-{run['id']}")
     assert len(after) == len(before)
     assert counter.read_text() == "x\n"
+
+
+async def test_the_api_wakes_an_executor_directly_when_it_appends_to_a_run(system: System) -> None:
+    from infra import bus
+
+    nc = await bus.connect(system.settings.nats_url, "test-wakes")
+    seen: list[str] = []
+
+    async def on_wake(msg: Any) -> None:
+        seen.append(msg.subject)
+
+    sub = await nc.subscribe(f"{bus.RUN_WAKE_SUBJECT}.{system.settings.events_stream}.*", cb=on_wake)
+    await nc.flush()
+    try:
+        p = await system.create_pipeline([script("one", "true")])
+        run = await system.trigger(p["id"])
+        await system.wait_status(p["id"], run["id"], "succeeded")
+        assert f"{bus.RUN_WAKE_SUBJECT}.{system.settings.events_stream}.{run['id']}" in seen
+    finally:
+        await sub.unsubscribe()
+        await nc.close()
