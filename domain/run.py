@@ -64,6 +64,9 @@ class CompleteStage(msgspec.Struct, frozen=True, kw_only=True, tag="complete_sta
     failure: Literal["failed", "timeout", "cancelled"] = "failed"
     error: str | None = None
     exit_code: int | None = None
+    # False: record the outcome only, start nothing (a recovery or a shutdown records it; the
+    # executor that then drives the run starts what comes next, and takes its leases).
+    advance: bool = True
     at: datetime
 
 
@@ -78,6 +81,7 @@ class CompleteStep(msgspec.Struct, frozen=True, kw_only=True, tag="complete_step
     failure: Literal["failed", "timeout", "cancelled"] = "failed"
     error: str | None = None
     exit_code: int | None = None
+    advance: bool = True
     at: datetime
 
 
@@ -784,7 +788,7 @@ def _complete_step(command: CompleteStep, state: RunState) -> list[RunEvent]:
         done: RunEvent = StepFinished(
             **ident, attempt=command.attempt, status="succeeded", exit_code=command.exit_code, at=command.at
         )
-        return [done, *_advance(evolve(state, done), command.at)]
+        return [done, *_advance(evolve(state, done), command.at)] if command.advance else [done]
     retry = state.job(command.stage_id, command.job).retry
     if (
         command.failure != "cancelled"
@@ -812,7 +816,7 @@ def _complete_step(command: CompleteStep, state: RunState) -> list[RunEvent]:
         exit_code=command.exit_code,
         at=command.at,
     )
-    return [done, *_advance(evolve(state, done), command.at)]
+    return [done, *_advance(evolve(state, done), command.at)] if command.advance else [done]
 
 
 def _require(state: RunState, allowed: tuple[str, ...], verb: str) -> None:
@@ -851,7 +855,7 @@ def decide(command: RunCommand, state: RunState) -> list[RunEvent]:
                 raise Refused(f"stage {command.stage_id} attempt {command.attempt} is not running (it is {sr.status})")
             if command.succeeded:
                 done: RunEvent = StageSucceeded(stage_id=command.stage_id, exit_code=command.exit_code, at=command.at)
-                return [done, *_advance(evolve(state, done), command.at)]
+                return [done, *_advance(evolve(state, done), command.at)] if command.advance else [done]
             retry = state.stage(command.stage_id).retry
             if (
                 command.failure != "cancelled"

@@ -444,12 +444,11 @@ class Executor:
                     ],
                 )
                 lost = ScriptOutcome(exit_code=None, error=message)
+                # Only the outcome: what comes next is started by the driver that the kick below
+                # runs (a unit started here would have a lease and nobody working on it).
                 with contextlib.suppress(Refused):
                     await self.commands.run_command(
-                        lease.run_id,
-                        lambda at: completion(stage_id, job, step, lease.attempt, lost, at),
-                        before_append=self._take_leases,
-                        lost_race=self._drop_leases,
+                        lease.run_id, lambda at: completion(stage_id, job, step, lease.attempt, lost, at, advance=False)
                     )
                 # A deployment the lost executor was making is closed too (after the stage is
                 # recorded, so a failure here still leaves the stage failed).
@@ -644,14 +643,14 @@ class Executor:
             lost = ScriptOutcome(exit_code=None, error="the executor stopped while this was running")
             for unit in tasks.values():
                 with contextlib.suppress(Exception):
-                    await asyncio.wait_for(asyncio.shield(self._complete(run_id, unit, lost)), 5)
+                    await asyncio.wait_for(asyncio.shield(self._complete(run_id, unit, lost, advance=False)), 5)
             raise
         finally:
             for unit in tasks.values():
                 self._running.discard((run_id, unit.key, unit.attempt))
 
     async def _complete(
-        self, run_id: str, unit: Unit, outcome: ScriptOutcome, driver: _Driver | None = None
+        self, run_id: str, unit: Unit, outcome: ScriptOutcome, driver: _Driver | None = None, advance: bool = True
     ) -> tuple[rn.RunState, list[rn.RunEvent]]:
         stage_id = unit.stage.id
         job = unit.job.name if unit.job else None
@@ -661,7 +660,7 @@ class Executor:
             # read, and if it is stale the append loses the race and the command reads again.
             return await self.commands.run_command(
                 run_id,
-                lambda at: completion(stage_id, job, step, unit.attempt, outcome, at),
+                lambda at: completion(stage_id, job, step, unit.attempt, outcome, at, advance),
                 before_append=self._take_leases,
                 lost_race=self._drop_leases,
                 on_version=self._noter(driver),
@@ -915,9 +914,16 @@ class Executor:
 
 
 def completion(
-    stage_id: str, job: str | None, step: str | None, attempt: int, outcome: ScriptOutcome, at: datetime
+    stage_id: str,
+    job: str | None,
+    step: str | None,
+    attempt: int,
+    outcome: ScriptOutcome,
+    at: datetime,
+    advance: bool = True,
 ) -> rn.CompleteStage | rn.CompleteStep:
-    """The command that records an attempt's outcome: of a typed stage, or of a step of a job."""
+    """The command that records an attempt's outcome: of a typed stage, or of a step of a job.
+    `advance=False` only records it (see rn.CompleteStage.advance)."""
     failure: Literal["failed", "timeout", "cancelled"] = (
         "cancelled" if outcome.killed else "timeout" if outcome.timed_out else "failed"
     )
@@ -931,6 +937,7 @@ def completion(
             failure=failure,
             error=error,
             exit_code=exit_code,
+            advance=advance,
             at=at,
         )
     return rn.CompleteStep(
@@ -942,6 +949,7 @@ def completion(
         failure=failure,
         error=error,
         exit_code=exit_code,
+        advance=advance,
         at=at,
     )
 

@@ -169,6 +169,45 @@ async def test_a_killed_executors_parallel_steps_are_each_recovered_and_retried(
             await asyncio.wait_for(rescuer, 15)
 
 
+async def test_what_a_recovered_failure_starts_is_run_by_the_rescuer(bare_system: System) -> None:
+    # A lost step without retries fails its job; the jobs that then start (here one that runs on
+    # failure, and a typed stage after a lost typed stage would be the same) must be run, not left
+    # "running" under a lease nobody works on.
+    system = bare_system
+    spec = {
+        "jobs": [
+            {"name": "lost", "steps": [{"name": "work", "run": "sleep 60"}]},
+            {"name": "after", "needs": ["lost"], "when": "always()", "steps": [{"name": "s", "run": "echo after"}]},
+        ]
+    }
+    p = await system.create_pipeline([])
+    r = await system.client.post(
+        f"/api/v1/pipelines/{p['id']}/spec/save", json={"spec": spec}, headers=system.headers("member")
+    )
+    assert r.status_code == 200, r.text
+    victim = _executor_process(system)
+    stop = asyncio.Event()
+    rescuer: asyncio.Task[None] | None = None
+    try:
+        run = await system.trigger(p["id"])
+        await _lease_pgid(system, run["id"])
+        os.kill(victim.pid, signal.SIGKILL)
+        victim.wait(5)
+        rescuer = asyncio.create_task(system.executor.run(stop))
+        done = await system.wait_status(p["id"], run["id"], "succeeded", "failed", timeout=30)
+        jobs = {j["name"]: j for j in done["stageResults"][0]["jobs"]}
+        assert jobs["lost"]["status"] == "failed" and "executor lost" in jobs["lost"]["steps"][0]["error"]
+        assert jobs["after"]["status"] == "succeeded", done
+        assert jobs["after"]["steps"][0]["output"] == "after\n"
+        assert done["status"] == "failed"
+    finally:
+        stop.set()
+        if victim.poll() is None:
+            victim.kill()
+        if rescuer is not None:
+            await asyncio.wait_for(rescuer, 15)
+
+
 async def _lease_pgid(system: System, run_id: str) -> int:
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:

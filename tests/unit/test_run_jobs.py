@@ -315,3 +315,18 @@ def test_an_approval_step_times_out_after_its_timeout() -> None:
     r.advance()
     assert r.job("g").status == "timeout"
     assert r.state.status == "failed"
+
+
+def test_a_recorded_outcome_without_advance_starts_nothing() -> None:
+    spec = {"jobs": [{"name": "a", "steps": [{"run": "1"}, {"run": "2"}]}]}
+    r = Run(spec)
+    r.advance()
+    events = r.do(
+        rn.CompleteStep(
+            stage_id="default", job="a", step="step-1", attempt=1, succeeded=True, advance=False, at=r.now()
+        )
+    )
+    assert [type(e) for e in events] == [rn.StepFinished]
+    assert r.running_steps() == set()
+    r.advance()
+    assert r.running_steps() == {("a", "step-2")}
