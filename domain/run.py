@@ -602,9 +602,16 @@ def job_context(
     jobs: dict[str, Any] = {}
     steps: dict[str, Any] = {}
     if job is not None:
+        expansions: dict[str, list[str]] = {}
         for name in job.needs:
             jr = sr.jobs[sr.job_index(name)]
             jobs[name] = {"status": jr.status, "error": jr.error}
+            base = state.job(stage.id, name).base_name
+            if base is not None:
+                expansions.setdefault(base, []).append(jr.status)
+        # A matrix job is also there under its spec name: `jobs.image.status` sums up its expansions.
+        for base, statuses in expansions.items():
+            jobs.setdefault(base, {"status": _combined(statuses), "error": None})
         jr = sr.jobs[sr.job_index(job.name)]
         for st in jr.steps[: len(jr.steps) if upto is None else upto]:
             steps[st.name] = {"status": st.status, "exitCode": st.exit_code, "error": st.error}
@@ -625,6 +632,17 @@ def job_context(
         },
         "pipeline": {"id": state.pipeline_id},
     }
+
+
+def _combined(statuses: list[str]) -> str:
+    for status in ("failed", "timeout", "cancelled"):
+        if status in statuses:
+            return status
+    if all(s == "skipped" for s in statuses):
+        return "skipped"
+    if all(s in ("succeeded", "skipped") for s in statuses):
+        return "succeeded"
+    return next(s for s in statuses if s not in ("succeeded", "skipped"))
 
 
 def _condition(text: str, context: dict[str, Any]) -> tuple[bool, str | None]:
@@ -1014,14 +1032,18 @@ def _settle_jobs(sr: StageRun, stage: Stage, run_status: str, at: datetime) -> S
         if jr.status in JOB_DONE:
             jobs.append(jr)
             continue
+        ended = f"not run: the run ended {run_status}"
         steps = tuple(
-            msgspec.structs.replace(st, status=mark, retry_at=None)
+            msgspec.structs.replace(st, status=mark, retry_at=None, error=ended)
             if st.status in ("pending", "queued")
             else msgspec.structs.replace(st, status="cancelled", finished_at=at)
             if st.status == "waiting_approval"
             else st
             for st in jr.steps
         )
+        # Steps that the end of the run left unrun (not those their own `when` skipped before);
+        # settled again when a step still running then ends.
+        cut_short = any(st.error == ended for st in steps)
         jr = msgspec.structs.replace(jr, steps=steps)
         if any(st.status == "running" for st in steps):
             jobs.append(jr)
@@ -1029,7 +1051,7 @@ def _settle_jobs(sr: StageRun, stage: Stage, run_status: str, at: datetime) -> S
             jobs.append(msgspec.structs.replace(jr, status=mark))
         else:
             status, error = job_outcome(job, jr)
-            if status == "succeeded" and any(st.status == mark for st in steps):
+            if status == "succeeded" and cut_short:
                 status, error = "cancelled", f"the run ended: {run_status}"
             jobs.append(msgspec.structs.replace(jr, status=status, error=error, finished_at=at))
     sr = msgspec.structs.replace(sr, jobs=tuple(jobs))

@@ -332,7 +332,8 @@ def _validate_matrix(raw: object, path: str, err: Callable[[str, str], None]) ->
             continue
         if not all(isinstance(v, str | int | float | bool) for v in values):
             err(f"{path}.{key}", "values must be strings, numbers or booleans")
-        if len({str(v) for v in values}) != len(values):
+        # Distinct as they appear in job names (`true` and "true" would name the same job).
+        if len({_render(v) for v in values}) != len(values):
             err(f"{path}.{key}", "values must be distinct")
         total *= len(values)
     if total > MAX_MATRIX_JOBS:
@@ -482,7 +483,13 @@ def _jobs(raw: list[dict[str, Any]]) -> tuple[Job, ...]:
         if job.get("matrix"):
             for combo in matrix_combinations(job["matrix"]):
                 out.append(
-                    Job(name=matrix_job_name(job["name"], combo), matrix=job["matrix"], matrix_values=combo, **base)
+                    Job(
+                        name=matrix_job_name(job["name"], combo),
+                        base_name=job["name"],
+                        matrix=job["matrix"],
+                        matrix_values=combo,
+                        **base,
+                    )
                 )
         else:
             out.append(Job(name=job["name"], **base))

@@ -52,6 +52,8 @@ class Job(msgspec.Struct, frozen=True, kw_only=True):
     when: str | None = None
     matrix: dict[str, list[Any]] | None = None
     matrix_values: dict[str, Any] | None = None
+    # The job's name in the spec, for a job expanded from a matrix (`name` then has its values).
+    base_name: str | None = None
     env: dict[str, str] = msgspec.field(default_factory=dict)
     timeout: float | None = None
     retry: RetryPolicy | None = None

@@ -221,6 +221,8 @@ class Executor:
         self.secrets = secrets
         self._purged_at = 0.0
         self._orphans_at = 0.0
+        # Starts whose lease another executor held when we took it (see _take_leases).
+        self._contended: set[tuple[str, str, int]] = set()
         self.executor_id = uuid.uuid4().hex
         self.host = socket.gethostname()
         self._drivers: dict[str, _Driver] = {}
@@ -452,7 +454,9 @@ class Executor:
                     )
                 # A deployment the lost executor was making is closed too (after the stage is
                 # recorded, so a failure here still leaves the stage failed).
-                if self.deliveries is not None:
+                # (A deploy step's deployment is closed by the orphan sweep once its stage ends: the
+                # stage's other deploy steps may still be running elsewhere.)
+                if self.deliveries is not None and job is None:
                     await self.deliveries.abandon(lease.run_id, stage_id, message, attempt=lease.attempt)
         finally:
             await self.leases.release(lease.run_id, lease.stage_id, lease.attempt)
@@ -466,16 +470,31 @@ class Executor:
         # executor that dies right after the commit is still noticed.
         if self.leases is None:
             return
-        for stage_id, attempt in self._new_stage_attempts(state, new):
-            await self.leases.acquire(
-                state.run_id, stage_id, attempt, self.executor_id, self.host, self.settings.lease_ttl
+        for key, attempt in self._new_stage_attempts(state, new):
+            taken = await self.leases.acquire(
+                state.run_id, key, attempt, self.executor_id, self.host, self.settings.lease_ttl
             )
+            if not taken:  # another executor decided the same start; whoever appends it keeps it
+                self._contended.add((state.run_id, key, attempt))
 
     async def _drop_leases(self, state: rn.RunState, new: list[rn.RunEvent]) -> None:
         if self.leases is None:
             return
-        for stage_id, attempt in self._new_stage_attempts(state, new):
-            await self.leases.release(state.run_id, stage_id, attempt)
+        for key, attempt in self._new_stage_attempts(state, new):
+            self._contended.discard((state.run_id, key, attempt))
+            await self.leases.release(state.run_id, key, attempt, self.executor_id)
+
+    async def _own_leases(self, state: rn.RunState, new: list[rn.RunEvent]) -> None:
+        """After our append started units: a lease another executor took for the same start (it
+        lost the race) becomes ours."""
+        if self.leases is None or not self._contended:
+            return
+        for key, attempt in self._new_stage_attempts(state, new):
+            if (state.run_id, key, attempt) in self._contended:
+                self._contended.discard((state.run_id, key, attempt))
+                await self.leases.take_over(
+                    state.run_id, key, attempt, self.executor_id, self.host, self.settings.lease_ttl
+                )
 
     async def _schedule_timers(self, state: rn.RunState) -> None:
         if self.leases is None:
@@ -534,13 +553,15 @@ class Executor:
     async def _advance(self, run_id: str, driver: _Driver | None) -> tuple[rn.RunState, list[rn.RunEvent]]:
         # Always from a fresh read: an Advance that decides nothing appends nothing, so a stale
         # state would never show (an approval would go unnoticed).
-        return await self.commands.run_command(
+        state, new = await self.commands.run_command(
             run_id,
             lambda at: rn.Advance(at=at),
             before_append=self._before_start,
             lost_race=self._drop_leases,
             on_version=self._noter(driver),
         )
+        await self._own_leases(state, new)
+        return state, new
 
     def _noter(self, driver: _Driver | None) -> Callable[[str, rn.RunState, int], None]:
         def note(run_id: str, state: rn.RunState, version: int) -> None:
@@ -621,7 +642,7 @@ class Executor:
                         log.exception("run %s: running %s failed", run_id, unit_done.key)
                         outcome = ScriptOutcome(exit_code=None, error=f"the executor failed to run this: {exc}")
                     try:
-                        state, more = await self._complete(run_id, unit_done, outcome, driver)
+                        state, more = await self._complete_retrying(run_id, unit_done, outcome, driver)
                         new += more
                     except Refused as exc:
                         # Someone else settled it (a lost lease recovered elsewhere, a stopped run):
@@ -658,7 +679,7 @@ class Executor:
         try:
             # A completion always appends (or is refused): the state the driver last saw saves a
             # read, and if it is stale the append loses the race and the command reads again.
-            return await self.commands.run_command(
+            state, new = await self.commands.run_command(
                 run_id,
                 lambda at: completion(stage_id, job, step, unit.attempt, outcome, at, advance),
                 before_append=self._take_leases,
@@ -666,11 +687,38 @@ class Executor:
                 on_version=self._noter(driver),
                 known=driver.known if driver is not None else None,
             )
-        finally:
-            # Off the critical path: a lease left behind is found expired and dropped by the sweep
-            # (its unit is no longer running).
-            if self.leases is not None:
-                self._spawn(self.leases.release(run_id, unit.key, unit.attempt))
+        except Refused:
+            self._release_later(run_id, unit)
+            raise
+        # Any other failure keeps the lease: the caller tries again, and if this executor dies
+        # meanwhile the lease expires and the attempt is recovered.
+        self._release_later(run_id, unit)
+        await self._own_leases(state, new)
+        return state, new
+
+    def _release_later(self, run_id: str, unit: Unit) -> None:
+        # Off the critical path: a lease left behind is found expired and dropped by the sweep
+        # (its unit is no longer running).
+        if self.leases is not None:
+            self._spawn(self.leases.release(run_id, unit.key, unit.attempt))
+
+    async def _complete_retrying(
+        self, run_id: str, unit: Unit, outcome: ScriptOutcome, driver: _Driver | None
+    ) -> tuple[rn.RunState, list[rn.RunEvent]]:
+        """Record an outcome, however long the store is unavailable (a lost outcome would leave
+        the unit running under a lease this executor keeps renewing)."""
+        delay = 0.2
+        while True:
+            try:
+                return await self._complete(run_id, unit, outcome, driver)
+            except (Refused, NotFound):
+                raise
+            except Exception as exc:
+                log.warning("run %s: recording %s failed, trying again in %.1f s: %s", run_id, unit.key, delay, exc)
+                if driver is not None:
+                    driver.known = None  # read the run again
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
 
     async def _load_secrets(self, state: rn.RunState) -> tuple[dict[str, str], str | None]:
         """The run's secret values, or why they cannot be had (the stage then fails with that)."""
@@ -787,6 +835,8 @@ class Executor:
                 # step adds its own context (never secret values: a message leaves the system).
                 told: dict[str, Any] = {k: v for k, v in context.items() if k not in ("run", "pipeline")}
                 told["secrets"] = {name: "***" for name in secrets}
+                # The job's env rendered again without secret values (it may hold ${{ secrets.X }}).
+                told["env"] = {k: expressions.interpolate(v, told) for k, v in job.env.items()}
                 as_stage = Stage(
                     id=unit.stage.id, name=f"{job.name}/{step.name}", type="notify", order=0, config=dict(step.config)
                 )

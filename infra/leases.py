@@ -31,7 +31,22 @@ class LeaseStore:
     def __init__(self, pool: AsyncConnectionPool) -> None:
         self._pool = pool
 
-    async def acquire(self, run_id: str, stage_id: str, attempt: int, executor_id: str, host: str, ttl: float) -> None:
+    async def acquire(self, run_id: str, stage_id: str, attempt: int, executor_id: str, host: str, ttl: float) -> bool:
+        """Take the lease if nobody holds it; whether we did. Two executors deciding the same start
+        race for the append: the loser drops only its own lease, and a winner that did not get the
+        lease here takes it over after its append (`take_over`)."""
+        async with self._pool.connection() as conn:
+            cur = await conn.execute(
+                "INSERT INTO stage_leases (run_id, stage_id, attempt, executor_id, host, expires_at) "
+                "VALUES (%s, %s, %s, %s, %s, now() + make_interval(secs => %s)) "
+                "ON CONFLICT (run_id, stage_id, attempt) DO NOTHING RETURNING 1",
+                (run_id, stage_id, attempt, executor_id, host, ttl),
+            )
+            return await cur.fetchone() is not None
+
+    async def take_over(
+        self, run_id: str, stage_id: str, attempt: int, executor_id: str, host: str, ttl: float
+    ) -> None:
         async with self._pool.connection() as conn:
             await conn.execute(
                 "INSERT INTO stage_leases (run_id, stage_id, attempt, executor_id, host, expires_at) "
@@ -48,11 +63,13 @@ class LeaseStore:
                 (pgid, run_id, stage_id, attempt),
             )
 
-    async def release(self, run_id: str, stage_id: str, attempt: int) -> None:
+    async def release(self, run_id: str, stage_id: str, attempt: int, executor_id: str | None = None) -> None:
+        """Drop the lease; with `executor_id`, only if that executor holds it."""
         async with self._pool.connection() as conn:
             await conn.execute(
-                "DELETE FROM stage_leases WHERE run_id = %s AND stage_id = %s AND attempt = %s",
-                (run_id, stage_id, attempt),
+                "DELETE FROM stage_leases WHERE run_id = %s AND stage_id = %s AND attempt = %s "
+                "AND (%s::text IS NULL OR executor_id = %s::text)",
+                (run_id, stage_id, attempt, executor_id, executor_id),
             )
 
     async def heartbeat(self, executor_id: str, ttl: float) -> int:

@@ -351,13 +351,14 @@ async def test_a_notify_step_renders_matrix_and_run_values_and_sends_them(system
                 {
                     "name": "tell",
                     "matrix": {"os": ["linux"]},
+                    "env": {"TOKEN": "${{ secrets.T }}"},
                     "steps": [
                         {
                             "name": "say",
                             "notify": {
                                 "channel": name,
                                 "message": "${{ matrix.os }} build of ${{ pipeline.id }} "
-                                "run ${{ run.id }} ${{ secrets.T }}",
+                                "run ${{ run.id }} ${{ secrets.T }} ${{ env.TOKEN }}",
                             },
                         }
                     ],
@@ -368,4 +369,4 @@ async def test_a_notify_step_renders_matrix_and_run_values_and_sends_them(system
         run = await system.trigger(p["id"], secrets={"T": "hush-hush"})
         done = await system.wait_status(p["id"], run["id"], "succeeded", "failed")
         assert done["status"] == "succeeded", done["logs"]
-        assert hook.bodies()[0]["message"] == f"linux build of {p['id']} run {run['id']} ***"
+        assert hook.bodies()[0]["message"] == f"linux build of {p['id']} run {run['id']} *** ***"

@@ -330,3 +330,46 @@ def test_a_recorded_outcome_without_advance_starts_nothing() -> None:
     assert r.running_steps() == set()
     r.advance()
     assert r.running_steps() == {("a", "step-2")}
+
+
+def test_after_a_reject_a_job_whose_steps_all_ran_or_were_skipped_by_when_is_not_cancelled() -> None:
+    spec = {
+        "jobs": [
+            {"name": "gate", "steps": [{"name": "ok", "approval": {}}]},
+            {
+                "name": "docs",
+                "steps": [{"name": "opt", "run": "x", "when": "variables.X == '1'"}, {"name": "main", "run": "y"}],
+            },
+        ]
+    }
+    r = Run(spec)
+    r.advance()
+    assert ("docs", "main") in r.running_steps()
+    r.do(rn.Reject(by="boss", at=r.now()))
+    r.finish("docs", "main")
+    assert r.job("docs").status == "succeeded"
+    assert [s.status for s in r.job("docs").steps] == ["skipped", "succeeded"]
+
+
+def test_a_matrix_job_is_seen_under_its_spec_name_by_the_jobs_that_need_it() -> None:
+    spec = {
+        "jobs": [
+            {"name": "image", "matrix": {"arch": ["amd64", "arm64"]}, "steps": [{"run": "make"}]},
+            {
+                "name": "publish",
+                "needs": ["image"],
+                "when": "jobs.image.status == 'succeeded'",
+                "steps": [{"run": "p"}],
+            },
+        ]
+    }
+    r = Run(spec)
+    r.advance()
+    r.finish("image (amd64)", "step-1")
+    r.finish("image (arm64)", "step-1")
+    assert ("publish", "step-1") in r.running_steps()
+
+
+def test_matrix_values_that_would_name_the_same_job_are_refused() -> None:
+    errors, _ = validate_spec({"jobs": [{"name": "b", "matrix": {"v": [True, "true"]}, "steps": [{"run": "x"}]}]})
+    assert [(e.path, e.message) for e in errors] == [("jobs[0].matrix.v", "values must be distinct")]
