@@ -658,13 +658,16 @@ class Executor:
         except asyncio.CancelledError:
             # Shutting down mid-run: record what was running as failed (each retry policy decides)
             # rather than leave it to the lease sweep.
+            # A unit that had already finished keeps its real outcome.
+            finished = {t: t.result() for t in tasks if t.done() and not t.cancelled() and t.exception() is None}
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             lost = ScriptOutcome(exit_code=None, error="the executor stopped while this was running")
-            for unit in tasks.values():
+            for task, unit in tasks.items():
                 with contextlib.suppress(Exception):
-                    await asyncio.wait_for(asyncio.shield(self._complete(run_id, unit, lost, advance=False)), 5)
+                    outcome = finished.get(task, lost)
+                    await asyncio.wait_for(asyncio.shield(self._complete(run_id, unit, outcome, advance=False)), 5)
             raise
         finally:
             for unit in tasks.values():

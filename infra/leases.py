@@ -119,6 +119,7 @@ class LeaseStore:
     async def done(self, timer: Timer) -> None:
         async with self._pool.connection() as conn:
             await conn.execute(
-                "DELETE FROM run_timers WHERE run_id = %s AND kind = %s AND key = %s",
-                (timer.run_id, timer.kind, timer.key),
+                # Unless it was scheduled again meanwhile (a later retry of the same run).
+                "DELETE FROM run_timers WHERE run_id = %s AND kind = %s AND key = %s AND due_at = %s",
+                (timer.run_id, timer.kind, timer.key, timer.due_at),
             )
