@@ -362,6 +362,15 @@ class AttemptResult(msgspec.Struct, frozen=True, kw_only=True):
     exit_code: int | None = None
 
 
+def ended_attempt(
+    run: StageRun | StepRun, status: StageStatus, at: datetime, error: str | None, exit_code: int | None
+) -> AttemptResult:
+    """The attempt a stage or step just ended, for its `attempts`."""
+    return AttemptResult(
+        attempt=run.attempt, status=status, started_at=run.started_at, finished_at=at, error=error, exit_code=exit_code
+    )
+
+
 class StepRun(msgspec.Struct, frozen=True, kw_only=True):
     name: str
     status: StageStatus = "pending"
@@ -417,18 +426,6 @@ class StageRun(msgspec.Struct, frozen=True, kw_only=True):
             if jr.name == name:
                 return i
         raise Refused(f"stage {self.stage_id!r} has no job {name!r}")
-
-    def ended_attempt(
-        self, status: StageStatus, at: datetime, error: str | None, exit_code: int | None
-    ) -> AttemptResult:
-        return AttemptResult(
-            attempt=self.attempt,
-            status=status,
-            started_at=self.started_at,
-            finished_at=at,
-            error=error,
-            exit_code=exit_code,
-        )
 
 
 class Approval(msgspec.Struct, frozen=True, kw_only=True):
@@ -587,6 +584,24 @@ def _advance(state: RunState, at: datetime) -> list[RunEvent]:
 
 
 # ---- stages of jobs ------------------------------------------------------------------------
+
+# Where a step's lease, timers and log lines are kept: `<stage id>␟<job>␟<step>` (U+241F between);
+# a typed stage's key is its id.
+UNIT_SEP = "\u241f"
+
+
+def unit_key(stage_id: str, job: str | None = None, step: str | None = None) -> str:
+    if job is None or step is None:
+        return stage_id
+    return UNIT_SEP.join((stage_id, job, step))
+
+
+def split_unit_key(key: str) -> tuple[str, str | None, str | None]:
+    parts = key.split(UNIT_SEP)
+    if len(parts) == 3:
+        return parts[0], parts[1], parts[2]
+    return key, None, None
+
 
 JOB_DONE: frozenset[str] = frozenset({"succeeded", "failed", "cancelled", "timeout", "skipped"})
 _BAD: frozenset[str] = frozenset({"failed", "cancelled", "timeout"})
@@ -1140,7 +1155,7 @@ def evolve(state: RunState, event: RunEvent) -> RunState:
                 status="succeeded",
                 finished_at=event.at,
                 exit_code=event.exit_code,
-                attempts=(*sr.attempts, sr.ended_attempt("succeeded", event.at, None, event.exit_code)),
+                attempts=(*sr.attempts, ended_attempt(sr, "succeeded", event.at, None, event.exit_code)),
             )
             return r(state, stage_runs=runs, updated_at=event.at)
         case StageFailed():
@@ -1152,7 +1167,7 @@ def evolve(state: RunState, event: RunEvent) -> RunState:
                 finished_at=event.at,
                 error=event.error,
                 exit_code=event.exit_code,
-                attempts=(*sr.attempts, sr.ended_attempt(event.status, event.at, event.error, event.exit_code)),
+                attempts=(*sr.attempts, ended_attempt(sr, event.status, event.at, event.error, event.exit_code)),
             )
             return r(state, stage_runs=runs, updated_at=event.at)
         case StageRetryScheduled():
@@ -1165,7 +1180,7 @@ def evolve(state: RunState, event: RunEvent) -> RunState:
                 error=event.error,
                 exit_code=event.exit_code,
                 retry_at=event.retry_at,
-                attempts=(*sr.attempts, sr.ended_attempt(event.status, event.at, event.error, event.exit_code)),
+                attempts=(*sr.attempts, ended_attempt(sr, event.status, event.at, event.error, event.exit_code)),
             )
             return r(state, stage_runs=runs, updated_at=event.at)
         case RunApproved() if event.job is not None and event.step is not None:
@@ -1177,7 +1192,7 @@ def evolve(state: RunState, event: RunEvent) -> RunState:
                 event.step,
                 status="succeeded",
                 finished_at=event.at,
-                attempts=(*st.attempts, _step_attempt(st, "succeeded", event.at, None, None)),
+                attempts=(*st.attempts, ended_attempt(st, "succeeded", event.at, None, None)),
             )
             approval = Approval(
                 stage_id=event.stage_id,
@@ -1217,7 +1232,7 @@ def evolve(state: RunState, event: RunEvent) -> RunState:
                 status="failed",
                 finished_at=event.at,
                 error=error,
-                attempts=(*st.attempts, _step_attempt(st, "failed", event.at, error, None)),
+                attempts=(*st.attempts, ended_attempt(st, "failed", event.at, error, None)),
             )
             approval = Approval(
                 stage_id=event.stage_id,
@@ -1319,7 +1334,7 @@ def evolve(state: RunState, event: RunEvent) -> RunState:
             st = state.step_run(event.stage_id, event.job, event.step)
             attempts = st.attempts
             if event.status != "skipped":
-                attempts = (*attempts, _step_attempt(st, event.status, event.at, event.error, event.exit_code))
+                attempts = (*attempts, ended_attempt(st, event.status, event.at, event.error, event.exit_code))
             state = _set_step(
                 state,
                 event.stage_id,
@@ -1351,19 +1366,11 @@ def evolve(state: RunState, event: RunEvent) -> RunState:
                 error=event.error,
                 exit_code=event.exit_code,
                 retry_at=event.retry_at,
-                attempts=(*st.attempts, _step_attempt(st, event.status, event.at, event.error, event.exit_code)),
+                attempts=(*st.attempts, ended_attempt(st, event.status, event.at, event.error, event.exit_code)),
             )
             return r(state, updated_at=event.at)
         case RunFailed():
             return _end(state, "failed", event.at, None, event.reason)
-
-
-def _step_attempt(
-    st: StepRun, status: StageStatus, at: datetime, error: str | None, exit_code: int | None
-) -> AttemptResult:
-    return AttemptResult(
-        attempt=st.attempt, status=status, started_at=st.started_at, finished_at=at, error=error, exit_code=exit_code
-    )
 
 
 def fold(events: list[RunEvent], state: RunState = initial_state) -> RunState:

@@ -980,31 +980,19 @@ def completion(
     failure: Literal["failed", "timeout", "cancelled"] = (
         "cancelled" if outcome.killed else "timeout" if outcome.timed_out else "failed"
     )
-    exit_code = 0 if outcome.succeeded else outcome.exit_code
-    error = None if outcome.succeeded else outcome.error
+    common: dict[str, Any] = {
+        "stage_id": stage_id,
+        "attempt": attempt,
+        "succeeded": outcome.succeeded,
+        "failure": failure,
+        "error": None if outcome.succeeded else outcome.error,
+        "exit_code": 0 if outcome.succeeded else outcome.exit_code,
+        "advance": advance,
+        "at": at,
+    }
     if job is None or step is None:
-        return rn.CompleteStage(
-            stage_id=stage_id,
-            attempt=attempt,
-            succeeded=outcome.succeeded,
-            failure=failure,
-            error=error,
-            exit_code=exit_code,
-            advance=advance,
-            at=at,
-        )
-    return rn.CompleteStep(
-        stage_id=stage_id,
-        job=job,
-        step=step,
-        attempt=attempt,
-        succeeded=outcome.succeeded,
-        failure=failure,
-        error=error,
-        exit_code=exit_code,
-        advance=advance,
-        at=at,
-    )
+        return rn.CompleteStage(**common)
+    return rn.CompleteStep(job=job, step=step, **common)
 
 
 def _interpolate_all(value: Any, context: dict[str, Any]) -> Any:

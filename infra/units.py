@@ -1,7 +1,7 @@
 """Units of work the executor runs: a typed stage's attempt, or one attempt of a step of a job.
 
-A unit is named by a key that is unique within its run: the stage id for a typed stage, and
-`<stage id>␟<job>␟<step>` (U+241F between) for a step. Leases and timers are kept under that key,
+A unit is named by a key that is unique within its run (domain.run.unit_key): the stage id for a
+typed stage, and `<stage id>␟<job>␟<step>` for a step. Leases and timers are kept under that key,
 so a lost executor's step is recovered like a lost stage.
 """
 
@@ -10,9 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from domain import run as rn
+from domain.run import split_unit_key as split_key
+from domain.run import unit_key
 from domain.stages import Job, Stage, Step
 
-SEP = "\u241f"
+__all__ = ["Unit", "split_key", "started_units", "unit_key", "unit_status"]
 
 
 @dataclass(frozen=True)
@@ -36,19 +38,6 @@ class Unit:
         if self.job is None or self.step is None:
             return stage
         return f"Job {self.job.name}, step {self.step.name}"
-
-
-def unit_key(stage_id: str, job: str | None = None, step: str | None = None) -> str:
-    if job is None or step is None:
-        return stage_id
-    return SEP.join((stage_id, job, step))
-
-
-def split_key(key: str) -> tuple[str, str | None, str | None]:
-    parts = key.split(SEP)
-    if len(parts) == 3:
-        return parts[0], parts[1], parts[2]
-    return key, None, None
 
 
 def started_units(state: rn.RunState, new: list[rn.RunEvent]) -> list[Unit]:

@@ -9,7 +9,7 @@ from typing import Any
 import msgspec
 
 from domain.pipeline import PipelineState
-from domain.run import LogAppended, LogLine, RunState, StageRun
+from domain.run import LogAppended, LogLine, RunState, StageRun, split_unit_key, unit_key
 from domain.stages import RetryPolicy, Stage
 
 
@@ -169,7 +169,7 @@ def log_text(chunks: Iterable[tuple[str | None, Sequence[LogLine]]]) -> tuple[st
     log: list[str] = []
     outputs: dict[str, list[str]] = {}
     for key, lines in chunks:
-        stage_id = None if key is None else key.split(_SEP, 1)[0]
+        stage_id = None if key is None else split_unit_key(key)[0]
         for line in lines:
             log.append(line.text + "\n")
             if line.stream != "system" and key is not None and stage_id is not None:
@@ -177,9 +177,6 @@ def log_text(chunks: Iterable[tuple[str | None, Sequence[LogLine]]]) -> tuple[st
                 if key != stage_id:
                     outputs.setdefault(key, []).append(line.text + "\n")
     return "".join(log), {k: "".join(v) for k, v in outputs.items()}
-
-
-_SEP = "\u241f"
 
 
 def log_key(chunk: LogAppended) -> str | None:
@@ -190,7 +187,7 @@ def log_key(chunk: LogAppended) -> str | None:
 
 
 def step_log_key(stage_id: str, job: str, step: str) -> str:
-    return _SEP.join((stage_id, job, step))
+    return unit_key(stage_id, job, step)
 
 
 def _attempts(attempts: Iterable[Any]) -> list[AttemptView]:
