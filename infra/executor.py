@@ -223,6 +223,9 @@ class Executor:
         self._orphans_at = 0.0
         # Starts whose lease another executor held when we took it (see _take_leases).
         self._contended: set[tuple[str, str, int]] = set()
+        # A finished unit's last log chunk, still being appended while its completion is decided
+        # and the next unit's lease is taken (see _complete).
+        self._closing_logs: dict[tuple[str, str, int], asyncio.Task[None]] = {}
         self.executor_id = uuid.uuid4().hex
         self.host = socket.gethostname()
         self._drivers: dict[str, _Driver] = {}
@@ -572,12 +575,17 @@ class Executor:
         return note
 
     async def _before_start(self, state: rn.RunState, new: list[rn.RunEvent]) -> None:
-        """Before a run starts, its pipeline must still be there; before a unit starts, its lease."""
-        if any(isinstance(e, rn.RunStarted) for e in new):
-            pipeline, _ = await self.commands.load_pipeline(state.pipeline_id)
-            if not pipeline.live:
-                raise _PipelineGone(state.pipeline_id)
-        await self._take_leases(state, new)
+        """Before a run starts, its pipeline must still be there; before a unit starts, its lease
+        (both asked for at once: one round trip of waiting instead of two)."""
+        if not any(isinstance(e, rn.RunStarted) for e in new):
+            await self._take_leases(state, new)
+            return
+        (pipeline, _), _ = await asyncio.gather(
+            self.commands.load_pipeline(state.pipeline_id), self._take_leases(state, new)
+        )
+        if not pipeline.live:
+            await self._drop_leases(state, new)
+            raise _PipelineGone(state.pipeline_id)
 
     async def drive_once(self, run_id: str, driver: _Driver | None = None) -> rn.RunState:
         """Take the run as far as it can go now: start it, run its stages and the steps of its jobs
@@ -679,25 +687,46 @@ class Executor:
         stage_id = unit.stage.id
         job = unit.job.name if unit.job else None
         step = unit.step.name if unit.step else None
+        closing = self._closing_logs.get((run_id, unit.key, unit.attempt))
+
+        async def before_append(state: rn.RunState, new: list[rn.RunEvent]) -> None:
+            # The unit's last log chunk commits before its completion does (a view as of the
+            # completion shows the whole output), while the next unit's lease is being taken.
+            if closing is None:
+                await self._take_leases(state, new)
+            else:
+                await asyncio.gather(self._take_leases(state, new), _settled(closing))
+
         try:
             # A completion always appends (or is refused): the state the driver last saw saves a
             # read, and if it is stale the append loses the race and the command reads again.
             state, new = await self.commands.run_command(
                 run_id,
                 lambda at: completion(stage_id, job, step, unit.attempt, outcome, at, advance),
-                before_append=self._take_leases,
+                before_append=before_append,
                 lost_race=self._drop_leases,
                 on_version=self._noter(driver),
                 known=driver.known if driver is not None else None,
             )
         except Refused:
+            self._forget_log(run_id, unit)
             self._release_later(run_id, unit)
             raise
+        except NotFound:
+            self._forget_log(run_id, unit)
+            raise
+        self._forget_log(run_id, unit)
         # Any other failure keeps the lease: the caller tries again, and if this executor dies
         # meanwhile the lease expires and the attempt is recovered.
         self._release_later(run_id, unit)
         await self._own_leases(state, new)
         return state, new
+
+    def _forget_log(self, run_id: str, unit: Unit) -> None:
+        closing = self._closing_logs.pop((run_id, unit.key, unit.attempt), None)
+        if closing is not None and not closing.done():
+            self._background.add(closing)  # it goes on to the end; keep it referenced
+            closing.add_done_callback(self._background.discard)
 
     def _release_later(self, run_id: str, unit: Unit) -> None:
         # Off the critical path: a lease left behind is found expired and dropped by the sweep
@@ -782,8 +811,14 @@ class Executor:
                 line("system", f"{label} failed: {described}")
                 if outcome.error is None:
                     outcome = dataclasses.replace(outcome, error=described)
-        finally:
+        except BaseException:
             await runlog.close()
+            raise
+        # The last chunk is appended while the completion is prepared; _complete waits for it
+        # before it appends the completion.
+        closing = asyncio.create_task(runlog.close())
+        self._closing_logs[(state.run_id, unit.key, unit.attempt)] = closing
+        closing.add_done_callback(lambda t: t.cancelled() or t.exception())  # logged by RunLog
         # The error becomes part of a stage event: never with a secret in it.
         return dataclasses.replace(outcome, error=masker.mask_optional(outcome.error))
 
@@ -871,6 +906,10 @@ class Executor:
     async def _record_pgid(self, script: ScriptRun, run_id: str, key: str, attempt: int) -> None:
         assert self.leases is not None
         for _ in range(500):
+            if script.finished:
+                # Its whole process group is gone already: there is nothing for a recovery to
+                # kill, and a script that ends within the first poll costs no write at all.
+                return
             pid = script.pid
             if pid is not None:
                 await self.leases.set_pgid(run_id, key, attempt, pid)
@@ -993,6 +1032,13 @@ def completion(
     if job is None or step is None:
         return rn.CompleteStage(**common)
     return rn.CompleteStep(job=job, step=step, **common)
+
+
+async def _settled(task: asyncio.Task[None]) -> None:
+    """Wait for `task` to end, whatever its outcome (a log append that failed for good was
+    already reported by RunLog; the completion goes ahead regardless)."""
+    with contextlib.suppress(Exception):
+        await asyncio.shield(task)
 
 
 def _interpolate_all(value: Any, context: dict[str, Any]) -> Any:

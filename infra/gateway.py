@@ -213,6 +213,42 @@ class _Views:
         self._frames.put(rec.position, frames)
         return frames
 
+    def observe(self, rec: RecordedEvent, previous: FeedCursor) -> None:
+        """Bring a cached run history up to date from a live message itself, so that the run's
+        next frame needs no read of the store. `previous` is the cursor of the message before
+        this one: messages come in feed order, so a history complete up to `previous` is complete
+        up to this one once the message is added. Anything else (a history that missed messages,
+        is being read, or a gap in versions; an event the relay sent as a stub) is left to the
+        reads in `_run_frame`."""
+        kind, ident = ev.aggregate_of(rec.stream_id)
+        if kind not in ("run", "runlog"):
+            return
+        hist = self._runs.get(ident)
+        if hist is None or hist.lock.locked() or hist.logs_through < previous:
+            return
+        known = hist.log_version if kind == "runlog" else len(hist.positions)
+        if 0 < rec.stream_version <= known:  # already read from the store
+            if kind == "runlog" or hist.positions[rec.stream_version - 1] == rec.position:
+                hist.logs_through = rec.cursor
+            return
+        if rec.stream_version != known + 1:
+            return
+        try:
+            e = rec.event
+        except Exception:  # a stub for an oversized event, or not ours
+            return
+        if kind == "runlog":
+            if not isinstance(e, rn.LogAppended):
+                return
+            hist.logs.append((rec.cursor, e))
+            hist.log_version = rec.stream_version
+        else:
+            if not ev.is_run_event(e) or isinstance(e, rn.LogAppended):
+                return
+            hist.states.append(rn.evolve(hist.states[-1] if hist.states else rn.initial_state, e))
+            hist.positions.append(rec.position)
+        hist.logs_through = rec.cursor
+
     @staticmethod
     def _log_frames(run_id: str, rec: RecordedEvent) -> tuple[bytes, ...]:
         e = rec.event
@@ -814,6 +850,7 @@ class Gateway:
         except Exception:
             log.exception("bad message on %s; skipped", msg.subject)
             return
+        self._views.observe(rec, self._live_cursor)
         # A subscription "from now" made while this event is in flight starts after it.
         self._dispatching = rec.cursor
         try:

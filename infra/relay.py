@@ -91,6 +91,8 @@ class Relay:
         self.last_seq = 0
         self.published = 0
         self._wake = asyncio.Event()
+        self._checkpoint_wanted = False
+        self._checkpointer: asyncio.Task[None] | None = None
         # Test hook: called after a batch is published and before its checkpoint is saved.
         self.after_publish: Any = None
 
@@ -191,11 +193,28 @@ class Relay:
             self.published += ok
         if self.after_publish is not None:
             await self.after_publish()
-        await self._checkpoint()
+        self._checkpoint_later()
         if ok < len(events):
             err = next(a for a in acks if isinstance(a, BaseException))
             raise RuntimeError(f"{len(events) - ok} of {len(events)} publishes failed: {err}")
         return ok
+
+    def _checkpoint_later(self) -> None:
+        # Nothing reads the relay's checkpoint to resume (it resumes from the headers of the
+        # stream's last message, see _resync): it only shows how far the relay got. So it is
+        # written off the publishing path, at most one write at a time, always the latest cursor.
+        self._checkpoint_wanted = True
+        if self._checkpointer is None or self._checkpointer.done():
+            self._checkpointer = asyncio.create_task(self._write_checkpoints())
+
+    async def _write_checkpoints(self) -> None:
+        while self._checkpoint_wanted:
+            self._checkpoint_wanted = False
+            try:
+                await self._checkpoint()
+            except Exception as exc:
+                log.warning("could not save the relay's checkpoint: %s", exc)
+                return
 
     async def _checkpoint(self) -> None:
         async with self.store.pool.connection() as conn:

@@ -148,7 +148,7 @@ class ScriptRun:
         self._proc: asyncio.subprocess.Process | None = None
         self._grace = kill_grace
         self._stopped = False
-        self._started = asyncio.Event()
+        self._finished = False
 
     async def _terminate(self) -> None:
         proc = self._proc
@@ -165,6 +165,11 @@ class ScriptRun:
     def pid(self) -> int | None:
         """The script's pid, which is also its process group id; None until it has started."""
         return self._proc.pid if self._proc is not None else None
+
+    @property
+    def finished(self) -> bool:
+        """The script has ended (or never started) and its whole process group is gone."""
+        return self._finished
 
     async def stop(self) -> None:
         self._stopped = True
@@ -185,6 +190,7 @@ class ScriptRun:
             as_user = resolve_user(user)
             prepare_workdir(workdir, as_user)
         except (ScriptUserError, OSError) as exc:
+            self._finished = True
             return ScriptOutcome(exit_code=None, error=f"could not prepare the script's user or directory: {exc}")
         argv: list[str] = ["/bin/sh", "-c", command]
         switch: dict[str, Any] = {}
@@ -219,6 +225,7 @@ class ScriptRun:
                 **switch,
             )
         except (OSError, ValueError, subprocess.SubprocessError) as exc:
+            self._finished = True
             return ScriptOutcome(exit_code=None, error=f"could not start the script: {exc}")
         self._proc = proc
         assert proc.stdout is not None and proc.stderr is not None
@@ -239,6 +246,7 @@ class ScriptRun:
         finally:
             # Children the script left behind would hold the pipes open: end the whole group.
             _signal_group(proc.pid, signal.SIGKILL)
+            self._finished = True
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(asyncio.gather(*readers), 5)
             for r in readers:

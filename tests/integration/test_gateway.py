@@ -616,3 +616,52 @@ async def test_many_subscribers_of_one_run_get_every_frame_once_in_order(env: En
         # Another organization's subscriber of everything it may see got none of it.
         await outsider.quiet(0.2)
     assert env.gateway.written_direct > direct  # the fast path was taken
+
+
+class _CountingStore:
+    """The store, counting the stream reads made through it."""
+
+    def __init__(self, store: PostgresEventStore) -> None:
+        self._store = store
+        self.reads: list[str] = []
+
+    async def read_stream(self, stream_id: str, after_version: int = 0) -> list[Any]:
+        self.reads.append(stream_id)
+        return await self._store.read_stream(stream_id, after_version)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+
+async def test_live_run_frames_come_from_the_messages_and_equal_frames_built_from_the_store(env: Env) -> None:
+    from infra.gateway import _Views
+
+    counting = _CountingStore(env.store)
+    views = env.gateway._views
+    real_store = views.store
+    views.store = counting  # type: ignore[assignment]
+    try:
+        pipeline = await env.pipeline(env.org)
+        run = await env.trigger(pipeline)
+        async with client(env, env.token(env.org)) as c:
+            await c.subscribe("runs", {"runId": run.run_id})
+            await env.advance(run.run_id)  # the first frame of the run reads its history
+            await c.until(lambda f: f.get("data", {}).get("status") == "running")
+            counting.reads.clear()
+            await env.log(run, "one", "two")
+            await env.log(run, "three")
+            await env.complete(run.run_id)
+            live = await c.until(lambda f: f.get("data", {}).get("status") == "succeeded")
+            assert counting.reads == [], "a live frame read the store"
+            assert live[-1]["data"]["logs"] == "one\ntwo\nthree\n"
+    finally:
+        views.store = real_store
+
+    # The same events, framed by a gateway that has seen nothing yet (everything read from the
+    # store), give the same frames byte for byte.
+    fresh = _Views(env.store)
+    records = [r for r in await env.store.read_stream(f"run-{run.run_id}")]
+    for frame in live:
+        rec = next(r for r in records if r.position == frame["position"])
+        (built,) = await fresh.frames(rec)
+        assert json.loads(built) == frame
