@@ -619,6 +619,9 @@ class Executor:
                                 await self.secrets.delete(run_id)
                         await self._schedule_timers(state)
                         return state
+                    if state.terminal:
+                        new = []  # an ended run decides nothing more: no read to find that out
+                        continue
                     state, new = await self._advance(run_id, driver)
                     continue
                 # Wait for a unit to finish, for something to happen to the run (an approval of

@@ -26,6 +26,7 @@ import shutil
 import signal
 import stat
 import subprocess
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -117,6 +118,14 @@ def prepare_workdir(workdir: Path, user: ScriptUser | None) -> None:
     """Create the script's working directory (its HOME too). With a `user`: owned by that user,
     mode 0700, under a work root of mode 0711, every directory above it searchable by the user."""
     workdir = workdir.absolute()
+    # The stages of a run share its directory: after the first, one stat shows it is ready.
+    try:
+        st = workdir.stat()
+    except FileNotFoundError:
+        pass
+    else:
+        if stat.S_ISDIR(st.st_mode) and (user is None or (st.st_uid == user.uid and stat.S_IMODE(st.st_mode) == 0o700)):
+            return
     if user is None:
         workdir.mkdir(mode=0o700, parents=True, exist_ok=True)
         return
@@ -134,6 +143,25 @@ def prepare_workdir(workdir: Path, user: ScriptUser | None) -> None:
     workdir.mkdir(mode=0o700, exist_ok=True)
     os.chown(workdir, user.uid, user.gid)
     os.chmod(workdir, 0o700)
+
+
+def watch_children_with_pidfds() -> bool:
+    """Have asyncio learn of a script's exit from a pidfd on the event loop (Python 3.11).
+
+    By default 3.11 waits for each child in a thread of its own, and starting that thread blocks
+    the event loop until the new thread runs: on a busy 2-core machine about a millisecond per
+    script, during which no other run moves. 3.12 and later use pidfds by default. Call this in
+    the process's only event loop, before it spawns anything; whether it took effect."""
+    if sys.version_info >= (3, 12) or not hasattr(os, "pidfd_open"):
+        return False
+    try:
+        os.close(os.pidfd_open(os.getpid()))  # the kernel may not support pidfds (before 5.3)
+    except OSError:
+        return False
+    watcher = asyncio.PidfdChildWatcher()
+    watcher.attach_loop(asyncio.get_running_loop())
+    asyncio.set_child_watcher(watcher)
+    return True
 
 
 def _signal_group(pgid: int, sig: int) -> None:

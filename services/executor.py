@@ -11,6 +11,7 @@ from infra.config import Settings
 from infra.executor import Executor
 from infra.leases import LeaseStore
 from infra.scheduler import Scheduler
+from infra.script_runner import watch_children_with_pidfds
 from infra.secrets import SecretStore, load_key_material
 from services.bootstrap import connect_nats, open_store, run_until_signalled
 
@@ -19,6 +20,7 @@ def main() -> None:
     settings = Settings.from_env()
 
     async def body(stop: asyncio.Event) -> None:
+        watch_children_with_pidfds()
         key = load_key_material(settings)  # the run secrets' key (created when missing): fails fast
         pool, store = await open_store(settings, max_size=10)
         nc = await connect_nats(settings, "pipelines-executor")
