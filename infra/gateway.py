@@ -154,6 +154,9 @@ class _RunHistory:
     log_version: int = 0
     logs_through: FeedCursor = FEED_START
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    # Kept up to date from the live messages (see _Views.observe): holds every event and chunk of
+    # the run up to the last live message the gateway handled, so its live frames need no read.
+    live: bool = False
 
 
 @dataclass(eq=False)
@@ -196,14 +199,15 @@ class _Views:
         self._owners.put(key, owner)
         return owner
 
-    async def frames(self, rec: RecordedEvent) -> tuple[bytes, ...]:
+    async def frames(self, rec: RecordedEvent, *, live: bool = False) -> tuple[bytes, ...]:
+        """The frames of `rec`; `live` when it is the live message being dispatched now."""
         cached = self._frames.get(rec.position)
         if cached is not None:
             return cached
         kind, ident = ev.aggregate_of(rec.stream_id)
         frames: tuple[bytes, ...]
         if kind == "run":
-            frames = (await self._run_frame(ident, rec),)
+            frames = (await self._run_frame(ident, rec, live),)
         elif kind == "runlog":
             frames = self._log_frames(ident, rec)
         elif kind == "pipeline":
@@ -213,41 +217,62 @@ class _Views:
         self._frames.put(rec.position, frames)
         return frames
 
-    def observe(self, rec: RecordedEvent, previous: FeedCursor) -> None:
+    def observe(self, rec: RecordedEvent) -> None:
         """Bring a cached run history up to date from a live message itself, so that the run's
-        next frame needs no read of the store. `previous` is the cursor of the message before
-        this one: messages come in feed order, so a history complete up to `previous` is complete
-        up to this one once the message is added. Anything else (a history that missed messages,
-        is being read, or a gap in versions; an event the relay sent as a stub) is left to the
-        reads in `_run_frame`."""
+        next frame needs no read of the store. Live messages come in feed order, one at a time:
+        a history that held everything of its run up to the last one holds everything up to this
+        one once this message is added. Whatever breaks that (a history being read meanwhile, a gap
+        in versions, an event the relay sent as a stub) makes the history read the store again at
+        its next live frame (`_run_frame`)."""
         kind, ident = ev.aggregate_of(rec.stream_id)
         if kind not in ("run", "runlog"):
             return
         hist = self._runs.get(ident)
-        if hist is None or hist.lock.locked() or hist.logs_through < previous:
+        if hist is None and kind == "run" and rec.stream_version == 1:
+            # A new run: its first event says whose it is, and it has no log yet.
+            hist = self._start_history(ident, rec)
+        if hist is None or not hist.live:
             return
-        known = hist.log_version if kind == "runlog" else len(hist.positions)
-        if 0 < rec.stream_version <= known:  # already read from the store
-            if kind == "runlog" or hist.positions[rec.stream_version - 1] == rec.position:
-                hist.logs_through = rec.cursor
-            return
-        if rec.stream_version != known + 1:
-            return
+        hist.live = self._apply_live(hist, kind, rec)
+        if hist.live and rec.cursor > hist.logs_through:
+            hist.logs_through = rec.cursor
+
+    def _start_history(self, run_id: str, rec: RecordedEvent) -> _RunHistory | None:
         try:
             e = rec.event
-        except Exception:  # a stub for an oversized event, or not ours
-            return
+        except Exception:
+            return None
+        if not isinstance(e, rn.RunTriggered):
+            return None
+        self._owners.put(f"run-{run_id}", _Owner(pipeline_id=e.pipeline_id, org=e.organization_id))
+        hist = _RunHistory(live=True)
+        self._runs.put(run_id, hist)
+        return hist
+
+    @staticmethod
+    def _apply_live(hist: _RunHistory, kind: str, rec: RecordedEvent) -> bool:
+        if hist.lock.locked():
+            return False
+        known = hist.log_version if kind == "runlog" else len(hist.positions)
+        if 0 < rec.stream_version <= known:  # a catch-up read it from the store already
+            return kind == "runlog" or hist.positions[rec.stream_version - 1] == rec.position
+        if rec.stream_version != known + 1:
+            return False
+        try:
+            e = rec.event
+        except Exception:  # a stub for an oversized event
+            return False
         if kind == "runlog":
             if not isinstance(e, rn.LogAppended):
-                return
+                return False
             hist.logs.append((rec.cursor, e))
             hist.log_version = rec.stream_version
-        else:
-            if not ev.is_run_event(e) or isinstance(e, rn.LogAppended):
-                return
-            hist.states.append(rn.evolve(hist.states[-1] if hist.states else rn.initial_state, e))
-            hist.positions.append(rec.position)
-        hist.logs_through = rec.cursor
+            return True
+        if not ev.is_run_event(e) or isinstance(e, rn.LogAppended):
+            return False
+        hist.states.append(rn.evolve(hist.states[-1] if hist.states else rn.initial_state, e))
+        hist.positions.append(rec.position)
+        return True
 
     @staticmethod
     def _log_frames(run_id: str, rec: RecordedEvent) -> tuple[bytes, ...]:
@@ -272,7 +297,7 @@ class _Views:
             return positions.index(rec.position)
         return None
 
-    async def _run_frame(self, run_id: str, rec: RecordedEvent) -> bytes:
+    async def _run_frame(self, run_id: str, rec: RecordedEvent, live: bool = False) -> bytes:
         hist = self._runs.get_fresh(run_id)
         if hist is None:
             hist = _RunHistory()
@@ -301,6 +326,10 @@ class _Views:
                     hist.log_version = r.stream_version
                 hist.logs.sort(key=lambda p: p[0])
                 hist.logs_through = rec.cursor
+            if live:
+                # Everything up to this, the last live message, is here: from now on the live
+                # messages themselves keep the history up to date.
+                hist.live = True
             state = hist.states[i]
             logs = [chunk for cursor, chunk in hist.logs if cursor <= rec.cursor]
         view = run_view(state, logs)
@@ -850,7 +879,7 @@ class Gateway:
         except Exception:
             log.exception("bad message on %s; skipped", msg.subject)
             return
-        self._views.observe(rec, self._live_cursor)
+        self._views.observe(rec)
         # A subscription "from now" made while this event is in flight starts after it.
         self._dispatching = rec.cursor
         try:
@@ -908,7 +937,7 @@ class Gateway:
                 # Built once, for every subscriber. Meanwhile a subscription may have closed or
                 # fallen back to catching up: look at it again. (One made meanwhile starts after
                 # this event; see `_dispatching`.)
-                frames = await self._views.frames(rec)
+                frames = await self._views.frames(rec, live=True)
                 if sub.closed or rec.cursor <= sub.enqueued:
                     continue
             if sub.catching_up:

@@ -642,26 +642,34 @@ async def test_live_run_frames_come_from_the_messages_and_equal_frames_built_fro
     views.store = counting  # type: ignore[assignment]
     try:
         pipeline = await env.pipeline(env.org)
-        run = await env.trigger(pipeline)
+        first, second = await env.trigger(pipeline), await env.trigger(pipeline)
         async with client(env, env.token(env.org)) as c:
-            await c.subscribe("runs", {"runId": run.run_id})
-            await env.advance(run.run_id)  # the first frame of the run reads its history
-            await c.until(lambda f: f.get("data", {}).get("status") == "running")
-            counting.reads.clear()
-            await env.log(run, "one", "two")
-            await env.log(run, "three")
-            await env.complete(run.run_id)
-            live = await c.until(lambda f: f.get("data", {}).get("status") == "succeeded")
+            await c.subscribe("runs", {"pipelineId": pipeline.pipeline_id})
+            for run in (first, second):
+                await env.advance(run.run_id)
+                await c.until(lambda f, r=run: f["data"]["id"] == r.run_id and f["data"]["status"] == "running")
+            # Two runs' events interleaved in the feed, as they are when runs go on at once.
+            await env.log(first, "one", "two")
+            await env.log(second, "2: one")
+            await env.log(first, "three")
+            await env.complete(second.run_id)
+            await env.complete(first.run_id)
+            frames = await c.until(lambda f: f["data"]["id"] == first.run_id and f["data"]["status"] == "succeeded")
+            # The gateway saw both runs from their first event: it never read them from the store.
             assert counting.reads == [], "a live frame read the store"
-            assert live[-1]["data"]["logs"] == "one\ntwo\nthree\n"
+            by_run = {r.run_id: [f for f in frames if f["data"]["id"] == r.run_id] for r in (first, second)}
+            assert by_run[first.run_id][-1]["data"]["logs"] == "one\ntwo\nthree\n"
+            assert by_run[second.run_id][-1]["data"]["logs"] == "2: one\n"
+            assert by_run[second.run_id][-1]["data"]["status"] == "succeeded"
     finally:
         views.store = real_store
 
     # The same events, framed by a gateway that has seen nothing yet (everything read from the
     # store), give the same frames byte for byte.
     fresh = _Views(env.store)
-    records = [r for r in await env.store.read_stream(f"run-{run.run_id}")]
-    for frame in live:
-        rec = next(r for r in records if r.position == frame["position"])
-        (built,) = await fresh.frames(rec)
-        assert json.loads(built) == frame
+    for run in (first, second):
+        records = await env.store.read_stream(f"run-{run.run_id}")
+        for frame in by_run[run.run_id]:
+            rec = next(r for r in records if r.position == frame["position"])
+            (built,) = await fresh.frames(rec)
+            assert json.loads(built) == frame
