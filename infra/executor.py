@@ -203,6 +203,10 @@ class _Driver:
     # The run's state and stream version as the driver last read or wrote them.
     known: tuple[rn.RunState, int] | None = None
     stop_requested: bool = False
+    # Units running for this run. Kept here, not in one drive_once call: a call that fails (the
+    # store briefly unavailable) leaves them to the next call, which waits for them and records
+    # their outcomes, instead of leaving them running with nobody to record them.
+    units: dict[asyncio.Task[ScriptOutcome], Unit] = field(default_factory=dict)
 
 
 class Executor:
@@ -226,6 +230,7 @@ class Executor:
         # A finished unit's last log chunk, still being appended while its completion is decided
         # and the next unit's lease is taken (see _complete).
         self._closing_logs: dict[tuple[str, str, int], asyncio.Task[None]] = {}
+        self._log_flushes: set[asyncio.Task[None]] = set()  # every one still running, for drain()
         self.executor_id = uuid.uuid4().hex
         self.host = socket.gethostname()
         self._drivers: dict[str, _Driver] = {}
@@ -527,6 +532,9 @@ class Executor:
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        # The last log chunks of units that just ended are still being appended: let them land.
+        if self._log_flushes:
+            await asyncio.wait(set(self._log_flushes), timeout=5)
 
     async def _drive(self, run_id: str, driver: _Driver) -> None:
         try:
@@ -580,12 +588,22 @@ class Executor:
         if not any(isinstance(e, rn.RunStarted) for e in new):
             await self._take_leases(state, new)
             return
-        (pipeline, _), _ = await asyncio.gather(
-            self.commands.load_pipeline(state.pipeline_id), self._take_leases(state, new)
-        )
-        if not pipeline.live:
-            await self._drop_leases(state, new)
-            raise _PipelineGone(state.pipeline_id)
+        try:
+            loaded, taken = await asyncio.gather(
+                self.commands.load_pipeline(state.pipeline_id), self._take_leases(state, new), return_exceptions=True
+            )
+            for outcome in (loaded, taken):
+                if isinstance(outcome, BaseException):
+                    raise outcome
+            assert not isinstance(loaded, BaseException)
+            if not loaded[0].live:
+                raise _PipelineGone(state.pipeline_id)
+        except BaseException:
+            # Nothing is appended: the leases taken for this start are not kept (a lease nobody
+            # runs would be renewed by our heartbeat for as long as this process lives).
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self._drop_leases(state, new))
+            raise
 
     async def drive_once(self, run_id: str, driver: _Driver | None = None) -> rn.RunState:
         """Take the run as far as it can go now: start it, run its stages and the steps of its jobs
@@ -599,7 +617,8 @@ class Executor:
                 run_id, lambda at: rn.Cancel(by="system", reason="pipeline deleted", at=at)
             )
             return state
-        tasks: dict[asyncio.Task[ScriptOutcome], Unit] = {}
+        tasks: dict[asyncio.Task[ScriptOutcome], Unit] = driver.units if driver is not None else {}
+        completing: Unit | None = None  # taken out of `tasks`, its outcome being recorded
         try:
             while True:
                 units = started_units(state, new)
@@ -652,10 +671,13 @@ class Executor:
                     except Exception as exc:  # a bug in running the unit: record it, never hang
                         log.exception("run %s: running %s failed", run_id, unit_done.key)
                         outcome = ScriptOutcome(exit_code=None, error=f"the executor failed to run this: {exc}")
+                    completing = unit_done
                     try:
                         state, more = await self._complete_retrying(run_id, unit_done, outcome, driver)
                         new += more
+                        completing = None
                     except Refused as exc:
+                        completing = None
                         # Someone else settled it (a lost lease recovered elsewhere, a stopped run):
                         # look at the run as it is now.
                         log.info("run %s: outcome of %s not recorded: %s", run_id, unit_done.key, exc)
@@ -679,10 +701,12 @@ class Executor:
                 with contextlib.suppress(Exception):
                     outcome = finished.get(task, lost)
                     await asyncio.wait_for(asyncio.shield(self._complete(run_id, unit, outcome, advance=False)), 5)
-            raise
-        finally:
-            for unit in tasks.values():
+                self._forget_log(run_id, unit)
                 self._running.discard((run_id, unit.key, unit.attempt))
+            tasks.clear()
+            if completing is not None:  # cut off while recording: the lease sweep recovers it
+                self._forget_log(run_id, completing)
+            raise
 
     async def _complete(
         self, run_id: str, unit: Unit, outcome: ScriptOutcome, driver: _Driver | None = None, advance: bool = True
@@ -726,10 +750,13 @@ class Executor:
         return state, new
 
     def _forget_log(self, run_id: str, unit: Unit) -> None:
-        closing = self._closing_logs.pop((run_id, unit.key, unit.attempt), None)
-        if closing is not None and not closing.done():
-            self._background.add(closing)  # it goes on to the end; keep it referenced
-            closing.add_done_callback(self._background.discard)
+        # The task itself goes on to the end, referenced by _log_flushes until then.
+        self._closing_logs.pop((run_id, unit.key, unit.attempt), None)
+
+    def _log_flushed(self, task: asyncio.Task[None]) -> None:
+        self._log_flushes.discard(task)
+        if not task.cancelled():
+            task.exception()  # retrieved: RunLog reported what failed
 
     def _release_later(self, run_id: str, unit: Unit) -> None:
         # Off the critical path: a lease left behind is found expired and dropped by the sweep
@@ -821,7 +848,8 @@ class Executor:
         # before it appends the completion.
         closing = asyncio.create_task(runlog.close())
         self._closing_logs[(state.run_id, unit.key, unit.attempt)] = closing
-        closing.add_done_callback(lambda t: t.cancelled() or t.exception())  # logged by RunLog
+        self._log_flushes.add(closing)
+        closing.add_done_callback(self._log_flushed)
         # The error becomes part of a stage event: never with a secret in it.
         return dataclasses.replace(outcome, error=masker.mask_optional(outcome.error))
 

@@ -46,13 +46,14 @@ How it works:
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import http
 import logging
 import time
 import weakref
 from collections import OrderedDict, deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal, TypeVar
@@ -217,34 +218,45 @@ class _Views:
         self._frames.put(rec.position, frames)
         return frames
 
-    def observe(self, rec: RecordedEvent) -> None:
+    def observe(self, rec: RecordedEvent, watched: Callable[[_Owner], bool]) -> None:
         """Bring a cached run history up to date from a live message itself, so that the run's
         next frame needs no read of the store. Live messages come in feed order, one at a time:
         a history that held everything of its run up to the last one holds everything up to this
         one once this message is added. Whatever breaks that (a history being read meanwhile, a gap
         in versions, an event the relay sent as a stub) makes the history read the store again at
-        its next live frame (`_run_frame`)."""
+        its next live frame (`_run_frame`). A new run gets a history from its first event only
+        when someone `watched` its runs (a subscription to its pipeline or organization): nobody
+        else's run costs memory or pushes a watched run's history out of the cache."""
         kind, ident = ev.aggregate_of(rec.stream_id)
         if kind not in ("run", "runlog"):
             return
-        hist = self._runs.get(ident)
-        if hist is None and kind == "run" and rec.stream_version == 1:
-            # A new run: its first event says whose it is, and it has no log yet.
-            hist = self._start_history(ident, rec)
-        if hist is None or not hist.live:
+        hist = self._runs.get_fresh(ident)
+        try:
+            if hist is None and kind == "run" and rec.stream_version == 1:
+                # A new run: its first event says whose it is, and it has no log yet.
+                hist = self._start_history(ident, rec, watched)
+            if hist is None or not hist.live:
+                return
+            hist.live = self._apply_live(hist, kind, rec)
+        except Exception:  # never in the way of the dispatch: the next frame reads the store
+            log.exception("keeping run %s's history from position %d failed", ident, rec.position)
+            if hist is not None:
+                hist.live = False
             return
-        hist.live = self._apply_live(hist, kind, rec)
         if hist.live and rec.cursor > hist.logs_through:
             hist.logs_through = rec.cursor
 
-    def _start_history(self, run_id: str, rec: RecordedEvent) -> _RunHistory | None:
+    def _start_history(self, run_id: str, rec: RecordedEvent, watched: Callable[[_Owner], bool]) -> _RunHistory | None:
         try:
             e = rec.event
         except Exception:
             return None
         if not isinstance(e, rn.RunTriggered):
             return None
-        self._owners.put(f"run-{run_id}", _Owner(pipeline_id=e.pipeline_id, org=e.organization_id))
+        owner = _Owner(pipeline_id=e.pipeline_id, org=e.organization_id)
+        self._owners.put(f"run-{run_id}", owner)
+        if not watched(owner):
+            return None
         hist = _RunHistory(live=True)
         self._runs.put(run_id, hist)
         return hist
@@ -265,7 +277,9 @@ class _Views:
         if kind == "runlog":
             if not isinstance(e, rn.LogAppended):
                 return False
-            hist.logs.append((rec.cursor, e))
+            # In feed order, as a read from the store sorts them: chunks of parallel steps can
+            # commit in another order than their versions (a catch-up may have read a later one).
+            bisect.insort(hist.logs, (rec.cursor, e), key=lambda p: p[0])
             hist.log_version = rec.stream_version
             return True
         if not ev.is_run_event(e) or isinstance(e, rn.LogAppended):
@@ -879,7 +893,7 @@ class Gateway:
         except Exception:
             log.exception("bad message on %s; skipped", msg.subject)
             return
-        self._views.observe(rec)
+        self._views.observe(rec, self._watches_runs_of)
         # A subscription "from now" made while this event is in flight starts after it.
         self._dispatching = rec.cursor
         try:
@@ -894,6 +908,13 @@ class Gateway:
             self._live_cursor = rec.cursor
             self._dispatching = None
         self.dispatched += 1
+
+    def _watches_runs_of(self, owner: _Owner) -> bool:
+        """Whether a subscription to the runs of this pipeline or organization exists."""
+        return bool(
+            (owner.pipeline_id is not None and self._index.get(("runs", "pipeline", owner.pipeline_id)))
+            or self._index.get(("runs", "org", owner.org or ""))
+        )
 
     async def _candidates(self, rec: RecordedEvent) -> tuple[RecordedEvent, set[_Sub]]:
         kind, ident = ev.aggregate_of(rec.stream_id)

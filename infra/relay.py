@@ -91,7 +91,7 @@ class Relay:
         self.last_seq = 0
         self.published = 0
         self._wake = asyncio.Event()
-        self._checkpoint_wanted = False
+        self._checkpoint_wanted: FeedCursor | None = None
         self._checkpointer: asyncio.Task[None] | None = None
         # Test hook: called after a batch is published and before its checkpoint is saved.
         self.after_publish: Any = None
@@ -156,6 +156,9 @@ class Relay:
             finally:
                 with contextlib.suppress(Exception):
                     await sub.unsubscribe()
+                if self._checkpointer is not None:  # the last checkpoint is written before we go
+                    with contextlib.suppress(Exception):
+                        await asyncio.wait_for(self._checkpointer, 5)
 
     async def _poke(self, _msg: Any) -> None:
         self._wake.set()
@@ -203,23 +206,23 @@ class Relay:
         # Nothing reads the relay's checkpoint to resume (it resumes from the headers of the
         # stream's last message, see _resync): it only shows how far the relay got. So it is
         # written off the publishing path, at most one write at a time, always the latest cursor.
-        self._checkpoint_wanted = True
+        self._checkpoint_wanted = self.cursor  # as published now (a resync may move self.cursor)
         if self._checkpointer is None or self._checkpointer.done():
             self._checkpointer = asyncio.create_task(self._write_checkpoints())
 
     async def _write_checkpoints(self) -> None:
-        while self._checkpoint_wanted:
-            self._checkpoint_wanted = False
+        while self._checkpoint_wanted is not None:
+            cursor, self._checkpoint_wanted = self._checkpoint_wanted, None
             try:
-                await self._checkpoint()
+                await self._checkpoint(cursor)
             except Exception as exc:
                 log.warning("could not save the relay's checkpoint: %s", exc)
                 return
 
-    async def _checkpoint(self) -> None:
+    async def _checkpoint(self, cursor: FeedCursor) -> None:
         async with self.store.pool.connection() as conn:
             await conn.execute(
                 "INSERT INTO checkpoints (name, tx_id, position) VALUES ('relay', %s::text::xid8, %s) "
                 "ON CONFLICT (name) DO UPDATE SET tx_id = EXCLUDED.tx_id, position = EXCLUDED.position",
-                (str(self.cursor[0]), self.cursor[1]),
+                (str(cursor[0]), cursor[1]),
             )

@@ -641,10 +641,13 @@ async def test_live_run_frames_come_from_the_messages_and_equal_frames_built_fro
     real_store = views.store
     views.store = counting  # type: ignore[assignment]
     try:
-        pipeline = await env.pipeline(env.org)
-        first, second = await env.trigger(pipeline), await env.trigger(pipeline)
+        pipeline, unwatched = await env.pipeline(env.org), await env.pipeline(env.org)
         async with client(env, env.token(env.org)) as c:
             await c.subscribe("runs", {"pipelineId": pipeline.pipeline_id})
+            first, second = await env.trigger(pipeline), await env.trigger(pipeline)
+            # Runs nobody watches get no history: they do not push the watched ones out of the
+            # gateway's cache (64 runs).
+            others = [(await env.trigger(unwatched)).run_id for _ in range(70)]
             for run in (first, second):
                 await env.advance(run.run_id)
                 await c.until(lambda f, r=run: f["data"]["id"] == r.run_id and f["data"]["status"] == "running")
@@ -657,6 +660,7 @@ async def test_live_run_frames_come_from_the_messages_and_equal_frames_built_fro
             frames = await c.until(lambda f: f["data"]["id"] == first.run_id and f["data"]["status"] == "succeeded")
             # The gateway saw both runs from their first event: it never read them from the store.
             assert counting.reads == [], "a live frame read the store"
+            assert {first.run_id, second.run_id} <= set(views._runs) and not set(others) & set(views._runs)
             by_run = {r.run_id: [f for f in frames if f["data"]["id"] == r.run_id] for r in (first, second)}
             assert by_run[first.run_id][-1]["data"]["logs"] == "one\ntwo\nthree\n"
             assert by_run[second.run_id][-1]["data"]["logs"] == "2: one\n"
