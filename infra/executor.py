@@ -592,10 +592,10 @@ class Executor:
             loaded, taken = await asyncio.gather(
                 self.commands.load_pipeline(state.pipeline_id), self._take_leases(state, new), return_exceptions=True
             )
-            for outcome in (loaded, taken):
-                if isinstance(outcome, BaseException):
-                    raise outcome
-            assert not isinstance(loaded, BaseException)
+            if isinstance(taken, BaseException):
+                raise taken
+            if isinstance(loaded, BaseException):
+                raise loaded
             if not loaded[0].live:
                 raise _PipelineGone(state.pipeline_id)
         except BaseException:
@@ -735,12 +735,10 @@ class Executor:
                 on_version=self._noter(driver),
                 known=driver.known if driver is not None else None,
             )
-        except Refused:
+        except (Refused, NotFound) as exc:
             self._forget_log(run_id, unit)
-            self._release_later(run_id, unit)
-            raise
-        except NotFound:
-            self._forget_log(run_id, unit)
+            if isinstance(exc, Refused):
+                self._release_later(run_id, unit)
             raise
         self._forget_log(run_id, unit)
         # Any other failure keeps the lease: the caller tries again, and if this executor dies

@@ -257,7 +257,8 @@ class _Views:
         self._owners.put(f"run-{run_id}", owner)
         if not watched(owner):
             return None
-        hist = _RunHistory(live=True)
+        # Its first event is in it already (observe then finds it known: no second decode).
+        hist = _RunHistory(positions=[rec.position], states=[rn.evolve(rn.initial_state, e)], live=True)
         self._runs.put(run_id, hist)
         return hist
 
