@@ -21,10 +21,10 @@ import psycopg
 
 from domain import events as ev
 from domain import run as rn
-from infra.db import migrate, open_pool
-from infra.pg_store import PostgresEventStore
-from infra.servers import postgres_bin_dir
-from infra.store import NewEvent
+from infra.store.migrate import migrate, open_pool
+from infra.store.postgres import PostgresEventStore
+from infra.store.records import NewEvent
+from services.dev.servers import postgres_bin_dir
 
 
 def sample_event() -> rn.LogAppended:

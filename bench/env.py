@@ -25,8 +25,8 @@ from urllib.parse import urlsplit, urlunsplit
 import psycopg
 from psycopg import sql
 
-from infra.servers import RunningNats, RunningPostgres, free_port, start_nats, start_postgres
-from services.stack import Stack
+from services.dev.servers import RunningNats, RunningPostgres, free_port, start_nats, start_postgres
+from services.dev.stack import Stack
 
 ROOT = Path(__file__).resolve().parent.parent
 JWT_SECRET = "bench-secret-0123456789abcdef0123456789"
@@ -206,7 +206,7 @@ def running_stack(
 def _delete_stream(nats_url: str, stream: str) -> None:
     import asyncio
 
-    from infra import bus
+    from infra.broker import bus
 
     async def go() -> None:
         nc = await bus.connect(nats_url, "bench-cleanup")

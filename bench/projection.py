@@ -20,10 +20,10 @@ from bench.stats import summary_ms
 from domain import events as ev
 from domain import run as rn
 from domain.stages import stages_from_dicts
-from infra import bus
-from infra.db import open_pool
-from infra.pg_store import PostgresEventStore
-from infra.store import NewEvent
+from infra.broker import bus
+from infra.store.migrate import open_pool
+from infra.store.postgres import PostgresEventStore
+from infra.store.records import NewEvent
 
 Action = tuple[str, list[Any], int | None]  # stream, events, expected version
 

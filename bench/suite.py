@@ -28,7 +28,7 @@ from typing import Any
 
 from bench import database, env, projection, system
 from bench.stats import median, ratio
-from infra.db import migrate
+from infra.store.migrate import migrate
 
 RESULTS = env.ROOT / "bench" / "results"
 WORKLOADS = ("spawn", "dbos", "e2e", "insert", "store", "logs", "fanout", "memory", "projection")

@@ -21,13 +21,13 @@ from bench import harness, wsraw
 from bench.stats import summary_ms
 from domain import run as rn
 from infra.auth import issue_token
-from infra.bus import APPENDED_SUBJECT
-from infra.bus import connect as nats_connect
+from infra.broker.bus import APPENDED_SUBJECT
+from infra.broker.bus import connect as nats_connect
 from infra.config import Settings
-from infra.db import open_pool
-from infra.pg_store import PostgresEventStore
-from infra.store import NewEvent
-from services.stack import Stack
+from infra.store.migrate import open_pool
+from infra.store.postgres import PostgresEventStore
+from infra.store.records import NewEvent
+from services.dev.stack import Stack
 
 TERMINAL = ("succeeded", "failed", "cancelled")
 _decode = msgspec.json.Decoder()

@@ -9,8 +9,8 @@ from collections.abc import Iterator
 
 import uvicorn
 
-from infra.api.app import create_app
 from infra.config import Settings
+from infra.http.app import create_app
 from services.bootstrap import build_api, setup_logging
 
 

@@ -10,15 +10,15 @@ import sys
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
-from infra import bus
-from infra.api.app import Deps
-from infra.api.idempotency import IdempotencyKeys
-from infra.api.queries import ReadModels
-from infra.commands import Commands
+from infra.app.commands import Commands
+from infra.broker import bus
 from infra.config import Settings
-from infra.db import migrate, open_pool
-from infra.pg_store import PostgresEventStore
+from infra.http.app import Deps
+from infra.http.idempotency import IdempotencyKeys
+from infra.http.queries import ReadModels
 from infra.secrets import SecretStore, load_key_material
+from infra.store.migrate import migrate, open_pool
+from infra.store.postgres import PostgresEventStore
 
 if TYPE_CHECKING:
     from nats.aio.client import Client as NATS

@@ -14,7 +14,7 @@ from types import FrameType
 
 from infra.auth import ROLES, issue_token
 from infra.config import Settings
-from services.stack import SERVICES, Stack, StackError
+from services.dev.stack import SERVICES, Stack, StackError
 
 
 def _settings() -> Settings:

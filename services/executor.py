@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import asyncio
 
-from infra import bus
-from infra.commands import Commands
+from infra.app.commands import Commands
+from infra.broker import bus
 from infra.config import Settings
-from infra.executor import Executor
-from infra.leases import LeaseStore
-from infra.scheduler import Scheduler
-from infra.script_runner import watch_children_with_pidfds
+from infra.executor.executor import Executor
+from infra.executor.leases import LeaseStore
+from infra.executor.scheduler import Scheduler
+from infra.executor.scripts import watch_children_with_pidfds
 from infra.secrets import SecretStore, load_key_material
 from services.bootstrap import connect_nats, open_store, run_until_signalled
 

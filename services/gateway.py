@@ -6,9 +6,9 @@ import asyncio
 import contextlib
 import logging
 
-from infra.commands import Commands
+from infra.app.commands import Commands
 from infra.config import Settings
-from infra.gateway import Gateway
+from infra.gateway.gateway import Gateway
 from services.bootstrap import connect_nats, open_store, run_until_signalled
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 
+from infra.broker.relay import Relay
 from infra.config import Settings
-from infra.relay import Relay
 from services.bootstrap import connect_nats, open_store, run_until_signalled
 
 

@@ -17,7 +17,7 @@ import pytest
 
 from domain import events as ev
 from domain.run import RunPaused, RunStarted
-from infra.store import (
+from infra.store.records import (
     FEED_START,
     FeedCursor,
     NewEvent,

@@ -20,11 +20,11 @@ from pathlib import Path
 import httpx
 import pytest
 
-from infra import bus
 from infra.auth import issue_token
+from infra.broker import bus
 from infra.config import Settings
-from infra.servers import free_port
-from services.stack import Stack
+from services.dev.servers import free_port
+from services.dev.stack import Stack
 
 JWT_SECRET = "e2e-test-secret-0123456789abcdef0123"
 

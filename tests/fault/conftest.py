@@ -1,4 +1,4 @@
-"""The fault suite's own system: every service as a separate process (services/stack.py `Stack`)
+"""The fault suite's own system: every service as a separate process (services/dev/stack.py `Stack`)
 against a fresh database on the session's PostgreSQL server and a NATS server of its own, which
 the tests stop and start again.
 
@@ -26,8 +26,8 @@ import pytest
 
 from infra.auth import issue_token
 from infra.config import Settings
-from infra.servers import RunningNats, free_port, start_nats
-from services.stack import Stack
+from services.dev.servers import RunningNats, free_port, start_nats
+from services.dev.stack import Stack
 from tests import servers
 
 JWT_SECRET = "fault-suite-secret-0123456789abcdef0123"

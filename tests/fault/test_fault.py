@@ -41,12 +41,12 @@ from typing import Any
 import httpx
 import pytest
 
-from infra import bus
-from infra.db import open_pool
-from infra.pg_store import PostgresEventStore
-from infra.projector import Projector
-from infra.relay import POSITION
-from infra.store import FEED_START, RecordedEvent
+from infra.broker import bus
+from infra.broker.relay import POSITION
+from infra.projector.projector import Projector
+from infra.store.migrate import open_pool
+from infra.store.postgres import PostgresEventStore
+from infra.store.records import FEED_START, RecordedEvent
 from tests.fault.conftest import FaultStack
 from tests.fault.history import TERMINAL, EffectKey, History, describe, effect_problems, fold_history
 

@@ -15,17 +15,17 @@ from typing import Any
 
 from litestar.testing import AsyncTestClient
 
-from infra import bus
-from infra.api.app import create_app
+from infra.app.commands import Commands
 from infra.auth import issue_token
-from infra.commands import Commands
+from infra.broker import bus
+from infra.broker.relay import Relay
 from infra.config import Settings
-from infra.executor import Executor
-from infra.leases import LeaseStore
-from infra.pg_store import PostgresEventStore
-from infra.projector import Projector
-from infra.relay import Relay
+from infra.executor.executor import Executor
+from infra.executor.leases import LeaseStore
+from infra.http.app import create_app
+from infra.projector.projector import Projector
 from infra.secrets import SecretStore
+from infra.store.postgres import PostgresEventStore
 from services.bootstrap import build_api, open_store
 
 JWT_SECRET = "integration-test-secret-0123456789abcdef"

@@ -21,9 +21,9 @@ from domain import events as ev
 from domain.deployment import DeploymentQueued, DeploymentStarted
 from domain.pipeline import PipelineSpecSaved
 from domain.stages import Job, Stage, Step
-from infra.bus import notify_subject
-from infra.delivery import DeliveryOptions, env_lock_key
-from infra.store import NewEvent
+from infra.broker.bus import notify_subject
+from infra.delivery.deliveries import DeliveryOptions, env_lock_key
+from infra.store.records import NewEvent
 from tests.integration.system import System, eventually
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="session")]

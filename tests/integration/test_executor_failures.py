@@ -15,9 +15,9 @@ from domain import pipeline as pl
 from domain import run as rn
 from domain.errors import NotFound
 from domain.stages import Job, Stage, Step
-from infra.commands import Commands
-from infra.executor import Executor, _Driver
-from infra.store import InMemoryEventStore
+from infra.app.commands import Commands
+from infra.executor.executor import Executor, _Driver
+from infra.store.records import InMemoryEventStore
 from tests.integration.system import make_settings, running_system
 from tests.integration.test_jobs import save
 

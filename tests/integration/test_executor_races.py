@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from domain import run as rn
-from infra.executor import Executor
+from infra.executor.executor import Executor
 from tests.integration.system import System, make_settings, running_system
 from tests.integration.test_jobs import save
 

@@ -15,8 +15,8 @@ from typing import Any
 import psycopg
 import pytest
 
-from infra.db import migrate
-from infra.projector import _BEHIND_HORIZON
+from infra.projector.projector import _BEHIND_HORIZON
+from infra.store.migrate import migrate
 
 pytestmark = [pytest.mark.integration]
 

@@ -24,14 +24,14 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from domain import pipeline as pl
 from domain import run as rn
-from infra import bus
+from infra.app.commands import Commands
 from infra.auth import issue_token
-from infra.commands import Commands
+from infra.broker import bus
+from infra.broker.relay import Relay
 from infra.config import Settings
-from infra.db import migrate, open_pool
-from infra.gateway import Gateway
-from infra.pg_store import PostgresEventStore
-from infra.relay import Relay
+from infra.gateway.gateway import Gateway
+from infra.store.migrate import migrate, open_pool
+from infra.store.postgres import PostgresEventStore
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="session")]
 
@@ -581,7 +581,7 @@ def test_wire_frames_are_what_websockets_would_send() -> None:
     the library writes for `send(text)` on a server connection without extensions."""
     from websockets.frames import Frame, Opcode
 
-    from infra.gateway import _wire
+    from infra.gateway.gateway import _wire
 
     payloads = (b"", b"x" * 125, b"y" * 126, b"z" * 65535, b"w" * 65536, '{"m":"zo\u00eb \u2713"}'.encode())
     for p in payloads:
@@ -634,7 +634,7 @@ class _CountingStore:
 
 
 async def test_live_run_frames_come_from_the_messages_and_equal_frames_built_from_the_store(env: Env) -> None:
-    from infra.gateway import _Views
+    from infra.gateway.gateway import _Views
 
     counting = _CountingStore(env.store)
     views = env.gateway._views

@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from infra.projector import CheckpointMoved, Projector
-from infra.store import FEED_START
+from infra.projector.projector import CheckpointMoved, Projector
+from infra.store.records import FEED_START
 from tests.integration.system import System, eventually
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="session")]

@@ -32,7 +32,7 @@ import pytest
 import pytest_asyncio
 from litestar import Litestar
 
-from infra.api.app import create_app
+from infra.http.app import create_app
 from services.bootstrap import build_api
 from tests.fault.history import (
     ALLOWED_FROM,

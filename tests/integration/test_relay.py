@@ -11,11 +11,11 @@ import pytest
 import pytest_asyncio
 
 from domain.pipeline import PipelineCreated
-from infra import bus
-from infra.db import migrate, open_pool
-from infra.pg_store import PostgresEventStore
-from infra.relay import Relay
-from infra.store import FEED_START, NewEvent, RecordedEvent
+from infra.broker import bus
+from infra.broker.relay import Relay
+from infra.store.migrate import migrate, open_pool
+from infra.store.postgres import PostgresEventStore
+from infra.store.records import FEED_START, NewEvent, RecordedEvent
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="session")]
 

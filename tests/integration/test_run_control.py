@@ -158,7 +158,7 @@ async def test_a_finished_stage_is_never_run_again_on_redelivery(system: System,
 
 
 async def test_the_api_wakes_an_executor_directly_when_it_appends_to_a_run(system: System) -> None:
-    from infra import bus
+    from infra.broker import bus
 
     nc = await bus.connect(system.settings.nats_url, "test-wakes")
     seen: list[str] = []

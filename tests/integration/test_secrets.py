@@ -22,12 +22,10 @@ import pytest_asyncio
 from nats.aio.msg import Msg
 from psycopg_pool import AsyncConnectionPool
 
-from infra import bus
-from infra.commands import Commands
+from infra.app.commands import Commands
+from infra.broker import bus
 from infra.config import Settings
-from infra.db import migrate, open_pool
-from infra.pg_store import PostgresEventStore
-from infra.script_runner import ScriptRun, clean_env
+from infra.executor.scripts import ScriptRun, clean_env
 from infra.secrets import (
     KEY_FILE,
     SecretsKeyError,
@@ -36,6 +34,8 @@ from infra.secrets import (
     load_key_material,
     read_or_create_key_file,
 )
+from infra.store.migrate import migrate, open_pool
+from infra.store.postgres import PostgresEventStore
 from tests.integration.system import System, eventually, make_settings
 
 # async tests run on the session loop (asyncio_default_test_loop_scope); some tests here are sync
@@ -399,8 +399,8 @@ async def test_the_api_refuses_secrets_when_it_has_no_secret_store(
     """A server without a store refuses secrets rather than drop them."""
     from litestar.testing import AsyncTestClient
 
-    from infra.api.app import Deps, create_app
     from infra.auth import issue_token
+    from infra.http.app import Deps, create_app
     from services.bootstrap import build_api
 
     settings = make_settings(database_url, nats_url, tmp_path)
@@ -426,7 +426,7 @@ async def test_the_api_refuses_secrets_when_it_has_no_secret_store(
 def _private_data_dir(tmp_path: Path) -> Path:
     data_dir = tmp_path / "data"
     data_dir.mkdir(mode=0o700)
-    os.chmod(data_dir, 0o711)  # as services/stack.py makes it when root
+    os.chmod(data_dir, 0o711)  # as services/dev/stack.py makes it when root
     read_or_create_key_file(data_dir / KEY_FILE)
     fd = os.open(data_dir / "postgres.password", os.O_WRONLY | os.O_CREAT, 0o600)
     os.write(fd, b"pg-password\n")

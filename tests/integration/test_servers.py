@@ -1,4 +1,4 @@
-"""The embedded servers (infra/servers.py) and the fixture chain that finds servers (tests/servers.py)."""
+"""The embedded servers (services/dev/servers.py) and the fixture chain that finds servers (tests/servers.py)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import nats
 import psycopg
 import pytest
 
-from infra.servers import RunningPostgres, ServerError, free_port, start_nats, start_postgres
+from services.dev.servers import RunningPostgres, ServerError, free_port, start_nats, start_postgres
 from tests import servers
 
 pytestmark = pytest.mark.integration

@@ -1,4 +1,4 @@
-"""The `pipelines up` supervisor (services/stack.py, services/cli.py), with dummy services.
+"""The `pipelines up` supervisor (services/dev/stack.py, services/cli.py), with dummy services.
 
 The dummies live in a package `dummysvc` written to a temporary directory on PYTHONPATH; the stack
 runs them as `python -m dummysvc.<name>`, exactly as it runs `python -m services.<name>`.
@@ -24,9 +24,9 @@ import pytest
 
 from infra.auth import verify_token
 from infra.config import Settings
-from infra.servers import free_port
 from services.cli import main as cli_main
-from services.stack import Stack
+from services.dev.servers import free_port
+from services.dev.stack import Stack
 from tests.servers import wait_for
 
 pytestmark = pytest.mark.integration

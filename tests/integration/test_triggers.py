@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from infra.scheduler import Scheduler
+from infra.executor.scheduler import Scheduler
 from tests.integration.system import System
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="session")]

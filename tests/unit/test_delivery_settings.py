@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from infra.config import Settings
-from infra.delivery import Deliveries, DeliveryOptions
+from infra.delivery.deliveries import Deliveries, DeliveryOptions
 
 
 def test_notification_settings_come_from_pipelines_variables() -> None:

@@ -21,7 +21,7 @@ from domain.pipeline import (
     pr_branch_name,
 )
 from domain.stages import Stage
-from infra.git_repo import GitError, parse_spec, render_spec
+from infra.git.repos import GitError, parse_spec, render_spec
 from tests.unit.decider_dsl import Spec
 
 given = Spec(pipeline).given

@@ -1,4 +1,4 @@
-"""Masking of secret values in log lines and errors (infra/masking.py)."""
+"""Masking of secret values in log lines and errors (domain/masking.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from urllib.parse import quote
 from hypothesis import given
 from hypothesis import strategies as st
 
-from infra.masking import MASK, Masker
+from domain.masking import MASK, Masker
 
 
 def test_every_occurrence_of_every_value_is_masked() -> None:

@@ -10,9 +10,9 @@ import pytest
 from domain import pipeline as pl
 from domain import run as rn
 from domain.stages import Stage
-from infra.commands import Commands
-from infra.executor import RunLog
-from infra.store import InMemoryEventStore
+from infra.app.commands import Commands
+from infra.executor.executor import RunLog
+from infra.store.records import InMemoryEventStore
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -63,7 +63,7 @@ async def test_every_line_written_before_close_is_stored_in_order() -> None:
 
 
 def test_log_chunks_stay_small_enough_for_a_nats_message() -> None:
-    from infra.executor import MAX_CHUNK_BYTES, chunk_lines
+    from infra.executor.executor import MAX_CHUNK_BYTES, chunk_lines
 
     line = rn.LogLine("stdout", "x" * 1000)
     buffer = [("s", line)] * 5000 + [("t", line)] * 3  # about 5 MB of output
@@ -76,8 +76,8 @@ def test_log_chunks_stay_small_enough_for_a_nats_message() -> None:
 def test_the_relay_publishes_an_oversized_event_as_a_stub() -> None:
     import json
 
-    from infra.relay import body_for
-    from infra.store import RecordedEvent
+    from infra.broker.relay import body_for
+    from infra.store.records import RecordedEvent
 
     rec = RecordedEvent(
         position=7, tx_id=1, stream_id="runlog-r", stream_version=3, event_id="e", event_type="log_appended",

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from infra.script_runner import ScriptUser, prepare_workdir
+from infra.executor.scripts import ScriptUser, prepare_workdir
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -42,7 +42,7 @@ def test_scripts_run_and_end_with_the_pidfd_child_watcher(tmp_path: Path) -> Non
         f"""
         import asyncio, sys
         from pathlib import Path
-        from infra.script_runner import ScriptRun, watch_children_with_pidfds
+        from infra.executor.scripts import ScriptRun, watch_children_with_pidfds
 
         async def main() -> None:
             used = watch_children_with_pidfds()

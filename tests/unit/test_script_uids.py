@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from infra.config import parse_uid_range
-from infra.script_uids import NoFreeUid, ScriptUids
+from infra.executor.uids import NoFreeUid, ScriptUids
 
 
 def test_a_run_keeps_its_uid_and_concurrent_runs_get_different_ones(tmp_path: Path) -> None:

@@ -35,7 +35,7 @@ from psycopg.rows import tuple_row
 from psycopg_pool import AsyncConnectionPool
 
 from domain import events as ev
-from infra.store import (
+from infra.store.records import (
     AppendResult,
     FeedCursor,
     NewEvent,

@@ -25,24 +25,24 @@ from domain import events as ev
 from domain import pipeline as pl
 from domain import run as rn
 from domain.errors import Invalid
-from infra.api.bodies import CreatePipelineBody, PatchPipelineBody, parse_pipeline_body
-from infra.api.delivery import (
+from infra.app.commands import Commands
+from infra.auth import AuthError, Principal, verify_token
+from infra.config import Settings
+from infra.http.bodies import CreatePipelineBody, PatchPipelineBody, parse_pipeline_body
+from infra.http.delivery import (
     ChannelController,
     ComponentController,
     DeploymentController,
     EnvironmentController,
     check_stage_refs,
 )
-from infra.api.errors import error_response, handle
-from infra.api.hooks import WebhookSettingsController, receive_hook
-from infra.api.idempotency import IdempotencyKeys, InFlight, KeyReuse, derived_id, request_hash
-from infra.api.queries import ReadModels
-from infra.api.specs import SPEC_SCHEMA_URL, SpecController, spec_schema
-from infra.auth import AuthError, Principal, verify_token
-from infra.commands import Commands
-from infra.config import Settings
+from infra.http.errors import error_response, handle
+from infra.http.hooks import WebhookSettingsController, receive_hook
+from infra.http.idempotency import IdempotencyKeys, InFlight, KeyReuse, derived_id, request_hash
+from infra.http.queries import ReadModels
+from infra.http.specs import SPEC_SCHEMA_URL, SpecController, spec_schema
 from infra.secrets import SecretStore
-from infra.store import WrongExpectedVersion
+from infra.store.records import WrongExpectedVersion
 from projections.views import PipelineView, RunView, pipeline_view, run_view
 
 API = "/api/v1"

@@ -20,8 +20,8 @@ from psycopg_pool import AsyncConnectionPool
 
 from domain import pipeline as pl
 from domain.cron import CronError, CronSchedule
-from infra.commands import Commands, utc_now
-from infra.store import WrongExpectedVersion
+from infra.app.commands import Commands, utc_now
+from infra.store.records import WrongExpectedVersion
 from projections.read_models import decode_pipeline_state
 
 log = logging.getLogger("pipelines.scheduler")

@@ -44,12 +44,12 @@ from domain.deployment import DeploymentFailed, DeploymentQueued, DeploymentStar
 from domain.errors import Refused
 from domain.expressions import ExpressionError, interpolate
 from domain.stages import Stage
-from infra.bus import notify_subject
-from infra.commands import Commands
+from infra.app.commands import Commands
+from infra.broker.bus import notify_subject
 from infra.config import Settings
-from infra.script_runner import ScriptOutcome
+from infra.executor.scripts import ScriptOutcome
 from infra.secrets import SecretStore
-from infra.store import NewEvent, WrongExpectedVersion
+from infra.store.records import NewEvent, WrongExpectedVersion
 from projections.views import iso
 
 Kind = Literal["environment", "component", "channel"]

@@ -20,8 +20,8 @@ from domain import pipeline as pl
 from domain import run as rn
 from domain.errors import Invalid, NotFound
 from domain.stages import stages_from_dicts, validate_stage_dicts
-from infra.git_repo import FileAtHead, GitConflict, GitError, GitRepos, parse_spec, render_spec
-from infra.store import EventStore, NewEvent, UniqueKey, UniqueKeyTaken, WrongExpectedVersion
+from infra.git.repos import FileAtHead, GitConflict, GitError, GitRepos, parse_spec, render_spec
+from infra.store.records import EventStore, NewEvent, UniqueKey, UniqueKeyTaken, WrongExpectedVersion
 
 RunHook = Callable[[rn.RunState, list[rn.RunEvent]], Awaitable[None]]
 

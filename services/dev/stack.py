@@ -31,7 +31,7 @@ from types import TracebackType
 from typing import Self, TextIO
 
 from infra.config import Settings
-from infra.servers import (
+from services.dev.servers import (
     FileLock,
     ManagedProcess,
     RunningNats,

@@ -20,11 +20,11 @@ from domain.errors import Invalid
 from domain.triggers import branch_of, matching_event_trigger
 from infra.auth import Principal
 from infra.secrets import WebhookSecrets
-from infra.store import WrongExpectedVersion
+from infra.store.records import WrongExpectedVersion
 from projections.views import iso, run_view
 
 if TYPE_CHECKING:
-    from infra.api.app import Deps
+    from infra.http.app import Deps
 
 HOOKS = "/api/v1/hooks"
 # Run ids of deliveries derive from this namespace, so a redelivered webhook starts nothing new.
@@ -61,7 +61,7 @@ class WebhookSettingsController(Controller):
 
     @get("/", summary="Whether the pipeline's webhook has a secret, and its URL (never the secret)")
     async def show(self, request: Request[Principal, Any, State], pipeline_id: FromPath[str]) -> WebhookView:
-        from infra.api.app import load_visible_pipeline
+        from infra.http.app import load_visible_pipeline
 
         state = await load_visible_pipeline(request, pipeline_id)
         row = await _webhooks(request.app.state.deps).get(state.pipeline_id)
@@ -73,7 +73,7 @@ class WebhookSettingsController(Controller):
     async def set_secret(
         self, request: Request[Principal, Any, State], pipeline_id: FromPath[str], data: WebhookSecretBody
     ) -> WebhookView:
-        from infra.api.app import load_visible_pipeline
+        from infra.http.app import load_visible_pipeline
 
         state = await load_visible_pipeline(request, pipeline_id)
         webhooks = _webhooks(request.app.state.deps)
@@ -83,7 +83,7 @@ class WebhookSettingsController(Controller):
 
     @delete("/", guards=[_admin], summary="Remove the webhook secret (admin): deliveries are refused")
     async def remove(self, request: Request[Principal, Any, State], pipeline_id: FromPath[str]) -> None:
-        from infra.api.app import load_visible_pipeline
+        from infra.http.app import load_visible_pipeline
 
         state = await load_visible_pipeline(request, pipeline_id)
         await _webhooks(request.app.state.deps).delete(state.pipeline_id)

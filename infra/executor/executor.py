@@ -35,19 +35,19 @@ from nats.js.errors import NotFoundError
 from domain import expressions
 from domain import run as rn
 from domain.errors import NotFound, Refused
+from domain.masking import Masker
+from domain.run.units import Unit, split_key, started_units, unit_key, unit_status
 from domain.stages import Stage
-from infra.bus import RUN_WAKE_QUEUE, RUN_WAKE_SUBJECT, log_subject
-from infra.commands import Commands, ConcurrencyConflict
+from infra.app.commands import Commands, ConcurrencyConflict
+from infra.broker.bus import RUN_WAKE_QUEUE, RUN_WAKE_SUBJECT, log_subject
 from infra.config import Settings
-from infra.delivery import Deliveries
-from infra.leases import Lease, LeaseStore
-from infra.masking import Masker
-from infra.pg_store import PostgresEventStore
-from infra.script_runner import ScriptOutcome, ScriptRun, clean_env
-from infra.script_uids import NoFreeUid, ScriptUids
+from infra.delivery.deliveries import Deliveries
+from infra.executor.leases import Lease, LeaseStore
+from infra.executor.plugins import plugin_command
+from infra.executor.scripts import ScriptOutcome, ScriptRun, clean_env
+from infra.executor.uids import NoFreeUid, ScriptUids
 from infra.secrets import SecretStore, SecretsUnavailable
-from infra.step_plugins import plugin_command
-from infra.units import Unit, split_key, started_units, unit_key, unit_status
+from infra.store.postgres import PostgresEventStore
 
 log = logging.getLogger("pipelines.executor")
 
@@ -165,7 +165,7 @@ MAX_CHUNK_BYTES = 256 * 1024
 
 def chunk_lines(buffer: list[tuple[str | None, rn.LogLine]], at: datetime) -> list[rn.LogAppended]:
     """Consecutive lines of one stage (or one step of a job), in chunks of at most MAX_CHUNK_BYTES
-    of text. Each line comes with its unit key (see infra.units)."""
+    of text. Each line comes with its unit key (see domain.run.units)."""
     chunks: list[rn.LogAppended] = []
     current: list[rn.LogLine] = []
     current_key: str | None = None
@@ -243,7 +243,7 @@ class Executor:
         # Stage attempts this process is running right now: (run, stage, attempt).
         self._running: set[tuple[str, str, int]] = set()
         self.workdir = settings.work_root
-        # A uid per run for its scripts (when root): see infra.script_uids.
+        # A uid per run for its scripts (when root): see infra.executor.uids.
         self.uids = ScriptUids(self.workdir / ".uids", *settings.script_uids) if settings.script_uids else None
         self._uids_swept_at = 0.0
         # The uids this process claimed for runs it drives (until they end).

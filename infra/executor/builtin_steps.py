@@ -1,5 +1,5 @@
 """Step plugins that ship with the service (entry-point group `pipelines.steps`, see
-infra.step_plugins): each runs in its own process, in the run's working directory.
+infra.executor.plugins): each runs in its own process, in the run's working directory.
 
 - `file`: `action: write` with `args: {path, content}` writes a file in the workspace;
   `action: check` with `args: {path, contains?}` fails unless the file exists (and holds the text).

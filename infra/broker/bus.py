@@ -12,7 +12,7 @@ from nats.aio.client import Client as NATS
 from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
 from nats.js.errors import NotFoundError
 
-from infra.store import RecordedEvent
+from infra.store.records import RecordedEvent
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """The event store port, its records, and an in-memory adapter for fast tests.
 
-The PostgreSQL adapter (infra/pg_store.py) passes the same contract tests.
+The PostgreSQL adapter (infra/store/postgres.py) passes the same contract tests.
 """
 
 from __future__ import annotations

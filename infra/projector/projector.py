@@ -31,9 +31,9 @@ from nats.aio.client import Client as NATS
 from domain import deployment as dp
 from domain import pipeline as pl
 from domain import run as rn
-from infra.bus import APPENDED_SUBJECT
-from infra.pg_store import PostgresEventStore
-from infra.store import FEED_START, FeedCursor, RecordedEvent
+from infra.broker.bus import APPENDED_SUBJECT
+from infra.store.postgres import PostgresEventStore
+from infra.store.records import FEED_START, FeedCursor, RecordedEvent
 from projections import deployments as dm
 from projections import read_models as rm
 from projections.views import log_key, pipeline_view, run_view

@@ -74,12 +74,12 @@ from websockets.protocol import State
 from domain import events as ev
 from domain import pipeline as pl
 from domain import run as rn
+from infra.app.commands import Commands
 from infra.auth import AuthError, Principal, verify_token
-from infra.bus import EVENTS_SUBJECTS, ensure_events_stream
-from infra.commands import Commands
+from infra.broker.bus import EVENTS_SUBJECTS, ensure_events_stream
+from infra.broker.relay import POSITION, TX
 from infra.config import Settings
-from infra.relay import POSITION, TX
-from infra.store import FEED_START, EventStore, FeedCursor, RecordedEvent
+from infra.store.records import FEED_START, EventStore, FeedCursor, RecordedEvent
 from projections.views import pipeline_view, run_view
 
 log = logging.getLogger("pipelines.gateway")

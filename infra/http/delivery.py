@@ -17,13 +17,13 @@ from litestar.params import FromPath, FromQuery, Parameter
 
 from domain.errors import Invalid
 from infra.auth import Principal
-from infra.delivery import Item, Kind, NameInUse, Registry
-from infra.pg_store import PostgresEventStore
+from infra.delivery.deliveries import Item, Kind, NameInUse, Registry
+from infra.store.postgres import PostgresEventStore
 from projections.deployments import DeploymentView
 from projections.views import iso
 
 if TYPE_CHECKING:
-    from infra.api.app import Deps
+    from infra.http.app import Deps
 
 API = "/api/v1"
 _encoder = msgspec.json.Encoder()
@@ -231,7 +231,7 @@ class _Registry(Controller):
 
     @post("/", guards=[_admin], summary="Create (admin)", status_code=201)
     async def create_item(self, request: Request[Principal, Any, State]) -> Response[bytes]:
-        from infra.api.app import idempotent
+        from infra.http.app import idempotent
 
         deps: Deps = request.app.state.deps
         # The body may carry a webhook secret: keep only a keyed hash of it with the key.

@@ -18,11 +18,11 @@ from domain import pipeline as pl
 from domain.errors import Invalid
 from domain.spec import validate_spec
 from infra.auth import Principal
-from infra.git_repo import render_spec
+from infra.git.repos import render_spec
 from projections.views import iso
 
 if TYPE_CHECKING:
-    from infra.api.app import Deps
+    from infra.http.app import Deps
 
 SPEC_SCHEMA_URL = "/api/v1/schemas/pipeline-spec.json"
 PLUGIN_GROUP = "pipelines.steps"
@@ -135,7 +135,7 @@ class SpecController(Controller):
 
     @staticmethod
     async def _pipeline(request: Request[Principal, Any, State], pipeline_id: str) -> pl.PipelineState:
-        from infra.api.app import load_visible_pipeline
+        from infra.http.app import load_visible_pipeline
 
         return await load_visible_pipeline(request, pipeline_id)
 
@@ -213,7 +213,7 @@ class SpecController(Controller):
     @post("/spec/save", status_code=200, summary="Save a spec as the next definition version")
     async def save(self, request: Request[Principal, Any, State], pipeline_id: FromPath[str]) -> Response[bytes]:
         """With an Idempotency-Key, a retried save answers the first answer (and commits nothing again)."""
-        from infra.api.app import idempotent, require_role
+        from infra.http.app import idempotent, require_role
 
         require_role(request, "member")
         deps: Deps = request.app.state.deps
@@ -227,7 +227,7 @@ class SpecController(Controller):
             raise Invalid({"expectedHeadCommitSha": "must be a commit sha (7-64 hex digits)"})
         if not isinstance(body.spec, dict):
             raise Invalid({"spec": "must be an object with `stages` or `jobs`"})
-        from infra.api.delivery import check_stage_refs
+        from infra.http.delivery import check_stage_refs
 
         await check_stage_refs(request, body.spec.get("stages"), "spec.stages")
         spec: dict[str, Any] = body.spec

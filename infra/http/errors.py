@@ -11,7 +11,7 @@ from litestar import Request, Response
 from litestar.exceptions import HTTPException, ValidationException
 
 from domain.errors import Invalid, NotFound, Refused
-from infra.commands import ConcurrencyConflict, NameTaken
+from infra.app.commands import ConcurrencyConflict, NameTaken
 
 log = logging.getLogger("pipelines.api")
 _encoder = msgspec.json.Encoder()

@@ -25,9 +25,9 @@ import psycopg
 from nats.aio.client import Client as NATS
 from nats.js.errors import NotFoundError
 
-from infra.bus import APPENDED_SUBJECT, ensure_events_stream, event_subject, wait_for_wake
-from infra.pg_store import PostgresEventStore
-from infra.store import FEED_START, FeedCursor, RecordedEvent
+from infra.broker.bus import APPENDED_SUBJECT, ensure_events_stream, event_subject, wait_for_wake
+from infra.store.postgres import PostgresEventStore
+from infra.store.records import FEED_START, FeedCursor, RecordedEvent
 
 log = logging.getLogger("pipelines.relay")
 
