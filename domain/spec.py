@@ -17,6 +17,7 @@ from __future__ import annotations
 import itertools
 import re
 from collections.abc import Callable, Mapping
+from datetime import tzinfo
 from typing import Any
 
 import msgspec
@@ -50,6 +51,9 @@ BUILTIN_STEP_CONFIG = {
 
 # Checks an expression (or a template with ${{ }}); returns an error message or None.
 ExpressionCheck = Callable[[str], str | None]
+# The time zone of a name, which raises KeyError or ValueError for an unknown one (as
+# `zoneinfo.ZoneInfo` does; it reads the zone database, which the caller may do, `domain` not).
+ZoneLookup = Callable[[str], tzinfo]
 
 
 class SpecError(msgspec.Struct, frozen=True):
@@ -73,6 +77,7 @@ def _default_template_check(text: str) -> str | None:
 def validate_spec(
     raw: object,
     *,
+    zone: ZoneLookup,
     plugins: frozenset[str] | None = None,
     check_expression: ExpressionCheck = _default_check,
     check_template: ExpressionCheck = _default_template_check,
@@ -103,7 +108,7 @@ def validate_spec(
                     err(f"variables.{name}", "names are letters, digits and _, not starting with a digit")
                 elif not isinstance(value, str):
                     err(f"variables.{name}", "must be a string")
-    _validate_triggers(raw.get("triggers"), err)
+    _validate_triggers(raw.get("triggers"), err, zone)
     if has_jobs and not has_stages:
         _validate_jobs(raw["jobs"], "jobs", err, warnings, plugins, check_expression, check_template)
     elif has_stages:
@@ -145,7 +150,7 @@ def validate_spec(
     return errors, warnings
 
 
-def _validate_triggers(raw: object, err: Callable[[str, str], None]) -> None:
+def _validate_triggers(raw: object, err: Callable[[str, str], None], zone: ZoneLookup) -> None:
     if raw is None:
         return
     if not isinstance(raw, list):
@@ -180,7 +185,7 @@ def _validate_triggers(raw: object, err: Callable[[str, str], None]) -> None:
                 except CronError as exc:
                     err(f"{path}.schedule", str(exc))
             tz = trig.get("timezone", "UTC")
-            if not isinstance(tz, str) or not _valid_timezone(tz):
+            if not isinstance(tz, str) or not _known_zone(tz, zone):
                 err(f"{path}.timezone", f"unknown time zone {tz!r}")
         if kind == "event":
             for key in ("events", "branches"):
@@ -189,12 +194,10 @@ def _validate_triggers(raw: object, err: Callable[[str, str], None]) -> None:
                     err(f"{path}.{key}", "must be an array of strings")
 
 
-def _valid_timezone(name: str) -> bool:
-    import zoneinfo
-
+def _known_zone(name: str, zone: ZoneLookup) -> bool:
     try:
-        zoneinfo.ZoneInfo(name)
-    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        zone(name)
+    except (KeyError, ValueError):  # zoneinfo.ZoneInfoNotFoundError is a KeyError
         return False
     return True
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib.metadata import entry_points
 from typing import Any, Literal
+from zoneinfo import ZoneInfo
 
 from domain import events as ev
 from domain import pipeline as pl
@@ -287,7 +288,7 @@ class Commands:
         `expected_head_commit_sha`, or that moves while we push, is a ConcurrencyConflict."""
         from domain.spec import stages_from_spec, validate_spec
 
-        errors, _ = validate_spec(spec, plugins=plugins)
+        errors, _ = validate_spec(spec, zone=ZoneInfo, plugins=plugins)
         if errors:
             raise Invalid({f"spec.{e.path}" if e.path != "spec" else "spec": e.message for e in errors})
         typed = [s for s in spec.get("stages", []) if isinstance(s, dict) and "jobs" not in s]
@@ -348,7 +349,9 @@ class Commands:
         except GitError as exc:
             raise Invalid({"repoUrl": f"cannot read {path} from branch {pipeline.default_branch!r}: {exc}"}) from exc
         where = f"{path}@{head.commit_sha[:12]}"
-        errors, _ = validate_spec(spec, plugins=frozenset(e.name for e in entry_points(group="pipelines.steps")))
+        errors, _ = validate_spec(
+            spec, zone=ZoneInfo, plugins=frozenset(e.name for e in entry_points(group="pipelines.steps"))
+        )
         if errors:
             raise Invalid({f"{where}: {e.path}": e.message for e in errors})
         assert isinstance(spec, dict)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, Annotated, Any, Literal
+from zoneinfo import ZoneInfo
 
 import msgspec
 from litestar import Controller, Request, Response, get, post
@@ -203,7 +204,7 @@ class SpecController(Controller):
     async def validate(self, request: Request[Principal, Any, State], pipeline_id: FromPath[str]) -> ValidationView:
         await self._pipeline(request, pipeline_id)
         body: ValidateBody = _decode(await request.body(), ValidateBody)
-        errors, warnings = validate_spec(body.spec, plugins=installed_plugins())
+        errors, warnings = validate_spec(body.spec, zone=ZoneInfo, plugins=installed_plugins())
         return ValidationView(
             valid=not errors,
             errors=[SpecIssue(path=e.path, message=e.message) for e in errors],

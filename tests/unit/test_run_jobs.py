@@ -7,8 +7,9 @@ outcomes with CompleteStep, and look at the state.
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, tzinfo
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import pytest
 
@@ -27,7 +28,7 @@ class Run:
     """A run folded from what the decider emits."""
 
     def __init__(self, spec: dict[str, Any], variables: dict[str, str] | None = None) -> None:
-        errors, _ = validate_spec(spec, plugins=frozenset({"registry-push"}))
+        errors, _ = validate_spec(spec, zone=ZoneInfo, plugins=frozenset({"registry-push"}))
         assert not errors, errors
         stages = stages_from_spec(spec, ["s1", "s2", "s3", "s4"])
         self.clock = 0.0
@@ -371,5 +372,36 @@ def test_a_matrix_job_is_seen_under_its_spec_name_by_the_jobs_that_need_it() -> 
 
 
 def test_matrix_values_that_would_name_the_same_job_are_refused() -> None:
-    errors, _ = validate_spec({"jobs": [{"name": "b", "matrix": {"v": [True, "true"]}, "steps": [{"run": "x"}]}]})
+    errors, _ = validate_spec(
+        {"jobs": [{"name": "b", "matrix": {"v": [True, "true"]}, "steps": [{"run": "x"}]}]}, zone=ZoneInfo
+    )
     assert [(e.path, e.message) for e in errors] == [("jobs[0].matrix.v", "values must be distinct")]
+
+
+def _cron_in(timezone: str) -> dict[str, Any]:
+    return {
+        "jobs": [{"name": "a", "steps": [{"run": "x"}]}],
+        "triggers": [{"type": "cron", "schedule": "0 3 * * *", "timezone": timezone}],
+    }
+
+
+def test_a_cron_trigger_in_an_unknown_time_zone_is_an_error() -> None:
+    assert validate_spec(_cron_in("Europe/Berlin"), zone=ZoneInfo) == ([], [])
+    for name in ("Mars/Olympus", "../etc/passwd", ""):
+        errors, _ = validate_spec(_cron_in(name), zone=ZoneInfo)
+        assert [(e.path, e.message) for e in errors] == [("triggers[0].timezone", f"unknown time zone {name!r}")]
+
+
+def test_spec_validation_knows_the_time_zones_of_the_lookup_it_is_given() -> None:
+    asked: list[str] = []
+
+    def mars_only(name: str) -> tzinfo:
+        asked.append(name)
+        if name != "Mars/Olympus":
+            raise KeyError(name)
+        return UTC
+
+    assert validate_spec(_cron_in("Mars/Olympus"), zone=mars_only) == ([], [])
+    errors, _ = validate_spec(_cron_in("Europe/Berlin"), zone=mars_only)
+    assert [e.path for e in errors] == ["triggers[0].timezone"]
+    assert asked == ["Mars/Olympus", "Europe/Berlin"]
