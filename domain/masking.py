@@ -1,28 +1,5 @@
-"""Masking of secret values in text that is shown or stored (log lines, stage errors).
-
-`Masker(values).mask(text)` replaces every occurrence of every secret value with `***`.
-
-What is masked:
-- every non-empty value, however short (as GitHub Actions does): a one-character secret makes
-  logs hard to read, but showing it would be worse. Empty values mask nothing.
-- each line of a multi-line value on its own (logs arrive line by line, so a PEM key is never
-  seen whole), when that line has at least `MIN_FRAGMENT` characters: short lines of a
-  multi-line value (`}`, `==`) reveal next to nothing and would mask half the log.
-- the forms a value commonly takes when a script prints it: JSON-string escaped, URL-encoded
-  and base64 (whole-value, standard and URL-safe alphabets), when they differ from the value.
-
-Overlapping occurrences are masked together (`abcd` and `cdef` in `abcdef` give `***`, not
-`***ef`; `abab` in `ababab` gives `***`).
-
-Cost. A line is first searched with one regex for the first `_PREFIX` characters of every
-pattern, built as a trie (about 1.5 us for an 80-character line with 10 secrets, 15 us with 100).
-Only a line where a prefix shows up is searched exactly, pattern by pattern, with `str.find`.
-Both steps are linear in the line whatever the values and the text: a run controls its secrets
-and its output, and neither may let it stall the executor with regex backtracking.
-
-Not covered: a value split across two lines by the script, or a line cut by the runner's line
-length limit (64 KiB) in the middle of a value; transformations other than the ones above.
-"""
+"""Masking of secret values in text that is shown or stored (log lines, stage errors):
+`Masker(values).mask(text)` replaces every occurrence of every secret value with `***`."""
 
 from __future__ import annotations
 
@@ -107,8 +84,49 @@ def _periodic_run(text: str, start: int, period: int) -> int:
     return lo
 
 
+def _replace_spans(text: str, spans: list[tuple[int, int]]) -> str:
+    """`text` with each span replaced by the mask, overlapping or touching spans as one."""
+    spans = sorted(spans)
+    out: list[str] = []
+    last = 0
+    start, end = spans[0]
+    for s, e in spans[1:]:
+        if s <= end:
+            end = max(end, e)
+            continue
+        out.append(text[last:start])
+        out.append(MASK)
+        last, start, end = end, s, e
+    out.append(text[last:start])
+    out.append(MASK)
+    out.append(text[end:])
+    return "".join(out)
+
+
 class Masker:
-    """Masks the given secret values; cheap to call for every line (not thread-safe: it caches)."""
+    """Masks the given secret values; cheap to call for every line (not thread-safe: it caches).
+
+    What is masked:
+    - every non-empty value, however short (as GitHub Actions does): a one-character secret makes
+      logs hard to read, but showing it would be worse. Empty values mask nothing.
+    - each line of a multi-line value on its own (logs arrive line by line, so a PEM key is never
+      seen whole), when that line has at least `MIN_FRAGMENT` characters: short lines of a
+      multi-line value (`}`, `==`) reveal next to nothing and would mask half the log.
+    - the forms a value commonly takes when a script prints it: JSON-string escaped, URL-encoded
+      and base64 (whole-value, standard and URL-safe alphabets), when they differ from the value.
+
+    Overlapping occurrences are masked together (`abcd` and `cdef` in `abcdef` give `***`, not
+    `***ef`; `abab` in `ababab` gives `***`).
+
+    Cost. A line is first searched with one regex for the first `_PREFIX` characters of every
+    pattern, built as a trie (about 1.5 us for an 80-character line with 10 secrets, 15 us with 100).
+    Only a line where a prefix shows up is searched exactly, pattern by pattern, with `str.find`.
+    Both steps are linear in the line whatever the values and the text: a run controls its secrets
+    and its output, and neither may let it stall the executor with regex backtracking.
+
+    Not covered: a value split across two lines by the script, or a line cut by the runner's line
+    length limit (64 KiB) in the middle of a value; transformations other than the ones above.
+    """
 
     def __init__(self, values: Iterable[str] = ()) -> None:
         patterns: set[str] = set()
@@ -116,34 +134,23 @@ class Masker:
             if value:
                 patterns |= _variants(value)
         # Sorted only for a deterministic order: the spans found are merged, so it changes nothing.
-        self._patterns = sorted(patterns, key=lambda p: (-len(p), p))
+        self._patterns = tuple(sorted(patterns, key=lambda p: (-len(p), p)))
         self._prefilter = re.compile(_trie_pattern({p[:_PREFIX] for p in patterns})) if patterns else None
         self._periods: dict[str, int] = {}  # computed when a pattern is first found
 
     def __bool__(self) -> bool:
         return self._prefilter is not None
 
+    @property
+    def patterns(self) -> tuple[str, ...]:
+        """Every string masked: the values and their variants, longest first."""
+        return self._patterns
+
     def mask(self, text: str) -> str:
         if self._prefilter is None or self._prefilter.search(text) is None:
             return text
         spans = [span for pattern in self._patterns for span in self._occurrences(pattern, text)]
-        if not spans:
-            return text
-        spans.sort()
-        out: list[str] = []
-        last = 0
-        start, end = spans[0]
-        for s, e in spans[1:]:
-            if s <= end:
-                end = max(end, e)
-                continue
-            out.append(text[last:start])
-            out.append(MASK)
-            last, start, end = end, s, e
-        out.append(text[last:start])
-        out.append(MASK)
-        out.append(text[end:])
-        return "".join(out)
+        return _replace_spans(text, spans) if spans else text
 
     def _occurrences(self, pattern: str, text: str) -> list[tuple[int, int]]:
         """The spans `pattern` covers in `text`, overlapping occurrences joined.

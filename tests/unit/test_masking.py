@@ -104,7 +104,7 @@ def test_masking_many_lines_with_many_secrets_is_fast() -> None:
 def _reference(values: list[str], text: str) -> str:
     """Brute force: every position where any pattern of the masker starts, all overlaps."""
     covered = [False] * len(text)
-    for pattern in Masker(values)._patterns:
+    for pattern in Masker(values).patterns:
         for i in range(len(text) - len(pattern) + 1):
             if text.startswith(pattern, i):
                 covered[i : i + len(pattern)] = [True] * len(pattern)
