@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from domain.errors import Refused
 from domain.run.events import RunEvent, StageStarted, StepStarted
 from domain.run.state import RunState
 from domain.stages import Job, Stage, Step
@@ -85,5 +86,5 @@ def unit_status(state: RunState, key: str) -> tuple[str, int] | None:
             return sr.status, sr.attempt
         st = state.step_run(stage_id, job, step)
         return st.status, st.attempt
-    except Exception:
+    except Refused:  # the run has no such stage, job or step
         return None
