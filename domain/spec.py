@@ -22,7 +22,9 @@ from typing import Any
 
 import msgspec
 
-from domain.stages import Job, RetryPolicy, Stage, Step, _validate_retry, validate_stage_dicts
+from domain import expressions
+from domain.cron import CronError, CronSchedule
+from domain.stages import Job, RetryPolicy, Stage, Step, stages_from_dicts, validate_retry, validate_stage_dicts
 
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}$")
 _VAR = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
@@ -62,14 +64,10 @@ class SpecError(msgspec.Struct, frozen=True):
 
 
 def _default_check(text: str) -> str | None:
-    from domain import expressions
-
     return expressions.check(text, roots=EXPRESSION_ROOTS)
 
 
 def _default_template_check(text: str) -> str | None:
-    from domain import expressions
-
     errors = expressions.template_errors(text, roots=EXPRESSION_ROOTS)
     return errors[0] if errors else None
 
@@ -178,8 +176,6 @@ def _validate_triggers(raw: object, err: Callable[[str, str], None], zone: ZoneL
             if not isinstance(schedule, str):
                 err(f"{path}.schedule", "is required: a five-field cron expression")
             else:
-                from domain.cron import CronError, CronSchedule
-
                 try:
                     CronSchedule.parse(schedule)
                 except CronError as exc:
@@ -269,7 +265,7 @@ def _validate_jobs(
                             err(f"{jp}.env.{k}", f"bad expression: {problem}")
         _check_positive(job.get("timeout"), f"{jp}.timeout", err)
         if job.get("retry") is not None:
-            for p, m in _validate_retry(job["retry"], f"{jp}.retry").items():
+            for p, m in validate_retry(job["retry"], f"{jp}.retry").items():
                 err(p, m)
         if "continueOnError" in job and not isinstance(job["continueOnError"], bool):
             err(f"{jp}.continueOnError", "must be true or false")
@@ -501,8 +497,6 @@ def _jobs(raw: list[dict[str, Any]]) -> tuple[Job, ...]:
 
 def stages_from_spec(raw: dict[str, Any], new_ids: list[str]) -> tuple[Stage, ...]:
     """The stages of a valid spec (check with `validate_spec` first), typed and of jobs, in order."""
-    from domain.stages import stages_from_dicts
-
     if "jobs" in raw and "stages" not in raw:
         return (Stage(id="default", name="default", type="jobs", order=1, jobs=_jobs(raw["jobs"])),)
     typed_ids = iter(new_ids)

@@ -108,7 +108,7 @@ def validate_stage_dicts(raw: object, path: str = "stages") -> dict[str, str]:
             errors[f"{p}.timeout"] = "must be a positive number of seconds"
         retry = item.get("retry")
         if retry is not None:
-            errors.update(_validate_retry(retry, f"{p}.retry"))
+            errors.update(validate_retry(retry, f"{p}.retry"))
         stype = item.get("type")
         if stype not in STAGE_TYPES:
             errors[f"{p}.type"] = f"must be one of {', '.join(STAGE_TYPES)}"
@@ -133,7 +133,8 @@ def validate_stage_dicts(raw: object, path: str = "stages") -> dict[str, str]:
     return errors
 
 
-def _validate_retry(raw: object, path: str) -> dict[str, str]:
+def validate_retry(raw: object, path: str) -> dict[str, str]:
+    """The problems of a retry policy (`{"maxAttempts": n, "backoff": s}`) by path; none when valid."""
     if not isinstance(raw, dict):
         return {path: "must be an object with maxAttempts and backoff"}
     errors: dict[str, str] = {}
