@@ -15,7 +15,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from infra.projector.projector import _BEHIND_HORIZON
+from infra.projector.checkpoint import BEHIND_HORIZON as _BEHIND_HORIZON
 from infra.store.migrate import migrate
 
 pytestmark = [pytest.mark.integration]

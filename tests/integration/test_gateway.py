@@ -29,7 +29,7 @@ from infra.auth import issue_token
 from infra.broker import bus
 from infra.broker.relay import Relay
 from infra.config import Settings
-from infra.gateway.gateway import Gateway
+from infra.gateway.server import Gateway
 from infra.store.migrate import migrate, open_pool
 from infra.store.postgres import PostgresEventStore
 
@@ -581,7 +581,7 @@ def test_wire_frames_are_what_websockets_would_send() -> None:
     the library writes for `send(text)` on a server connection without extensions."""
     from websockets.frames import Frame, Opcode
 
-    from infra.gateway.gateway import _wire
+    from infra.gateway.frames import wire as _wire
 
     payloads = (b"", b"x" * 125, b"y" * 126, b"z" * 65535, b"w" * 65536, '{"m":"zo\u00eb \u2713"}'.encode())
     for p in payloads:
@@ -634,10 +634,10 @@ class _CountingStore:
 
 
 async def test_live_run_frames_come_from_the_messages_and_equal_frames_built_from_the_store(env: Env) -> None:
-    from infra.gateway.gateway import _Views
+    from infra.gateway.views import Views as _Views
 
     counting = _CountingStore(env.store)
-    views = env.gateway._views
+    views = env.gateway._fanout.views
     real_store = views.store
     views.store = counting  # type: ignore[assignment]
     try:

@@ -8,7 +8,8 @@ from typing import Any
 
 import pytest
 
-from infra.projector.projector import CheckpointMoved, Projector
+from infra.projector.checkpoint import CheckpointMoved
+from infra.projector.consumer import Projector
 from infra.store.records import FEED_START
 from tests.integration.system import System, eventually
 
