@@ -62,6 +62,9 @@ class Projector:
         # The state of recently touched pipelines and runs as of `_cursor`, with their stream
         # version, so that a batch need not read its rows back (cleared whenever the cursor is).
         self._states = States(state_cache)
+        # Batches refused because the checkpoint had moved since they were read (another projector
+        # or a rebuild committed first): rolled back and read again. For tests and logs.
+        self.stale_batches = 0
 
     async def run(self, stop: asyncio.Event) -> None:
         async with await psycopg.AsyncConnection.connect(self.database_url, autocommit=True) as lock_conn:
@@ -130,6 +133,7 @@ class Projector:
             try:
                 pending, folded = await self._commit_batch(cursor, events)
             except CheckpointMoved:
+                self.stale_batches += 1
                 self._cursor = None  # a rebuild ran meanwhile: our batch was rolled back, read again
                 continue
             except BaseException:
