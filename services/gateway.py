@@ -8,7 +8,7 @@ import logging
 
 from infra.app.commands import Commands
 from infra.config import Settings
-from infra.gateway.gateway import Gateway
+from infra.gateway.server import Gateway
 from services.bootstrap import connect_nats, open_store, run_until_signalled
 
 

@@ -7,7 +7,7 @@ import asyncio
 import logging
 
 from infra.config import Settings
-from infra.projector.projector import Projector
+from infra.projector.consumer import Projector
 from services.bootstrap import connect_nats, open_store, run_until_signalled
 
 

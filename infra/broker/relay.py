@@ -93,10 +93,9 @@ class Relay:
         self._wake = asyncio.Event()
         self._checkpoint_wanted: FeedCursor | None = None
         self._checkpointer: asyncio.Task[None] | None = None
-        # Test hook: called after a batch is published and before its checkpoint is saved.
-        self.after_publish: Any = None
 
-    async def _resync(self) -> None:
+    async def resync(self) -> None:
+        """Learn where the relay stands from the stream's last message (see the module's docstring)."""
         js = self.nc.jetstream()
         info = await js.stream_info(self.stream)
         self.last_seq = info.state.last_seq
@@ -126,7 +125,7 @@ class Relay:
             while not stop.is_set():
                 try:
                     await ensure_events_stream(self.nc, self.stream)
-                    await self._resync()
+                    await self.resync()
                     break
                 except Exception as exc:
                     log.warning("cannot reach the events stream yet: %s", exc)
@@ -142,7 +141,7 @@ class Relay:
                         log.warning("publish failed, resynchronising: %s", exc)
                         await asyncio.sleep(0.2)
                         with contextlib.suppress(Exception):
-                            await self._resync()
+                            await self.resync()
                         continue
                     if n:
                         fast = 0
@@ -194,8 +193,6 @@ class Relay:
             self.last_seq = last_ack.seq
             self.cursor = events[ok - 1].cursor
             self.published += ok
-        if self.after_publish is not None:
-            await self.after_publish()
         self._checkpoint_later()
         if ok < len(events):
             err = next(a for a in acks if isinstance(a, BaseException))
@@ -204,7 +201,7 @@ class Relay:
 
     def _checkpoint_later(self) -> None:
         # Nothing reads the relay's checkpoint to resume (it resumes from the headers of the
-        # stream's last message, see _resync): it only shows how far the relay got. So it is
+        # stream's last message, see resync): it only shows how far the relay got. So it is
         # written off the publishing path, at most one write at a time, always the latest cursor.
         self._checkpoint_wanted = self.cursor  # as published now (a resync may move self.cursor)
         if self._checkpointer is None or self._checkpointer.done():

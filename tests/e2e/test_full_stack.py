@@ -6,6 +6,7 @@ import asyncio
 import json
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -21,16 +22,23 @@ GATE = {"id": "gate", "name": "Ship it?", "type": "approval", "config": {"messag
 FINAL = {"id": "final", "type": "script", "config": {"command": "echo shipped"}}
 
 
-async def _wait(client: httpx.AsyncClient, url: str, headers: dict[str, str], statuses: set[str]) -> dict[str, Any]:
+async def _wait_for(
+    client: httpx.AsyncClient, url: str, headers: dict[str, str], done: Callable[[dict[str, Any]], bool]
+) -> dict[str, Any]:
+    """The resource once `done` holds for it (polled, for at most 30 s)."""
     deadline = time.monotonic() + 30
     while True:
         r = await client.get(url, headers=headers)
         assert r.status_code == 200, r.text
-        if r.json()["status"] in statuses:
-            body: dict[str, Any] = r.json()
+        body: dict[str, Any] = r.json()
+        if done(body):
             return body
-        assert time.monotonic() < deadline, f"stuck in {r.json()['status']}"
+        assert time.monotonic() < deadline, f"stuck at {body}"
         await asyncio.sleep(0.05)
+
+
+async def _wait(client: httpx.AsyncClient, url: str, headers: dict[str, str], statuses: set[str]) -> dict[str, Any]:
+    return await _wait_for(client, url, headers, lambda body: body["status"] in statuses)
 
 
 async def _frames(ws: Any, want: int, timeout: float = 20) -> list[dict[str, Any]]:
@@ -113,8 +121,12 @@ async def test_create_trigger_approve_reject_cancel_with_live_websocket_events(s
         assert r.status_code == 403
         r = await client.post(f"{sbase}/runs/{run['id']}/cancel", headers=admin)
         assert r.status_code == 200 and r.json()["status"] == "cancelled"
-        await asyncio.sleep(1.5)
-        final = (await client.get(f"{sbase}/runs/{run['id']}", headers=viewer)).json()
+        # The executor records the end of the stage it was running (the script finished, or was
+        # killed): after that nothing is left to go on, and the run stayed cancelled.
+        final = await _wait_for(
+            client, f"{sbase}/runs/{run['id']}", viewer, lambda body: body["stageResults"][0]["status"] != "running"
+        )
+        assert final["stageResults"][0]["status"] in ("succeeded", "cancelled"), final
         assert final["status"] == "cancelled" and final["stageResults"][1]["status"] == "skipped"
 
         # the run list (read model) catches up with all of it

@@ -43,7 +43,7 @@ import pytest
 
 from infra.broker import bus
 from infra.broker.relay import POSITION
-from infra.projector.projector import Projector
+from infra.projector.consumer import Projector
 from infra.store.migrate import open_pool
 from infra.store.postgres import PostgresEventStore
 from infra.store.records import FEED_START, RecordedEvent

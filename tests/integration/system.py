@@ -23,7 +23,7 @@ from infra.config import Settings
 from infra.executor.executor import Executor
 from infra.executor.leases import LeaseStore
 from infra.http.app import create_app
-from infra.projector.projector import Projector
+from infra.projector.consumer import Projector
 from infra.secrets import SecretStore
 from infra.store.postgres import PostgresEventStore
 from services.bootstrap import build_api, open_store

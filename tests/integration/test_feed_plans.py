@@ -15,7 +15,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from infra.projector.projector import _BEHIND_HORIZON
+from infra.projector.checkpoint import BEHIND_HORIZON
 from infra.store.migrate import migrate
 
 pytestmark = [pytest.mark.integration]
@@ -39,7 +39,7 @@ async def test_the_behind_horizon_check_uses_the_feed_index_in_a_generic_plan(da
         cur = await conn.execute("SELECT max(tx_id)::text::bigint, max(position) FROM events")
         row = await cur.fetchone()
         assert row is not None
-        query = _BEHIND_HORIZON.replace("%s", "$1", 1).replace("%s", "$2", 1)
+        query = BEHIND_HORIZON.replace("%s", "$1", 1).replace("%s", "$2", 1)
         await conn.execute(f"PREPARE behind(text, bigint) AS {query}")
         cur = await conn.execute(f"EXPLAIN (FORMAT JSON) EXECUTE behind('{row[0]}', {row[1]})")
         explained = await cur.fetchone()

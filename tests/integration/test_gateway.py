@@ -29,9 +29,10 @@ from infra.auth import issue_token
 from infra.broker import bus
 from infra.broker.relay import Relay
 from infra.config import Settings
-from infra.gateway.gateway import Gateway
+from infra.gateway.server import Gateway
 from infra.store.migrate import migrate, open_pool
 from infra.store.postgres import PostgresEventStore
+from infra.store.records import RecordedEvent
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="session")]
 
@@ -146,9 +147,9 @@ async def env(database_url: str, nats_url: str) -> AsyncIterator[Env]:
 
 
 @contextlib.asynccontextmanager
-async def running_gateway(env: Env, **options: Any) -> AsyncIterator[Gateway]:
-    """A second gateway on the same stream (its own consumer and port)."""
-    gateway = Gateway(env.settings, env.store, env.commands, env.nc, **options)
+async def running_gateway(env: Env, store: PostgresEventStore | None = None, **options: Any) -> AsyncIterator[Gateway]:
+    """A second gateway on the same stream (its own consumer and port), reading `store` (the test's by default)."""
+    gateway = Gateway(env.settings, store or env.store, env.commands, env.nc, **options)
     stop = asyncio.Event()
     task = asyncio.create_task(gateway.serve(stop))
     try:
@@ -211,10 +212,13 @@ class Client:
         async with asyncio.timeout(timeout):
             return [await self.recv() for _ in range(n)]
 
-    async def quiet(self, seconds: float = 0.5) -> None:
-        with contextlib.suppress(TimeoutError):
-            frame = await self.recv(seconds)
-            raise AssertionError(f"unexpected frame {frame}")
+    async def next_is(self, marker: Callable[[dict[str, Any]], bool]) -> None:
+        """The next frame is the marker: nothing else came first. The marker is an event appended
+        after whatever the test expects no frame of, for one of this client's live subscriptions
+        or for the subscription in question itself (a subscription sends its frames in feed order,
+        and the gateway hands a connection the frames of its live subscriptions in feed order)."""
+        frame = await self.recv()
+        assert marker(frame), f"unexpected frame {frame}"
 
 
 @contextlib.asynccontextmanager
@@ -242,6 +246,15 @@ def run_frames(frames: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def log_frames(frames: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [f for f in frames if f["event"] == "pipeline.log"]
+
+
+async def nothing_more(env: Env, c: Client, org: str | None) -> None:
+    """`c` gets no further frame from anything appended so far: a marker appended now, on a live
+    subscription of its own, is its next frame."""
+    marker = await env.pipeline(org)
+    await c.subscribe("pipelines", {"pipelineId": marker.pipeline_id})
+    await env.commands.update_pipeline(marker.pipeline_id, by="marker", name=marker.name + "-marker")
+    await c.next_is(lambda f: f["event"] == "pipeline.updated" and f["data"]["id"] == marker.pipeline_id)
 
 
 # ---- HTTP: health, paths, auth --------------------------------------------------------------------
@@ -309,15 +322,17 @@ async def test_run_updates_in_order_as_of_each_event(env: Env) -> None:
         assert positions == sorted(positions) and len(set(positions)) == 4
         assert all(f["data"]["id"] == run.run_id and f["data"]["pipelineId"] == pipeline.pipeline_id for f in live)
         assert live[-1]["data"]["finishedAt"] is not None and live[-1]["data"]["stageResults"][0]["durationMs"] >= 0
-        await c.quiet(0.3)
+        await nothing_more(env, c, env.org)
 
-    # Replayed from the store, the same events give the same frames, byte for byte.
+    # Replayed from the store, the same events give the same frames, byte for byte, and nothing
+    # else: the next frame of the same subscription is a run triggered after the replay.
     async with client(env, env.token(env.org)) as c:
-        await c.subscribe("runs", {"runId": run.run_id}, from_position=0)
+        await c.subscribe("runs", {"pipelineId": pipeline.pipeline_id}, from_position=0)
         replay = await c.take(5)
         assert replay[0]["data"]["status"] == "queued" and replay[0]["data"]["logs"] == ""
         assert replay[1:] == live
-        await c.quiet(0.3)
+        marker = await env.trigger(pipeline)
+        await c.next_is(lambda f: f["data"]["id"] == marker.run_id and f["data"]["status"] == "queued")
 
     # A pipeline subscription sees every run of the pipeline, and a run cancelled by someone.
     async with client(env, env.token(env.org)) as c:
@@ -357,7 +372,7 @@ async def test_log_lines(env: Env) -> None:
         assert got == {"event": "unsubscribed", "data": {"channel": "logs", "params": {"runId": run.run_id}}}
         await env.log(run, "d")
         assert (await by_pipeline.recv())["data"]["message"] == "d"
-        await by_run.quiet(0.3)
+        await nothing_more(env, by_run, env.org)
         await by_run.send({"action": "unsubscribe", "channel": "logs", "params": {"runId": run.run_id}})
         assert await by_run.error() == "not subscribed"
 
@@ -414,7 +429,7 @@ async def test_other_organizations_and_bad_frames(env: Env) -> None:
         frames = await c.take(2)
         assert {f["data"]["id"] for f in frames} == {our_run.run_id}
         assert {f["data"]["organizationId"] for f in frames} == {env.org}
-        await c.quiet(0.3)
+        await nothing_more(env, c, env.org)
 
     # A token without an organization sees only pipelines without one.
     async with client(env, env.token(None)) as c:
@@ -486,7 +501,13 @@ async def test_resume_from_position_no_gap_no_duplicate(env: Env) -> None:
                 got += await back.until(
                     lambda f: f.get("data", {}).get("status") == "succeeded" and f["data"]["id"] == second.run_id
                 )
-            await back.quiet(0.5)
+            # Nothing else: each subscription's next frame is an event appended now.
+            await env.log(second, "marker")
+            run_marker = await env.trigger(pipeline)
+            rest = await back.take(2)
+            assert sorted((f["event"], f["data"].get("message") or f["data"]["id"]) for f in rest) == sorted(
+                [("pipeline.log", "marker"), ("pipeline.run.updated", run_marker.run_id)]
+            ), rest
         await steady.until(lambda f: f.get("data", {}).get("message") == "the end", timeout=20)
         if not any(
             f["event"] == "pipeline.run.updated"
@@ -497,7 +518,7 @@ async def test_resume_from_position_no_gap_no_duplicate(env: Env) -> None:
             await steady.until(
                 lambda f: f.get("data", {}).get("status") == "succeeded" and f["data"]["id"] == second.run_id
             )
-        want = steady.seen
+        want = [f for f in steady.seen if f["data"].get("message") != "marker" and f not in rest]
         expected_runs = [f for f in run_frames(want) if f["position"] > last]
         expected_logs = [f for f in log_frames(want) if f["position"] > last]
         assert run_frames(got) == expected_runs
@@ -560,7 +581,8 @@ async def test_slow_client_falls_back_to_catch_up(env: Env) -> None:
             assert run_frames(slow_frames) == run_frames(fast_frames)
             await env.log(run, "live again")
             assert (await slow.recv())["data"]["message"] == "live again"
-            await slow.quiet(0.3)
+            await env.log(run, "the end")
+            await slow.next_is(lambda f: f["data"].get("message") == "the end")
 
 
 async def test_stopping_the_gateway_closes_its_clients(env: Env) -> None:
@@ -581,7 +603,7 @@ def test_wire_frames_are_what_websockets_would_send() -> None:
     the library writes for `send(text)` on a server connection without extensions."""
     from websockets.frames import Frame, Opcode
 
-    from infra.gateway.gateway import _wire
+    from infra.gateway.frames import wire as _wire
 
     payloads = (b"", b"x" * 125, b"y" * 126, b"z" * 65535, b"w" * 65536, '{"m":"zo\u00eb \u2713"}'.encode())
     for p in payloads:
@@ -600,7 +622,8 @@ async def test_many_subscribers_of_one_run_get_every_frame_once_in_order(env: En
         for c in clients:
             await c.subscribe("logs", {"runId": run.run_id})
             await c.subscribe("runs", {"runId": run.run_id})
-        outsider = await stack.enter_async_context(client(env, env.token(f"other-{uuid.uuid4().hex[:8]}")))
+        other_org = f"other-{uuid.uuid4().hex[:8]}"
+        outsider = await stack.enter_async_context(client(env, env.token(other_org)))
         await outsider.subscribe("runs", {})
         await outsider.subscribe("logs", {})
         await env.advance(run.run_id)
@@ -612,42 +635,41 @@ async def test_many_subscribers_of_one_run_get_every_frame_once_in_order(env: En
             frames = await c.take(len(expected) + 4, timeout=WAIT)
             assert [f["data"]["message"] for f in log_frames(frames)] == expected
             assert [f["data"]["status"] for f in run_frames(frames)] == ["running", "running", "running", "succeeded"]
-            await c.quiet(0.1)
-        # Another organization's subscriber of everything it may see got none of it.
-        await outsider.quiet(0.2)
+        # Nothing more for anyone: the next frame is a line appended now.
+        await env.log(run, "the end")
+        for c in clients:
+            await c.next_is(lambda f: f["data"].get("message") == "the end")
+        # Another organization's subscriber of everything it may see got none of it: its first
+        # frame is of a run of its own organization, triggered after all of it.
+        theirs = await env.trigger(await env.pipeline(other_org))
+        await outsider.next_is(lambda f: f["data"].get("id") == theirs.run_id)
     assert env.gateway.written_direct > direct  # the fast path was taken
 
 
-class _CountingStore:
+class _CountingStore(PostgresEventStore):
     """The store, counting the stream reads made through it."""
 
     def __init__(self, store: PostgresEventStore) -> None:
-        self._store = store
+        super().__init__(store.pool)
         self.reads: list[str] = []
 
-    async def read_stream(self, stream_id: str, after_version: int = 0) -> list[Any]:
+    async def read_stream(self, stream_id: str, after_version: int = 0) -> list[RecordedEvent]:
         self.reads.append(stream_id)
-        return await self._store.read_stream(stream_id, after_version)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._store, name)
+        return await super().read_stream(stream_id, after_version)
 
 
 async def test_live_run_frames_come_from_the_messages_and_equal_frames_built_from_the_store(env: Env) -> None:
-    from infra.gateway.gateway import _Views
-
     counting = _CountingStore(env.store)
-    views = env.gateway._views
-    real_store = views.store
-    views.store = counting  # type: ignore[assignment]
-    try:
+    token = env.token(env.org)
+    async with running_gateway(env, store=counting) as gw:
         pipeline, unwatched = await env.pipeline(env.org), await env.pipeline(env.org)
-        async with client(env, env.token(env.org)) as c:
+        async with client(env, token, gateway=gw) as c:
             await c.subscribe("runs", {"pipelineId": pipeline.pipeline_id})
             first, second = await env.trigger(pipeline), await env.trigger(pipeline)
             # Runs nobody watches get no history: they do not push the watched ones out of the
-            # gateway's cache (64 runs).
-            others = [(await env.trigger(unwatched)).run_id for _ in range(70)]
+            # gateway's cache (64 runs), else the watched ones would be read again below.
+            for _ in range(70):
+                await env.trigger(unwatched)
             for run in (first, second):
                 await env.advance(run.run_id)
                 await c.until(lambda f, r=run: f["data"]["id"] == r.run_id and f["data"]["status"] == "running")
@@ -660,20 +682,18 @@ async def test_live_run_frames_come_from_the_messages_and_equal_frames_built_fro
             frames = await c.until(lambda f: f["data"]["id"] == first.run_id and f["data"]["status"] == "succeeded")
             # The gateway saw both runs from their first event: it never read them from the store.
             assert counting.reads == [], "a live frame read the store"
-            assert {first.run_id, second.run_id} <= set(views._runs) and not set(others) & set(views._runs)
             by_run = {r.run_id: [f for f in frames if f["data"]["id"] == r.run_id] for r in (first, second)}
             assert by_run[first.run_id][-1]["data"]["logs"] == "one\ntwo\nthree\n"
             assert by_run[second.run_id][-1]["data"]["logs"] == "2: one\n"
             assert by_run[second.run_id][-1]["data"]["status"] == "succeeded"
-    finally:
-        views.store = real_store
 
-    # The same events, framed by a gateway that has seen nothing yet (everything read from the
-    # store), give the same frames byte for byte.
-    fresh = _Views(env.store)
-    for run in (first, second):
-        records = await env.store.read_stream(f"run-{run.run_id}")
-        for frame in by_run[run.run_id]:
-            rec = next(r for r in records if r.position == frame["position"])
-            (built,) = await fresh.frames(rec)
-            assert json.loads(built) == frame
+    # The same events, framed by a gateway that has seen nothing yet (a replay from the store),
+    # give the same frames byte for byte.
+    async with running_gateway(env) as fresh, client(env, token, gateway=fresh) as replay:
+        for run in (first, second):
+            await replay.subscribe("runs", {"runId": run.run_id}, from_position=0)
+            replayed = await replay.until(
+                lambda f, r=run: f["data"]["id"] == r.run_id and f["data"]["status"] == "succeeded"
+            )
+            by_position = {f["position"]: f for f in replayed}
+            assert [by_position.get(f["position"]) for f in by_run[run.run_id]] == by_run[run.run_id]

@@ -15,7 +15,7 @@ from infra.broker import bus
 from infra.broker.relay import Relay
 from infra.store.migrate import migrate, open_pool
 from infra.store.postgres import PostgresEventStore
-from infra.store.records import FEED_START, NewEvent, RecordedEvent
+from infra.store.records import FEED_START, FeedCursor, NewEvent, RecordedEvent
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="session")]
 
@@ -61,7 +61,24 @@ async def _whole_feed(store: PostgresEventStore) -> list[RecordedEvent]:
     return out
 
 
-async def test_a_relay_killed_between_publish_and_checkpoint_loses_and_repeats_nothing(
+class _DyingStore(PostgresEventStore):
+    """The store, whose feed reads fail from the `dies_at`-th on: the relay dies there."""
+
+    def __init__(self, store: PostgresEventStore, dies_at: int) -> None:
+        super().__init__(store.pool)
+        self.reads = 0
+        self._dies_at = dies_at
+
+    async def read_feed(
+        self, after: FeedCursor, limit: int = 500, *, run_id: str | None = None, pipeline_id: str | None = None
+    ) -> list[RecordedEvent]:
+        self.reads += 1
+        if self.reads >= self._dies_at:
+            raise Crash()
+        return await super().read_feed(after, limit, run_id=run_id, pipeline_id=pipeline_id)
+
+
+async def test_a_relay_that_dies_mid_feed_loses_and_repeats_nothing(
     store: PostgresEventStore, database_url: str, nats_url: str
 ) -> None:
     stream = f"RELAY_{uuid.uuid4().hex[:10]}"
@@ -70,26 +87,18 @@ async def test_a_relay_killed_between_publish_and_checkpoint_loses_and_repeats_n
         await bus.ensure_events_stream(nc, stream)
         await _append_many(store, writers=6, each=20)
 
-        first = Relay(store, database_url, nc, stream=stream, batch=7)
-        calls = 0
-
-        async def crash_on_third_batch() -> None:
-            nonlocal calls
-            calls += 1
-            if calls == 3:
-                raise Crash()
-
-        first.after_publish = crash_on_third_batch
-        await first._resync()
+        # It dies reading its fourth batch: three went out, whatever its checkpoint says.
+        first = Relay(_DyingStore(store, dies_at=4), database_url, nc, stream=stream, batch=7)
+        await first.resync()
         with pytest.raises(Crash):
             while await first.pump_once():
                 pass
-        assert first.published == 21  # three batches went out; the third was never checkpointed
+        assert first.published == 21
 
         # more events arrive while no relay runs, then a new relay starts from the stream's tail
         await _append_many(store, writers=3, each=10)
         second = Relay(store, database_url, nc, stream=stream, batch=50)
-        await second._resync()
+        await second.resync()
         while await second.pump_once():
             pass
 

@@ -1,0 +1,322 @@
+"""The WebSocket server: handshake (health, path, token), connection lifetime, and client requests."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import http
+import logging
+import time
+import weakref
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import jwt
+from nats.aio.client import Client as NATS
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.datastructures import Headers
+from websockets.exceptions import ConnectionClosed
+from websockets.http11 import Request, Response
+
+from infra.app.commands import Commands
+from infra.auth import AuthError, Principal, verify_token
+from infra.config import Settings
+from infra.gateway import frames as fr
+from infra.gateway.conn import Conn, Item, Sub
+from infra.gateway.fanout import Fanout
+from infra.gateway.feed import feed_head, subscribe_after
+from infra.gateway.protocol import BadRequest, Channel, Scope, parse_request
+from infra.gateway.views import Views
+from infra.store.records import FEED_START, EventStore, FeedCursor
+
+log = logging.getLogger("pipelines.gateway")
+
+WS_PATH = "/api/v1/ws"
+HEALTH_PATH = "/healthz"
+
+
+class Gateway:
+    """Live run updates and log lines over WebSocket, resumable by feed position.
+
+        ws://<host>:<port>/api/v1/ws          token in `Authorization: Bearer ...` or `?token=`
+        GET /healthz                          200 `ok` (plain HTTP), 503 while NATS is down
+
+    Clients send `{"action": "subscribe"|"unsubscribe", "channel": "runs"|"logs"|"pipelines",
+    "params": {"pipelineId"?, "runId"?}, "fromPosition"?: n}` and receive
+
+        {"event": "subscribed",           "data": {"channel", "params"}}
+        {"event": "pipeline.run.updated", "data": <PipelineRun as of that event>, "position": n}
+        {"event": "pipeline.log",         "data": {"runId", "stage", "message"}, "position": n}
+        {"event": "pipeline.updated",     "data": <Pipeline as of that event>, "position": n}
+        {"event": "pipeline.deleted",     "data": <Pipeline as it was deleted>, "position": n}
+        {"event": "unsubscribed",         "data": {"channel", "params"}}
+        {"event": "error",                "data": {"message", ...}}
+
+    One JetStream ordered consumer per process reads every event the relay publishes, in feed
+    order. It starts right after the stream's last message, whose headers also give the feed cursor
+    the live feed starts from, so the gateway always knows exactly where "now" is.
+
+    Serves on settings.gateway_host:gateway_port (port 0: any free port). `ready` is set once it
+    listens (and `port` is the bound port); `serve(stop)` returns after `stop` is set and every
+    connection has been closed (code 1001).
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        store: EventStore,
+        commands: Commands,
+        nc: NATS,
+        *,
+        queue_limit: int = 1000,
+        buffer_limit: int | None = None,
+        page_size: int = 500,
+        max_subscriptions: int = 100,
+        write_buffer_limit: int = 256 << 10,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.commands = commands
+        self.nc = nc
+        self.queue_limit = queue_limit
+        self.max_subscriptions = max_subscriptions
+        self.write_buffer_limit = write_buffer_limit
+        self.ready = asyncio.Event()
+        self.port = settings.gateway_port
+        self._fanout = Fanout(
+            store,
+            Views(store),
+            buffer_limit=buffer_limit if buffer_limit is not None else max(queue_limit, 100),
+            page_size=page_size,
+        )
+        self._principals: weakref.WeakKeyDictionary[ServerConnection, tuple[Principal, float | None]] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._conns: set[Conn] = set()
+        self._feed_ready = False
+        self._server: Server | None = None
+
+    @property
+    def live_cursor(self) -> FeedCursor:
+        """The feed cursor of the last event the live feed has dispatched ("now" for a new subscription)."""
+        return self._fanout.live_cursor
+
+    # Counters, for tests and logs.
+    @property
+    def overflows(self) -> int:
+        """How many times a client was too slow and its subscriptions fell back to catching up."""
+        return self._fanout.overflows
+
+    @property
+    def dispatched(self) -> int:
+        return self._fanout.dispatched
+
+    @property
+    def written_direct(self) -> int:
+        """Events written straight to a subscriber's transport."""
+        return self._fanout.written_direct
+
+    # ---- lifecycle --------------------------------------------------------------------------
+
+    async def serve(self, stop: asyncio.Event) -> None:
+        feed = await self._start_feed()
+        try:
+            async with serve(
+                self._handler,
+                self.settings.gateway_host,
+                self.settings.gateway_port,
+                process_request=self._process_request,
+                compression=None,  # frames are encoded once for every subscriber; keep it that way
+                max_size=64 * 1024,
+            ) as server:
+                self._server = server
+                for sock in server.sockets:
+                    self.port = sock.getsockname()[1]
+                    break
+                log.info("gateway listening on %s:%d%s", self.settings.gateway_host, self.port, WS_PATH)
+                self.ready.set()
+                await stop.wait()
+                log.info("gateway stopping: closing %d connections", len(self._conns))
+        finally:
+            self.ready.clear()
+            self._feed_ready = False
+            with contextlib.suppress(Exception):
+                await feed.unsubscribe()
+            for conn in list(self._conns):
+                self._close_conn(conn)
+
+    async def _start_feed(self) -> Any:
+        """Subscribe to everything after the stream's last message, and learn its feed cursor."""
+        stream = self.settings.events_stream
+        last_seq, cursor = await feed_head(self.nc, stream)
+        if cursor != FEED_START:
+            self._fanout.live_cursor = cursor
+        sub = await subscribe_after(self.nc, stream, last_seq, self._fanout.on_msg)
+        self._feed_ready = True
+        log.info("live feed from stream %s seq %d (feed cursor %s)", stream, last_seq + 1, self._fanout.live_cursor)
+        return sub
+
+    # ---- HTTP: health, path, auth -----------------------------------------------------------
+
+    def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
+        url = urlsplit(request.path)
+        if url.path == HEALTH_PATH:
+            if self._feed_ready and self.nc.is_connected:
+                return connection.respond(http.HTTPStatus.OK, "ok")
+            return connection.respond(http.HTTPStatus.SERVICE_UNAVAILABLE, "nats unavailable")
+        if url.path != WS_PATH:
+            return connection.respond(http.HTTPStatus.NOT_FOUND, "not found")
+        token = _bearer(request.headers)
+        if token is None:
+            token = next(iter(parse_qs(url.query).get("token", [])), None)
+        if not token:
+            return _unauthorized(connection, "missing bearer token")
+        try:
+            principal = verify_token(self.settings, token)
+            exp = jwt.decode(token, options={"verify_signature": False}).get("exp")
+        except (AuthError, jwt.PyJWTError):
+            return _unauthorized(connection, "invalid token")
+        self._principals[connection] = (principal, float(exp) if isinstance(exp, int | float) else None)
+        return None
+
+    # ---- connections ------------------------------------------------------------------------
+
+    async def _handler(self, ws: ServerConnection) -> None:
+        auth = self._principals.pop(ws, None)
+        if auth is None:  # cannot happen: the handshake checked the token
+            await ws.close(1008, "unauthorized")
+            return
+        principal, exp = auth
+        conn = Conn(ws, principal, self.queue_limit, self.write_buffer_limit)
+        self._conns.add(conn)
+        tasks = [
+            asyncio.create_task(conn.writer(), name="gateway-writer"),
+            asyncio.create_task(self._read(conn), name="gateway-reader"),
+        ]
+        if exp is not None:
+            tasks.append(asyncio.create_task(_expire(ws, exp), name="gateway-token-expiry"))
+        try:
+            await asyncio.wait(tasks[:2], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            self._close_conn(conn)
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
+                try:
+                    await task
+                except (asyncio.CancelledError, ConnectionClosed):
+                    pass
+                except Exception as exc:
+                    log.warning("connection task failed: %r", exc)
+
+    async def _read(self, conn: Conn) -> None:
+        with contextlib.suppress(ConnectionClosed):
+            async for message in conn.ws:
+                await self._on_client_frame(conn, message)
+
+    def _close_conn(self, conn: Conn) -> None:
+        self._conns.discard(conn)
+        for sub in list(conn.subs.values()):
+            self._fanout.remove(sub)
+
+    # ---- client requests --------------------------------------------------------------------
+
+    async def _on_client_frame(self, conn: Conn, message: str | bytes) -> None:
+        echo: dict[str, Any] = {}
+        try:
+            req = parse_request(message, echo)
+            if req.action == "subscribe":
+                await self._subscribe(conn, req.channel, req.params, req.from_position)
+            else:
+                await self._unsubscribe(conn, req.channel, req.params)
+        except BadRequest as exc:
+            await conn.control("error", {"message": str(exc), **echo})
+        except Exception:
+            log.exception("client frame failed")
+            await conn.control("error", {"message": "internal error", **echo})
+
+    async def _resolve(self, principal: Principal, params: dict[str, str]) -> tuple[Scope, str]:
+        """What a subscription is keyed by, once the principal may see it."""
+        run_id, pipeline_id = params.get("runId"), params.get("pipelineId")
+        if run_id is not None:
+            run, _ = await self.commands.load_run(run_id)
+            ok = run.exists and run.organization_id == principal.org
+            ok = ok and (pipeline_id is None or run.pipeline_id == pipeline_id)
+            if ok:
+                pipeline, _ = await self.commands.load_pipeline(run.pipeline_id)
+                ok = pipeline.live
+            if not ok:
+                raise BadRequest("run not found")
+            return "run", run_id
+        if pipeline_id is not None:
+            pipeline, _ = await self.commands.load_pipeline(pipeline_id)
+            if not pipeline.live or pipeline.organization_id != principal.org:
+                raise BadRequest("pipeline not found")
+            return "pipeline", pipeline_id
+        return "org", principal.org or ""
+
+    async def _subscribe(self, conn: Conn, channel: Channel, params: dict[str, str], from_position: int | None) -> None:
+        scope, key = await self._resolve(conn.principal, params)
+        if (channel, scope, key) in conn.subs:
+            raise BadRequest(f"already subscribed to {channel} {params or '(all)'}")
+        if len(conn.subs) >= self.max_subscriptions:
+            raise BadRequest(f"at most {self.max_subscriptions} subscriptions per connection")
+        start: FeedCursor | None
+        if from_position is None:
+            start = None
+        elif from_position == 0:
+            start = FEED_START
+        else:
+            start = await self.store.cursor_of(from_position)
+            if start is None:
+                raise BadRequest(f"unknown position {from_position}")
+        if conn not in self._conns or (channel, scope, key) in conn.subs:  # closed or raced meanwhile
+            return
+        if start is None:
+            start = self._fanout.now()
+        cursor = start
+        sub = Sub(conn, channel, scope, key, params, enqueued=cursor, sent=cursor)
+        self._fanout.add(sub)
+        data: dict[str, Any] = {"channel": channel, "params": params}
+        if from_position is not None:
+            data["fromPosition"] = from_position
+            self._fanout.start_catch_up(sub)
+        conn.push([Item(fr.control("subscribed", data))])
+
+    async def _unsubscribe(self, conn: Conn, channel: Channel, params: dict[str, str]) -> None:
+        run_id, pipeline_id = params.get("runId"), params.get("pipelineId")
+        ident: tuple[Channel, Scope, str]
+        if run_id is not None:
+            ident = (channel, "run", run_id)
+        elif pipeline_id is not None:
+            ident = (channel, "pipeline", pipeline_id)
+        else:
+            ident = (channel, "org", conn.principal.org or "")
+        sub = conn.subs.get(ident)
+        if sub is None:
+            raise BadRequest("not subscribed")
+        self._fanout.remove(sub)
+        conn.drop_events(sub)
+        await conn.control("unsubscribed", {"channel": channel, "params": params})
+
+
+async def _expire(ws: ServerConnection, exp: float) -> None:
+    """Close the connection when its token expires: a session lives no longer than its token."""
+    await asyncio.sleep(max(0.0, exp - time.time()))
+    await ws.close(1008, "token expired")
+
+
+def _bearer(headers: Headers) -> str | None:
+    value = headers.get("Authorization")
+    if not value:
+        return None
+    scheme, _, token = value.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        return None
+    return token.strip()
+
+
+def _unauthorized(connection: ServerConnection, message: str) -> Response:
+    response = connection.respond(http.HTTPStatus.UNAUTHORIZED, message)
+    response.headers["WWW-Authenticate"] = 'Bearer realm="pipelines"'
+    return response
