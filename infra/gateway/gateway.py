@@ -75,11 +75,12 @@ from domain import events as ev
 from domain import pipeline as pl
 from domain import run as rn
 from infra.app.commands import Commands
+from infra.app.ports import EventStore
 from infra.auth import AuthError, Principal, verify_token
 from infra.broker.bus import EVENTS_SUBJECTS, ensure_events_stream
 from infra.broker.relay import POSITION, TX
 from infra.config import Settings
-from infra.store.records import FEED_START, EventStore, FeedCursor, RecordedEvent
+from infra.store.records import FEED_START, FeedCursor, RecordedEvent
 from projections.views import pipeline_view, run_view
 
 log = logging.getLogger("pipelines.gateway")

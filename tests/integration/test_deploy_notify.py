@@ -22,7 +22,8 @@ from domain.deployment import DeploymentQueued, DeploymentStarted
 from domain.pipeline import PipelineSpecSaved
 from domain.stages import Job, Stage, Step
 from infra.broker.bus import notify_subject
-from infra.delivery.deliveries import DeliveryOptions, env_lock_key
+from infra.delivery.deliveries import DeliveryOptions
+from infra.delivery.deployers import env_lock_key
 from infra.store.records import NewEvent
 from tests.integration.system import System, eventually
 
