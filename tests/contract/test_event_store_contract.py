@@ -306,6 +306,17 @@ async def test_a_taken_key_fails_an_append_to_an_existing_stream_without_moving_
     assert (await store.append("pipeline-p2", [new()], 1)).version == 2
 
 
+async def test_a_keyed_append_at_a_stale_version_raises_and_neither_writes_nor_claims(store: Any) -> None:
+    """Keyed appends take the same one-statement path as the others, with the same errors."""
+    await store.append("pipeline-p1", [new("created")], 0)
+    await store.append("pipeline-p1", [new("updated")], 1)
+    feed = ids(await read_all(store))
+    with pytest.raises(WrongExpectedVersion):
+        await store.append("pipeline-p1", [new("stale"), new("stale")], 1, claim=[NAME])
+    await nothing_written(store, "pipeline-p1", 2, feed)
+    await store.append("pipeline-p2", [new()], 0, claim=[NAME])  # the key was not taken
+
+
 async def test_a_released_key_can_be_claimed_again(store: Any) -> None:
     await store.append("pipeline-p1", [new("created")], 0, claim=[NAME])
     await store.append("pipeline-p1", [new("deleted")], 1, release=[NAME])
