@@ -1,6 +1,6 @@
 """The application layer's entry point: `Commands`, one object the HTTP layer, the executor, the
 gateway and the scheduler hold, delegating to the commands of each aggregate (pipelines.py,
-definitions.py, runs.py, deployments.py), all of which go through retry.load_decide_append."""
+definitions.py, runs.py, deployments.py, deletion.py), all of which go through retry.load_decide_append."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from datetime import datetime
 
 from infra.app.context import AppContext, new_uuid, utc_now
 from infra.app.definitions import Definitions, SavedSpec
+from infra.app.deletion import PipelineDeletion
 from infra.app.deployments import DeploymentCommands
 from infra.app.pipelines import NameTaken, PipelineCommands, name_key
 from infra.app.ports import EventStore, GitRepository
@@ -51,12 +52,13 @@ class Commands:
         self.definitions = Definitions(self._ctx, self.pipelines, self.git)
         self.runs = RunCommands(self._ctx, self.definitions)
         self.deployments = DeploymentCommands(self._ctx)
+        self.deletion = PipelineDeletion(store, self.pipelines, self.runs)
 
         # The commands by their long-standing names.
         self.load_pipeline = self.pipelines.load
         self.create_pipeline = self.pipelines.create
         self.update_pipeline = self.pipelines.update
-        self.delete_pipeline = self.pipelines.delete
+        self.delete_pipeline = self.deletion.delete
         self.save_spec = self.definitions.save_spec
         self.read_git_spec = self.definitions.read_git_spec
         self.sync_from_git = self.definitions.sync_from_git

@@ -45,6 +45,11 @@ class EventStore(Protocol):
         """The feed cursor of the event at `position`, None when there is none."""
         ...
 
+    async def streams_of(self, pipeline_id: str, prefix: str) -> list[str]:
+        """The streams named `prefix...` whose first event belongs to the pipeline, oldest first:
+        every committed one, not only those below the feed's horizon."""
+        ...
+
 
 class GitRepository(Protocol):
     """A Git-backed pipeline's repository: read its file at a branch head, commit a new version.

@@ -147,3 +147,7 @@ class InMemoryEventStore:
             if r.position == position:
                 return r.cursor
         return None
+
+    async def streams_of(self, pipeline_id: str, prefix: str) -> list[str]:
+        firsts = sorted((r for r in self._events if r.stream_version == 1), key=lambda r: r.position)
+        return [r.stream_id for r in firsts if r.pipeline_id == pipeline_id and r.stream_id.startswith(prefix)]

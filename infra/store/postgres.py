@@ -195,6 +195,16 @@ class PostgresEventStore:
             row = await cur.fetchone()
             return (row[0], row[1]) if row else None
 
+    async def streams_of(self, pipeline_id: str, prefix: str) -> list[str]:
+        # `stream_version = 1` spelled out, so that the partial index events_pipeline_streams serves it.
+        async with self._pool.connection() as conn:
+            cur = await conn.execute(
+                "SELECT stream_id FROM events WHERE pipeline_id = %s AND stream_version = 1 "
+                "AND starts_with(stream_id, %s) ORDER BY position",
+                (pipeline_id, prefix),
+            )
+            return [r[0] for r in await cur.fetchall()]
+
     async def head(self) -> FeedCursor:
         """The cursor of the newest committed event below the horizon (the feed's end today)."""
         async with self._pool.connection() as conn:

@@ -434,6 +434,20 @@ async def test_an_open_append_holding_a_lower_position_is_waited_for_not_skipped
         assert await store.head() == delivered[-1].cursor
 
 
+async def test_streams_of_a_pipeline_are_the_committed_streams_it_opened_by_prefix_oldest_first(store: Any) -> None:
+    await store.append("run-1", [new(pipeline_id="p1"), new(pipeline_id="p1")], 0)
+    await store.append("runlog-1", [new(pipeline_id="p1")], 0)
+    await store.append("run-other", [new(pipeline_id="p2")], 0)
+    await store.append("run-1", [new(pipeline_id="p1")], 2)
+    async with store.begin_append("run-held", [new(pipeline_id="p1")], 0):
+        # Above the feed's horizon, but committed: a pipeline's streams are read from the store.
+        await store.append("run-2", [new(pipeline_id="p1")], 0)
+        assert await store.streams_of("p1", "run-") == ["run-1", "run-2"]
+    assert await store.streams_of("p1", "run-") == ["run-1", "run-held", "run-2"]
+    assert await store.streams_of("p1", "runlog-") == ["runlog-1"]
+    assert await store.streams_of("p3", "run-") == []
+
+
 async def test_an_append_that_fails_inside_its_block_writes_nothing_and_holds_nothing_back(store: Any) -> None:
     a, b = new("A"), new("B")
     with pytest.raises(RuntimeError, match="boom"):
