@@ -8,12 +8,13 @@ import logging
 from nats.aio.msg import Msg
 
 from domain import events as ev
+from infra.app.ports import EventStore
 from infra.gateway.conn import Conn, Sub, items_of
 from infra.gateway.feed import record_from_msg
 from infra.gateway.frames import wire as wire_of
 from infra.gateway.protocol import STREAM_KIND, Channel, Scope
 from infra.gateway.views import Owner, Views
-from infra.store.records import FEED_START, EventStore, FeedCursor, RecordedEvent
+from infra.store.records import FEED_START, FeedCursor, RecordedEvent
 
 log = logging.getLogger("pipelines.gateway")
 

@@ -19,6 +19,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 from infra.app.commands import Commands
+from infra.app.ports import EventStore
 from infra.auth import AuthError, Principal, verify_token
 from infra.config import Settings
 from infra.gateway import frames as fr
@@ -27,7 +28,7 @@ from infra.gateway.fanout import Fanout
 from infra.gateway.feed import feed_head, subscribe_after
 from infra.gateway.protocol import BadRequest, Channel, Scope, parse_request
 from infra.gateway.views import Views
-from infra.store.records import FEED_START, EventStore, FeedCursor
+from infra.store.records import FEED_START, FeedCursor
 
 log = logging.getLogger("pipelines.gateway")
 

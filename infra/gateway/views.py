@@ -12,9 +12,10 @@ from dataclasses import dataclass, field
 from domain import events as ev
 from domain import pipeline as pl
 from domain import run as rn
+from infra.app.ports import EventStore
 from infra.gateway import frames as fr
 from infra.gateway.cache import FrameCache, Lru
-from infra.store.records import FEED_START, EventStore, FeedCursor, RecordedEvent
+from infra.store.records import FEED_START, FeedCursor, RecordedEvent
 
 log = logging.getLogger("pipelines.gateway")
 

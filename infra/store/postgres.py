@@ -14,12 +14,13 @@ not yet taken an xid, so it does not hold the horizon back while it waits.
 Why an append is one statement: a transaction that spans round trips (`BEGIN`, the stream-version
 write, the insert, `COMMIT`) keeps its xid open while the client thinks between them, which holds
 the feed's horizon back for every follower and caps appends near a third of bare INSERT commits.
-An append without unique keys is therefore a single data-modifying statement sent in autocommit
-(one round trip, prepared after a few uses): a CTE writes the stream's version first (the
-optimistic-concurrency check: no row means another writer got there first) and the events are
-inserted from its result, so no event is written unless the version moved, and both writes share
-one xid and commit together. The unique index on (stream_id, stream_version) stays the real guard.
-Appends that claim or release unique keys keep the transactional path (`append_in`).
+Every append is therefore one data-modifying statement (`_append_statement`, with the one mapping
+of its errors): a CTE writes the stream's version first (the optimistic-concurrency check: no row
+means another writer got there first) and the events are inserted from its result, so no event is
+written unless the version moved, and both writes share one xid and commit together. The unique
+index on (stream_id, stream_version) stays the real guard. Without unique keys it is sent alone in
+autocommit (one round trip, prepared); an append that claims or releases unique keys runs the
+same statement in a transaction, followed by the key writes (`append_in`).
 """
 
 from __future__ import annotations
@@ -99,9 +100,9 @@ class PostgresEventStore:
             if cur is None:
                 cur = self._cursors[conn] = conn.cursor()
             if conn.autocommit:
-                return await _append_one_statement(cur, stream_id, events, expected_version)
+                return await _append_statement(cur, stream_id, events, expected_version)
             async with conn.transaction():  # a pool without autocommit: still one statement
-                return await _append_one_statement(cur, stream_id, events, expected_version)
+                return await _append_statement(cur, stream_id, events, expected_version)
         finally:
             await self._pool.putconn(conn)
 
@@ -129,59 +130,10 @@ class PostgresEventStore:
         claim: Sequence[UniqueKey] = (),
         release: Sequence[UniqueKey] = (),
     ) -> AppendResult:
-        """Append inside the caller's transaction."""
-        n = len(events)
-        if n == 0:
-            raise ValueError("nothing to append")
-        try:
-            if expected_version == 0:
-                cur = await conn.execute(
-                    "INSERT INTO streams (stream_id, version) VALUES (%s, %s) RETURNING version",
-                    (stream_id, n),
-                )
-            elif expected_version is None:
-                cur = await conn.execute(
-                    "INSERT INTO streams (stream_id, version) VALUES (%s, %s) "
-                    "ON CONFLICT (stream_id) DO UPDATE SET version = streams.version + EXCLUDED.version "
-                    "RETURNING version",
-                    (stream_id, n),
-                )
-            else:
-                cur = await conn.execute(
-                    "UPDATE streams SET version = version + %s WHERE stream_id = %s AND version = %s RETURNING version",
-                    (n, stream_id, expected_version),
-                )
-            row = await cur.fetchone()
-        except psycopg.errors.UniqueViolation as exc:
-            raise WrongExpectedVersion(stream_id, expected_version) from exc
-        if row is None:
-            raise WrongExpectedVersion(stream_id, expected_version)
-        version: int = row[0]
-        first = version - n + 1
-        try:
-            cur = await conn.execute(
-                "INSERT INTO events (stream_id, stream_version, event_id, event_type, org, pipeline_id, "
-                "run_id, data) "
-                "SELECT %s, v, i::uuid, t, o, p, r, d::json "
-                "FROM unnest(%b::bigint[], %b::text[], %b::text[], %b::text[], %b::text[], %b::text[], %b::text[]) "
-                "AS u(v, i, t, o, p, r, d) "
-                "RETURNING position",
-                (
-                    stream_id,
-                    list(range(first, version + 1)),
-                    [e.event_id for e in events],
-                    [ev.event_type(e.event) for e in events],
-                    [e.org for e in events],
-                    [e.pipeline_id for e in events],
-                    [e.run_id for e in events],
-                    [ev.encode(e.event).decode() for e in events],
-                ),
-            )
-            positions = tuple(sorted(r[0] for r in await cur.fetchall()))
-        except psycopg.errors.UniqueViolation as exc:
-            if exc.diag.constraint_name == "events_event_id_key":
-                raise ValueError("an event with this event id is already stored") from exc
-            raise WrongExpectedVersion(stream_id, expected_version) from exc
+        """Append inside the caller's transaction: the same one statement as any append, then the
+        unique keys it claims and releases."""
+        async with conn.cursor() as cur:
+            result = await _append_statement(cur, stream_id, events, expected_version)
         for k in release:
             await conn.execute("DELETE FROM unique_keys WHERE scope = %s AND key = %s", (k.scope, k.key))
         for k in claim:
@@ -193,7 +145,7 @@ class PostgresEventStore:
                     )
             except psycopg.errors.UniqueViolation as exc:
                 raise UniqueKeyTaken(k.scope, k.key) from exc
-        return AppendResult(version=version, positions=positions)
+        return result
 
     async def read_stream(self, stream_id: str, after_version: int = 0) -> list[RecordedEvent]:
         async with self._pool.connection() as conn:
@@ -243,6 +195,16 @@ class PostgresEventStore:
             row = await cur.fetchone()
             return (row[0], row[1]) if row else None
 
+    async def streams_of(self, pipeline_id: str, prefix: str) -> list[str]:
+        # `stream_version = 1` spelled out, so that the partial index events_pipeline_streams serves it.
+        async with self._pool.connection() as conn:
+            cur = await conn.execute(
+                "SELECT stream_id FROM events WHERE pipeline_id = %s AND stream_version = 1 "
+                "AND starts_with(stream_id, %s) ORDER BY position",
+                (pipeline_id, prefix),
+            )
+            return [r[0] for r in await cur.fetchall()]
+
     async def head(self) -> FeedCursor:
         """The cursor of the newest committed event below the horizon (the feed's end today)."""
         async with self._pool.connection() as conn:
@@ -255,7 +217,7 @@ class PostgresEventStore:
             return (row[0], row[1]) if row else (0, 0)
 
 
-# The stream-version write of `_append_one_statement`, by expected version: 0 (the stream must
+# The stream-version write of `_append_statement`, by expected version: 0 (the stream must
 # not exist: a second creator fails on the primary key), None (any: an upsert that takes the row
 # lock), n (compare and set: no row when the stream is elsewhere).
 _STREAM_CREATE = "INSERT INTO streams (stream_id, version) VALUES (%(s)s, %(n)s) RETURNING version"
@@ -281,7 +243,8 @@ def _append_sql(stream_write: str) -> str:
 
 
 def _append_one_sql(stream_write: str) -> str:
-    """The same for the common append of one event, without arrays (cheaper on both sides)."""
+    """The same statement for the common append of one event, without arrays (cheaper to encode
+    and to plan): a variant of the query text, not a second path."""
     return (
         f"WITH s AS ({stream_write}) "
         "INSERT INTO events (stream_id, stream_version, event_id, event_type, org, pipeline_id, run_id, data) "
@@ -298,13 +261,13 @@ _APPEND_SQL: dict[tuple[str, bool], str] = {
 }
 
 
-async def _append_one_statement(
+async def _append_statement(
     cur: psycopg.AsyncCursor[Any],
     stream_id: str,
     events: Sequence[NewEvent],
     expected_version: int | None,
 ) -> AppendResult:
-    """Append without unique keys in one statement (see the module's docstring)."""
+    """The append in one statement (see the module's docstring), and the one mapping of its errors."""
     n = len(events)
     if n == 0:
         raise ValueError("nothing to append")

@@ -14,9 +14,9 @@ import psycopg
 import pytest
 from psycopg_pool import AsyncConnectionPool
 
+from infra.store.memory import InMemoryEventStore
 from infra.store.migrate import migrate, open_pool
 from infra.store.postgres import PostgresEventStore
-from infra.store.records import InMemoryEventStore
 
 TABLES = "events, streams, unique_keys, checkpoints"
 

@@ -306,6 +306,17 @@ async def test_a_taken_key_fails_an_append_to_an_existing_stream_without_moving_
     assert (await store.append("pipeline-p2", [new()], 1)).version == 2
 
 
+async def test_a_keyed_append_at_a_stale_version_raises_and_neither_writes_nor_claims(store: Any) -> None:
+    """Keyed appends take the same one-statement path as the others, with the same errors."""
+    await store.append("pipeline-p1", [new("created")], 0)
+    await store.append("pipeline-p1", [new("updated")], 1)
+    feed = ids(await read_all(store))
+    with pytest.raises(WrongExpectedVersion):
+        await store.append("pipeline-p1", [new("stale"), new("stale")], 1, claim=[NAME])
+    await nothing_written(store, "pipeline-p1", 2, feed)
+    await store.append("pipeline-p2", [new()], 0, claim=[NAME])  # the key was not taken
+
+
 async def test_a_released_key_can_be_claimed_again(store: Any) -> None:
     await store.append("pipeline-p1", [new("created")], 0, claim=[NAME])
     await store.append("pipeline-p1", [new("deleted")], 1, release=[NAME])
@@ -421,6 +432,20 @@ async def test_an_open_append_holding_a_lower_position_is_waited_for_not_skipped
     assert ids(await read_all(store)) == [seed.event_id, a.event_id, b.event_id]
     if hasattr(store, "head"):
         assert await store.head() == delivered[-1].cursor
+
+
+async def test_streams_of_a_pipeline_are_the_committed_streams_it_opened_by_prefix_oldest_first(store: Any) -> None:
+    await store.append("run-1", [new(pipeline_id="p1"), new(pipeline_id="p1")], 0)
+    await store.append("runlog-1", [new(pipeline_id="p1")], 0)
+    await store.append("run-other", [new(pipeline_id="p2")], 0)
+    await store.append("run-1", [new(pipeline_id="p1")], 2)
+    async with store.begin_append("run-held", [new(pipeline_id="p1")], 0):
+        # Above the feed's horizon, but committed: a pipeline's streams are read from the store.
+        await store.append("run-2", [new(pipeline_id="p1")], 0)
+        assert await store.streams_of("p1", "run-") == ["run-1", "run-2"]
+    assert await store.streams_of("p1", "run-") == ["run-1", "run-held", "run-2"]
+    assert await store.streams_of("p1", "runlog-") == ["runlog-1"]
+    assert await store.streams_of("p3", "run-") == []
 
 
 async def test_an_append_that_fails_inside_its_block_writes_nothing_and_holds_nothing_back(store: Any) -> None:

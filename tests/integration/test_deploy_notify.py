@@ -12,6 +12,7 @@ import json
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import psycopg
@@ -22,7 +23,8 @@ from domain.deployment import DeploymentQueued, DeploymentStarted
 from domain.pipeline import PipelineSpecSaved
 from domain.stages import Job, Stage, Step
 from infra.broker.bus import notify_subject
-from infra.delivery.deliveries import DeliveryOptions, env_lock_key
+from infra.delivery.deliveries import DeliveryOptions
+from infra.delivery.deployers import env_lock_key
 from infra.store.records import NewEvent
 from tests.integration.system import System, eventually
 
@@ -313,10 +315,32 @@ async def test_one_deployment_at_a_time_per_environment_in_order(system: System)
     comp = await component(system)
     env = await environment(system, {"type": "command", "command": "sleep 0.4"})
     p = await system.create_pipeline([deploy_stage(comp, env)])
+
+    async def in_line(run_id: str) -> bool:
+        """The run's deployment holds the environment's lock (it started) or waits for it: the
+        next one queues behind it."""
+        async with system.store.pool.connection() as conn:
+            cur = await conn.execute(
+                "SELECT q.stream_id, EXISTS (SELECT 1 FROM events s WHERE s.stream_id = q.stream_id "
+                "AND s.event_type = 'deployment_started') FROM events q "
+                "WHERE q.run_id = %s AND q.event_type = 'deployment_queued'",
+                (run_id,),
+            )
+            row = await cur.fetchone()
+            if row is None:
+                return False
+            stream_id, started = row
+            cur = await conn.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s AND wait_event_type = 'Lock'",
+                (f"pipelines-deploy {stream_id.removeprefix('deployment-')}"[:63],),
+            )
+            waiting = await cur.fetchone()
+        return bool(started) or waiting == (1,)
+
     runs = []
     for _ in range(3):
         runs.append(await system.trigger(p["id"]))
-        await asyncio.sleep(0.05)
+        await eventually(partial(in_line, runs[-1]["id"]), what="the deployment at the environment's lock")
     for run in runs:
         done = await system.wait_status(p["id"], run["id"], "succeeded", "failed")
         assert done["status"] == "succeeded", done

@@ -17,7 +17,7 @@ from domain.errors import NotFound
 from domain.stages import Job, Stage, Step
 from infra.app.commands import Commands
 from infra.executor.executor import Executor, _Driver
-from infra.store.records import InMemoryEventStore
+from infra.store.memory import InMemoryEventStore
 from tests.integration.system import make_settings, running_system
 from tests.integration.test_jobs import save
 

@@ -32,7 +32,10 @@ import pytest
 import pytest_asyncio
 from litestar import Litestar
 
+from domain import events as ev
+from domain import pipeline as pl
 from infra.http.app import create_app
+from infra.store.records import NewEvent
 from services.bootstrap import build_api
 from tests.fault.history import (
     ALLOWED_FROM,
@@ -57,6 +60,7 @@ GATE = {"id": "gate", "type": "approval", "config": {"message": "race?"}}
 AFTER = {"id": "after", "type": "script", "config": {"command": "echo after"}}
 BRIEF = {"id": "brief", "type": "script", "config": {"command": "sleep 0.1; echo after"}}
 SLOW = {"id": "slow", "type": "script", "config": {"command": "sleep 0.3; echo slept"}}
+LONG = {"id": "long", "type": "script", "config": {"command": "sleep 60"}}
 
 
 @dataclass
@@ -340,6 +344,36 @@ async def test_cancel_stop_pause_and_resume_race_with_a_running_stage(api: Api) 
     assert not problems, f"seed {SEED}:\n" + "\n".join(problems)
     wins = Counter(tuple(r.accepted()) for r in races)
     print(f"seed {SEED}: accepted, in order of sending {dict(wins)}")
+
+
+async def test_deleting_a_pipeline_cancels_a_run_the_read_models_have_not_seen_yet(api: Api) -> None:
+    """The read models lag the store: here an open append holds the feed's horizon back, so the
+    projector cannot see a run triggered meanwhile. Deleting its pipeline still cancels it."""
+    system = api.system
+    pipeline_id = await api.pipeline([LONG])
+    other = str(uuid.uuid4())
+    holder = pl.PipelineCreated(
+        pipeline_id=other,
+        name=f"holder-{other[:8]}",
+        description=None,
+        stages=(),
+        organization_id=system.org,
+        created_by="alice",
+        at=system.commands.now(),
+    )
+    hold = NewEvent(str(uuid.uuid4()), holder, org=system.org, pipeline_id=other)
+    async with system.store.begin_append(ev.pipeline_stream(other), [hold], 0):
+        run_id = await api.trigger(pipeline_id)
+        async with system.store.pool.connection() as conn:
+            cur = await conn.execute("SELECT count(*) FROM rm_runs WHERE id = %s", (run_id,))
+            row = await cur.fetchone()
+        assert row == (0,), "the projector saw the run: the read model does not lag here"
+
+        r = await api.client.delete(f"/api/v1/pipelines/{pipeline_id}", headers=api.admin())
+        assert r.status_code == 204, r.text
+
+        state, _ = await system.commands.load_run(run_id)
+        assert state.status == "cancelled", f"the run of a deleted pipeline is {state.status}"
 
 
 async def test_ten_concurrent_triggers_with_one_idempotency_key_create_one_run(api: Api) -> None:

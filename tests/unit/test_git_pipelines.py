@@ -1,8 +1,11 @@
-"""Git-backed pipelines, the pure parts: the Git fields of the Pipeline decider, their validation,
-old events without them, and the spec file formats."""
+"""Git-backed pipelines without Git: the Git fields of the Pipeline decider, their validation, old
+events without them, the spec file formats, and the application layer's Git sync and spec save
+through its Git port (a fake repository in memory)."""
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -21,7 +24,11 @@ from domain.pipeline import (
     pr_branch_name,
 )
 from domain.stages import Stage
+from infra.app.commands import Commands, ConcurrencyConflict
+from infra.app.ports import GitRepository
+from infra.git.files import FileAtHead, GitConflict, Pushed
 from infra.git.repos import GitError, parse_spec, render_spec
+from infra.store.memory import InMemoryEventStore
 from tests.unit.decider_dsl import Spec
 
 given = Spec(pipeline).given
@@ -206,3 +213,105 @@ def test_a_file_that_is_neither_json_nor_yaml_is_a_git_error() -> None:
         parse_spec("stages: [\n", "pipeline.yaml")
     with pytest.raises(GitError, match="not valid JSON"):
         parse_spec("{oops", "pipeline.json")
+
+
+# ---- the Git sync and the spec save, through the Git port ---------------------------------
+
+
+@dataclass
+class FakeRepo:
+    """A GitRepository in memory: branches of files, a commit per push; `conflict` refuses the next
+    push as if the branch had moved."""
+
+    branches: dict[str, dict[str, str]] = field(default_factory=dict)
+    heads: dict[str, str] = field(default_factory=dict)
+    reads: int = 0
+    commits: int = 0
+    conflict: bool = False
+
+    def push(self, branch: str, path: str, content: str) -> str:
+        files = dict(self.branches.get(branch, {}))
+        files[path] = content
+        self.branches[branch] = files
+        self.commits += 1
+        self.heads[branch] = f"{self.commits:040x}"
+        return self.heads[branch]
+
+    async def read_file(self, url: str, branch: str, path: str) -> FileAtHead:
+        self.reads += 1
+        if path not in self.branches.get(branch, {}):
+            raise GitError(f"{path} does not exist on branch {branch!r}")
+        return FileAtHead(content=self.branches[branch][path], commit_sha=self.heads[branch], branch=branch)
+
+    async def commit_file(
+        self,
+        url: str,
+        branch: str,
+        path: str,
+        content: str,
+        *,
+        message: str,
+        author: str,
+        expected_head: str | None = None,
+        push_to: str | None = None,
+    ) -> Pushed:
+        parent = self.heads.get(branch)
+        if self.conflict or (expected_head is not None and expected_head != parent):
+            self.conflict = False
+            raise GitConflict(f"branch {branch!r} moved")
+        target = push_to or branch
+        if push_to is not None:
+            self.branches[push_to] = dict(self.branches.get(branch, {}))
+        return Pushed(commit_sha=self.push(target, path, content), branch=target, parent_sha=parent)
+
+
+def git_commands(repo: GitRepository) -> Commands:
+    return Commands(InMemoryEventStore(), git=repo)
+
+
+async def git_pipeline(commands: Commands) -> pipeline.PipelineState:
+    return await commands.create_pipeline(name="app", description=None, stages=[], org="org1", by="alice", repo_url=URL)
+
+
+async def test_a_trigger_syncs_the_definition_from_the_branch_head_through_the_port() -> None:
+    repo = FakeRepo()
+    head = repo.push("main", pipeline.DEFAULT_PIPELINE_FILE, json.dumps(SPEC))
+    commands = git_commands(repo)
+    created = await git_pipeline(commands)
+
+    run, _ = await commands.trigger(created, by="bob")
+
+    assert (run.trigger["commitSha"], run.trigger["branch"]) == (head, "main")
+    synced, _ = await commands.load_pipeline(created.pipeline_id)
+    assert synced.definition_version == created.definition_version + 1
+    assert [s.id for s in synced.stages] == ["test"] and run.definition_version == synced.definition_version
+    # An unchanged head records no new version.
+    await commands.trigger(synced, by="bob")
+    assert (await commands.load_pipeline(created.pipeline_id))[0].definition_version == synced.definition_version
+    assert repo.reads == 2
+
+
+async def test_a_spec_save_commits_through_the_port_and_records_the_commit() -> None:
+    repo = FakeRepo()
+    repo.push("main", pipeline.DEFAULT_PIPELINE_FILE, json.dumps(SPEC))
+    commands = git_commands(repo)
+    created = await git_pipeline(commands)
+
+    saved = await commands.save_spec(created.pipeline_id, spec=SPEC, format="yaml", commit_message=None, by="bob")
+
+    assert saved.commit_sha == repo.heads["main"] and saved.branch == "main"
+    assert parse_spec(repo.branches["main"][pipeline.DEFAULT_PIPELINE_FILE], "x.yaml") == (SPEC, "yaml")
+    assert saved.state.definition_version == created.definition_version + 1
+
+
+async def test_a_branch_that_moved_is_a_conflict_and_records_nothing() -> None:
+    repo = FakeRepo()
+    repo.push("main", pipeline.DEFAULT_PIPELINE_FILE, json.dumps(SPEC))
+    commands = git_commands(repo)
+    created = await git_pipeline(commands)
+    repo.conflict = True
+
+    with pytest.raises(ConcurrencyConflict):
+        await commands.save_spec(created.pipeline_id, spec=SPEC, format="json", commit_message=None, by="bob")
+
+    assert (await commands.load_pipeline(created.pipeline_id))[0].definition_version == created.definition_version

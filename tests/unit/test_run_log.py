@@ -12,7 +12,7 @@ from domain import run as rn
 from domain.stages import Stage
 from infra.app.commands import Commands
 from infra.executor.executor import RunLog
-from infra.store.records import InMemoryEventStore
+from infra.store.memory import InMemoryEventStore
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 

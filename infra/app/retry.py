@@ -1,0 +1,64 @@
+"""The one command loop: load a stream, decide, append under optimistic concurrency, and on a lost
+race load and decide again (a stale command becomes a clear refusal instead of an overwrite)."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+from infra.app.ports import EventStore
+from infra.store.records import NewEvent, UniqueKey, WrongExpectedVersion
+
+S = TypeVar("S")
+E = TypeVar("E")
+
+Keys = tuple[Sequence[UniqueKey], Sequence[UniqueKey]]
+
+
+class ConcurrencyConflict(RuntimeError):
+    """Still losing optimistic-concurrency races after retries (HTTP 409)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Decided(Generic[S, E]):
+    """The state a decision was made against, its stream version, and the events appended
+    (none: the command had nothing to do and nothing was written)."""
+
+    state: S
+    version: int
+    events: list[E]
+
+
+async def load_decide_append(
+    store: EventStore,
+    stream_id: str,
+    *,
+    load: Callable[[], Awaitable[tuple[S, int]]],
+    decide: Callable[[S], list[E]],
+    record: Callable[[S, list[E]], list[NewEvent]],
+    retries: int,
+    conflict: str,
+    keys: Callable[[S, list[E]], Keys] | None = None,
+    before_append: Callable[[S, list[E]], Awaitable[None]] | None = None,
+    lost_race: Callable[[S, list[E]], Awaitable[None]] | None = None,
+) -> Decided[S, E]:
+    """`decide` raises the domain's refusals; `keys` gives the unique keys the events claim and
+    release; `before_append` runs between the decision and the append, `lost_race` undoes it when
+    the append loses to another writer. ConcurrencyConflict(`conflict`) after `retries` lost races."""
+    for _ in range(retries):
+        state, version = await load()
+        new = decide(state)
+        if not new:
+            return Decided(state, version, [])
+        claim, release = keys(state, new) if keys is not None else ((), ())
+        if before_append is not None:
+            await before_append(state, new)
+        try:
+            await store.append(stream_id, record(state, new), version, claim=claim, release=release)
+        except WrongExpectedVersion:
+            if lost_race is not None:
+                await lost_race(state, new)
+            continue
+        return Decided(state, version, new)
+    raise ConcurrencyConflict(conflict)

@@ -1,0 +1,161 @@
+"""Run commands: trigger a run (a Git-backed pipeline's definition synced first), decide any run
+command against the run's current state, append its log chunks."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import datetime
+from typing import Any
+
+from domain import events as ev
+from domain import pipeline as pl
+from domain import run as rn
+from domain.errors import NotFound
+from infra.app.context import AppContext
+from infra.app.definitions import Definitions
+from infra.app.ports import EventStore
+from infra.app.retry import load_decide_append
+from infra.store.records import NewEvent
+
+RunHook = Callable[[rn.RunState, list[rn.RunEvent]], Awaitable[None]]
+# Told a run's state and the stream version it was folded at.
+VersionHook = Callable[[str, rn.RunState, int], None]
+
+
+async def load_run(store: EventStore, run_id: str) -> tuple[rn.RunState, int]:
+    """The run folded from its stream, and the stream's version."""
+    state, version = rn.initial_state, 0
+    for rec in await store.read_stream(ev.run_stream(run_id)):
+        e = rec.event
+        assert ev.is_run_event(e)
+        state, version = rn.evolve(state, e), rec.stream_version
+    return state, version
+
+
+def all_runs(state: rn.RunState) -> bool:
+    return True
+
+
+class RunCommands:
+    def __init__(self, ctx: AppContext, definitions: Definitions) -> None:
+        self.ctx = ctx
+        self.definitions = definitions
+
+    async def load(self, run_id: str, on_version: VersionHook | None = None) -> tuple[rn.RunState, int]:
+        """The run folded from its stream, and the stream's version (also told to `on_version`)."""
+        state, version = await load_run(self.ctx.store, run_id)
+        if on_version is not None:
+            on_version(run_id, state, version)
+        return state, version
+
+    async def load_logs(self, run_id: str) -> list[rn.LogAppended]:
+        out = []
+        for rec in await self.ctx.store.read_stream(ev.run_log_stream(run_id)):
+            e = rec.event
+            assert isinstance(e, rn.LogAppended)
+            out.append(e)
+        return out
+
+    def records(self, org: str | None, pipeline_id: str, run_id: str, new: Sequence[ev.Event]) -> list[NewEvent]:
+        return [NewEvent(self.ctx.new_id(), e, org=org, pipeline_id=pipeline_id, run_id=run_id) for e in new]
+
+    async def trigger(
+        self,
+        pipeline: pl.PipelineState,
+        *,
+        by: str,
+        variables: dict[str, str] | None = None,
+        secret_names: Sequence[str] = (),
+        run_id: str | None = None,
+        trigger: dict[str, Any] | None = None,
+    ) -> tuple[rn.RunState, list[rn.RunEvent]]:
+        """Start a run of the pipeline's current definition. The run's variables are the
+        pipeline's (from its spec) overridden by the trigger's. A Git-backed pipeline's definition
+        is first read from its branch head (a new version when it changed); the run's trigger
+        records the commit (`commitSha`, `branch`)."""
+        ctx = self.ctx
+        trigger = dict(trigger or {"type": "manual"})
+        if pipeline.repo_url is not None:
+            pipeline, head = await self.definitions.sync_from_git(pipeline, by=by)
+            trigger["commitSha"] = head.commit_sha
+            if not trigger.get("branch"):
+                trigger["branch"] = head.branch
+        run_id = run_id or ctx.new_id()
+        cmd = rn.TriggerRun(
+            run_id=run_id,
+            pipeline_id=pipeline.pipeline_id,
+            organization_id=pipeline.organization_id,
+            definition_version=pipeline.definition_version,
+            stages=pipeline.stages,
+            variables={**pipeline.variables, **(variables or {})},
+            secret_names=tuple(secret_names),
+            trigger=trigger,
+            by=by,
+            at=ctx.now(),
+        )
+        new = rn.decide(cmd, rn.initial_state)
+        await ctx.store.append(
+            ev.run_stream(run_id), self.records(cmd.organization_id, cmd.pipeline_id, run_id, new), 0
+        )
+        ctx.appended()
+        ctx.run_appended(run_id)
+        return rn.fold(new), new
+
+    async def command(
+        self,
+        run_id: str,
+        make: Callable[[datetime], rn.RunCommand],
+        *,
+        visible: Callable[[rn.RunState], bool] = all_runs,
+        before_append: RunHook | None = None,
+        lost_race: RunHook | None = None,
+        on_version: VersionHook | None = None,
+        known: tuple[rn.RunState, int] | None = None,
+    ) -> tuple[rn.RunState, list[rn.RunEvent]]:
+        """Decide `make(now)` against the run's current state and append; on a lost race, again.
+
+        `before_append` runs between the decision and the append (the executor takes its stage
+        lease there, so a started stage always has one); `lost_race` undoes it when the append
+        loses to another writer. `on_version` is told each state and version read or written.
+        `known` (a state and its version, from an earlier call) saves the first read: only for
+        commands that always append or refuse, so that a stale state shows as a lost race.
+        """
+        first = [known] if known is not None else []
+
+        async def load() -> tuple[rn.RunState, int]:
+            return first.pop() if first else await self.load(run_id, on_version)
+
+        def decide(state: rn.RunState) -> list[rn.RunEvent]:
+            if not state.exists or not visible(state):
+                raise NotFound("run not found")
+            return rn.decide(make(self.ctx.now()), state)
+
+        done = await load_decide_append(
+            self.ctx.store,
+            ev.run_stream(run_id),
+            load=load,
+            decide=decide,
+            record=lambda state, new: self.records(state.organization_id, state.pipeline_id, run_id, new),
+            before_append=before_append,
+            lost_race=lost_race,
+            retries=self.ctx.retries,
+            conflict="run changed concurrently; try again",
+        )
+        state, new = done.state, done.events
+        if not new:
+            return state, []
+        self.ctx.appended()
+        self.ctx.run_appended(run_id)
+        for e in new:
+            state = rn.evolve(state, e)
+        if on_version is not None:
+            on_version(run_id, state, done.version + len(new))
+        return state, new
+
+    async def append_logs(self, state: rn.RunState, chunks: Sequence[rn.LogAppended]) -> None:
+        await self.ctx.store.append(
+            ev.run_log_stream(state.run_id),
+            self.records(state.organization_id, state.pipeline_id, state.run_id, chunks),
+            None,
+        )
+        self.ctx.appended()
