@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from infra.app.commands import Commands
 from infra.broker import bus
 from infra.config import Settings
-from infra.http.app import Deps
+from infra.http.deps import Deps
 from infra.http.idempotency import IdempotencyKeys
 from infra.http.queries import ReadModels
 from infra.secrets import SecretStore, load_key_material

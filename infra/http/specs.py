@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import re
 from importlib.metadata import entry_points
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 from litestar import Controller, Request, Response, get, post
-from litestar.connection import ASGIConnection
 from litestar.datastructures import State
-from litestar.exceptions import NotFoundException, PermissionDeniedException
-from litestar.handlers.base import BaseRouteHandler
+from litestar.exceptions import NotFoundException
 from litestar.params import FromPath, Parameter
 
 from domain import pipeline as pl
@@ -19,12 +17,14 @@ from domain.errors import Invalid
 from domain.spec import validate_spec
 from infra.auth import Principal
 from infra.git.repos import render_spec
+from infra.http.delivery import check_stage_refs
+from infra.http.deps import API, deps_of, load_visible_pipeline
+from infra.http.guards import member, viewer
+from infra.http.keyed import idempotent
+from infra.http.responses import decode_json, json_response
 from projections.views import iso
 
-if TYPE_CHECKING:
-    from infra.http.app import Deps
-
-SPEC_SCHEMA_URL = "/api/v1/schemas/pipeline-spec.json"
+SPEC_SCHEMA_URL = f"{API}/schemas/pipeline-spec.json"
 PLUGIN_GROUP = "pipelines.steps"
 
 
@@ -99,15 +99,6 @@ class SavedView(msgspec.Struct, kw_only=True, rename="camel"):
     pr_branch: str | None = None
 
 
-def _decode(raw: bytes, kind: type[Any]) -> Any:
-    try:
-        return msgspec.json.decode(raw, type=kind)
-    except msgspec.ValidationError as exc:
-        raise Invalid({"body": str(exc)}) from exc
-    except msgspec.DecodeError as exc:
-        raise Invalid({"body": f"is not valid JSON: {exc}"}) from exc
-
-
 def _view(state: pl.PipelineState, version: pl.DefinitionVersion, fmt: str | None) -> SpecView:
     chosen = fmt or version.format
     return SpecView(
@@ -123,21 +114,10 @@ def _view(state: pl.PipelineState, version: pl.DefinitionVersion, fmt: str | Non
     )
 
 
-def _viewer(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
-    if not connection.user.has("viewer"):
-        raise PermissionDeniedException("this action needs the viewer role")
-
-
 class SpecController(Controller):
-    path = "/api/v1/pipelines/{pipeline_id:str}"
+    path = f"{API}/pipelines/{{pipeline_id:str}}"
     tags = ["definitions"]
-    guards = [_viewer]
-
-    @staticmethod
-    async def _pipeline(request: Request[Principal, Any, State], pipeline_id: str) -> pl.PipelineState:
-        from infra.http.app import load_visible_pipeline
-
-        return await load_visible_pipeline(request, pipeline_id)
+    guards = [viewer]
 
     @get("/spec", summary="The pipeline's spec (current or a given version), as JSON and as text")
     async def get_spec(
@@ -147,7 +127,7 @@ class SpecController(Controller):
         format: Annotated[Literal["json", "yaml", "yml"] | None, Parameter(query="format")] = None,
         version: Annotated[int | None, Parameter(query="version", ge=1)] = None,
     ) -> SpecView:
-        state = await self._pipeline(request, pipeline_id)
+        state = await load_visible_pipeline(request, pipeline_id)
         if state.repo_url is not None and version is None:
             return await self._git_head(request, state, format)
         chosen = state.version(version or state.definition_version)
@@ -158,7 +138,7 @@ class SpecController(Controller):
     @staticmethod
     async def _git_head(request: Request[Principal, Any, State], state: pl.PipelineState, fmt: str | None) -> SpecView:
         """A Git-backed pipeline's spec as it is at its branch head."""
-        deps: Deps = request.app.state.deps
+        deps = deps_of(request)
         spec, stored, head = await deps.commands.read_git_spec(state)
         recorded = next((v for v in reversed(state.versions) if v.spec == spec), None)
         return SpecView(
@@ -176,7 +156,7 @@ class SpecController(Controller):
 
     @get("/versions", summary="Every definition version of the pipeline, oldest first")
     async def versions(self, request: Request[Principal, Any, State], pipeline_id: FromPath[str]) -> list[VersionView]:
-        state = await self._pipeline(request, pipeline_id)
+        state = await load_visible_pipeline(request, pipeline_id)
         return [
             VersionView(
                 version=v.version,
@@ -193,7 +173,7 @@ class SpecController(Controller):
     async def version(
         self, request: Request[Principal, Any, State], pipeline_id: FromPath[str], version: FromPath[int]
     ) -> SpecView:
-        state = await self._pipeline(request, pipeline_id)
+        state = await load_visible_pipeline(request, pipeline_id)
         chosen = state.version(version)
         if chosen is None:
             raise NotFoundException(f"pipeline has no definition version {version}")
@@ -201,8 +181,8 @@ class SpecController(Controller):
 
     @post("/spec/validate", status_code=200, summary="Validate a spec; every error with its path")
     async def validate(self, request: Request[Principal, Any, State], pipeline_id: FromPath[str]) -> ValidationView:
-        await self._pipeline(request, pipeline_id)
-        body: ValidateBody = _decode(await request.body(), ValidateBody)
+        await load_visible_pipeline(request, pipeline_id)
+        body: ValidateBody = decode_json(await request.body(), ValidateBody)
         errors, warnings = validate_spec(body.spec, plugins=installed_plugins())
         return ValidationView(
             valid=not errors,
@@ -210,16 +190,13 @@ class SpecController(Controller):
             warnings=[SpecIssue(path=w.path, message=w.message) for w in warnings],
         )
 
-    @post("/spec/save", status_code=200, summary="Save a spec as the next definition version")
+    @post("/spec/save", guards=[member], status_code=200, summary="Save a spec as the next definition version")
     async def save(self, request: Request[Principal, Any, State], pipeline_id: FromPath[str]) -> Response[bytes]:
         """With an Idempotency-Key, a retried save answers the first answer (and commits nothing again)."""
-        from infra.http.app import idempotent, require_role
-
-        require_role(request, "member")
-        deps: Deps = request.app.state.deps
+        deps = deps_of(request)
         principal = request.user
-        body: SaveBody = _decode(await request.body(), SaveBody)
-        state = await self._pipeline(request, pipeline_id)
+        body: SaveBody = decode_json(await request.body(), SaveBody)
+        state = await load_visible_pipeline(request, pipeline_id)
         if state.repo_url is None and (body.save_mode == "pr" or body.expected_head_commit_sha is not None):
             raise Invalid({"saveMode": "this pipeline is not backed by a Git repository; use saveMode direct"})
         sha = body.expected_head_commit_sha
@@ -227,8 +204,6 @@ class SpecController(Controller):
             raise Invalid({"expectedHeadCommitSha": "must be a commit sha (7-64 hex digits)"})
         if not isinstance(body.spec, dict):
             raise Invalid({"spec": "must be an object with `stages` or `jobs`"})
-        from infra.http.delivery import check_stage_refs
-
         await check_stage_refs(request, body.spec.get("stages"), "spec.stages")
         spec: dict[str, Any] = body.spec
 
@@ -252,7 +227,7 @@ class SpecController(Controller):
                 branch=saved.branch,
                 pr_branch=saved.pr_branch,
             )
-            return Response(content=msgspec.json.encode(view), status_code=200, media_type="application/json")
+            return json_response(200, view)
 
         return await idempotent(request, principal, run)
 
