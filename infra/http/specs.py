@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import re
-from importlib.metadata import entry_points
 from typing import Annotated, Any, Literal
 
 import msgspec
@@ -13,8 +11,8 @@ from litestar.exceptions import NotFoundException
 from litestar.params import FromPath, Parameter
 
 from domain import pipeline as pl
-from domain.errors import Invalid
 from domain.spec import validate_spec
+from infra.app.specs import SpecSaver, check_save, installed_plugins
 from infra.auth import Principal
 from infra.git.repos import render_spec
 from infra.http.delivery import check_stage_refs
@@ -25,15 +23,6 @@ from infra.http.responses import decode_json, json_response
 from projections.views import iso
 
 SPEC_SCHEMA_URL = f"{API}/schemas/pipeline-spec.json"
-PLUGIN_GROUP = "pipelines.steps"
-
-
-def installed_plugins() -> frozenset[str]:
-    """Step kinds that `uses` may name: entry points of the group `pipelines.steps`."""
-    return frozenset(e.name for e in entry_points(group=PLUGIN_GROUP))
-
-
-_COMMIT_SHA = re.compile(r"^[0-9a-fA-F]{7,64}$")
 
 
 def render(spec: dict[str, Any], fmt: str) -> str:
@@ -197,27 +186,24 @@ class SpecController(Controller):
         principal = request.user
         body: SaveBody = decode_json(await request.body(), SaveBody)
         state = await load_visible_pipeline(request, pipeline_id)
-        if state.repo_url is None and (body.save_mode == "pr" or body.expected_head_commit_sha is not None):
-            raise Invalid({"saveMode": "this pipeline is not backed by a Git repository; use saveMode direct"})
-        sha = body.expected_head_commit_sha
-        if sha is not None and not _COMMIT_SHA.match(sha):
-            raise Invalid({"expectedHeadCommitSha": "must be a commit sha (7-64 hex digits)"})
-        if not isinstance(body.spec, dict):
-            raise Invalid({"spec": "must be an object with `stages` or `jobs`"})
+        check_save(state, body.spec, body.save_mode, body.expected_head_commit_sha)
         await check_stage_refs(request, body.spec.get("stages"), "spec.stages")
         spec: dict[str, Any] = body.spec
+        commands = deps.commands
+        saver = SpecSaver(
+            commands.store, commands.git, now=commands.now, new_id=commands.new_id, on_append=commands.notify_appended
+        )
 
         async def run() -> Response[bytes]:
-            saved = await deps.commands.save_spec(
+            saved = await saver.save(
                 state.pipeline_id,
                 spec=spec,
                 format=body.format,
                 commit_message=body.commit_message,
                 by=principal.sub,
-                plugins=installed_plugins(),
                 visible=lambda s: s.organization_id == principal.org,
                 save_mode=body.save_mode,
-                expected_head_commit_sha=sha,
+                expected_head_commit_sha=body.expected_head_commit_sha,
             )
             view = SavedView(
                 pipeline_id=saved.state.pipeline_id,
