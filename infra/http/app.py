@@ -21,10 +21,9 @@ from infra.http.hooks import WebhookSettingsController, receive_hook
 from infra.http.pipelines import PipelineController
 from infra.http.runs import RunController, run_actions
 from infra.http.specs import SPEC_SCHEMA_URL, SpecController, spec_schema
+from infra.metrics import CONTENT_TYPE, exposition, http_responses
 
 __all__ = ["Deps", "create_app"]
-
-_requests: dict[tuple[str, int], int] = {}
 
 
 @get("/healthz", include_in_schema=False)
@@ -45,18 +44,14 @@ async def readyz(request: Request[Any, Any, State]) -> Response[Any]:
     )
 
 
-@get("/metrics", include_in_schema=False, media_type="text/plain; version=0.0.4")
-async def metrics() -> str:
-    lines = ["# TYPE pipelines_http_responses_total counter"]
-    for (method, status), n in sorted(_requests.items()):
-        lines.append(f'pipelines_http_responses_total{{method="{method}",status="{status}"}} {n}')
-    return "\n".join(lines) + "\n"
+@get("/metrics", include_in_schema=False)
+async def metrics() -> Response[bytes]:
+    return Response(content=exposition(), media_type=CONTENT_TYPE)
 
 
 async def _count(message: Any, scope: Any) -> None:
     if message["type"] == "http.response.start":
-        key = (scope.get("method", ""), int(message["status"]))
-        _requests[key] = _requests.get(key, 0) + 1
+        http_responses.labels(scope.get("method", ""), str(int(message["status"]))).inc()
 
 
 def create_app(build: Callable[[], Awaitable[Deps]]) -> Litestar:

@@ -8,6 +8,7 @@ import uuid
 from typing import Any
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.integration.system import System, eventually
 
@@ -383,6 +384,24 @@ async def test_deleting_a_pipeline_cancels_its_active_runs(system: System) -> No
     assert r.status_code == 204
     state, _ = await system.commands.load_run(run["id"])
     assert state.status == "cancelled" and state.status_reason == "pipeline deleted"
+
+
+async def test_metrics_are_prometheus_text_that_counts_each_response(system: System) -> None:
+    async def refused_deletes() -> float:
+        r = await system.client.get("/metrics")
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+        families = {f.name: f for f in text_string_to_metric_families(r.text)}
+        responses = families["pipelines_http_responses"]
+        assert responses.type == "counter"
+        return sum(
+            s.value
+            for s in responses.samples
+            if s.name == "pipelines_http_responses_total" and s.labels == {"method": "DELETE", "status": "401"}
+        )
+
+    before = await refused_deletes()
+    assert (await system.client.delete("/api/v1/pipelines/some-id")).status_code == 401
+    assert await refused_deletes() == before + 1
 
 
 async def test_health_readiness_metrics_and_openapi(system: System) -> None:
