@@ -3,18 +3,24 @@ same key with another body is 409. Scoped to the caller, method and path; kept f
 (24 hours by default), after which writes purge them.
 
 The first request inserts a pending row before it runs the command, so concurrent requests
-with one key run the command once: the others wait for the first one's stored response.
+with one key run the command once: the others wait for the first one's stored response. The
+row's short lease is renewed while the command runs (`held`), so only a request whose process
+died loses its key to a retry, however slow the command.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 from psycopg_pool import AsyncConnectionPool
 
+log = logging.getLogger("pipelines.api")
 TTL_HOURS = 24.0
 # How often (at most) a process purges the keys past their retention: on a write, so that an idle
 # server does no work, and rows never pile up beyond one retention plus this.
@@ -117,6 +123,29 @@ class IdempotencyKeys:
             if loop.time() > deadline:
                 raise InFlight("a request with this Idempotency-Key is still in progress")
             await asyncio.sleep(0.02)
+
+    @asynccontextmanager
+    async def held(self, scope: str, key: str) -> AsyncIterator[None]:
+        """Around the command of a key we own: renew its lease until the block ends."""
+        heartbeat = asyncio.create_task(self._renew(scope, key))
+        try:
+            yield
+        finally:
+            heartbeat.cancel()
+            await asyncio.wait([heartbeat])
+
+    async def _renew(self, scope: str, key: str) -> None:
+        while True:
+            await asyncio.sleep(self._lease / 3)
+            try:
+                async with self._pool.connection() as conn:
+                    await conn.execute(
+                        "UPDATE idempotency_keys SET locked_until = now() + make_interval(secs => %s) "
+                        "WHERE scope = %s AND key = %s AND status_code IS NULL",
+                        (self._lease, scope, key),
+                    )
+            except Exception:  # the next beat tries again; the lease has two more beats left
+                log.warning("cannot renew the lease of an Idempotency-Key", exc_info=True)
 
     async def finish(self, scope: str, key: str, status_code: int, body: bytes) -> None:
         async with self._pool.connection() as conn:

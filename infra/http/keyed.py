@@ -38,7 +38,8 @@ async def idempotent(
     if stored is not None:
         return Response(content=stored.body, status_code=stored.status_code, media_type="application/json")
     try:
-        response = await run()
+        async with deps.idempotency.held(scope, key):
+            response = await run()
     except BaseException as exc:
         # Client errors are answers too: store them. Anything else may succeed on a retry.
         status = _status_of(request, exc)
