@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable
@@ -13,7 +14,7 @@ from typing import TYPE_CHECKING
 from infra.app.commands import Commands
 from infra.broker import bus
 from infra.config import Settings
-from infra.http.app import Deps
+from infra.http.deps import Deps
 from infra.http.idempotency import IdempotencyKeys
 from infra.http.queries import ReadModels
 from infra.secrets import SecretStore, load_key_material
@@ -37,6 +38,18 @@ async def open_store(settings: Settings, *, max_size: int = 10) -> tuple[AsyncCo
     await migrate(settings.database_url)
     pool = await open_pool(settings.database_url, max_size=max_size)
     return pool, PostgresEventStore(pool)
+
+
+def _idempotency_retention_hours() -> float:
+    """PIPELINES_IDEMPOTENCY_RETENTION_HOURS: how long a response stays answerable to its key (24)."""
+    raw = os.environ.get("PIPELINES_IDEMPOTENCY_RETENTION_HOURS", "24")
+    try:
+        hours = float(raw)
+    except ValueError:
+        hours = 0.0
+    if not 0 < hours <= 24 * 365:
+        raise ValueError(f"PIPELINES_IDEMPOTENCY_RETENTION_HOURS must be more than 0 and at most 8760, not {raw!r}")
+    return hours
 
 
 async def build_api(settings: Settings) -> Deps:
@@ -76,7 +89,7 @@ async def build_api(settings: Settings) -> Deps:
         settings=settings,
         commands=commands,
         read_models=ReadModels(pool),
-        idempotency=IdempotencyKeys(pool),
+        idempotency=IdempotencyKeys(pool, retention_hours=_idempotency_retention_hours()),
         ready=ready,
         close=close,
         secrets=secrets,

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from importlib.metadata import entry_points
 from typing import Any, Literal
 from zoneinfo import ZoneInfo
 
@@ -16,6 +15,7 @@ from infra.app.context import AppContext
 from infra.app.pipelines import PipelineCommands, Visible, everyone
 from infra.app.ports import GitRepository
 from infra.app.retry import ConcurrencyConflict
+from infra.app.specs import installed_plugins
 from infra.git.files import FileAtHead, GitConflict, GitError, parse_spec, render_spec
 
 
@@ -120,7 +120,7 @@ class Definitions:
             raise Invalid({"repoUrl": f"cannot read {path} from branch {pipeline.default_branch!r}: {exc}"}) from exc
         where = f"{path}@{head.commit_sha[:12]}"
         errors, _ = validate_spec(
-            spec, zone=ZoneInfo, plugins=frozenset(e.name for e in entry_points(group="pipelines.steps"))
+            spec, zone=ZoneInfo, plugins=installed_plugins()
         )
         if errors:
             raise Invalid({f"{where}: {e.path}": e.message for e in errors})

@@ -4,55 +4,37 @@ deployment history, and the save-time check of deploy stages' references."""
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import Annotated, Any
 from urllib.parse import urlsplit
 
 import msgspec
 from litestar import Controller, Request, Response, delete, get, patch, post, put
-from litestar.connection import ASGIConnection
 from litestar.datastructures import State
-from litestar.exceptions import HTTPException, NotFoundException, PermissionDeniedException
-from litestar.handlers.base import BaseRouteHandler
+from litestar.exceptions import HTTPException, NotFoundException
 from litestar.params import FromPath, FromQuery, Parameter
 
 from domain.errors import Invalid
 from infra.auth import Principal
 from infra.delivery.deliveries import Item, Kind, NameInUse, Registry
+from infra.http.deps import API, deps_of
+from infra.http.errors import error_response
+from infra.http.guards import admin, viewer
+from infra.http.keyed import idempotent
+from infra.http.responses import json_response
 from infra.store.postgres import PostgresEventStore
 from projections.deployments import DeploymentView
 from projections.views import iso
 
-if TYPE_CHECKING:
-    from infra.http.app import Deps
-
-API = "/api/v1"
-_encoder = msgspec.json.Encoder()
 _deployment = msgspec.json.Decoder(DeploymentView)
 _NAME = re.compile(r"^\S(.{0,98}\S)?$")
 STATUSES = ("queued", "running", "succeeded", "failed")
 
 
-def _role(role: str) -> Any:
-    def guard(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
-        if not connection.user.has(role):
-            raise PermissionDeniedException(f"this action needs the {role} role")
-
-    return guard
-
-
-_viewer = _role("viewer")
-_admin = _role("admin")
-
-
 def registry_of(request: Request[Any, Any, State]) -> Registry:
-    deps: Deps = request.app.state.deps
+    deps = deps_of(request)
     store = deps.commands.store
     assert isinstance(store, PostgresEventStore), "environments need the PostgreSQL store"
     return Registry(store.pool, deps.secrets)
-
-
-def _json(status: int, body: Any) -> Response[bytes]:
-    return Response(content=_encoder.encode(body), status_code=status, media_type="application/json")
 
 
 async def _body(request: Request[Any, Any, State]) -> dict[str, Any]:
@@ -176,19 +158,19 @@ def _current_body(item: Item) -> dict[str, Any]:
 
 class _Registry(Controller):
     kind: Kind = "environment"
-    guards = [_viewer]
+    guards = [viewer]
     tags = ["delivery"]
 
     async def _create(self, request: Request[Principal, Any, State]) -> Response[bytes]:
-        deps: Deps = request.app.state.deps
+        deps = deps_of(request)
         doc, secret = _parse(self.kind, await _body(request))
         try:
             item = await registry_of(request).create(
                 self.kind, request.user.org, doc["name"], doc, secret, request.user.sub, deps.commands.now()
             )
         except NameInUse as exc:
-            return _json(409, {"statusCode": 409, "error": "Conflict", "message": str(exc)})
-        return _json(201, _view(item))
+            return error_response(409, str(exc))
+        return json_response(201, _view(item))
 
     async def _get(self, request: Request[Principal, Any, State], item_id: str) -> Item:
         item = await registry_of(request).get(self.kind, request.user.org, item_id)
@@ -197,7 +179,7 @@ class _Registry(Controller):
         return item
 
     async def _update(self, request: Request[Principal, Any, State], item_id: str, whole: bool) -> Response[bytes]:
-        deps: Deps = request.app.state.deps
+        deps = deps_of(request)
         current = await self._get(request, item_id)
         body = await _body(request)
         if not whole:
@@ -208,10 +190,10 @@ class _Registry(Controller):
                 self.kind, request.user.org, current.id, doc["name"], doc, secret, deps.commands.now()
             )
         except NameInUse as exc:
-            return _json(409, {"statusCode": 409, "error": "Conflict", "message": str(exc)})
+            return error_response(409, str(exc))
         if item is None:
             raise NotFoundException(f"{self.kind} not found")
-        return _json(200, _view(item))
+        return json_response(200, _view(item))
 
     async def _delete(self, request: Request[Principal, Any, State], item_id: str) -> None:
         registry = registry_of(request)
@@ -227,30 +209,28 @@ class _Registry(Controller):
     @get("/", summary="List")
     async def list_items(self, request: Request[Principal, Any, State]) -> Response[bytes]:
         items = await registry_of(request).list_all(self.kind, request.user.org)
-        return _json(200, [_view(i) for i in items])
+        return json_response(200, [_view(i) for i in items])
 
-    @post("/", guards=[_admin], summary="Create (admin)", status_code=201)
+    @post("/", guards=[admin], summary="Create (admin)", status_code=201)
     async def create_item(self, request: Request[Principal, Any, State]) -> Response[bytes]:
-        from infra.http.app import idempotent
-
-        deps: Deps = request.app.state.deps
+        deps = deps_of(request)
         # The body may carry a webhook secret: keep only a keyed hash of it with the key.
         digest = deps.secrets.request_digest(await request.body()) if deps.secrets is not None else None
         return await idempotent(request, request.user, lambda: self._create(request), digest=digest)
 
     @get("/{item_id:str}", summary="Get one")
     async def get_item(self, request: Request[Principal, Any, State], item_id: FromPath[str]) -> Response[bytes]:
-        return _json(200, _view(await self._get(request, item_id)))
+        return json_response(200, _view(await self._get(request, item_id)))
 
-    @put("/{item_id:str}", guards=[_admin], summary="Replace (admin)")
+    @put("/{item_id:str}", guards=[admin], summary="Replace (admin)")
     async def put_item(self, request: Request[Principal, Any, State], item_id: FromPath[str]) -> Response[bytes]:
         return await self._update(request, item_id, whole=True)
 
-    @patch("/{item_id:str}", guards=[_admin], summary="Update some fields (admin)")
+    @patch("/{item_id:str}", guards=[admin], summary="Update some fields (admin)")
     async def patch_item(self, request: Request[Principal, Any, State], item_id: FromPath[str]) -> Response[bytes]:
         return await self._update(request, item_id, whole=False)
 
-    @delete("/{item_id:str}", guards=[_admin], summary="Delete (admin)")
+    @delete("/{item_id:str}", guards=[admin], summary="Delete (admin)")
     async def delete_item(self, request: Request[Principal, Any, State], item_id: FromPath[str]) -> None:
         await self._delete(request, item_id)
 
@@ -279,7 +259,7 @@ class DeploymentPage(msgspec.Struct, kw_only=True):
 
 class DeploymentController(Controller):
     path = f"{API}/deployments"
-    guards = [_viewer]
+    guards = [viewer]
     tags = ["delivery"]
 
     @get("/", summary="Deployment history, newest first")

@@ -58,11 +58,3 @@ class ReadModels:
                         step.output = outputs.get(step_log_key(sr.stage_id, job.name, step.name), "")
             out.append(view)
         return out
-
-    async def active_run_ids(self, pipeline_id: str) -> list[str]:
-        async with self._pool.connection() as conn:
-            cur = await conn.execute(
-                "SELECT id FROM rm_runs WHERE pipeline_id = %s AND status NOT IN ('succeeded', 'failed', 'cancelled')",
-                (pipeline_id,),
-            )
-            return [r[0] for r in await cur.fetchall()]

@@ -2,39 +2,28 @@
 
 from __future__ import annotations
 
-import re
-from importlib.metadata import entry_points
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfo
 
 import msgspec
 from litestar import Controller, Request, Response, get, post
-from litestar.connection import ASGIConnection
 from litestar.datastructures import State
-from litestar.exceptions import NotFoundException, PermissionDeniedException
-from litestar.handlers.base import BaseRouteHandler
+from litestar.exceptions import NotFoundException
 from litestar.params import FromPath, Parameter
 
 from domain import pipeline as pl
-from domain.errors import Invalid
 from domain.spec import validate_spec
+from infra.app.specs import check_save, installed_plugins
 from infra.auth import Principal
 from infra.git.repos import render_spec
+from infra.http.delivery import check_stage_refs
+from infra.http.deps import API, deps_of, load_visible_pipeline
+from infra.http.guards import member, viewer
+from infra.http.keyed import idempotent
+from infra.http.responses import decode_json, json_response
 from projections.views import iso
 
-if TYPE_CHECKING:
-    from infra.http.app import Deps
-
-SPEC_SCHEMA_URL = "/api/v1/schemas/pipeline-spec.json"
-PLUGIN_GROUP = "pipelines.steps"
-
-
-def installed_plugins() -> frozenset[str]:
-    """Step kinds that `uses` may name: entry points of the group `pipelines.steps`."""
-    return frozenset(e.name for e in entry_points(group=PLUGIN_GROUP))
-
-
-_COMMIT_SHA = re.compile(r"^[0-9a-fA-F]{7,64}$")
+SPEC_SCHEMA_URL = f"{API}/schemas/pipeline-spec.json"
 
 
 def render(spec: dict[str, Any], fmt: str) -> str:
@@ -100,15 +89,6 @@ class SavedView(msgspec.Struct, kw_only=True, rename="camel"):
     pr_branch: str | None = None
 
 
-def _decode(raw: bytes, kind: type[Any]) -> Any:
-    try:
-        return msgspec.json.decode(raw, type=kind)
-    except msgspec.ValidationError as exc:
-        raise Invalid({"body": str(exc)}) from exc
-    except msgspec.DecodeError as exc:
-        raise Invalid({"body": f"is not valid JSON: {exc}"}) from exc
-
-
 def _view(state: pl.PipelineState, version: pl.DefinitionVersion, fmt: str | None) -> SpecView:
     chosen = fmt or version.format
     return SpecView(
@@ -124,21 +104,10 @@ def _view(state: pl.PipelineState, version: pl.DefinitionVersion, fmt: str | Non
     )
 
 
-def _viewer(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
-    if not connection.user.has("viewer"):
-        raise PermissionDeniedException("this action needs the viewer role")
-
-
 class SpecController(Controller):
-    path = "/api/v1/pipelines/{pipeline_id:str}"
+    path = f"{API}/pipelines/{{pipeline_id:str}}"
     tags = ["definitions"]
-    guards = [_viewer]
-
-    @staticmethod
-    async def _pipeline(request: Request[Principal, Any, State], pipeline_id: str) -> pl.PipelineState:
-        from infra.http.app import load_visible_pipeline
-
-        return await load_visible_pipeline(request, pipeline_id)
+    guards = [viewer]
 
     @get("/spec", summary="The pipeline's spec (current or a given version), as JSON and as text")
     async def get_spec(
@@ -148,7 +117,7 @@ class SpecController(Controller):
         format: Annotated[Literal["json", "yaml", "yml"] | None, Parameter(query="format")] = None,
         version: Annotated[int | None, Parameter(query="version", ge=1)] = None,
     ) -> SpecView:
-        state = await self._pipeline(request, pipeline_id)
+        state = await load_visible_pipeline(request, pipeline_id)
         if state.repo_url is not None and version is None:
             return await self._git_head(request, state, format)
         chosen = state.version(version or state.definition_version)
@@ -159,7 +128,7 @@ class SpecController(Controller):
     @staticmethod
     async def _git_head(request: Request[Principal, Any, State], state: pl.PipelineState, fmt: str | None) -> SpecView:
         """A Git-backed pipeline's spec as it is at its branch head."""
-        deps: Deps = request.app.state.deps
+        deps = deps_of(request)
         spec, stored, head = await deps.commands.read_git_spec(state)
         recorded = next((v for v in reversed(state.versions) if v.spec == spec), None)
         return SpecView(
@@ -177,7 +146,7 @@ class SpecController(Controller):
 
     @get("/versions", summary="Every definition version of the pipeline, oldest first")
     async def versions(self, request: Request[Principal, Any, State], pipeline_id: FromPath[str]) -> list[VersionView]:
-        state = await self._pipeline(request, pipeline_id)
+        state = await load_visible_pipeline(request, pipeline_id)
         return [
             VersionView(
                 version=v.version,
@@ -194,7 +163,7 @@ class SpecController(Controller):
     async def version(
         self, request: Request[Principal, Any, State], pipeline_id: FromPath[str], version: FromPath[int]
     ) -> SpecView:
-        state = await self._pipeline(request, pipeline_id)
+        state = await load_visible_pipeline(request, pipeline_id)
         chosen = state.version(version)
         if chosen is None:
             raise NotFoundException(f"pipeline has no definition version {version}")
@@ -202,8 +171,8 @@ class SpecController(Controller):
 
     @post("/spec/validate", status_code=200, summary="Validate a spec; every error with its path")
     async def validate(self, request: Request[Principal, Any, State], pipeline_id: FromPath[str]) -> ValidationView:
-        await self._pipeline(request, pipeline_id)
-        body: ValidateBody = _decode(await request.body(), ValidateBody)
+        await load_visible_pipeline(request, pipeline_id)
+        body: ValidateBody = decode_json(await request.body(), ValidateBody)
         errors, warnings = validate_spec(body.spec, zone=ZoneInfo, plugins=installed_plugins())
         return ValidationView(
             valid=not errors,
@@ -211,25 +180,14 @@ class SpecController(Controller):
             warnings=[SpecIssue(path=w.path, message=w.message) for w in warnings],
         )
 
-    @post("/spec/save", status_code=200, summary="Save a spec as the next definition version")
+    @post("/spec/save", guards=[member], status_code=200, summary="Save a spec as the next definition version")
     async def save(self, request: Request[Principal, Any, State], pipeline_id: FromPath[str]) -> Response[bytes]:
         """With an Idempotency-Key, a retried save answers the first answer (and commits nothing again)."""
-        from infra.http.app import idempotent, require_role
-
-        require_role(request, "member")
-        deps: Deps = request.app.state.deps
+        deps = deps_of(request)
         principal = request.user
-        body: SaveBody = _decode(await request.body(), SaveBody)
-        state = await self._pipeline(request, pipeline_id)
-        if state.repo_url is None and (body.save_mode == "pr" or body.expected_head_commit_sha is not None):
-            raise Invalid({"saveMode": "this pipeline is not backed by a Git repository; use saveMode direct"})
-        sha = body.expected_head_commit_sha
-        if sha is not None and not _COMMIT_SHA.match(sha):
-            raise Invalid({"expectedHeadCommitSha": "must be a commit sha (7-64 hex digits)"})
-        if not isinstance(body.spec, dict):
-            raise Invalid({"spec": "must be an object with `stages` or `jobs`"})
-        from infra.http.delivery import check_stage_refs
-
+        body: SaveBody = decode_json(await request.body(), SaveBody)
+        state = await load_visible_pipeline(request, pipeline_id)
+        check_save(state, body.spec, body.save_mode, body.expected_head_commit_sha)
         await check_stage_refs(request, body.spec.get("stages"), "spec.stages")
         spec: dict[str, Any] = body.spec
 
@@ -243,7 +201,7 @@ class SpecController(Controller):
                 plugins=installed_plugins(),
                 visible=lambda s: s.organization_id == principal.org,
                 save_mode=body.save_mode,
-                expected_head_commit_sha=sha,
+                expected_head_commit_sha=body.expected_head_commit_sha,
             )
             view = SavedView(
                 pipeline_id=saved.state.pipeline_id,
@@ -253,7 +211,7 @@ class SpecController(Controller):
                 branch=saved.branch,
                 pr_branch=saved.pr_branch,
             )
-            return Response(content=msgspec.json.encode(view), status_code=200, media_type="application/json")
+            return json_response(200, view)
 
         return await idempotent(request, principal, run)
 

@@ -8,6 +8,7 @@ import uuid
 from typing import Any
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.integration.system import System, eventually
 
@@ -302,15 +303,25 @@ async def test_cancel_stops_the_run_before_its_next_stage(system: System) -> Non
     )
     run = await system.trigger(p["id"])
     await system.wait_run(p["id"], run["id"], lambda r: r["stageResults"][0]["status"] == "running")
+    workdir = system.executor.workdir / run["id"]
+
+    async def executor_working() -> bool:
+        return workdir.exists()
+
+    async def executor_done() -> bool:
+        return not workdir.exists()
+
+    await eventually(executor_working, what="the stage's working directory")
     url = f"/api/v1/pipelines/{p['id']}/runs/{run['id']}"
     r = await system.client.post(f"{url}/cancel", headers=system.headers("member"))
     assert r.status_code == 403
     r = await system.client.post(f"{url}/cancel", json={"reason": "wrong branch"}, headers=system.headers("admin"))
     assert r.status_code == 200 and r.json()["status"] == "cancelled"
     cancelled_at = r.json()["finishedAt"]
-    # the running stage finishes and is recorded; nothing new starts
-    done = await system.wait_run(p["id"], run["id"], lambda x: x["stageResults"][0]["status"] == "succeeded")
-    await asyncio.sleep(0.5)
+    # the running stage finishes and is recorded; nothing new starts: the executor's last act for
+    # an ended run is to remove its working directory, and after that the run is as it stays
+    await system.wait_run(p["id"], run["id"], lambda x: x["stageResults"][0]["status"] == "succeeded")
+    await eventually(executor_done, what="the executor to be done with the cancelled run")
     done = await system.get_run(p["id"], run["id"])
     assert done["status"] == "cancelled" and done["finishedAt"] == cancelled_at
     assert done["stageResults"][0]["output"] == "slept\n"
@@ -383,6 +394,24 @@ async def test_deleting_a_pipeline_cancels_its_active_runs(system: System) -> No
     assert r.status_code == 204
     state, _ = await system.commands.load_run(run["id"])
     assert state.status == "cancelled" and state.status_reason == "pipeline deleted"
+
+
+async def test_metrics_are_prometheus_text_that_counts_each_response(system: System) -> None:
+    async def refused_deletes() -> float:
+        r = await system.client.get("/metrics")
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+        families = {f.name: f for f in text_string_to_metric_families(r.text)}
+        responses = families["pipelines_http_responses"]
+        assert responses.type == "counter"
+        return sum(
+            s.value
+            for s in responses.samples
+            if s.name == "pipelines_http_responses_total" and s.labels == {"method": "DELETE", "status": "401"}
+        )
+
+    before = await refused_deletes()
+    assert (await system.client.delete("/api/v1/pipelines/some-id")).status_code == 401
+    assert await refused_deletes() == before + 1
 
 
 async def test_health_readiness_metrics_and_openapi(system: System) -> None:
