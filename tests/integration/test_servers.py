@@ -1,4 +1,4 @@
-"""The embedded servers (services/dev/servers.py) and the fixture chain that finds servers (tests/servers.py)."""
+"""The embedded servers (services/dev/postgres.py, nats.py) and the fixture chain that finds them (tests/servers.py)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,10 @@ import nats
 import psycopg
 import pytest
 
-from services.dev.servers import RunningPostgres, ServerError, free_port, start_nats, start_postgres
+from services.dev.errors import ServerError
+from services.dev.nats import start_nats
+from services.dev.ports import free_port
+from services.dev.postgres import RunningPostgres, start_postgres
 from tests import servers
 
 pytestmark = pytest.mark.integration

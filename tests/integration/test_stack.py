@@ -25,7 +25,7 @@ import pytest
 from infra.auth import verify_token
 from infra.config import Settings
 from services.cli import main as cli_main
-from services.dev.servers import free_port
+from services.dev.ports import free_port
 from services.dev.stack import Stack
 from tests.servers import wait_for
 
