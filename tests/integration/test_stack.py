@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -269,6 +270,8 @@ def test_pipelines_up_stops_everything_on_sigterm_and_reaps_orphans(dummy_env: d
         assert wait_for(lambda: reader.text.count("ready ") >= 2, timeout=15), reader.text
         assert not any(_alive(p) for p in orphans)
         text = reader.text
+        # The supervisor's own tooling logs through its prefixed output, like the services.
+        assert re.search(r"^stack +\| stopping process \d+ left behind by an earlier run", text, re.M), text
         assert f"API         http://127.0.0.1:{env['PIPELINES_API_PORT']}/api/v1/pipelines" in text
         assert f"OpenAPI     http://127.0.0.1:{env['PIPELINES_API_PORT']}/schema" in text
         assert f"WebSocket   ws://127.0.0.1:{env['PIPELINES_GATEWAY_PORT']}/api/v1/ws" in text
