@@ -122,13 +122,19 @@ def test_the_layer_rule_still_holds(tmp_path: Path, capsys: pytest.CaptureFixtur
         {
             "domain/model.py": "import psycopg\n",
             "infra/adapter.py": "def f() -> None:\n    from services import api\n",
-            "services/api.py": "",
+            "services/api.py": "from services.dev.stack import Stack\n",
+            "services/cli.py": "from services.dev.stack import Stack\n",
+            "services/dev/__init__.py": "",
+            "services/dev/stack.py": "class Stack: ...\n",
         },
     )
     code, out = _run(root, capsys)
     assert code == 1
     assert "domain/model.py:1: imports psycopg: domain is pure" in out
     assert "infra/adapter.py:2: imports services: infra must not import services" in out
+    # Development tooling is for the `pipelines` command line only, never for a service.
+    assert "services/api.py:1: imports services.dev.stack: a service must not import another services module" in out
+    assert "services/cli.py" not in out
 
 
 def test_the_project_tree_has_no_layer_violation_and_no_cycle(capsys: pytest.CaptureFixture[str]) -> None:
