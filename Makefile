@@ -31,15 +31,15 @@ lint: $(STAMP)
 	$(BIN)/mypy
 	$(BIN)/python tools/check_imports.py
 
-# -rs: every skipped test is listed with its reason (the root-only ones say "needs root"). A run that
-# collected no test exits 5, which fails the target like any other failure.
+# -rfEs: the summary lists failures, errors and every skipped test with its reason (a root-only
+# test skipped elsewhere says "needs root"). A run that collected no test exits 5: the target fails.
 test: lint
-	$(BIN)/pytest -q -rs -m "not soak"
+	$(BIN)/pytest -q -rfEs -m "not soak"
 
 # The long suites: the 50-run fault suite (tests/fault, kill -9 of every service and restarts of
 # nats-server) and whatever else is marked soak. `make test` runs the 10-run fault suite.
 soak: $(STAMP)
-	$(BIN)/pytest -q -rs -m soak --timeout=1800
+	$(BIN)/pytest -q -rfEs -m soak --timeout=1800
 
 # The benchmark suite (docs/benchmarks.md): installs the `bench` extra (DBOS, the peer it is
 # compared with), then runs every workload several times against embedded servers and prints
