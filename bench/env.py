@@ -25,7 +25,9 @@ from urllib.parse import urlsplit, urlunsplit
 import psycopg
 from psycopg import sql
 
-from services.dev.servers import RunningNats, RunningPostgres, free_port, start_nats, start_postgres
+from services.dev.nats import RunningNats, start_nats
+from services.dev.ports import free_port
+from services.dev.postgres import RunningPostgres, start_postgres
 from services.dev.stack import Stack
 
 ROOT = Path(__file__).resolve().parent.parent

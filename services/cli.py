@@ -40,8 +40,11 @@ def _token_command() -> str:
     return f"{exe} token --sub alice --role admin"
 
 
+_TOOLING_LOGGERS = ("services.dev", "infra")
+
+
 class _StackLogHandler(logging.Handler):
-    """Routes log records (embedded servers) through the stack's prefixed output."""
+    """Routes log records of the embedded servers and the supervisor through the stack's prefixed output."""
 
     def __init__(self, stack: Stack) -> None:
         super().__init__(logging.WARNING)
@@ -55,8 +58,11 @@ def _up(args: argparse.Namespace) -> int:
     _settings()  # validates the environment early; warns when PIPELINES_JWT_SECRET is unset
     stack = Stack(services=args.service or SERVICES, package=args.package)
     handler = _StackLogHandler(stack)
-    logging.getLogger("infra").addHandler(handler)
-    logging.getLogger("infra").setLevel(logging.INFO)
+    # services.dev: the embedded servers and stale processes (before the move they were infra.servers).
+    loggers = [logging.getLogger(name) for name in _TOOLING_LOGGERS]
+    for logger in loggers:
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
 
     stop = threading.Event()
     signals = 0
@@ -85,7 +91,8 @@ def _up(args: argparse.Namespace) -> int:
             pass
     finally:
         stack.stop()
-        logging.getLogger("infra").removeHandler(handler)
+        for logger in loggers:
+            logger.removeHandler(handler)
     stack.say("stopped")
     return 0
 

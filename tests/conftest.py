@@ -24,6 +24,18 @@ def pytest_report_header() -> str:
         return f"servers: {exc}"
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every skip says why (CI lists them with -rs; a root-only test says "needs root")."""
+    bare = []
+    for item in items:
+        for mark in [*item.iter_markers("skip"), *item.iter_markers("skipif")]:
+            reason = mark.kwargs.get("reason", mark.args[0] if mark.name == "skip" and mark.args else "")
+            if not str(reason).strip():
+                bare.append(f"{item.nodeid}: a skip needs a reason")
+    if bare:
+        raise pytest.UsageError("\n".join(bare))
+
+
 @pytest.fixture(scope="session")
 def database_url() -> Iterator[str]:
     with servers.session_database() as url:

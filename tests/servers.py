@@ -6,7 +6,7 @@ Order (DESIGN.md, "Configuration and running"):
    PIPELINES_DATABASE_URL / PIPELINES_NATS_URL;
 2. testcontainers (postgres:16, nats:2.10 -js) when a Docker engine answers within 3 s (a Docker
    client without an engine fails over at once);
-3. the embedded servers (services/dev/servers.py) in a temporary directory.
+3. the embedded servers (services/dev/postgres.py, services/dev/nats.py) in a temporary directory.
 
 PIPELINES_TEST_SERVERS=env|docker|embedded forces one source (auto by default).
 
@@ -31,7 +31,8 @@ from urllib.parse import urlsplit, urlunsplit
 import psycopg
 from psycopg import sql
 
-from services.dev.servers import start_nats, start_postgres
+from services.dev.nats import start_nats
+from services.dev.postgres import start_postgres
 
 POSTGRES_IMAGE = "postgres:16"
 NATS_IMAGE = "nats:2.10"

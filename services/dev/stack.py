@@ -1,16 +1,5 @@
-"""The supervisor behind `pipelines up` (and the end-to-end tests).
-
-Where no PostgreSQL / NATS URL is given it starts the embedded servers under the data directory,
-then runs every service as its own process (`python -m services.<name>`), forwards their output
-prefixed with the service name, and restarts a service that dies (with a growing backoff). `stop()`
-sends SIGTERM to every service, waits, SIGKILLs stragglers and their process groups, then stops the
-embedded servers.
-
-    stack = Stack(env, data_dir=tmp, database_url=..., nats_url=..., api_port=..., gateway_port=...)
-    stack.start()
-    ...
-    stack.stop()
-"""
+"""The supervisor behind `pipelines up` and the end-to-end tests: one process per service (`python -m
+services.<name>`), its output prefixed with its name, restarted with a growing backoff when it dies."""
 
 from __future__ import annotations
 
@@ -31,29 +20,17 @@ from types import TracebackType
 from typing import Self, TextIO
 
 from infra.config import Settings
-from services.dev.servers import (
-    FileLock,
-    ManagedProcess,
-    RunningNats,
-    RunningPostgres,
-    ServerError,
-    port_is_free,
-    private_dir,
-    start_nats,
-    start_postgres,
-    stop_stale_process,
-    write_private,
-)
+from services.dev.backing import BackingServers, describe_exit
+from services.dev.endpoints import SERVICES, display_host, mask_url
+from services.dev.errors import ServerError, StackError
+from services.dev.files import FileLock, private_dir, write_private
+from services.dev.nats import RunningNats
+from services.dev.output import PrefixedOutput, isatty
+from services.dev.ports import port_is_free
+from services.dev.postgres import RunningPostgres
+from services.dev.process import ManagedProcess, stop_stale_process
 
 __all__ = ["SERVICES", "Stack", "StackError"]
-
-SERVICES: tuple[str, ...] = ("api", "relay", "executor", "projector", "gateway")
-
-_COLORS = ("36", "33", "35", "32", "34", "31", "96", "93")
-
-
-class StackError(RuntimeError):
-    """The stack could not be started."""
 
 
 @dataclass(eq=False)
@@ -64,21 +41,6 @@ class _Service:
     restarts: int = 0
     backoff: float = 0.0
     restart_at: float | None = None
-
-
-def _describe_exit(code: int | None) -> str:
-    if code is None:
-        return "unknown status"
-    if code < 0:
-        try:
-            return f"signal {signal.Signals(-code).name}"
-        except ValueError:
-            return f"signal {-code}"
-    return f"code {code}"
-
-
-def _display_host(host: str) -> str:
-    return "127.0.0.1" if host in ("", "0.0.0.0", "::") else host
 
 
 class Stack:
@@ -129,8 +91,6 @@ class Stack:
         self.embedded = embedded
         self.api_port = api_port if api_port is not None else self.settings.api_port
         self.gateway_port = gateway_port if gateway_port is not None else self.settings.gateway_port
-        self._given_database_url = database_url or self.base_env.get("PIPELINES_DATABASE_URL") or None
-        self._given_nats_url = nats_url or self.base_env.get("PIPELINES_NATS_URL") or None
         self.output: TextIO = output if output is not None else sys.stdout
         self.restart_enabled = restart
         self.backoff = backoff
@@ -139,25 +99,25 @@ class Stack:
         self.stop_timeout = stop_timeout
         self.check_ports = check_ports
 
-        self.postgres: RunningPostgres | None = None
-        self.nats: RunningNats | None = None
-        self.database_url: str = self._given_database_url or ""
-        self.nats_url: str = self._given_nats_url or ""
         self.child_env: dict[str, str] = {}
         self._services = {
             name: _Service(name, [self.python, "-m", f"{package}.{name}"]) for name in dict.fromkeys(services)
         }
-        self._width = max([5, *(len(n) for n in self._services)])
-        self._colors = {n: _COLORS[i % len(_COLORS)] for i, n in enumerate(self._services)}
-        self._color = self._isatty(self.output) and "NO_COLOR" not in self.base_env
-        self._out_lock = threading.Lock()
+        color = isatty(self.output) and "NO_COLOR" not in self.base_env
+        self._out = PrefixedOutput(self.output, list(self._services), color=color)
+        self._servers = BackingServers(
+            self.data_dir,
+            database_url=database_url or self.base_env.get("PIPELINES_DATABASE_URL") or None,
+            nats_url=nats_url or self.base_env.get("PIPELINES_NATS_URL") or None,
+            embedded=embedded,
+            say=self.say,
+        )
         self._state_lock = threading.RLock()
         self._stopping = threading.Event()
         self._monitor: threading.Thread | None = None
         self._lock: FileLock | None = None
         self._started = False
         self._stopped = False
-        self._server_retry_at = 0.0
 
     # -- public API ------------------------------------------------------------------------------
 
@@ -166,13 +126,31 @@ class Stack:
         return tuple(self._services)
 
     @property
+    def postgres(self) -> RunningPostgres | None:
+        """The embedded PostgreSQL, when the stack started one."""
+        return self._servers.postgres
+
+    @property
+    def nats(self) -> RunningNats | None:
+        """The embedded NATS, when the stack started one."""
+        return self._servers.nats
+
+    @property
+    def database_url(self) -> str:
+        return self._servers.database_url
+
+    @property
+    def nats_url(self) -> str:
+        return self._servers.nats_url
+
+    @property
     def api_url(self) -> str:
-        return f"http://{_display_host(self.settings.api_host)}:{self.api_port}"
+        return f"http://{display_host(self.settings.api_host)}:{self.api_port}"
 
     @property
     def gateway_url(self) -> str:
         """The WebSocket endpoint."""
-        return f"ws://{_display_host(self.settings.gateway_host)}:{self.gateway_port}/api/v1/ws"
+        return f"ws://{display_host(self.settings.gateway_host)}:{self.gateway_port}/api/v1/ws"
 
     @property
     def pid_file(self) -> Path:
@@ -190,7 +168,7 @@ class Stack:
             self._reap_stale_children()
             if self.check_ports:
                 self._check_ports()
-            self._start_servers()
+            self._servers.start()
             self.child_env = self._make_child_env()
             with self._state_lock:
                 for service in self._services.values():
@@ -229,13 +207,8 @@ class Stack:
                 process.kill()
             process.signal_group(signal.SIGKILL)
             process.join_output(1.0)
-            self._say("stack", f"{process.name} stopped ({_describe_exit(process.returncode)})")
-        if self.nats is not None:
-            self.nats.stop()
-            self._say("stack", "NATS stopped")
-        if self.postgres is not None:
-            self.postgres.stop()
-            self._say("stack", "PostgreSQL stopped")
+            self._say("stack", f"{process.name} stopped ({describe_exit(process.returncode)})")
+        self._servers.stop()
         with contextlib.suppress(OSError):
             self.pid_file.unlink()
         if self._lock is not None:
@@ -286,7 +259,7 @@ class Stack:
         while ports and time.monotonic() < deadline:
             port = ports[0]
             try:
-                with socket.create_connection((_display_host(hosts[port]), port), timeout=1):
+                with socket.create_connection((display_host(hosts[port]), port), timeout=1):
                     ports.pop(0)
                     continue
             except OSError:
@@ -299,7 +272,7 @@ class Stack:
             masked = self.postgres.url.replace(self.postgres.password, "***")
             lines.append(f"PostgreSQL  {masked}  (embedded; password in {self.postgres.password_file})")
         else:
-            lines.append(f"PostgreSQL  {_mask_url(self.database_url)}")
+            lines.append(f"PostgreSQL  {mask_url(self.database_url)}")
         lines.append(f"NATS        {self.nats_url}{'  (embedded)' if self.nats is not None else ''}")
         lines.append(f"API         {self.api_url}/api/v1/pipelines")
         lines.append(f"OpenAPI     {self.api_url}/schema")
@@ -322,21 +295,8 @@ class Stack:
 
     # -- internals -------------------------------------------------------------------------------
 
-    @staticmethod
-    def _isatty(stream: TextIO) -> bool:
-        try:
-            return stream.isatty()
-        except (AttributeError, ValueError):
-            return False
-
     def _say(self, name: str, line: str) -> None:
-        label = f"{name:<{self._width}} |"
-        if self._color:
-            code = self._colors.get(name, "1")
-            label = f"\x1b[{code}m{label}\x1b[0m"
-        with self._out_lock, contextlib.suppress(OSError, ValueError):
-            self.output.write(f"{label} {line}\n")
-            self.output.flush()
+        self._out.say(name, line)
 
     def _check_ports(self) -> None:
         wanted = {
@@ -346,23 +306,6 @@ class Stack:
         for name, (variable, port) in wanted.items():
             if name in self._services and not port_is_free(port):
                 raise StackError(f"port {port} for the {name} is in use on 127.0.0.1: set {variable} to another port")
-
-    def _start_servers(self) -> None:
-        if self._given_database_url is None:
-            if not self.embedded:
-                raise StackError("no PIPELINES_DATABASE_URL given and embedded servers are disabled")
-            self._say("stack", f"starting embedded PostgreSQL in {self.data_dir / 'postgres'}")
-            began = time.monotonic()
-            self.postgres = start_postgres(self.data_dir)
-            self.database_url = self.postgres.url
-            self._say("stack", f"PostgreSQL ready on port {self.postgres.port} in {time.monotonic() - began:.1f}s")
-        if self._given_nats_url is None:
-            if not self.embedded:
-                raise StackError("no PIPELINES_NATS_URL given and embedded servers are disabled")
-            began = time.monotonic()
-            self.nats = start_nats(self.data_dir)
-            self.nats_url = self.nats.url
-            self._say("stack", f"NATS (JetStream) ready on port {self.nats.port} in {time.monotonic() - began:.1f}s")
 
     def _make_child_env(self) -> dict[str, str]:
         env = dict(self.base_env)
@@ -410,7 +353,7 @@ class Stack:
     def _monitor_loop(self) -> None:
         while not self._stopping.wait(0.1):
             try:
-                self._check_servers()
+                self._servers.check()
                 with self._state_lock:
                     if self._stopping.is_set():
                         return
@@ -427,7 +370,7 @@ class Stack:
             process.signal_group(signal.SIGKILL)  # whatever it left in its group
             service.process = None
             if not self.restart_enabled:
-                self._say("stack", f"{service.name} exited with {_describe_exit(process.returncode)}")
+                self._say("stack", f"{service.name} exited with {describe_exit(process.returncode)}")
                 return
             if service.backoff == 0.0 or ran >= self.stable_after:
                 service.backoff = self.backoff
@@ -436,7 +379,7 @@ class Stack:
             service.restart_at = now + service.backoff
             self._say(
                 "stack",
-                f"{service.name} (pid {process.pid}) exited with {_describe_exit(process.returncode)} "
+                f"{service.name} (pid {process.pid}) exited with {describe_exit(process.returncode)} "
                 f"after {ran:.1f}s; restarting in {service.backoff:.1f}s",
             )
         if service.process is None and service.restart_at is not None and now >= service.restart_at:
@@ -444,36 +387,3 @@ class Stack:
             self._spawn(service)
             assert service.process is not None
             self._say("stack", f"restarted {service.name} (pid {service.process.pid}, restart #{service.restarts})")
-
-    def _check_servers(self) -> None:
-        """Restart an embedded server that died, on the same port (the services know that URL)."""
-        if time.monotonic() < self._server_retry_at:
-            return
-        try:
-            if self.postgres is not None and not self.postgres.alive():
-                old = self.postgres
-                self._say("stack", f"PostgreSQL exited ({_describe_exit(old.process.returncode)}); restarting it")
-                old.stop()
-                self.postgres = start_postgres(self.data_dir, port=old.port)
-                self._say("stack", "PostgreSQL restarted")
-            if self.nats is not None and not self.nats.alive():
-                old_nats = self.nats
-                self._say("stack", f"NATS exited ({_describe_exit(old_nats.process.returncode)}); restarting it")
-                old_nats.stop()
-                self.nats = start_nats(self.data_dir, port=old_nats.port)
-                self._say("stack", "NATS restarted")
-        except ServerError as exc:
-            self._server_retry_at = time.monotonic() + 5.0
-            self._say("stack", f"could not restart an embedded server (retrying in 5s): {exc}")
-
-
-def _mask_url(url: str) -> str:
-    """postgresql://user:secret@host/db -> postgresql://user:***@host/db"""
-    scheme, sep, rest = url.partition("://")
-    if not sep or "@" not in rest:
-        return url
-    creds, _, host = rest.rpartition("@")
-    if ":" not in creds:
-        return url
-    user = creds.split(":", 1)[0]
-    return f"{scheme}://{user}:***@{host}"

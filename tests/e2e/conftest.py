@@ -23,7 +23,7 @@ import pytest
 from infra.auth import issue_token
 from infra.broker import bus
 from infra.config import Settings
-from services.dev.servers import free_port
+from services.dev.ports import free_port
 from services.dev.stack import Stack
 
 JWT_SECRET = "e2e-test-secret-0123456789abcdef0123"

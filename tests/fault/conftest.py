@@ -26,7 +26,8 @@ import pytest
 
 from infra.auth import issue_token
 from infra.config import Settings
-from services.dev.servers import RunningNats, free_port, start_nats
+from services.dev.nats import RunningNats, start_nats
+from services.dev.ports import free_port
 from services.dev.stack import Stack
 from tests import servers
 

