@@ -16,7 +16,7 @@ from domain import run as rn
 from domain.errors import NotFound
 from domain.stages import Job, Stage, Step
 from infra.app.commands import Commands
-from infra.executor.executor import Executor, _Driver
+from infra.executor.executor import Executor, RunDriver
 from infra.store.records import InMemoryEventStore
 from tests.integration.system import make_settings, running_system
 from tests.integration.test_jobs import save
@@ -90,13 +90,13 @@ async def test_a_shutdown_while_an_outcome_is_recorded_leaves_no_log_task_behind
         return await real(run_id, make, **kw)
 
     commands.run_command = slow  # type: ignore[method-assign]
-    task = asyncio.create_task(executor.drive_once(state.run_id, _Driver()))
+    task = asyncio.create_task(executor.drive_once(state.run_id, RunDriver()))
     await recording.wait()
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
     await executor.drain()
-    assert executor._closing_logs == {} and executor._log_flushes == set()
+    assert executor.closing_logs.pending == 0
     logs = await commands.store.read_stream(f"runlog-{state.run_id}")
     assert any("succeeded" in line.text for r in logs for line in r.event.lines)  # type: ignore[attr-defined]
 
@@ -124,7 +124,7 @@ async def test_units_still_running_when_a_drive_fails_are_recorded_by_the_next(t
         return await real(run_id, make, **kw)
 
     commands.run_command = fails_once  # type: ignore[method-assign]
-    driver = _Driver()
+    driver = RunDriver()
     with pytest.raises(NotFound):
         await executor.drive_once(state.run_id, driver)
     assert len(driver.units) == 1  # b is still running, and kept
@@ -132,4 +132,5 @@ async def test_units_still_running_when_a_drive_fails_are_recorded_by_the_next(t
         await executor.drive_once(state.run_id, driver)  # what `_drive` does after a failure
     after, _ = await commands.load_run(state.run_id)
     assert after.step_run("s", "b", "x").status == "succeeded"
-    assert not driver.units and not executor._closing_logs
+    await executor.drain()
+    assert not driver.units and executor.closing_logs.pending == 0

@@ -27,7 +27,7 @@ async def test_the_loser_of_a_race_to_start_a_step_leaves_the_winner_its_lease(
         b = Executor(system.commands, system.settings, None, system.executor.leases)
         # A decides first and takes the lease; then B decides and appends; A loses the append.
         a_decided, b_appended = asyncio.Event(), asyncio.Event()
-        before = a._before_start
+        before = a.drivers._before_start
 
         async def a_before(state: rn.RunState, new: list[rn.RunEvent]) -> None:
             await before(state, new)
@@ -35,10 +35,10 @@ async def test_the_loser_of_a_race_to_start_a_step_leaves_the_winner_its_lease(
                 a_decided.set()
                 await b_appended.wait()
 
-        a._before_start = a_before  # type: ignore[method-assign]
-        lost = asyncio.create_task(a._advance(run, None))
+        a.drivers._before_start = a_before  # type: ignore[method-assign]
+        lost = asyncio.create_task(a.drivers._advance(run, None))
         await a_decided.wait()
-        _, won = await b._advance(run, None)
+        _, won = await b.drivers._advance(run, None)
         b_appended.set()
         _, lost_new = await lost
         assert any(isinstance(e, rn.StepStarted) for e in won) and not lost_new

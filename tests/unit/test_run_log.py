@@ -11,7 +11,7 @@ from domain import pipeline as pl
 from domain import run as rn
 from domain.stages import Stage
 from infra.app.commands import Commands
-from infra.executor.executor import RunLog
+from infra.executor.runlog import RunLog
 from infra.store.records import InMemoryEventStore
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -20,7 +20,9 @@ pytestmark = pytest.mark.asyncio(loop_scope="session")
 async def _run(commands: Commands) -> rn.RunState:
     stage = Stage(id="s", name="s", type="script", order=1, config={"command": "true"})
     state, _ = await commands.trigger(
-        _pipeline(stage), by="u", variables={},
+        _pipeline(stage),
+        by="u",
+        variables={},
     )
     return state
 
@@ -29,7 +31,12 @@ def _pipeline(stage: Stage) -> pl.PipelineState:
     return pl.evolve(
         pl.initial_state,
         pl.PipelineCreated(
-            pipeline_id="p", name="p", description=None, stages=(stage,), organization_id=None, created_by="u",
+            pipeline_id="p",
+            name="p",
+            description=None,
+            stages=(stage,),
+            organization_id=None,
+            created_by="u",
             at=datetime.now(UTC),
         ),
     )
@@ -63,7 +70,7 @@ async def test_every_line_written_before_close_is_stored_in_order() -> None:
 
 
 def test_log_chunks_stay_small_enough_for_a_nats_message() -> None:
-    from infra.executor.executor import MAX_CHUNK_BYTES, chunk_lines
+    from infra.executor.runlog import MAX_CHUNK_BYTES, chunk_lines
 
     line = rn.LogLine("stdout", "x" * 1000)
     buffer = [("s", line)] * 5000 + [("t", line)] * 3  # about 5 MB of output
@@ -80,8 +87,17 @@ def test_the_relay_publishes_an_oversized_event_as_a_stub() -> None:
     from infra.store.records import RecordedEvent
 
     rec = RecordedEvent(
-        position=7, tx_id=1, stream_id="runlog-r", stream_version=3, event_id="e", event_type="log_appended",
-        data=b"{" + b" " * 2_000_000 + b"}", org=None, pipeline_id=None, run_id="r", recorded_at=datetime.now(UTC),
+        position=7,
+        tx_id=1,
+        stream_id="runlog-r",
+        stream_version=3,
+        event_id="e",
+        event_type="log_appended",
+        data=b"{" + b" " * 2_000_000 + b"}",
+        org=None,
+        pipeline_id=None,
+        run_id="r",
+        recorded_at=datetime.now(UTC),
     )
     stub = json.loads(body_for(rec, 1_000_000))
     assert stub["truncated"] is True and stub["position"] == 7 and stub["size"] == 2_000_002
