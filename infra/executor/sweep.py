@@ -77,8 +77,14 @@ class Sweeper:
         if self.deliveries is not None and now - self._orphans_at > 60:
             self._orphans_at = now
             await self.deliveries.close_orphans(older_than=self.lease_ttl)
+        lost = {(lease.run_id, lease.stage_id, lease.attempt): lease for lease in self.recovery.unsettled()}
         for lease in await self.leases.claim_expired(self.executor_id, hold=self.lease_ttl):
             if (lease.run_id, lease.stage_id, lease.attempt) in self._running:
                 continue  # ours after all (a slow heartbeat); the claim renewed it
-            await self.recovery.recover(lease)
+            lost[(lease.run_id, lease.stage_id, lease.attempt)] = lease
+        for lease in lost.values():
+            try:
+                await self.recovery.recover(lease)
+            except Exception as exc:  # kept: the next sweep tries again
+                log.warning("recovering %s of run %s failed: %s", lease.stage_id, lease.run_id, exc)
         await self.timers.fire_due()

@@ -5,19 +5,24 @@ a run failed are recorded by the next drive."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from domain import events as ev
 from domain import pipeline as pl
 from domain import run as rn
 from domain.errors import NotFound
+from domain.run.units import unit_status
 from domain.stages import Job, Stage, Step
 from infra.app.commands import Commands
 from infra.executor.executor import Executor, RunDriver
+from infra.executor.leases import LeaseStore
 from infra.store.records import InMemoryEventStore
+from tests.integration.executor_faults import FaultyStore, to_stream
 from tests.integration.system import make_settings, running_system
 from tests.integration.test_jobs import save
 
@@ -134,3 +139,34 @@ async def test_units_still_running_when_a_drive_fails_are_recorded_by_the_next(t
     assert after.step_run("s", "b", "x").status == "succeeded"
     await executor.drain()
     assert not driver.units and executor.closing_logs.pending == 0
+
+
+async def test_a_lost_attempt_whose_failure_could_not_be_recorded_is_recovered_by_a_later_sweep(
+    database_url: str, nats_url: str, tmp_path: Path
+) -> None:
+    settings = make_settings(database_url, nats_url, tmp_path)
+    async with running_system(settings, with_executor=False) as system:
+        p = await system.create_pipeline([{"id": "s", "type": "script", "config": {"command": "true"}}])
+        run = (await system.trigger(p["id"]))["id"]
+        # The stage was started by an executor that is gone: its lease has expired.
+        state, _ = await system.commands.run_command(run, lambda at: rn.Advance(at=at))
+        assert unit_status(state, "s") == ("running", 1)
+        leases = LeaseStore(system.store.pool)
+        assert await leases.acquire(run, "s", 1, "lost-executor", "another-host", ttl=-1)
+        faulty = FaultyStore(system.store)
+        refused = faulty.fail_appends(to_stream(ev.run_stream(run)))  # recording the lost attempt fails once
+        rescuer = Executor(Commands(faulty), settings, None, leases)
+        try:
+            with contextlib.suppress(OSError):
+                await rescuer.sweep_once()
+            assert refused.hits == 1
+            # The store is back: the next sweep records the attempt as failed.
+            await rescuer.sweep_once()
+            state, _ = await system.commands.load_run(run)
+            assert unit_status(state, "s") != ("running", 1)
+            assert "executor lost" in (state.stage_runs[state.stage_index("s")].error or "")
+        finally:
+            await rescuer.drain()
+        async with system.store.pool.connection() as conn:
+            cur = await conn.execute("SELECT stage_id FROM stage_leases WHERE run_id = %s", (run,))
+            assert await cur.fetchall() == []
