@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 from collections.abc import Callable
 from datetime import datetime, timedelta
 
@@ -12,6 +13,11 @@ from domain.errors import NotFound, Refused
 from domain.run.units import split_key, unit_key
 from infra.app.commands import Commands
 from infra.executor.leases import LeaseStore
+
+log = logging.getLogger("pipelines.executor")
+
+# A timer whose action failed (the store briefly unavailable) fires again after this many seconds.
+RETRY_AFTER = 1.0
 
 
 class Timers:
@@ -54,12 +60,22 @@ class Timers:
         for timer in await self.leases.claim_due(hold=self._hold):
             try:
                 if timer.kind == "approval":
+                    # A refusal is definitive (the gate was answered, the run ended): done.
                     with contextlib.suppress(Refused, NotFound):
                         await self.commands.run_command(timer.run_id, functools.partial(_expire, timer.key))
-                # The expiry's event is one this process knows: drive the run from here.
-                self._kick(timer.run_id)
-            finally:
-                await self.leases.done(timer)
+            except Exception as exc:
+                # Not done: the timer fires again soon (or, if even that cannot be written, once
+                # the claim's hold is over), never lost with the run parked at its gate.
+                log.warning("run %s: %s timer %s failed, trying again: %s", timer.run_id, timer.kind, timer.key, exc)
+                with contextlib.suppress(Exception):
+                    await self.leases.schedule(timer.run_id, timer.kind, timer.key, self._again())
+                continue
+            # The expiry's event is one this process knows: drive the run from here.
+            self._kick(timer.run_id)
+            await self.leases.done(timer)
+
+    def _again(self) -> datetime:
+        return self.commands.now() + timedelta(seconds=RETRY_AFTER)
 
 
 def _expire(key: str, at: datetime) -> rn.ExpireApproval:

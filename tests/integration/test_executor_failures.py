@@ -23,7 +23,7 @@ from infra.executor.executor import Executor, RunDriver
 from infra.executor.leases import LeaseStore
 from infra.store.records import InMemoryEventStore
 from tests.integration.executor_faults import FaultyStore, to_stream
-from tests.integration.system import make_settings, running_system
+from tests.integration.system import eventually, make_settings, running_system
 from tests.integration.test_jobs import save
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="session")]
@@ -170,3 +170,29 @@ async def test_a_lost_attempt_whose_failure_could_not_be_recorded_is_recovered_b
         async with system.store.pool.connection() as conn:
             cur = await conn.execute("SELECT stage_id FROM stage_leases WHERE run_id = %s", (run,))
             assert await cur.fetchall() == []
+
+
+async def test_an_approval_timeout_that_failed_to_expire_the_gate_fires_again(
+    database_url: str, nats_url: str, tmp_path: Path
+) -> None:
+    settings = make_settings(database_url, nats_url, tmp_path)
+    async with running_system(settings, with_executor=False) as system:
+        gate = {"id": "gate", "type": "approval", "timeout": 0.2, "config": {"message": "anyone?"}}
+        p = await system.create_pipeline([gate])
+        run = (await system.trigger(p["id"]))["id"]
+        faulty = FaultyStore(system.store)
+        executor = Executor(Commands(faulty), settings, None, LeaseStore(system.store.pool))
+        try:
+            assert (await executor.drive_once(run)).status == "waiting_approval"  # its timer is set
+            expiring = faulty.fail_appends(to_stream(ev.run_stream(run)))  # the expiry's append fails once
+
+            async def expired() -> bool:
+                with contextlib.suppress(OSError):  # as the sweeper's loop does
+                    await executor.sweep_once()
+                state, _ = await system.commands.load_run(run)
+                return state.status == "failed"
+
+            await eventually(expired, timeout=8, what="the approval's timeout to fail the run")
+            assert expiring.hits == 1
+        finally:
+            await executor.drain()
