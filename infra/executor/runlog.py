@@ -24,7 +24,11 @@ _json = msgspec.json.Encoder()
 
 class RunLog:
     """Buffers a run's log lines and appends them in chunks (every `interval` or `max_lines`),
-    capped at `max_bytes` per run with a marker where the log was cut."""
+    capped at `max_bytes` per run with a marker where the log was cut.
+
+    Lines whose append fails are kept and appended by a later flush, in order. While the store
+    stays unavailable, at most `max_held` bytes are kept: older lines are then dropped, and a
+    marker line saying how many takes their place (counted in `dropped`)."""
 
     def __init__(
         self,
@@ -36,6 +40,8 @@ class RunLog:
         interval: float = 0.05,
         max_lines: int = 500,
         masker: Masker | None = None,
+        max_held: int = 4 * 1024 * 1024,
+        retry_delay: float = 0.2,
     ) -> None:
         self._commands = commands
         self._masker = masker
@@ -50,6 +56,12 @@ class RunLog:
         self._wake = asyncio.Event()
         self._closing = False
         self._task: asyncio.Task[None] | None = None
+        self._max_held = max_held
+        self._retry_delay = retry_delay
+        # Lines dropped (the store unavailable for too long) and not yet told by a stored marker.
+        self._gap = 0
+        self._gap_key: str | None = None
+        self.dropped = 0
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._loop())
@@ -87,23 +99,29 @@ class RunLog:
             await self.flush()
 
     async def flush(self) -> None:
-        if not self._buffer:
+        if not self._buffer and not self._gap:
             return
         buffer, self._buffer = self._buffer, []
+        gap = self._gap
+        if gap:
+            text = f"[log gap: {gap} lines could not be stored (the event store was unavailable)]"
+            buffer.insert(0, (self._gap_key, rn.LogLine("system", text)))
         chunks = chunk_lines(buffer, self._commands.now())
         # One append of at most a few chunks at a time keeps every stored event and every
         # transaction small (events are published on NATS, whose messages are capped at 1 MB).
+        stored_chunks = stored_lines = 0
         for start in range(0, len(chunks), 8):
             group = chunks[start : start + 8]
-            for attempt in range(5):
-                try:
-                    await self._commands.append_logs(self._state, group)
-                    break
-                except Exception as exc:  # keep the lines; try again
-                    log.warning("log append failed (attempt %d): %s", attempt + 1, exc)
-                    await asyncio.sleep(0.2 * (attempt + 1))
+            if not await self._append(group):
+                break
+            stored_chunks += len(group)
+            stored_lines += sum(len(c.lines) for c in group)
+        if gap and stored_lines:
+            self._gap -= gap  # the marker is the first line: stored
+        if stored_lines < len(buffer):
+            self._hold(buffer[max(stored_lines, 1 if gap else 0) :])
         if self._publish is not None:
-            for c in chunks:
+            for c in chunks[:stored_chunks]:
                 payload: dict[str, Any] = {
                     "runId": self._state.run_id,
                     "stage": c.stage_id,
@@ -114,13 +132,51 @@ class RunLog:
                 with contextlib.suppress(Exception):
                     await self._publish(_json.encode(payload))
 
+    async def _append(self, group: list[rn.LogAppended]) -> bool:
+        for attempt in range(5):
+            try:
+                await self._commands.append_logs(self._state, group)
+                return True
+            except Exception as exc:
+                log.warning("log append failed (attempt %d): %s", attempt + 1, exc)
+                await asyncio.sleep(self._retry_delay * (attempt + 1))
+        return False
+
+    def _hold(self, unstored: list[tuple[str | None, rn.LogLine]]) -> None:
+        """Keep lines not stored yet ahead of those written meanwhile; beyond `max_held` bytes,
+        drop the oldest (a marker line tells how many)."""
+        self._buffer = unstored + self._buffer
+        size = sum(len(line.text) + 16 for _, line in self._buffer)
+        drop = 0
+        while size > self._max_held and drop < len(self._buffer):
+            size -= len(self._buffer[drop][1].text) + 16
+            drop += 1
+        if drop:
+            if not self._gap:
+                self._gap_key = self._buffer[0][0]
+            del self._buffer[:drop]
+            self._gap += drop
+            self.dropped += drop
+            log.error("run %s: %d log lines dropped: the event store stayed unavailable", self._state.run_id, drop)
+
     async def close(self) -> None:
         self._closing = True
         self._wake.set()
         if self._task is not None:
             await self._task
-        await self.flush()
+        # Lines kept after failed appends get a few more tries; what is still left then is lost
+        # with this process's memory, and said so.
+        for _ in range(CLOSE_ROUNDS):
+            await self.flush()
+            if not self._buffer and not self._gap:
+                return
+        lost = len(self._buffer) + self._gap
+        self.dropped += len(self._buffer)
+        log.error("run %s: %d log lines could not be stored before the unit ended", self._state.run_id, lost)
 
+
+# Flushes a closing log tries before it gives up on lines the store keeps refusing.
+CLOSE_ROUNDS = 3
 
 # A log event holds at most this many bytes of text (one over-long line is cut at MAX_LINE already).
 MAX_CHUNK_BYTES = 256 * 1024

@@ -13,6 +13,7 @@ from domain.stages import Stage
 from infra.app.commands import Commands
 from infra.executor.runlog import RunLog
 from infra.store.records import InMemoryEventStore
+from tests.integration.executor_faults import FaultyStore, run_log
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -102,3 +103,40 @@ def test_the_relay_publishes_an_oversized_event_as_a_stub() -> None:
     stub = json.loads(body_for(rec, 1_000_000))
     assert stub["truncated"] is True and stub["position"] == 7 and stub["size"] == 2_000_002
     assert body_for(dataclasses.replace(rec, data=b"{}"), 1_000_000) == b"{}"
+
+
+async def test_lines_whose_appends_fail_for_a_while_all_reach_the_store_in_order() -> None:
+    store = FaultyStore(InMemoryEventStore())
+    commands = Commands(store)
+    state = await _run(commands)
+    failing = store.fail_appends(run_log(state.run_id), times=7)  # more than one flush's attempts
+    log = RunLog(commands, state, max_bytes=10**9, publish=None, interval=0.01, retry_delay=0.01)
+    log.start()
+    for i in range(100):
+        log.line("s", "stdout", str(i))
+        if i == 50:
+            await failing.hit.wait()
+    await log.close()
+    texts = [ln.text for c in await commands.load_logs(state.run_id) for ln in c.lines]
+    assert failing.hits == 7
+    assert texts == [str(i) for i in range(100)]
+
+
+async def test_lines_held_beyond_the_bound_leave_a_counted_gap_marker_in_their_place() -> None:
+    store = FaultyStore(InMemoryEventStore())
+    commands = Commands(store)
+    state = await _run(commands)
+    failing = store.fail_appends(run_log(state.run_id), times=10)  # two flushes' worth of attempts
+    # Room for about five held lines of 4 characters (each counts 16 bytes more).
+    log = RunLog(commands, state, max_bytes=10**9, publish=None, interval=3600, retry_delay=0.001, max_held=100)
+    for i in range(20):
+        log.line("s", "stdout", f"{i:04d}")
+    await log.flush()  # fails: the oldest lines beyond the bound are dropped
+    for i in range(20, 25):
+        log.line("s", "stdout", f"{i:04d}")
+    await log.close()
+    texts = [ln.text for c in await commands.load_logs(state.run_id) for ln in c.lines]
+    assert failing.hits == 10
+    assert texts[0].startswith(f"[log gap: {log.dropped} lines could not be stored")
+    assert texts[1:] == [f"{i:04d}" for i in range(log.dropped, 25)]
+    assert 0 < log.dropped < 25
