@@ -166,3 +166,21 @@ async def _until_listed(system: System, pid: str) -> None:
             return
         await asyncio.sleep(0.05)
     raise AssertionError("the projector never listed the pipeline's triggers")
+
+
+async def test_a_long_running_scheduler_remembers_no_more_ticks_than_it_has_triggers(system: System) -> None:
+    pid = await _pipeline_with(system, [{"type": "cron", "schedule": "* * * * *"}])
+    await _until_listed(system, pid)
+    clock = [datetime.now(UTC) + timedelta(minutes=1)]
+    scheduler = Scheduler(system.commands, system.store.pool, now=lambda: clock[0])
+    fired = []
+    for _ in range(12):
+        clock[0] += timedelta(minutes=1)
+        fired += [r for r in await scheduler.tick_once() if await _run_of(system, r) == pid]
+    assert len(fired) == 12  # one run per tick, each tick fired once
+    async with system.store.pool.connection() as conn:
+        cur = await conn.execute(
+            "SELECT count(*) FROM rm_pipelines, json_array_elements(state -> 'triggers') t WHERE t ->> 'type' = 'cron'"
+        )
+        row = await cur.fetchone()
+    assert row is not None and 1 <= scheduler.remembered <= row[0]
