@@ -150,14 +150,19 @@ class RunDrivers:
     async def _advance(self, run_id: str, driver: RunDriver | None) -> tuple[rn.RunState, list[rn.RunEvent]]:
         # Always from a fresh read: an Advance that decides nothing appends nothing, so a stale
         # state would never show (an approval would go unnoticed).
-        state, new = await self.commands.run_command(
-            run_id,
-            lambda at: rn.Advance(at=at),
-            before_append=self._before_start,
-            lost_race=self.leases.drop,
-            on_version=self._noter(driver),
-        )
-        await self.leases.own(state, new)
+        try:
+            state, new = await self.commands.run_command(
+                run_id,
+                lambda at: rn.Advance(at=at),
+                before_append=self._before_start,
+                lost_race=self.leases.drop,
+                on_version=self._noter(driver),
+            )
+            await self.leases.own(state, new)
+        except BaseException:
+            # What this call found contended is moot: a later call decides its starts again.
+            self.leases.forget(run_id)
+            raise
         return state, new
 
     def _noter(self, driver: RunDriver | None) -> Callable[[str, rn.RunState, int], None]:
@@ -315,16 +320,22 @@ class RunDrivers:
                 on_version=self._noter(driver),
                 known=driver.known if driver is not None else None,
             )
-        except (Refused, NotFound) as exc:
-            self.closing_logs.forget(run_id, unit.key, unit.attempt)
-            if isinstance(exc, Refused):
-                self.leases.release_later(run_id, unit.key, unit.attempt)
+        except BaseException as exc:
+            self.leases.forget(run_id)  # as in _advance
+            if isinstance(exc, (Refused, NotFound)):
+                self.closing_logs.forget(run_id, unit.key, unit.attempt)
+                if isinstance(exc, Refused):
+                    self.leases.release_later(run_id, unit.key, unit.attempt)
             raise
         self.closing_logs.forget(run_id, unit.key, unit.attempt)
         # Any other failure keeps the lease: the caller tries again, and if this executor dies
         # meanwhile the lease expires and the attempt is recovered.
         self.leases.release_later(run_id, unit.key, unit.attempt)
-        await self.leases.own(state, new)
+        try:
+            await self.leases.own(state, new)
+        except BaseException:
+            self.leases.forget(run_id)
+            raise
         return state, new
 
     async def _complete_retrying(

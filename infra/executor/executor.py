@@ -55,7 +55,7 @@ class Executor:
         )
         background = Background()
         self.closing_logs = ClosingLogs()
-        unit_leases = UnitLeases(leases, self.executor_id, self.host, settings.lease_ttl, background)
+        self.unit_leases = unit_leases = UnitLeases(leases, self.executor_id, self.host, settings.lease_ttl, background)
         self.units = UnitRunner(
             commands, settings, nc, unit_leases, secrets, self.deliveries, self.closing_logs, background
         )

@@ -21,6 +21,11 @@ class UnitLeases:
         # Starts whose lease another executor held when we took it (see take).
         self._contended: set[tuple[str, str, int]] = set()
 
+    @property
+    def contended(self) -> int:
+        """Starts decided here whose lease another executor held when we asked for it."""
+        return len(self._contended)
+
     @staticmethod
     def _new_attempts(state: rn.RunState, new: list[rn.RunEvent]) -> list[tuple[str, int]]:
         return [(unit.key, unit.attempt) for unit in started_units(state, new)]
@@ -51,6 +56,11 @@ class UnitLeases:
             if (state.run_id, key, attempt) in self._contended:
                 self._contended.discard((state.run_id, key, attempt))
                 await self.store.take_over(state.run_id, key, attempt, self.executor_id, self.host, self.ttl)
+
+    def forget(self, run_id: str) -> None:
+        """Forget the run's contended starts: the command that found them failed, and the next
+        one takes their leases again."""
+        self._contended = {c for c in self._contended if c[0] != run_id}
 
     def release_later(self, run_id: str, key: str, attempt: int) -> None:
         # Off the critical path: a lease left behind is found expired and dropped by the sweep

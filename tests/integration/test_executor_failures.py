@@ -22,7 +22,7 @@ from infra.app.commands import Commands
 from infra.executor.executor import Executor, RunDriver
 from infra.executor.leases import LeaseStore
 from infra.store.records import InMemoryEventStore
-from tests.integration.executor_faults import FaultyStore, to_stream
+from tests.integration.executor_faults import FaultyStore, to_stream, with_event
 from tests.integration.system import eventually, make_settings, running_system
 from tests.integration.test_jobs import save
 
@@ -196,3 +196,22 @@ async def test_an_approval_timeout_that_failed_to_expire_the_gate_fires_again(
             assert expiring.hits == 1
         finally:
             await executor.drain()
+
+
+async def test_a_start_whose_append_fails_forgets_that_another_executor_held_its_lease(
+    database_url: str, nats_url: str, tmp_path: Path
+) -> None:
+    settings = make_settings(database_url, nats_url, tmp_path)
+    async with running_system(settings, with_executor=False) as system:
+        p = await system.create_pipeline([{"id": "s", "type": "script", "config": {"command": "true"}}])
+        run = (await system.trigger(p["id"]))["id"]
+        leases = LeaseStore(system.store.pool)
+        # Another executor decided the same start and holds its lease.
+        assert await leases.acquire(run, "s", 1, "another-executor", "another-host", ttl=30)
+        faulty = FaultyStore(system.store)
+        failing = faulty.fail_appends(with_event(ev.run_stream(run), rn.StageStarted))
+        executor = Executor(Commands(faulty), settings, None, leases)
+        with pytest.raises(OSError):
+            await executor.drive_once(run)
+        assert failing.hits == 1
+        assert executor.unit_leases.contended == 0
