@@ -26,6 +26,9 @@ from projections.read_models import decode_pipeline_state
 
 log = logging.getLogger("pipelines.scheduler")
 
+# The pipelines with a cron trigger (read every tick by every executor).
+CRON_PIPELINES = "SELECT state::text FROM rm_pipelines WHERE state::jsonb -> 'triggers' @> '[{\"type\": \"cron\"}]'"
+
 _TICKS = uuid.UUID("8d3c5a0b-7c1e-4f59-b0f2-6a1d2e3f4b5c")
 
 
@@ -66,9 +69,7 @@ class Scheduler:
 
     async def _cron_pipelines(self) -> list[pl.PipelineState]:
         async with self.pool.connection() as conn:
-            cur = await conn.execute(
-                "SELECT state::text FROM rm_pipelines WHERE state::jsonb -> 'triggers' @> '[{\"type\": \"cron\"}]'"
-            )
+            cur = await conn.execute(CRON_PIPELINES)
             return [decode_pipeline_state(r[0]) for r in await cur.fetchall()]
 
     async def tick_once(self) -> list[str]:
