@@ -19,12 +19,14 @@ def transient() -> Exception:
 
 @dataclass
 class Fault:
-    """Fails (or, with `hang`, blocks) the next `times` calls that match; `hit` is set at the first."""
+    """Fails the next `times` calls that match (after `delay` seconds); with `hang` they block
+    forever instead, with `until` they wait for it and then go through. `hit` is set at the first."""
 
     matches: Matches
     times: int = 1
     hang: bool = False
     delay: float = 0.0
+    until: asyncio.Event | None = None
     error: Callable[[], Exception] = transient
     hits: int = 0
     hit: asyncio.Event = field(default_factory=asyncio.Event)
@@ -36,6 +38,9 @@ class Fault:
         self.hit.set()
         if self.delay:
             await asyncio.sleep(self.delay)
+        if self.until is not None:
+            await self.until.wait()
+            return
         if self.hang:
             await asyncio.Event().wait()
         raise self.error()
