@@ -26,6 +26,9 @@ from projections.read_models import decode_pipeline_state
 
 log = logging.getLogger("pipelines.scheduler")
 
+# The pipelines with a cron trigger (read every tick by every executor).
+CRON_PIPELINES = "SELECT state::text FROM rm_pipelines WHERE state::jsonb -> 'triggers' @> '[{\"type\": \"cron\"}]'"
+
 _TICKS = uuid.UUID("8d3c5a0b-7c1e-4f59-b0f2-6a1d2e3f4b5c")
 
 
@@ -46,7 +49,14 @@ class Scheduler:
         self.pool = pool
         self.now = now
         self.interval = interval
-        self._fired: set[str] = set()
+        # The latest tick each trigger fired, by (pipeline, trigger index, schedule): only a
+        # trigger's latest tick at or before now can fire, so older ones need no memory.
+        self._fired: dict[tuple[str, int, str], str] = {}
+
+    @property
+    def remembered(self) -> int:
+        """How many fired ticks this scheduler remembers (to skip them without a store round trip)."""
+        return len(self._fired)
 
     async def run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
@@ -59,21 +69,22 @@ class Scheduler:
 
     async def _cron_pipelines(self) -> list[pl.PipelineState]:
         async with self.pool.connection() as conn:
-            cur = await conn.execute(
-                "SELECT state::text FROM rm_pipelines WHERE state::jsonb -> 'triggers' @> '[{\"type\": \"cron\"}]'"
-            )
+            cur = await conn.execute(CRON_PIPELINES)
             return [decode_pipeline_state(r[0]) for r in await cur.fetchall()]
 
     async def tick_once(self) -> list[str]:
         """Start the run of every cron trigger's latest due tick not started yet; their run ids."""
         now = self.now()
         started: list[str] = []
+        triggers: set[tuple[str, int, str]] = set()
         for listed in await self._cron_pipelines():
             since = listed.versions[-1].saved_at if listed.versions else listed.created_at
             for index, trig in enumerate(listed.triggers):
                 if trig.get("type") != "cron":
                     continue
                 expr = str(trig.get("schedule", ""))
+                key = (listed.pipeline_id, index, expr)
+                triggers.add(key)
                 try:
                     schedule = CronSchedule.parse(expr)
                     tz = zoneinfo.ZoneInfo(str(trig.get("timezone") or "UTC"))
@@ -84,7 +95,7 @@ class Scheduler:
                 if tick is None or (since is not None and tick < since):
                     continue
                 run_id = tick_run_id(listed.pipeline_id, index, expr, tick)
-                if run_id in self._fired:
+                if self._fired.get(key) == run_id:
                     continue
                 pipeline, _ = await self.commands.load_pipeline(listed.pipeline_id)
                 if not pipeline.live:
@@ -93,11 +104,17 @@ class Scheduler:
                 try:
                     await self.commands.trigger(pipeline, by="scheduler", run_id=run_id, trigger=trigger)
                     started.append(run_id)
-                    log.info("cron %r started run %s of pipeline %s for tick %s", expr, run_id,
-                             pipeline.pipeline_id, tick.isoformat())
+                    log.info(
+                        "cron %r started run %s of pipeline %s for tick %s",
+                        expr,
+                        run_id,
+                        pipeline.pipeline_id,
+                        tick.isoformat(),
+                    )
                 except WrongExpectedVersion:
                     pass  # another scheduler (or an earlier pass of ours) started this tick's run
-                self._fired.add(run_id)
+                self._fired[key] = run_id
+        # Triggers no longer there (a pipeline deleted, a schedule changed) are forgotten.
+        for gone in self._fired.keys() - triggers:
+            del self._fired[gone]
         return started
-
-

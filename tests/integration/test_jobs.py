@@ -5,13 +5,12 @@ stop and pause with several jobs running."""
 
 from __future__ import annotations
 
-import asyncio
 import uuid
 from typing import Any
 
 import pytest
 
-from tests.integration.system import System
+from tests.integration.system import System, eventually
 from tests.integration.test_deploy_notify import component, environment
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="session")]
@@ -161,10 +160,12 @@ async def test_stop_kills_every_running_job_and_pause_holds_new_steps(system: Sy
 
     def both_running(r: dict[str, Any]) -> bool:
         jobs = r["stageResults"][0]["jobs"]
-        return all(steps_of(j)["long"]["status"] == "running" for j in jobs)
+        return all(
+            steps_of(j)["long"]["status"] == "running" and "started" in (steps_of(j)["long"]["output"] or "")
+            for j in jobs
+        )
 
-    await system.wait_run(p["id"], run["id"], both_running)
-    await asyncio.sleep(0.3)
+    await system.wait_run(p["id"], run["id"], both_running)  # both scripts are under way
     r = await system.client.post(f"/api/v1/pipelines/{p['id']}/runs/{run['id']}/stop", headers=system.headers())
     assert r.status_code == 200 and r.json()["status"] == "cancelled"
 
@@ -186,15 +187,21 @@ async def test_stop_kills_every_running_job_and_pause_holds_new_steps(system: Sy
     await system.wait_run(p["id"], run["id"], lambda r: r["status"] == "running" and both_one_running(r))
     r = await system.client.post(f"/api/v1/pipelines/{p['id']}/runs/{run['id']}/pause", headers=system.headers())
     assert r.status_code == 200 and r.json()["status"] == "paused"
-    await asyncio.sleep(1.2)
-    held = await system.get_run(p["id"], run["id"])
+    # Both running steps finish; their completions, decided while paused, start nothing.
+    held = await system.wait_run(
+        p["id"], run["id"], lambda r: all(steps_of(j)["one"]["status"] == "succeeded" for j in jobs_of(r).values())
+    )
     assert held["status"] == "paused"
-    assert steps_of(jobs_of(held)["a"])["one"]["status"] == "succeeded"
     assert steps_of(jobs_of(held)["a"])["two"]["status"] == "pending"
     r = await system.client.post(f"/api/v1/pipelines/{p['id']}/runs/{run['id']}/resume", headers=system.headers())
     assert r.status_code == 200
     done = await system.wait_status(p["id"], run["id"], "succeeded", "failed")
     assert done["status"] == "succeeded"
+    events = (
+        await system.client.get(f"/api/v1/pipelines/{p['id']}/runs/{run['id']}/events", headers=system.headers())
+    ).json()
+    order = [(e["type"], e["data"].get("job"), e["data"].get("step")) for e in events]
+    assert order.index(("step_started", "a", "two")) > order.index(("run_resumed", None, None))
 
 
 def both_one_running(r: dict[str, Any]) -> bool:
@@ -330,11 +337,15 @@ async def test_the_run_list_shows_each_steps_own_output(system: System) -> None:
         found = [x for x in r.json() if x["id"] == run["id"] and x["status"] == "succeeded"]
         return found[0] if found else None
 
-    for _ in range(200):
-        if (view := await listed()) is not None:
-            break
-        await asyncio.sleep(0.05)
-    assert view is not None
+    found: list[dict[str, Any]] = []
+
+    async def is_listed() -> bool:
+        view = await listed()
+        found[:] = [] if view is None else [view]
+        return bool(found)
+
+    await eventually(is_listed, what="the run listed as succeeded")
+    view = found[0]
     steps = steps_of(jobs_of(view)["a"])
     assert steps["one"]["output"] == "from-one\n" and steps["two"]["output"] == "from-two\n"
     assert view["stageResults"][0]["output"] == "from-one\nfrom-two\n"

@@ -32,10 +32,8 @@ async def test_pause_lets_the_running_stage_finish_and_resume_continues(system: 
     r = await system.client.post(f"{url}/pause", json={"reason": "hold on"}, headers=system.headers("admin"))
     assert r.status_code == 200, r.text
     assert r.json()["status"] == "paused" and r.json()["statusReason"] == "hold on" and r.json()["statusBy"] == "alice"
-    # the running stage finishes; nothing new starts while paused
-    await system.wait_run(p["id"], run["id"], lambda x: x["stageResults"][0]["status"] == "succeeded")
-    await asyncio.sleep(0.5)
-    paused = await system.get_run(p["id"], run["id"])
+    # the running stage finishes; its completion, decided while paused, starts nothing
+    paused = await system.wait_run(p["id"], run["id"], lambda x: x["stageResults"][0]["status"] == "succeeded")
     assert paused["status"] == "paused" and paused["stageResults"][1]["status"] == "pending"
     r = await system.client.post(f"{url}/pause", headers=system.headers("admin"))
     assert r.status_code == 400 and "paused" in r.json()["message"]
@@ -46,6 +44,9 @@ async def test_pause_lets_the_running_stage_finish_and_resume_continues(system: 
     r = await system.client.post(f"{url}/resume", headers=system.headers("admin"))
     assert r.status_code == 400 and "succeeded" in r.json()["message"]
     events = (await system.client.get(f"{url}/events", headers=system.headers())).json()
+    # nothing started while paused: the second stage started only after the resume
+    order = [(e["type"], e["data"].get("stage_id")) for e in events]
+    assert order.index(("stage_started", "two")) > order.index(("run_resumed", None))
     paused_event = next(e for e in events if e["type"] == "run_paused")
     assert paused_event["data"]["paused_by"] == "alice" and paused_event["data"]["reason"] == "hold on"
 

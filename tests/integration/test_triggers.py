@@ -10,9 +10,11 @@ import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import psycopg
 import pytest
 
-from infra.executor.scheduler import Scheduler
+from infra.executor.scheduler import CRON_PIPELINES, Scheduler
+from infra.store.migrate import migrate
 from tests.integration.system import System
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="session")]
@@ -166,3 +168,49 @@ async def _until_listed(system: System, pid: str) -> None:
             return
         await asyncio.sleep(0.05)
     raise AssertionError("the projector never listed the pipeline's triggers")
+
+
+async def test_a_long_running_scheduler_remembers_no_more_ticks_than_it_has_triggers(system: System) -> None:
+    pid = await _pipeline_with(system, [{"type": "cron", "schedule": "* * * * *"}])
+    await _until_listed(system, pid)
+    clock = [datetime.now(UTC) + timedelta(minutes=1)]
+    scheduler = Scheduler(system.commands, system.store.pool, now=lambda: clock[0])
+    fired = []
+    for _ in range(12):
+        clock[0] += timedelta(minutes=1)
+        fired += [r for r in await scheduler.tick_once() if await _run_of(system, r) == pid]
+    assert len(fired) == 12  # one run per tick, each tick fired once
+    async with system.store.pool.connection() as conn:
+        cur = await conn.execute(
+            "SELECT count(*) FROM rm_pipelines, json_array_elements(state -> 'triggers') t WHERE t ->> 'type' = 'cron'"
+        )
+        row = await cur.fetchone()
+    assert row is not None and 1 <= scheduler.remembered <= row[0]
+
+
+def _nodes(plan: dict[str, Any]) -> list[str]:
+    return [plan["Node Type"]] + [n for child in plan.get("Plans", []) for n in _nodes(child)]
+
+
+async def test_a_scheduler_tick_reads_only_the_pipelines_with_a_cron_trigger(database_url: str) -> None:
+    await migrate(database_url)
+    async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as conn:
+        # A session-private copy of the table, with its indexes, shadows the shared one.
+        await conn.execute("CREATE TEMP TABLE rm_pipelines (LIKE public.rm_pipelines INCLUDING ALL)")
+        await conn.execute(
+            "INSERT INTO rm_pipelines (id, name, created_at, doc, state) "
+            "SELECT 'p' || g, 'p' || g, now(), '{}', json_build_object('triggers', "
+            "  CASE WHEN g % 5000 = 0 THEN json_build_array(json_build_object('type', 'cron')) "
+            "  ELSE json_build_array(json_build_object('type', 'event')) END) "
+            "FROM generate_series(1, 20000) g"
+        )
+        await conn.execute("ANALYZE rm_pipelines")
+        cur = await conn.execute(f"EXPLAIN (FORMAT JSON) {CRON_PIPELINES}")
+        explained = await cur.fetchone()
+        assert explained is not None
+        plan = explained[0] if isinstance(explained[0], list) else json.loads(explained[0])
+        nodes = _nodes(plan[0]["Plan"])
+        assert "Seq Scan" not in nodes, nodes
+        assert any("Index" in n for n in nodes), nodes
+        cur = await conn.execute(CRON_PIPELINES)
+        assert len(await cur.fetchall()) == 4

@@ -11,8 +11,9 @@ from domain import pipeline as pl
 from domain import run as rn
 from domain.stages import Stage
 from infra.app.commands import Commands
-from infra.executor.executor import RunLog
+from infra.executor.runlog import RunLog
 from infra.store.memory import InMemoryEventStore
+from tests.integration.executor_faults import FaultyStore, run_log
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -20,7 +21,9 @@ pytestmark = pytest.mark.asyncio(loop_scope="session")
 async def _run(commands: Commands) -> rn.RunState:
     stage = Stage(id="s", name="s", type="script", order=1, config={"command": "true"})
     state, _ = await commands.trigger(
-        _pipeline(stage), by="u", variables={},
+        _pipeline(stage),
+        by="u",
+        variables={},
     )
     return state
 
@@ -29,7 +32,12 @@ def _pipeline(stage: Stage) -> pl.PipelineState:
     return pl.evolve(
         pl.initial_state,
         pl.PipelineCreated(
-            pipeline_id="p", name="p", description=None, stages=(stage,), organization_id=None, created_by="u",
+            pipeline_id="p",
+            name="p",
+            description=None,
+            stages=(stage,),
+            organization_id=None,
+            created_by="u",
             at=datetime.now(UTC),
         ),
     )
@@ -63,7 +71,7 @@ async def test_every_line_written_before_close_is_stored_in_order() -> None:
 
 
 def test_log_chunks_stay_small_enough_for_a_nats_message() -> None:
-    from infra.executor.executor import MAX_CHUNK_BYTES, chunk_lines
+    from infra.executor.runlog import MAX_CHUNK_BYTES, chunk_lines
 
     line = rn.LogLine("stdout", "x" * 1000)
     buffer = [("s", line)] * 5000 + [("t", line)] * 3  # about 5 MB of output
@@ -80,9 +88,55 @@ def test_the_relay_publishes_an_oversized_event_as_a_stub() -> None:
     from infra.store.records import RecordedEvent
 
     rec = RecordedEvent(
-        position=7, tx_id=1, stream_id="runlog-r", stream_version=3, event_id="e", event_type="log_appended",
-        data=b"{" + b" " * 2_000_000 + b"}", org=None, pipeline_id=None, run_id="r", recorded_at=datetime.now(UTC),
+        position=7,
+        tx_id=1,
+        stream_id="runlog-r",
+        stream_version=3,
+        event_id="e",
+        event_type="log_appended",
+        data=b"{" + b" " * 2_000_000 + b"}",
+        org=None,
+        pipeline_id=None,
+        run_id="r",
+        recorded_at=datetime.now(UTC),
     )
     stub = json.loads(body_for(rec, 1_000_000))
     assert stub["truncated"] is True and stub["position"] == 7 and stub["size"] == 2_000_002
     assert body_for(dataclasses.replace(rec, data=b"{}"), 1_000_000) == b"{}"
+
+
+async def test_lines_whose_appends_fail_for_a_while_all_reach_the_store_in_order() -> None:
+    store = FaultyStore(InMemoryEventStore())
+    commands = Commands(store)
+    state = await _run(commands)
+    failing = store.fail_appends(run_log(state.run_id), times=7)  # more than one flush's attempts
+    log = RunLog(commands, state, max_bytes=10**9, publish=None, interval=0.01, retry_delay=0.01)
+    log.start()
+    for i in range(100):
+        log.line("s", "stdout", str(i))
+        if i == 50:
+            await failing.hit.wait()
+    await log.close()
+    texts = [ln.text for c in await commands.load_logs(state.run_id) for ln in c.lines]
+    assert failing.hits == 7
+    assert texts == [str(i) for i in range(100)]
+
+
+async def test_lines_held_beyond_the_bound_leave_a_counted_gap_marker_in_their_place() -> None:
+    store = FaultyStore(InMemoryEventStore())
+    commands = Commands(store)
+    state = await _run(commands)
+    failing = store.fail_appends(run_log(state.run_id), times=10)  # two flushes' worth of attempts
+    # Room for about five held lines of 4 characters (each counts 16 bytes more).
+    log = RunLog(commands, state, max_bytes=10**9, publish=None, interval=3600, retry_delay=0.001, max_held=100)
+    for i in range(20):
+        log.line("s", "stdout", f"{i:04d}")
+    await log.flush()  # fails: the oldest lines beyond the bound are dropped
+    for i in range(20, 25):
+        log.line("s", "stdout", f"{i:04d}")
+    await log.close()
+    texts = [ln.text for c in await commands.load_logs(state.run_id) for ln in c.lines]
+    assert failing.hits == 10
+    assert texts[0].startswith(f"[log gap: {log.dropped} lines could not be stored")
+    assert texts[1:] == [f"{i:04d}" for i in range(log.dropped, 25)]
+    assert 0 < log.dropped < 25
