@@ -82,9 +82,12 @@ def test_mask_optional() -> None:
 )
 def test_no_value_survives_masking(values: list[str], before: str, after: str) -> None:
     m = Masker(values)
+    # The mask itself may complete a value with what is left beside it ("0" + "***" holds "0*"):
+    # that reveals nothing, so the check reads the masks as a character no value contains.
+    blank = next(c for c in map(chr, range(0xE000, 0xE100)) if all(c not in v for v in values))
     for value in values:
         masked = m.mask(before + value + after)
-        assert value not in masked or value in MASK
+        assert value not in masked.replace(MASK, blank) or value in MASK
 
 
 def test_masking_many_lines_with_many_secrets_is_fast() -> None:
