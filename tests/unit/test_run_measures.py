@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
+import pytest
+
 from domain import run as rn
 from domain.stages import Stage
 from infra.executor.measures import observe_ended
@@ -60,9 +62,10 @@ def test_a_retried_stage_is_observed_once_per_attempt_with_its_outcome_and_the_r
     def grew(name: str, status: str) -> float:
         return sample(name, status) - before[(name, status)]
 
-    assert (grew(names[1], "timeout"), grew(names[0], "timeout")) == (1, 3.0)
-    assert (grew(names[1], "succeeded"), grew(names[0], "succeeded")) == (1, 1.5)
-    assert sample("pipelines_run_duration_seconds_sum", "succeeded") - run_before == 6.5
+    # Sums of floats other tests added to: compared approximately.
+    assert (grew(names[1], "timeout"), grew(names[0], "timeout")) == (1, pytest.approx(3.0))
+    assert (grew(names[1], "succeeded"), grew(names[0], "succeeded")) == (1, pytest.approx(1.5))
+    assert sample("pipelines_run_duration_seconds_sum", "succeeded") - run_before == pytest.approx(6.5)
 
 
 def test_a_run_cancelled_before_it_started_has_no_duration() -> None:
