@@ -33,6 +33,14 @@ def _float(env: dict[str, str], name: str, default: float) -> float:
         raise ValueError(f"{name} must be a number, not {raw!r}") from None
 
 
+def _port(env: dict[str, str], name: str) -> int:
+    """A TCP port to listen on; 0 (the default) for none."""
+    port = _int(env, name, 0)
+    if not 0 <= port <= 65535:
+        raise ValueError(f"{name} must be a TCP port (0 for none), not {port}")
+    return port
+
+
 def default_script_uids() -> tuple[int, int] | None:
     """When the executor is root, each run's scripts get a uid of their own from this range, so
     that concurrent runs cannot read each other's files, environment (secrets) or processes."""
@@ -105,6 +113,12 @@ class Settings:
     notify_max_attempts: int = 4
     notify_backoff: float = 1.0
     notify_timeout: float = 10.0
+    # Where the executor, the relay and the projector serve GET /metrics (0: not served); the API
+    # and the gateway serve theirs on their own ports.
+    metrics_host: str = "127.0.0.1"
+    executor_metrics_port: int = 0
+    relay_metrics_port: int = 0
+    projector_metrics_port: int = 0
 
     def __post_init__(self) -> None:
         if not 1 <= self.notify_max_attempts <= 20:
@@ -162,4 +176,8 @@ class Settings:
             notify_max_attempts=_int(e, "PIPELINES_NOTIFY_MAX_ATTEMPTS", 4),
             notify_backoff=_float(e, "PIPELINES_NOTIFY_BACKOFF", 1.0),
             notify_timeout=_float(e, "PIPELINES_NOTIFY_TIMEOUT", 10.0),
+            metrics_host=e.get("PIPELINES_METRICS_HOST") or "127.0.0.1",
+            executor_metrics_port=_port(e, "PIPELINES_EXECUTOR_METRICS_PORT"),
+            relay_metrics_port=_port(e, "PIPELINES_RELAY_METRICS_PORT"),
+            projector_metrics_port=_port(e, "PIPELINES_PROJECTOR_METRICS_PORT"),
         )

@@ -1,8 +1,14 @@
-"""The service's Prometheus metrics (one registry; GET /metrics exposes it)."""
+"""The process's Prometheus metrics (one registry), and serving them on a port of their own.
+
+The API serves them at GET /metrics, the gateway beside /healthz; the executor, the relay and the
+projector on PIPELINES_<SERVICE>_METRICS_PORT (see `serve`)."""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from collections.abc import Callable, Iterable
+from datetime import UTC, datetime
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, start_http_server
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 
 REGISTRY = CollectorRegistry()
@@ -15,7 +21,18 @@ http_responses = Counter(
     "pipelines_http_responses", "HTTP responses sent, by method and status.", ["method", "status"], registry=REGISTRY
 )
 stage_duration = Histogram(
-    "pipelines_stage_duration_seconds", "Duration of finished stages.", ["status"], buckets=_SECONDS, registry=REGISTRY
+    "pipelines_stage_duration_seconds",
+    "Duration of finished stage attempts, by their outcome.",
+    ["status"],
+    buckets=_SECONDS,
+    registry=REGISTRY,
+)
+step_duration = Histogram(
+    "pipelines_step_duration_seconds",
+    "Duration of finished attempts of steps of jobs, by their outcome.",
+    ["status"],
+    buckets=_SECONDS,
+    registry=REGISTRY,
 )
 run_duration = Histogram(
     "pipelines_run_duration_seconds", "Duration of finished runs.", ["status"], buckets=_SECONDS, registry=REGISTRY
@@ -33,8 +50,36 @@ projection_lag = Histogram(
     registry=REGISTRY,
 )
 websocket_clients = Gauge("pipelines_websocket_clients", "Open WebSocket connections.", registry=REGISTRY)
+log_lines_dropped = Counter(
+    "pipelines_log_lines_dropped",
+    "Log lines of runs that could not be stored (the event store unavailable for too long).",
+    registry=REGISTRY,
+)
 
 
 def exposition() -> bytes:
     """Every metric in the Prometheus text format."""
     return generate_latest(REGISTRY)
+
+
+def observe_lags(histogram: Histogram, recorded: Iterable[datetime]) -> None:
+    """Observe how long ago each of these events was recorded (never less than 0: the database's
+    clock and ours may differ a little)."""
+    now = datetime.now(UTC)
+    for at in recorded:
+        histogram.observe(max(0.0, (now - at).total_seconds()))
+
+
+def serve(host: str, port: int) -> Callable[[], None] | None:
+    """Serve the metrics at http://host:port/metrics from a thread of their own; port 0: nothing
+    (None). Returns what stops the server."""
+    if not port:
+        return None
+    server, thread = start_http_server(port, addr=host, registry=REGISTRY)
+
+    def stop() -> None:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+
+    return stop

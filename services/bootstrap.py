@@ -8,7 +8,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import TYPE_CHECKING
 
 from infra.app.commands import Commands
@@ -17,6 +17,7 @@ from infra.config import Settings
 from infra.http.deps import Deps
 from infra.http.idempotency import IdempotencyKeys
 from infra.http.queries import ReadModels
+from infra.metrics import serve
 from infra.secrets import SecretStore, load_key_material
 from infra.store.migrate import migrate, open_pool
 from infra.store.postgres import PostgresEventStore
@@ -100,8 +101,27 @@ async def connect_nats(settings: Settings, name: str) -> NATS:
     return await bus.connect(settings.nats_url, name)
 
 
-def run_until_signalled(service: str, body: Callable[[asyncio.Event], Awaitable[None]]) -> None:
-    """Run `body(stop)` until SIGTERM or SIGINT sets `stop`; exit 0 after it drains."""
+@contextlib.contextmanager
+def metrics_served(host: str, port: int) -> Iterator[None]:
+    """This process's metrics at http://host:port/metrics meanwhile (port 0: not served)."""
+    try:
+        stop = serve(host, port)
+    except OSError as exc:
+        raise SystemExit(f"cannot serve the metrics on {host}:{port}: {exc}") from exc
+    if stop is not None:
+        logging.getLogger("pipelines").info("metrics at http://%s:%d/metrics", host, port)
+    try:
+        yield
+    finally:
+        if stop is not None:
+            stop()
+
+
+def run_until_signalled(
+    service: str, body: Callable[[asyncio.Event], Awaitable[None]], *, metrics: tuple[str, int] | None = None
+) -> None:
+    """Run `body(stop)` until SIGTERM or SIGINT sets `stop`; exit 0 after it drains. `metrics`
+    (host, port): where the process serves its metrics meanwhile (port 0: not served)."""
     setup_logging(service)
 
     async def main() -> None:
@@ -111,4 +131,6 @@ def run_until_signalled(service: str, body: Callable[[asyncio.Event], Awaitable[
             loop.add_signal_handler(sig, stop.set)
         await body(stop)
 
-    asyncio.run(main())
+    host, port = metrics or ("", 0)
+    with metrics_served(host, port):
+        asyncio.run(main())

@@ -37,7 +37,7 @@ def main() -> None:
             await nc.drain()
             await pool.close()
 
-    run_until_signalled("executor", body)
+    run_until_signalled("executor", body, metrics=(settings.metrics_host, settings.executor_metrics_port))
 
 
 if __name__ == "__main__":

@@ -32,7 +32,9 @@ def main(argv: list[str] | None = None) -> None:
         finally:
             await pool.close()
 
-    run_until_signalled("projector", body)
+    # A rebuild is a one-off: nothing to scrape.
+    port = 0 if args.rebuild else settings.projector_metrics_port
+    run_until_signalled("projector", body, metrics=(settings.metrics_host, port))
 
 
 if __name__ == "__main__":

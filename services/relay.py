@@ -24,7 +24,7 @@ def main() -> None:
             await nc.drain()
             await pool.close()
 
-    run_until_signalled("relay", body)
+    run_until_signalled("relay", body, metrics=(settings.metrics_host, settings.relay_metrics_port))
 
 
 if __name__ == "__main__":

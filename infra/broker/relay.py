@@ -26,6 +26,7 @@ from nats.aio.client import Client as NATS
 from nats.js.errors import NotFoundError
 
 from infra.broker.bus import APPENDED_SUBJECT, ensure_events_stream, event_subject, wait_for_wake
+from infra.metrics import observe_lags, relay_lag
 from infra.store.postgres import PostgresEventStore
 from infra.store.records import FEED_START, FeedCursor, RecordedEvent
 
@@ -193,6 +194,7 @@ class Relay:
             self.last_seq = last_ack.seq
             self.cursor = events[ok - 1].cursor
             self.published += ok
+            observe_lags(relay_lag, (rec.recorded_at for rec in events[:ok]))
         self._checkpoint_later()
         if ok < len(events):
             err = next(a for a in acks if isinstance(a, BaseException))

@@ -19,6 +19,7 @@ from domain.run.units import Unit, started_units
 from infra.app.commands import Commands, ConcurrencyConflict
 from infra.executor.background import Background
 from infra.executor.leasing import UnitLeases
+from infra.executor.measures import observe_ended
 from infra.executor.runlog import ClosingLogs, settled
 from infra.executor.scripts import ScriptOutcome, ScriptRun
 from infra.executor.timers import Timers
@@ -158,6 +159,7 @@ class RunDrivers:
                 lost_race=self.leases.drop,
                 on_version=self._noter(driver),
             )
+            observe_ended(state, new)
             await self.leases.own(state, new)
         except BaseException:
             # What this call found contended is moot: a later call decides its starts again.
@@ -327,6 +329,7 @@ class RunDrivers:
                 if isinstance(exc, Refused):
                     self.leases.release_later(run_id, unit.key, unit.attempt)
             raise
+        observe_ended(state, new)
         self.closing_logs.forget(run_id, unit.key, unit.attempt)
         # Any other failure keeps the lease: the caller tries again, and if this executor dies
         # meanwhile the lease expires and the attempt is recovered.

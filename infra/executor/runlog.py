@@ -16,6 +16,7 @@ from domain import run as rn
 from domain.masking import Masker
 from domain.run.units import split_key, unit_key
 from infra.app.commands import Commands
+from infra.metrics import log_lines_dropped
 
 log = logging.getLogger("pipelines.executor")
 
@@ -157,6 +158,7 @@ class RunLog:
             del self._buffer[:drop]
             self._gap += drop
             self.dropped += drop
+            log_lines_dropped.inc(drop)
             log.error("run %s: %d log lines dropped: the event store stayed unavailable", self._state.run_id, drop)
 
     async def close(self) -> None:
@@ -172,6 +174,7 @@ class RunLog:
                 return
         lost = len(self._buffer) + self._gap
         self.dropped += len(self._buffer)
+        log_lines_dropped.inc(len(self._buffer))
         log.error("run %s: %d log lines could not be stored before the unit ended", self._state.run_id, lost)
 
 

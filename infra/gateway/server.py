@@ -27,7 +27,9 @@ from infra.gateway.conn import Conn, Item, Sub
 from infra.gateway.fanout import Fanout
 from infra.gateway.feed import feed_head, subscribe_after
 from infra.gateway.protocol import BadRequest, Channel, Scope, parse_request
+from infra.gateway.scrape import METRICS_PATH, metrics_response
 from infra.gateway.views import Views
+from infra.metrics import websocket_clients
 from infra.store.records import FEED_START, FeedCursor
 
 log = logging.getLogger("pipelines.gateway")
@@ -41,6 +43,7 @@ class Gateway:
 
         ws://<host>:<port>/api/v1/ws          token in `Authorization: Bearer ...` or `?token=`
         GET /healthz                          200 `ok` (plain HTTP), 503 while NATS is down
+        GET /metrics                          the process's Prometheus metrics (plain HTTP)
 
     Clients send `{"action": "subscribe"|"unsubscribe", "channel": "runs"|"logs"|"pipelines",
     "params": {"pipelineId"?, "runId"?}, "fromPosition"?: n}` and receive
@@ -165,6 +168,8 @@ class Gateway:
             if self._feed_ready and self.nc.is_connected:
                 return connection.respond(http.HTTPStatus.OK, "ok")
             return connection.respond(http.HTTPStatus.SERVICE_UNAVAILABLE, "nats unavailable")
+        if url.path == METRICS_PATH:
+            return metrics_response(connection)
         if url.path != WS_PATH:
             return connection.respond(http.HTTPStatus.NOT_FOUND, "not found")
         token = _bearer(request.headers)
@@ -196,9 +201,11 @@ class Gateway:
         ]
         if exp is not None:
             tasks.append(asyncio.create_task(_expire(ws, exp), name="gateway-token-expiry"))
+        websocket_clients.inc()
         try:
             await asyncio.wait(tasks[:2], return_when=asyncio.FIRST_COMPLETED)
         finally:
+            websocket_clients.dec()
             self._close_conn(conn)
             for task in tasks:
                 task.cancel()

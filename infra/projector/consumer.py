@@ -15,6 +15,7 @@ import psycopg
 from nats.aio.client import Client as NATS
 
 from infra.broker.bus import APPENDED_SUBJECT
+from infra.metrics import observe_lags, projection_lag
 from infra.projector import rebuild as rb
 from infra.projector.apply import States, apply
 from infra.projector.checkpoint import BEHIND_HORIZON, CheckpointMoved, behind_horizon, move_checkpoint, read_checkpoint
@@ -141,6 +142,7 @@ class Projector:
                 raise
             self._cursor = events[-1].cursor
             self._states.update_from(folded)
+            observe_lags(projection_lag, (e.recorded_at for e in events))
             total += len(events)
             if len(events) < self.batch:
                 return total, pending

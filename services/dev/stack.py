@@ -26,7 +26,7 @@ from services.dev.errors import ServerError, StackError
 from services.dev.files import FileLock, private_dir, write_private
 from services.dev.nats import RunningNats
 from services.dev.output import PrefixedOutput, isatty
-from services.dev.ports import port_is_free
+from services.dev.ports import free_port, port_is_free
 from services.dev.postgres import RunningPostgres
 from services.dev.process import ManagedProcess, stop_stale_process
 
@@ -48,7 +48,8 @@ class Stack:
 
     env: the base environment (default `os.environ`); children get all of it plus
         PIPELINES_DATABASE_URL, PIPELINES_NATS_URL, PIPELINES_API_PORT, PIPELINES_GATEWAY_PORT and
-        PIPELINES_DATA_DIR set to the resolved values.
+        PIPELINES_DATA_DIR set to the resolved values, and PIPELINES_<SERVICE>_METRICS_PORT for the
+        executor, relay and projector (a free port each, unless `env` sets one).
     database_url / nats_url: used when given, else PIPELINES_DATABASE_URL / PIPELINES_NATS_URL from
         `env`, else the embedded server is started under `data_dir` (unless `embedded=False`).
     data_dir: default PIPELINES_DATA_DIR from `env`, else `.data` (relative to `cwd`).
@@ -100,6 +101,8 @@ class Stack:
         self.check_ports = check_ports
 
         self.child_env: dict[str, str] = {}
+        # Where the executor, relay and projector serve their metrics (set when the stack starts).
+        self.metrics_ports: dict[str, int] = {}
         self._services = {
             name: _Service(name, [self.python, "-m", f"{package}.{name}"]) for name in dict.fromkeys(services)
         }
@@ -277,9 +280,21 @@ class Stack:
         lines.append(f"API         {self.api_url}/api/v1/pipelines")
         lines.append(f"OpenAPI     {self.api_url}/schema")
         lines.append(f"WebSocket   {self.gateway_url}")
+        for i, (name, url) in enumerate(self.metrics_urls()):
+            lines.append(f"{'Metrics' if i == 0 else '':<12}{url} ({name})")
         lines.append(f"Token       {token_command}")
         lines.append(f"Data        {self.data_dir}")
         return lines
+
+    def metrics_urls(self) -> list[tuple[str, str]]:
+        """Each service's GET /metrics, of the services this stack runs."""
+        host = display_host(self.settings.metrics_host)
+        urls = {
+            "api": f"{self.api_url}/metrics",
+            "gateway": f"http://{display_host(self.settings.gateway_host)}:{self.gateway_port}/metrics",
+            **{name: f"http://{host}:{port}/metrics" for name, port in self.metrics_ports.items()},
+        }
+        return [(name, urls[name]) for name in self._services if name in urls]
 
     def say(self, line: str) -> None:
         """Print a supervisor line."""
@@ -317,6 +332,19 @@ class Stack:
             PIPELINES_DATA_DIR=str(self.data_dir),
             PYTHONUNBUFFERED="1",
         )
+        configured = {
+            "executor": self.settings.executor_metrics_port,
+            "relay": self.settings.relay_metrics_port,
+            "projector": self.settings.projector_metrics_port,
+        }
+        # Kept across restarts of a service: the same address to scrape.
+        self.metrics_ports = {
+            name: port or free_port(self.settings.metrics_host)
+            for name, port in configured.items()
+            if name in self._services
+        }
+        for name, port in self.metrics_ports.items():
+            env[f"PIPELINES_{name.upper()}_METRICS_PORT"] = str(port)
         return env
 
     def _spawn(self, service: _Service) -> None:

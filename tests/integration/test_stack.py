@@ -165,6 +165,30 @@ def test_stack_runs_restarts_and_stops_services(dummy_env: dict[str, str], tmp: 
     assert not stack.pid_file.exists()
 
 
+def test_stack_gives_its_executor_and_relay_a_metrics_port_and_prints_every_metrics_url(
+    dummy_env: dict[str, str], tmp: Path
+) -> None:
+    chosen = free_port()
+    out = io.StringIO()
+    stack = _stack(
+        {**dummy_env, "PIPELINES_RELAY_METRICS_PORT": str(chosen)}, tmp, out, services=("api", "executor", "relay")
+    )
+    stack.start()
+    try:
+        executor = int(stack.child_env["PIPELINES_EXECUTOR_METRICS_PORT"])
+        assert executor > 0 and stack.child_env["PIPELINES_RELAY_METRICS_PORT"] == str(chosen)
+        assert "PIPELINES_PROJECTOR_METRICS_PORT" not in stack.child_env  # no projector in this stack
+        banner = stack.banner()
+    finally:
+        stack.stop()
+    metrics = [line for line in banner if "/metrics" in line]
+    assert metrics == [
+        f"Metrics     {stack.api_url}/metrics (api)",
+        f"            http://127.0.0.1:{executor}/metrics (executor)",
+        f"            http://127.0.0.1:{chosen}/metrics (relay)",
+    ]
+
+
 def test_stack_kills_a_service_that_ignores_sigterm(dummy_env: dict[str, str], tmp: Path) -> None:
     out = io.StringIO()
     stack = _stack(dummy_env, tmp, out, services=("stubborn",), stop_timeout=1.0)

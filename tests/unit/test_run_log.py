@@ -12,6 +12,7 @@ from domain import run as rn
 from domain.stages import Stage
 from infra.app.commands import Commands
 from infra.executor.runlog import RunLog
+from infra.metrics import REGISTRY
 from infra.store.memory import InMemoryEventStore
 from tests.integration.executor_faults import FaultyStore, run_log
 
@@ -140,3 +141,22 @@ async def test_lines_held_beyond_the_bound_leave_a_counted_gap_marker_in_their_p
     assert texts[0].startswith(f"[log gap: {log.dropped} lines could not be stored")
     assert texts[1:] == [f"{i:04d}" for i in range(log.dropped, 25)]
     assert 0 < log.dropped < 25
+
+
+async def test_dropped_log_lines_are_counted_in_the_metrics() -> None:
+    def counted() -> float:
+        return REGISTRY.get_sample_value("pipelines_log_lines_dropped_total") or 0.0
+
+    store = FaultyStore(InMemoryEventStore())
+    commands = Commands(store)
+    state = await _run(commands)
+    store.fail_appends(run_log(state.run_id), times=10**6)  # the store never takes them
+    before = counted()
+    log = RunLog(commands, state, max_bytes=10**9, publish=None, interval=3600, retry_delay=0.0, max_held=100)
+    for i in range(20):
+        log.line("s", "stdout", f"{i:04d}")
+    await log.flush()  # the oldest lines beyond the bound are dropped
+    held = log.dropped
+    assert 0 < held < 20 and counted() == before + held
+    await log.close()  # what is still held is lost with the process: counted too
+    assert log.dropped == 20 and counted() == before + 20
