@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import jwt
 
@@ -22,6 +22,8 @@ class Principal:
     sub: str
     roles: frozenset[str]
     org: str | None
+    # The token's `exp` (seconds since the epoch): a session (a WebSocket) ends with it.
+    expires: float | None = field(default=None, compare=False)
 
     def has(self, role: str) -> bool:
         # admin implies member implies viewer.
@@ -45,6 +47,11 @@ def verify_token(settings: Settings, token: str) -> Principal:
         )
     except jwt.PyJWTError as exc:
         raise AuthError(str(exc)) from exc
+    # PyJWT reads these with int(), so "9999999999" (a string) would pass; RFC 7519 says NumericDate.
+    for name in ("exp", "nbf", "iat"):
+        value = claims.get(name)
+        if name in claims and (isinstance(value, bool) or not isinstance(value, int | float)):
+            raise AuthError(f"claim {name!r} must be a number")
     roles = claims.get("roles", [])
     if isinstance(roles, str):
         roles = [roles]
@@ -56,7 +63,7 @@ def verify_token(settings: Settings, token: str) -> Principal:
     sub = claims["sub"]
     if not isinstance(sub, str) or not sub:
         raise AuthError("claim 'sub' must be a non-empty string")
-    return Principal(sub=sub, roles=frozenset(roles), org=org or None)
+    return Principal(sub=sub, roles=frozenset(roles), org=org or None, expires=float(claims["exp"]))
 
 
 def issue_token(

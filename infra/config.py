@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import warnings
 from dataclasses import dataclass, field
+from ipaddress import IPv4Network, IPv6Network, ip_network
 from pathlib import Path
 
 DEV_JWT_SECRET = "dev-insecure-secret-change-me"
@@ -61,6 +62,20 @@ def parse_uid_range(raw: str) -> tuple[int, int] | None:
     if not sep or not 1000 <= lo <= hi < 2**31 - 1:
         raise ValueError(f"PIPELINES_SCRIPT_UIDS must be FIRST-LAST with 1000 <= FIRST <= LAST, not {raw!r}")
     return lo, hi
+
+
+def parse_cidrs(raw: str) -> tuple[IPv4Network | IPv6Network, ...]:
+    """`127.0.0.0/8, ::1/128` (PIPELINES_OUTBOUND_ALLOW); a bare address is a /32 or /128."""
+    out: list[IPv4Network | IPv6Network] = []
+    for part in (p.strip() for p in raw.split(",")):
+        if part:
+            try:
+                out.append(ip_network(part, strict=False))
+            except ValueError:
+                raise ValueError(
+                    f"PIPELINES_OUTBOUND_ALLOW must be comma-separated CIDRs (for example 127.0.0.0/8), not {part!r}"
+                ) from None
+    return tuple(out)
 
 
 def default_script_user() -> str | None:
@@ -119,6 +134,9 @@ class Settings:
     executor_metrics_port: int = 0
     relay_metrics_port: int = 0
     projector_metrics_port: int = 0
+    # Non-public addresses (loopback, private, link-local...) that deployer and channel URLs may
+    # reach anyway (PIPELINES_OUTBOUND_ALLOW, comma-separated CIDRs); none by default.
+    outbound_allow: tuple[IPv4Network | IPv6Network, ...] = ()
 
     def __post_init__(self) -> None:
         if not 1 <= self.notify_max_attempts <= 20:
@@ -180,4 +198,5 @@ class Settings:
             executor_metrics_port=_port(e, "PIPELINES_EXECUTOR_METRICS_PORT"),
             relay_metrics_port=_port(e, "PIPELINES_RELAY_METRICS_PORT"),
             projector_metrics_port=_port(e, "PIPELINES_PROJECTOR_METRICS_PORT"),
+            outbound_allow=parse_cidrs(e.get("PIPELINES_OUTBOUND_ALLOW", "")),
         )

@@ -20,8 +20,9 @@ from domain import run as rn
 from domain.deployment import DeploymentFailed, DeploymentQueued, DeploymentStarted, DeploymentSucceeded
 from domain.stages import Stage
 from infra.app.commands import Commands
+from infra.delivery.redaction import excerpt, shown_url, url_parts
 from infra.delivery.registry import Item, Registry
-from infra.delivery.webhooks import SIGNATURE_HEADER, DeliveryOptions, post_json, sign
+from infra.delivery.webhooks import SIGNATURE_HEADER, DeliveryOptions, OutboundRefused, post_json, sign
 from infra.executor.scripts import ScriptOutcome
 from infra.store.records import WrongExpectedVersion
 
@@ -201,12 +202,20 @@ class Deployer:
                 }
             )
             headers = {SIGNATURE_HEADER: sign(environment.secret, body)} if environment.secret else {}
+            # Run logs are read by viewers: the URL as scheme and host, the reply as a masked excerpt.
+            shown = shown_url(url)
             try:
-                status, text = await post_json(url, body, headers, self.options.http_timeout)
+                reply = await post_json(url, body, headers, self.options.http_timeout, self.options.outbound)
+            except OutboundRefused as exc:
+                log("stdout", f"POST {shown} refused: {exc}")
+                return ScriptOutcome(exit_code=None, error=f"POST {shown} refused: {exc}"), None
             except httpx.HTTPError as exc:
-                return ScriptOutcome(exit_code=None, error=f"POST {url} failed: {exc!r}"), None
-            log("stdout", f"POST {url}: HTTP {status}" + (f": {text}" if text else ""))
-            if 200 <= status < 300:
-                return ScriptOutcome(exit_code=0), f"HTTP {status}"
-            return ScriptOutcome(exit_code=None, error=f"POST {url} answered HTTP {status}"), f"HTTP {status}"
+                problem = excerpt(f"{type(exc).__name__}: {exc}", *url_parts(url), environment.secret)
+                return ScriptOutcome(exit_code=None, error=f"POST {shown} failed: {problem}"), None
+            text = excerpt(reply.text, *url_parts(url), environment.secret)
+            log("stdout", f"POST {shown}: HTTP {reply.status}" + (f": {text}" if text else ""))
+            if 200 <= reply.status < 300:
+                return ScriptOutcome(exit_code=0), f"HTTP {reply.status}"
+            error = f"POST {shown} answered HTTP {reply.status}"
+            return ScriptOutcome(exit_code=None, error=error), f"HTTP {reply.status}"
         return ScriptOutcome(exit_code=None, error=f"environment {environment.name} has no usable deployer"), None

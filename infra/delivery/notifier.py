@@ -17,8 +17,9 @@ from domain.expressions import ExpressionError, interpolate
 from domain.stages import Stage
 from infra.app.commands import Commands
 from infra.broker.bus import notify_subject
+from infra.delivery.redaction import excerpt, shown_url, url_parts
 from infra.delivery.registry import Registry
-from infra.delivery.webhooks import SIGNATURE_HEADER, DeliveryOptions, post_json, sign
+from infra.delivery.webhooks import SIGNATURE_HEADER, DeliveryOptions, OutboundRefused, post_json, sign
 from infra.executor.scripts import ScriptOutcome
 from projections.views import iso
 
@@ -101,13 +102,22 @@ class Notifier:
         problem = ""
         for i in range(attempts):
             try:
-                status, text = await post_json(url, out, headers, self.options.http_timeout)
-                if 200 <= status < 300:
-                    log("stdout", f"notification sent to {channel.name} ({kind}): HTTP {status} (attempt {i + 1})")
+                reply = await post_json(url, out, headers, self.options.http_timeout, self.options.outbound)
+                if 200 <= reply.status < 300:
+                    log(
+                        "stdout",
+                        f"notification sent to {channel.name} ({kind}): HTTP {reply.status} (attempt {i + 1})",
+                    )
                     return ScriptOutcome(exit_code=0)
-                problem = f"HTTP {status}" + (f": {text[:200]}" if text else "")
+                text = excerpt(reply.text, *url_parts(url), channel.secret)
+                problem = f"HTTP {reply.status}" + (f": {text}" if text else "")
+            except OutboundRefused as exc:
+                # Not worth retrying: the address is what it is until someone changes the channel.
+                problem = f"POST {shown_url(url)} refused: {exc}"
+                log("stdout", f"delivery to {channel.name} refused: {problem}")
+                return ScriptOutcome(exit_code=None, error=f"notification to {channel.name} failed: {problem}")
             except httpx.HTTPError as exc:
-                problem = repr(exc)
+                problem = excerpt(f"{type(exc).__name__}: {exc}", *url_parts(url), channel.secret)
             log("stdout", f"delivery to {channel.name} failed (attempt {i + 1} of {attempts}): {problem}")
             if i + 1 < attempts:
                 await asyncio.sleep(self.options.notify_backoff * (2**i))

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import re
 from typing import Annotated, Any
-from urllib.parse import urlsplit
 
 import msgspec
 from litestar import Controller, Request, Response, delete, get, patch, post, put
@@ -16,6 +15,8 @@ from litestar.params import FromPath, FromQuery, Parameter
 from domain.errors import Invalid
 from infra.auth import Principal
 from infra.delivery.deliveries import Item, Kind, NameInUse, Registry
+from infra.delivery.outbound import OutboundPolicy, OutboundRefused, check_saved
+from infra.delivery.redaction import is_credential_url, shown_url
 from infra.http.deps import API, deps_of
 from infra.http.errors import error_response
 from infra.http.guards import admin, viewer
@@ -48,13 +49,17 @@ async def _body(request: Request[Any, Any, State]) -> dict[str, Any]:
     return data
 
 
-def _check_url(value: Any, path: str, errors: dict[str, str]) -> None:
+def _check_url(value: Any, path: str, errors: dict[str, str], policy: OutboundPolicy) -> None:
     if not isinstance(value, str) or not value:
         errors[path] = "is required: an http or https URL"
         return
-    parts = urlsplit(value)
-    if parts.scheme not in ("http", "https") or not parts.netloc or len(value) > 2000:
-        errors[path] = "must be an http or https URL"
+    if len(value) > 2000:
+        errors[path] = "must be an http or https URL of at most 2000 characters"
+        return
+    try:
+        policy.check_url(value)
+    except OutboundRefused as exc:
+        errors[path] = str(exc)
 
 
 def _check_secret(value: Any, path: str, errors: dict[str, str]) -> None:
@@ -74,7 +79,7 @@ def _common(body: dict[str, Any], allowed: set[str], errors: dict[str, str]) -> 
         errors["description"] = "must be a string of at most 2000 characters"
 
 
-def _deployer(raw: Any, errors: dict[str, str]) -> tuple[dict[str, Any], str | None]:
+def _deployer(raw: Any, errors: dict[str, str], policy: OutboundPolicy) -> tuple[dict[str, Any], str | None]:
     if not isinstance(raw, dict):
         errors["deployer"] = 'is required: {"type": "command", "command": ...} or {"type": "webhook", "url": ...}'
         return {}, None
@@ -91,28 +96,28 @@ def _deployer(raw: Any, errors: dict[str, str]) -> tuple[dict[str, Any], str | N
         for key in raw:
             if key not in ("type", "url", "secret"):
                 errors[f"deployer.{key}"] = "unknown field for a webhook deployer"
-        _check_url(raw.get("url"), "deployer.url", errors)
+        _check_url(raw.get("url"), "deployer.url", errors, policy)
         _check_secret(raw.get("secret"), "deployer.secret", errors)
         return {"type": "webhook", "url": raw.get("url")}, raw.get("secret")
     errors["deployer.type"] = "must be command or webhook"
     return {}, None
 
 
-def _parse(kind: Kind, body: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
+def _parse(kind: Kind, body: dict[str, Any], policy: OutboundPolicy) -> tuple[dict[str, Any], str | None]:
     """Validated (doc, secret) of a whole body."""
     errors: dict[str, str] = {}
     doc: dict[str, Any] = {"name": body.get("name"), "description": body.get("description")}
     secret: str | None = None
     if kind == "environment":
         _common(body, {"name", "description", "deployer"}, errors)
-        doc["deployer"], secret = _deployer(body.get("deployer"), errors)
+        doc["deployer"], secret = _deployer(body.get("deployer"), errors, policy)
     elif kind == "component":
         _common(body, {"name", "description"}, errors)
     else:
         _common(body, {"name", "description", "type", "url", "secret"}, errors)
         if body.get("type") not in ("slack", "webhook"):
             errors["type"] = "must be slack or webhook"
-        _check_url(body.get("url"), "url", errors)
+        _check_url(body.get("url"), "url", errors, policy)
         _check_secret(body.get("secret"), "secret", errors)
         doc["type"], doc["url"], secret = body.get("type"), body.get("url"), body.get("secret")
     if errors:
@@ -120,7 +125,38 @@ def _parse(kind: Kind, body: dict[str, Any]) -> tuple[dict[str, Any], str | None
     return doc, secret
 
 
-def _view(item: Item) -> dict[str, Any]:
+def _url_of(doc: dict[str, Any]) -> tuple[str, str] | None:
+    """The field path and value of an item's outbound URL, if it has one."""
+    deployer = doc.get("deployer")
+    if isinstance(deployer, dict) and deployer.get("type") == "webhook":
+        return "deployer.url", str(deployer.get("url"))
+    return ("url", str(doc["url"])) if isinstance(doc.get("url"), str) else None
+
+
+async def _parse_checked(
+    request: Request[Principal, Any, State], kind: Kind, body: dict[str, Any]
+) -> tuple[dict[str, Any], str | None]:
+    """`_parse`, and the addresses the URL's name resolves to now (checked again at connect time)."""
+    policy = OutboundPolicy(deps_of(request).settings.outbound_allow)
+    doc, secret = _parse(kind, body, policy)
+    found = _url_of(doc)
+    if found is not None:
+        path, url = found
+        try:
+            await check_saved(policy, url)
+        except OutboundRefused as exc:
+            raise Invalid({path: str(exc)}) from None
+    return doc, secret
+
+
+def _shown(url: Any, kind: str | None, principal: Principal) -> Any:
+    """A URL that is a credential itself (a Slack webhook's) is shown whole to admins only."""
+    if isinstance(url, str) and not principal.has("admin") and is_credential_url(url, kind):
+        return shown_url(url)
+    return url
+
+
+def _view(item: Item, principal: Principal) -> dict[str, Any]:
     out: dict[str, Any] = {
         "id": item.id,
         "organizationId": item.org,
@@ -132,11 +168,14 @@ def _view(item: Item) -> dict[str, Any]:
         out["deployer"] = {
             "type": d.get("type"),
             "command": d.get("command"),
-            "url": d.get("url"),
+            "url": _shown(d.get("url"), None, principal),
             "secretConfigured": item.secret is not None,
         }
     elif item.kind == "channel":
-        out.update(type=item.doc.get("type"), url=item.doc.get("url"), secretConfigured=item.secret is not None)
+        kind = item.doc.get("type")
+        out.update(
+            type=kind, url=_shown(item.doc.get("url"), kind, principal), secretConfigured=item.secret is not None
+        )
     out.update(createdBy=item.created_by, createdAt=iso(item.created_at), updatedAt=iso(item.updated_at))
     return out
 
@@ -163,14 +202,14 @@ class _Registry(Controller):
 
     async def _create(self, request: Request[Principal, Any, State]) -> Response[bytes]:
         deps = deps_of(request)
-        doc, secret = _parse(self.kind, await _body(request))
+        doc, secret = await _parse_checked(request, self.kind, await _body(request))
         try:
             item = await registry_of(request).create(
                 self.kind, request.user.org, doc["name"], doc, secret, request.user.sub, deps.commands.now()
             )
         except NameInUse as exc:
             return error_response(409, str(exc))
-        return json_response(201, _view(item))
+        return json_response(201, _view(item, request.user))
 
     async def _get(self, request: Request[Principal, Any, State], item_id: str) -> Item:
         item = await registry_of(request).get(self.kind, request.user.org, item_id)
@@ -184,7 +223,7 @@ class _Registry(Controller):
         body = await _body(request)
         if not whole:
             body = {**_current_body(current), **body}
-        doc, secret = _parse(self.kind, body)
+        doc, secret = await _parse_checked(request, self.kind, body)
         try:
             item = await registry_of(request).update(
                 self.kind, request.user.org, current.id, doc["name"], doc, secret, deps.commands.now()
@@ -193,7 +232,7 @@ class _Registry(Controller):
             return error_response(409, str(exc))
         if item is None:
             raise NotFoundException(f"{self.kind} not found")
-        return json_response(200, _view(item))
+        return json_response(200, _view(item, request.user))
 
     async def _delete(self, request: Request[Principal, Any, State], item_id: str) -> None:
         registry = registry_of(request)
@@ -209,7 +248,7 @@ class _Registry(Controller):
     @get("/", summary="List")
     async def list_items(self, request: Request[Principal, Any, State]) -> Response[bytes]:
         items = await registry_of(request).list_all(self.kind, request.user.org)
-        return json_response(200, [_view(i) for i in items])
+        return json_response(200, [_view(i, request.user) for i in items])
 
     @post("/", guards=[admin], summary="Create (admin)", status_code=201)
     async def create_item(self, request: Request[Principal, Any, State]) -> Response[bytes]:
@@ -220,7 +259,7 @@ class _Registry(Controller):
 
     @get("/{item_id:str}", summary="Get one")
     async def get_item(self, request: Request[Principal, Any, State], item_id: FromPath[str]) -> Response[bytes]:
-        return json_response(200, _view(await self._get(request, item_id)))
+        return json_response(200, _view(await self._get(request, item_id), request.user))
 
     @put("/{item_id:str}", guards=[admin], summary="Replace (admin)")
     async def put_item(self, request: Request[Principal, Any, State], item_id: FromPath[str]) -> Response[bytes]:

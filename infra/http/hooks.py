@@ -18,7 +18,7 @@ from domain.errors import Invalid
 from domain.triggers import branch_of, matching_event_trigger
 from infra.auth import Principal
 from infra.http.deps import API, Deps, deps_of, load_visible_pipeline
-from infra.http.guards import admin
+from infra.http.guards import admin, viewer
 from infra.http.responses import json_response
 from infra.secrets import WebhookSecrets
 from infra.store.records import WrongExpectedVersion
@@ -51,7 +51,7 @@ class WebhookSettingsController(Controller):
     path = f"{API}/pipelines/{{pipeline_id:str}}/webhook"
     tags = ["triggers"]
 
-    @get("/", summary="Whether the pipeline's webhook has a secret, and its URL (never the secret)")
+    @get("/", guards=[viewer], summary="Whether the pipeline's webhook has a secret, and its URL (never the secret)")
     async def show(self, request: Request[Principal, Any, State], pipeline_id: FromPath[str]) -> WebhookView:
         state = await load_visible_pipeline(request, pipeline_id)
         row = await _webhooks(request.app.state.deps).get(state.pipeline_id)

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from infra.auth import issue_token
 from tests.integration.system import System, eventually
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="session")]
@@ -39,6 +40,29 @@ async def test_a_token_signed_with_another_algorithm_or_none_is_refused(system: 
     expired = jwt.encode({"sub": "m", "roles": ["admin"], "exp": 1}, system.settings.jwt_secret, algorithm="HS256")
     r = await system.client.get("/api/v1/pipelines", headers={"Authorization": f"Bearer {expired}"})
     assert r.status_code == 401
+
+
+async def test_time_claims_that_are_numeric_strings_are_refused(system: System) -> None:
+    import jwt
+
+    secret = system.settings.jwt_secret
+    for claims in ({"exp": "9999999999"}, {"exp": 9999999999, "nbf": "0"}, {"exp": 9999999999, "iat": "0"}):
+        token = jwt.encode({"sub": "m", "roles": ["admin"], "org": system.org, **claims}, secret, algorithm="HS256")
+        r = await system.client.get("/api/v1/pipelines", headers={"Authorization": f"Bearer {token}"})
+        assert r.status_code == 401, (claims, r.text)
+        assert "must be a number" in r.text
+
+
+async def test_the_webhook_settings_of_a_pipeline_need_the_viewer_role(system: System) -> None:
+    p = await system.create_pipeline([SCRIPT])
+    r = await system.client.get(f"/api/v1/pipelines/{p['id']}/webhook", headers=system.headers("viewer"))
+    assert r.status_code == 200, r.text
+    for roles in ([], ["deployer"]):
+        token = issue_token(system.settings, sub="mallory", roles=roles, org=system.org)
+        r = await system.client.get(
+            f"/api/v1/pipelines/{p['id']}/webhook", headers={"Authorization": f"Bearer {token}"}
+        )
+        assert r.status_code == 403, r.text
 
 
 async def test_create_get_update_and_delete_a_pipeline(system: System) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import hmac
 import itertools
@@ -38,6 +39,7 @@ class Receiver:
     statuses: list[int] = field(default_factory=list)
     requests: list[tuple[str, dict[str, str], bytes]] = field(default_factory=list)
     port: int = 0
+    reply: bytes = b'{"ok": true}'
 
     @property
     def url(self) -> str:
@@ -59,7 +61,7 @@ class Receiver:
             body = await reader.readexactly(int(headers.get("content-length", "0")))
             self.requests.append((request_line.split(" ")[1], headers, body))
             status = self.statuses.pop(0) if self.statuses else 200
-            reply = b'{"ok": true}'
+            reply = self.reply
             writer.write(
                 f"HTTP/1.1 {status} X\r\nContent-Type: application/json\r\nContent-Length: {len(reply)}\r\n"
                 "Connection: close\r\n\r\n".encode()
@@ -116,7 +118,9 @@ def deploy_stage(comp: dict[str, Any], env: dict[str, Any]) -> dict[str, Any]:
 @pytest.fixture(autouse=True)
 def fast_retries(system: System) -> None:
     assert system.executor.deliveries is not None
-    system.executor.deliveries.options = DeliveryOptions(notify_attempts=3, notify_backoff=0.05, http_timeout=5)
+    system.executor.deliveries.options = dataclasses.replace(
+        DeliveryOptions.from_settings(system.settings), notify_attempts=3, notify_backoff=0.05, http_timeout=5
+    )
 
 
 async def test_registry_crud_roles_validation_and_org_scoping(system: System) -> None:

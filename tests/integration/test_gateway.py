@@ -11,11 +11,13 @@ import asyncio
 import contextlib
 import json
 import socket
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
+import jwt
 import pytest
 import pytest_asyncio
 from psycopg_pool import AsyncConnectionPool
@@ -295,9 +297,31 @@ async def test_session_ends_with_its_token(env: Env) -> None:
     token = issue_token(env.settings, sub="alice", roles=["viewer"], org=env.org, ttl_seconds=2)
     async with client(env, token) as c:
         await c.subscribe("runs", {})
+        started = time.monotonic()
         with pytest.raises(ConnectionClosed):
             await c.recv(timeout=WAIT)
         assert c.ws.close_code == 1008 and c.ws.close_reason == "token expired"
+        assert time.monotonic() - started < 2 + WAIT / 2  # at its expiry, not at some later sweep
+
+
+async def test_a_token_without_a_role_cannot_connect(env: Env) -> None:
+    # 403 on every HTTP read, so no subscription either: refused at the handshake.
+    for roles in ([], ["deployer"]):
+        token = issue_token(env.settings, sub="mallory", roles=roles, org=env.org)
+        with pytest.raises(InvalidStatus) as info:
+            async with connect(env.url() + f"?token={token}", open_timeout=WAIT):
+                pass
+        assert info.value.response.status_code == 403
+        assert b"viewer role" in info.value.response.body
+
+
+async def test_a_token_whose_time_claims_are_strings_is_refused(env: Env) -> None:
+    for claims in ({"exp": "9999999999"}, {"exp": 9999999999, "nbf": "0"}, {"exp": 9999999999, "iat": "0"}):
+        token = jwt.encode({"sub": "mallory", "roles": ["viewer"], "org": env.org, **claims}, SECRET, algorithm="HS256")
+        with pytest.raises(InvalidStatus) as info:
+            async with connect(env.url(), additional_headers={"Authorization": f"Bearer {token}"}, open_timeout=WAIT):
+                pass
+        assert info.value.response.status_code == 401, claims
 
 
 # ---- runs ---------------------------------------------------------------------------------------
