@@ -115,13 +115,14 @@ class Definitions:
         path = pipeline.pipeline_file_path
         try:
             head = await self.git.read_file(pipeline.repo_url, pipeline.default_branch, path)
-            spec, fmt = parse_spec(head.content, path)
         except GitError as exc:
             raise Invalid({"repoUrl": f"cannot read {path} from branch {pipeline.default_branch!r}: {exc}"}) from exc
+        try:
+            spec, fmt = parse_spec(head.content, path)
+        except GitError as exc:
+            raise Invalid({"pipelineFilePath": str(exc)}) from exc
         where = f"{path}@{head.commit_sha[:12]}"
-        errors, _ = validate_spec(
-            spec, zone=ZoneInfo, plugins=installed_plugins()
-        )
+        errors, _ = validate_spec(spec, zone=ZoneInfo, plugins=installed_plugins())
         if errors:
             raise Invalid({f"{where}: {e.path}": e.message for e in errors})
         assert isinstance(spec, dict)

@@ -268,6 +268,6 @@ async def test_an_unreadable_repo_or_invalid_spec_is_400_and_starts_nothing(syst
     # not YAML at all
     push_files(tmp_path, bare, {"pipeline.yaml": "stages: [\n"}, "worse")
     r = await system.client.post(f"/api/v1/pipelines/{p['id']}/trigger", headers=system.headers("member"))
-    assert r.status_code == 400 and "not valid YAML" in r.json()["message"]
+    assert r.status_code == 400 and "not a valid YAML pipeline spec at pipeline.yaml" in r.json()["message"]
     runs = (await system.client.get(f"/api/v1/pipelines/{p['id']}/runs", headers=system.headers())).json()
     assert runs == []
