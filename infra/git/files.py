@@ -1,5 +1,6 @@
-"""What crosses the Git port: its errors, a file at a branch head, a pushed commit, and the spec
-file's formats (render and parse), shared by the adapter and the application layer."""
+"""What crosses the Git port: its errors, a file at a branch head, a pushed commit, the credential
+a pipeline's organization registered, and the spec file's formats (render and parse), shared by
+the adapter and the application layer."""
 
 from __future__ import annotations
 
@@ -34,6 +35,18 @@ class Pushed:
     branch: str
     # The head of the base branch the commit was made on (None: the branch did not exist).
     parent_sha: str | None
+
+
+@dataclass(frozen=True, repr=False)
+class GitCredential:
+    """What Git may authenticate with for one pipeline (stored secrets of its organization or of
+    the pipeline itself): an SSH deploy key for ssh URLs, a token for https URLs, and optionally
+    the known host keys to check the server against. Never in a repr (logs, tracebacks)."""
+
+    ssh_key: str | None = None
+    ssh_known_hosts: str | None = None
+    token: str | None = None
+    username: str = "x-access-token"
 
 
 def check_repo_url(url: str) -> str | None:

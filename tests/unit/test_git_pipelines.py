@@ -26,7 +26,7 @@ from domain.pipeline import (
 from domain.stages import Stage
 from infra.app.commands import Commands, ConcurrencyConflict
 from infra.app.ports import GitRepository
-from infra.git.files import FileAtHead, GitConflict, Pushed
+from infra.git.files import FileAtHead, GitConflict, GitCredential, Pushed
 from infra.git.repos import GitError, parse_spec, render_spec
 from infra.store.memory import InMemoryEventStore
 from tests.unit.decider_dsl import Spec
@@ -256,7 +256,9 @@ class FakeRepo:
         self.heads[branch] = f"{self.commits:040x}"
         return self.heads[branch]
 
-    async def read_file(self, url: str, branch: str, path: str) -> FileAtHead:
+    async def read_file(
+        self, url: str, branch: str, path: str, *, credential: GitCredential | None = None
+    ) -> FileAtHead:
         self.reads += 1
         if path not in self.branches.get(branch, {}):
             raise GitError(f"{path} does not exist on branch {branch!r}")
@@ -273,6 +275,7 @@ class FakeRepo:
         author: str,
         expected_head: str | None = None,
         push_to: str | None = None,
+        credential: GitCredential | None = None,
     ) -> Pushed:
         parent = self.heads.get(branch)
         if self.conflict or (expected_head is not None and expected_head != parent):
