@@ -76,6 +76,14 @@ def parse_cidrs(raw: str) -> tuple[IPv4Network | IPv6Network, ...]:
                     f"PIPELINES_OUTBOUND_ALLOW must be comma-separated CIDRs (for example 127.0.0.0/8), not {part!r}"
                 ) from None
     return tuple(out)
+def parse_path_list(raw: str) -> tuple[Path, ...]:
+    """`/srv/repos:/opt/git` or `/srv/repos,/opt/git` (PIPELINES_GIT_ALLOW_LOCAL): absolute paths."""
+    parts = [p.strip() for chunk in raw.split(",") for p in chunk.split(os.pathsep)]
+    paths = tuple(Path(p) for p in parts if p)
+    for path in paths:
+        if not path.is_absolute():
+            raise ValueError(f"PIPELINES_GIT_ALLOW_LOCAL must list absolute directories, not {str(path)!r}")
+    return paths
 
 
 def default_script_user() -> str | None:
@@ -121,6 +129,12 @@ class Settings:
     script_user: str | None = field(default_factory=default_script_user)
     # A uid per run from this range (inclusive), instead of `script_user`; None: off.
     script_uids: tuple[int, int] | None = field(default_factory=default_script_uids)
+    # Directories whose repositories (file:// URLs, absolute paths) pipelines may use; none by
+    # default: a repoUrl on the server's own disk is refused (PIPELINES_GIT_ALLOW_LOCAL).
+    git_allow_local: tuple[Path, ...] = ()
+    # The user git runs as (PIPELINES_GIT_USER, default the script user): never the service's own
+    # when it is root, so git cannot read the service's keys or data directory.
+    git_user: str | None = field(default_factory=default_script_user)
     # Where scripts get their working directories (PIPELINES_WORK_DIR); default <data_dir>/work.
     work_dir: Path | None = None
     # Notification deliveries (notify stages): attempts in all, seconds before the second attempt
@@ -190,6 +204,8 @@ class Settings:
             else None
             if e.get("PIPELINES_SCRIPT_USER")
             else default_script_uids(),
+            git_allow_local=parse_path_list(e.get("PIPELINES_GIT_ALLOW_LOCAL", "")),
+            git_user=e.get("PIPELINES_GIT_USER") or e.get("PIPELINES_SCRIPT_USER") or default_script_user(),
             work_dir=Path(e["PIPELINES_WORK_DIR"]) if e.get("PIPELINES_WORK_DIR") else None,
             notify_max_attempts=_int(e, "PIPELINES_NOTIFY_MAX_ATTEMPTS", 4),
             notify_backoff=_float(e, "PIPELINES_NOTIFY_BACKOFF", 1.0),

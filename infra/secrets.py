@@ -141,6 +141,10 @@ class SecretStore:
         self._key_id = hashlib.sha256(b"key-id" + enc).digest()[:_KEY_ID]
         self._mac_key = _derive(material, b"request-digest")
 
+    @property
+    def pool(self) -> AsyncConnectionPool:
+        return self._pool
+
     @classmethod
     def from_settings(cls, pool: AsyncConnectionPool, settings: Settings) -> SecretStore:
         return cls(pool, load_key_material(settings))
@@ -232,7 +236,7 @@ class WebhookSecrets:
 
     async def set(self, pipeline_id: str, secret: str) -> None:
         sealed = self._store.encrypt(self._scope(pipeline_id), "webhook", secret)
-        async with self._store._pool.connection() as conn:
+        async with self._store.pool.connection() as conn:
             await conn.execute(
                 "INSERT INTO webhook_secrets (pipeline_id, value) VALUES (%s, %s) "
                 "ON CONFLICT (pipeline_id) DO UPDATE SET value = EXCLUDED.value, updated_at = now()",
@@ -241,7 +245,7 @@ class WebhookSecrets:
 
     async def get(self, pipeline_id: str) -> tuple[str, datetime] | None:
         """(secret, when it was set), or None when none is set."""
-        async with self._store._pool.connection() as conn:
+        async with self._store.pool.connection() as conn:
             cur = await conn.execute(
                 "SELECT value, updated_at FROM webhook_secrets WHERE pipeline_id = %s", (pipeline_id,)
             )
@@ -251,5 +255,5 @@ class WebhookSecrets:
         return self._store.decrypt(self._scope(pipeline_id), "webhook", bytes(row[0])), row[1]
 
     async def delete(self, pipeline_id: str) -> None:
-        async with self._store._pool.connection() as conn:
+        async with self._store.pool.connection() as conn:
             await conn.execute("DELETE FROM webhook_secrets WHERE pipeline_id = %s", (pipeline_id,))

@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING
 from infra.app.commands import Commands
 from infra.broker import bus
 from infra.config import Settings
+from infra.git.credentials import StoredGitCredentials
+from infra.git.repos import GitRepos
 from infra.http.deps import Deps
 from infra.http.idempotency import IdempotencyKeys
 from infra.http.queries import ReadModels
@@ -21,6 +23,7 @@ from infra.metrics import serve
 from infra.secrets import SecretStore, load_key_material
 from infra.store.migrate import migrate, open_pool
 from infra.store.postgres import PostgresEventStore
+from infra.stored_secrets import StoredSecrets
 
 if TYPE_CHECKING:
     from nats.aio.client import Client as NATS
@@ -61,7 +64,13 @@ async def build_api(settings: Settings) -> Deps:
     poker = bus.Poker(nc)
     poker.start()
     waker = bus.RunWaker(nc, settings.events_stream)
-    commands = Commands(store, on_append=poker.poke, on_run_appended=waker.wake)
+    commands = Commands(
+        store,
+        on_append=poker.poke,
+        on_run_appended=waker.wake,
+        git=GitRepos.from_settings(settings),
+        git_credentials=StoredGitCredentials(StoredSecrets(secrets)),
+    )
 
     async def ready() -> dict[str, bool]:
         checks = {"database": False, "nats": nc.is_connected, "gateway": False}

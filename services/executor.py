@@ -12,7 +12,10 @@ from infra.executor.executor import Executor
 from infra.executor.leases import LeaseStore
 from infra.executor.scheduler import Scheduler
 from infra.executor.scripts import watch_children_with_pidfds
+from infra.git.credentials import StoredGitCredentials
+from infra.git.repos import GitRepos
 from infra.secrets import SecretStore, load_key_material
+from infra.stored_secrets import StoredSecrets
 from services.bootstrap import connect_nats, open_store, run_until_signalled
 
 
@@ -28,8 +31,12 @@ def main() -> None:
         poker.start()
         try:
             await bus.ensure_events_stream(nc, settings.events_stream)
-            commands = Commands(store, on_append=poker.poke)
-            executor = Executor(commands, settings, nc, LeaseStore(pool), SecretStore(pool, key))
+            secrets = SecretStore(pool, key)
+            # The scheduler's cron triggers read Git-backed pipelines' specs: as the api does.
+            git = GitRepos.from_settings(settings)
+            credentials = StoredGitCredentials(StoredSecrets(secrets))
+            commands = Commands(store, on_append=poker.poke, git=git, git_credentials=credentials)
+            executor = Executor(commands, settings, nc, LeaseStore(pool), secrets)
             scheduler = Scheduler(commands, pool, interval=settings.sweep_interval)
             await asyncio.gather(executor.run(stop), scheduler.run(stop))
         finally:

@@ -12,7 +12,7 @@ from infra.app.definitions import Definitions, SavedSpec
 from infra.app.deletion import PipelineDeletion
 from infra.app.deployments import DeploymentCommands
 from infra.app.pipelines import NameTaken, PipelineCommands, name_key
-from infra.app.ports import EventStore, GitRepository
+from infra.app.ports import EventStore, GitCredentials, GitRepository
 from infra.app.retry import ConcurrencyConflict
 from infra.app.runs import RunCommands, RunHook, VersionHook
 from infra.git.repos import GitRepos
@@ -42,6 +42,7 @@ class Commands:
         on_run_appended: Callable[[str], None] | None = None,
         retries: int = 8,
         git: GitRepository | None = None,
+        git_credentials: GitCredentials | None = None,
     ) -> None:
         self.store = store
         self.git: GitRepository = git or GitRepos()
@@ -49,7 +50,7 @@ class Commands:
         self.new_id = new_id
         self._ctx = AppContext(store, now, new_id, retries, on_append, on_run_appended)
         self.pipelines = PipelineCommands(self._ctx)
-        self.definitions = Definitions(self._ctx, self.pipelines, self.git)
+        self.definitions = Definitions(self._ctx, self.pipelines, self.git, git_credentials)
         self.runs = RunCommands(self._ctx, self.definitions)
         self.deployments = DeploymentCommands(self._ctx)
         self.deletion = PipelineDeletion(store, self.pipelines, self.runs)

@@ -13,10 +13,10 @@ from domain.errors import Invalid, NotFound
 from domain.spec import stages_from_spec, validate_spec
 from infra.app.context import AppContext
 from infra.app.pipelines import PipelineCommands, Visible, everyone
-from infra.app.ports import GitRepository
+from infra.app.ports import GitCredentials, GitRepository
 from infra.app.retry import ConcurrencyConflict
 from infra.app.specs import installed_plugins
-from infra.git.files import FileAtHead, GitConflict, GitError, parse_spec, render_spec
+from infra.git.files import FileAtHead, GitConflict, GitCredential, GitError, parse_spec, render_spec
 
 
 @dataclass(frozen=True)
@@ -37,10 +37,24 @@ def _typed_stages(spec: dict[str, Any], new_id: Callable[[], str]) -> tuple[Any,
 
 
 class Definitions:
-    def __init__(self, ctx: AppContext, pipelines: PipelineCommands, git: GitRepository) -> None:
+    def __init__(
+        self,
+        ctx: AppContext,
+        pipelines: PipelineCommands,
+        git: GitRepository,
+        credentials: GitCredentials | None = None,
+    ) -> None:
         self.ctx = ctx
         self.pipelines = pipelines
         self.git = git
+        self.credentials = credentials
+
+    async def _credential(self, state: pl.PipelineState) -> GitCredential | None:
+        """The credential registered for the pipeline or its organization: Git never falls back
+        on the service's own keys or agent."""
+        if self.credentials is None:
+            return None
+        return await self.credentials.for_pipeline(state.organization_id, state.pipeline_id)
 
     async def save_spec(
         self,
@@ -83,6 +97,7 @@ class Definitions:
                     author=by,
                     expected_head=expected_head_commit_sha,
                     push_to=pr_branch,
+                    credential=await self._credential(state),
                 )
             except GitConflict as exc:
                 raise ConcurrencyConflict(str(exc)) from exc
@@ -114,14 +129,17 @@ class Definitions:
         assert pipeline.repo_url is not None
         path = pipeline.pipeline_file_path
         try:
-            head = await self.git.read_file(pipeline.repo_url, pipeline.default_branch, path)
-            spec, fmt = parse_spec(head.content, path)
+            head = await self.git.read_file(
+                pipeline.repo_url, pipeline.default_branch, path, credential=await self._credential(pipeline)
+            )
         except GitError as exc:
             raise Invalid({"repoUrl": f"cannot read {path} from branch {pipeline.default_branch!r}: {exc}"}) from exc
+        try:
+            spec, fmt = parse_spec(head.content, path)
+        except GitError as exc:
+            raise Invalid({"pipelineFilePath": str(exc)}) from exc
         where = f"{path}@{head.commit_sha[:12]}"
-        errors, _ = validate_spec(
-            spec, zone=ZoneInfo, plugins=installed_plugins()
-        )
+        errors, _ = validate_spec(spec, zone=ZoneInfo, plugins=installed_plugins())
         if errors:
             raise Invalid({f"{where}: {e.path}": e.message for e in errors})
         assert isinstance(spec, dict)

@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol
 
-from infra.git.files import FileAtHead, Pushed
+from infra.git.files import FileAtHead, GitCredential, Pushed
 from infra.store.records import AppendResult, FeedCursor, NewEvent, RecordedEvent, UniqueKey
 
 
@@ -57,7 +57,9 @@ class GitRepository(Protocol):
     Raises `GitError` when the repository cannot be read or written, `GitConflict` (a GitError)
     when the branch head is not `expected_head` or moved while pushing."""
 
-    async def read_file(self, url: str, branch: str, path: str) -> FileAtHead: ...
+    async def read_file(
+        self, url: str, branch: str, path: str, *, credential: GitCredential | None = None
+    ) -> FileAtHead: ...
 
     async def commit_file(
         self,
@@ -70,4 +72,12 @@ class GitRepository(Protocol):
         author: str,
         expected_head: str | None = None,
         push_to: str | None = None,
+        credential: GitCredential | None = None,
     ) -> Pushed: ...
+
+
+class GitCredentials(Protocol):
+    """The credential a pipeline's Git operations use: registered for the pipeline itself, else
+    for its organization (stored secrets); None when there is none."""
+
+    async def for_pipeline(self, organization_id: str | None, pipeline_id: str) -> GitCredential | None: ...

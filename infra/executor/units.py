@@ -28,7 +28,8 @@ from infra.executor.plugins import plugin_command
 from infra.executor.runlog import ClosingLogs, RunLog
 from infra.executor.scripts import ScriptOutcome, ScriptRun, clean_env
 from infra.executor.uids import NoFreeUid, ScriptUids
-from infra.secrets import SecretStore, SecretsUnavailable
+from infra.secrets import SecretStore
+from infra.stored_secrets import unit_secrets
 
 
 class Stoppable(Protocol):
@@ -77,19 +78,8 @@ class UnitRunner:
             await self.secrets.delete(run_id)
 
     async def _load_secrets(self, state: rn.RunState) -> tuple[dict[str, str], str | None]:
-        """The run's secret values, or why they cannot be had (the stage then fails with that)."""
-        if not state.secret_names:
-            return {}, None
-        if self.secrets is None:
-            return {}, "this executor has no secret store: the run's secrets cannot be read"
-        try:
-            values = await self.secrets.get(state.run_id)
-        except SecretsUnavailable as exc:
-            return {}, str(exc)
-        missing = sorted(set(state.secret_names) - set(values))
-        if missing:
-            return values, f"the run's secrets {', '.join(missing)} are no longer available"
-        return {name: values[name] for name in state.secret_names}, None
+        """The unit's secret values (stored ones under the trigger's), or why they cannot be had."""
+        return await unit_secrets(self.secrets, state)
 
     async def execute(self, state: rn.RunState, unit: Unit, driver: Stoppable | None) -> ScriptOutcome:
         """Run one unit to its outcome, its log lines appended as it goes (the last chunk still

@@ -1,11 +1,12 @@
 """Git-backed pipelines: read a pipeline file at a branch head, commit and push a new version of it.
 
 Drives the `git` CLI through asyncio subprocesses: arguments always as a list (never a shell
-string), `--` before every repository URL, a clean environment (no service variables or secrets,
-`GIT_TERMINAL_PROMPT=0`, no system or global git configuration), a timeout on every call (the
-process is killed when it runs out). Every operation works in a fresh temporary repository that
-is removed afterwards: nothing is cached between operations, so a push made to the repository by
-anyone else is seen by the next read.
+string), `--` before every repository URL, as an unprivileged user when the service is root, in a
+clean environment with a private HOME (see sandbox.py), a timeout on every call (the process is
+killed when it runs out). A repository on the server's own disk is refused unless it lies under
+an allowed directory (policy.py), at every call. Every operation works in a fresh temporary
+repository that is removed afterwards: nothing is cached between operations, so a push made to the
+repository by anyone else is seen by the next read.
 
 Commits are built with plumbing (hash-object, update-index, write-tree, commit-tree) on top of the
 fetched branch head, without a working tree; the push is a plain (non-forced) push, so a branch
@@ -18,12 +19,17 @@ import asyncio
 import contextlib
 import os
 import re
+import subprocess
 import tempfile
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 from domain.pipeline import check_git_source
-from infra.git.files import FileAtHead, GitConflict, GitError, Pushed, parse_spec, render_spec
+from infra.config import Settings
+from infra.executor.scripts import ScriptUser
+from infra.git.files import FileAtHead, GitConflict, GitCredential, GitError, Pushed, parse_spec, render_spec
+from infra.git.policy import repo_url_problem
+from infra.git.sandbox import GitHome, git_command, git_user
 
 # The port's types and the spec formats stay importable from here (infra/http/specs.py uses render_spec).
 __all__ = ["FileAtHead", "GitConflict", "GitError", "GitRepos", "Pushed", "parse_spec", "render_spec"]
@@ -31,73 +37,47 @@ __all__ = ["FileAtHead", "GitConflict", "GitError", "GitRepos", "Pushed", "parse
 DEFAULT_TIMEOUT = 30.0
 MAX_FILE_BYTES = 1024 * 1024
 _SHA = re.compile(r"^[0-9a-fA-F]{7,64}$")
-# Options that make every call independent of the host's git configuration and refuse the
-# transports that run commands (`ext::`) or read arbitrary local files through submodules.
-_SAFE_CONFIG = (
-    "-c", "protocol.ext.allow=never",
-    "-c", "core.hooksPath=/dev/null",
-    "-c", "core.fsmonitor=false",
-    "-c", "credential.helper=",
-    "-c", "init.defaultBranch=main",
-)  # fmt: skip
-
-
-def _clean_env(home: str, *, author: str | None = None) -> dict[str, str]:
-    """Only what git needs: never the service's own variables (database URL, keys, tokens)."""
-    env = {
-        "PATH": os.environ.get("PATH", "/usr/local/bin:/usr/bin:/bin"),
-        "HOME": home,
-        "LANG": "C",
-        "LC_ALL": "C",
-        "GIT_TERMINAL_PROMPT": "0",
-        "GIT_CONFIG_NOSYSTEM": "1",
-        "GIT_CONFIG_GLOBAL": os.devnull,
-        "GIT_ASKPASS": "/bin/false",
-        "SSH_ASKPASS": "/bin/false",
-        "GIT_SSH_COMMAND": "ssh -o BatchMode=yes -o StrictHostKeyChecking=accept-new",
-    }
-    # ssh-ish URLs authenticate with the service user's agent, if it has one.
-    if os.environ.get("SSH_AUTH_SOCK"):
-        env["SSH_AUTH_SOCK"] = os.environ["SSH_AUTH_SOCK"]
-    name = _identity(author or "pipelines")
-    env.update(
-        GIT_AUTHOR_NAME=name,
-        GIT_AUTHOR_EMAIL=f"{name}@pipelines.invalid",
-        GIT_COMMITTER_NAME="pipelines",
-        GIT_COMMITTER_EMAIL="pipelines@pipelines.invalid",
-    )
-    return env
-
-
-def _identity(who: str) -> str:
-    cleaned = re.sub(r"[^A-Za-z0-9._@+-]", "_", who)[:100]
-    return cleaned or "pipelines"
 
 
 class GitRepos:
     """Git operations on pipeline repositories. `timeout`: seconds per git call; `tmp_root`: where
-    the temporary repositories go (the system's temporary directory by default)."""
+    the temporary repositories go (the system's temporary directory by default); `allow_local`:
+    the directories whose repositories may be used (none: no repository on this machine);
+    `user`: who git runs as (None: ourselves)."""
 
-    def __init__(self, *, timeout: float = DEFAULT_TIMEOUT, tmp_root: Path | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        timeout: float = DEFAULT_TIMEOUT,
+        tmp_root: Path | None = None,
+        allow_local: Sequence[Path] = (),
+        user: ScriptUser | None = None,
+    ) -> None:
         self.timeout = timeout
         self.tmp_root = tmp_root
+        self.allow_local = tuple(allow_local)
+        self.user = user
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> GitRepos:
+        return cls(allow_local=settings.git_allow_local, user=git_user(settings.git_user))
 
     async def _git(
         self, cwd: Path, *args: str, env: dict[str, str], stdin: bytes | None = None, check: bool = True
     ) -> tuple[int, str, str]:
+        argv, switch = git_command(self.user, bool(self.allow_local), args)
         try:
             proc = await asyncio.create_subprocess_exec(
-                "git",
-                *_SAFE_CONFIG,
-                *args,
+                *argv,
                 cwd=cwd,
                 env=env,
                 stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE,
                 start_new_session=True,
+                **switch,
             )
-        except OSError as exc:
+        except (OSError, ValueError, subprocess.SubprocessError) as exc:
             raise GitError(f"cannot run git: {exc}") from exc
         try:
             out, err = await asyncio.wait_for(proc.communicate(stdin), self.timeout)
@@ -116,15 +96,22 @@ class GitRepos:
         return code, stdout, stderr
 
     @contextlib.asynccontextmanager
-    async def _scratch(self, author: str | None = None) -> AsyncIterator[tuple[Path, dict[str, str]]]:
-        """A fresh, empty bare repository to fetch into, removed afterwards."""
+    async def _scratch(
+        self, url: str, credential: GitCredential | None, author: str | None = None
+    ) -> AsyncIterator[tuple[Path, dict[str, str]]]:
+        """A fresh, empty bare repository to fetch into, in a private HOME (the pipeline's own
+        credential in it), removed afterwards."""
         if self.tmp_root is not None:
             self.tmp_root.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix="pipelines-git-", dir=self.tmp_root) as tmp:
-            root = Path(tmp)
-            env = _clean_env(str(root), author=author)
-            await self._git(root, "init", "-q", "--bare", "repo.git", env=env)
-            yield root / "repo.git", env
+            home = GitHome(Path(tmp), self.user)
+            try:
+                home.prepare()
+                env = home.env(url, credential, author=author)
+            except OSError as exc:
+                raise GitError(f"cannot prepare git's private directory: {exc}") from exc
+            await self._git(home.path, "init", "-q", "--bare", "repo.git", env=env)
+            yield home.path / "repo.git", env
 
     async def _fetch_head(self, repo: Path, env: dict[str, str], url: str, branch: str) -> str | None:
         """Fetch the branch's head into `repo` as refs/base; its sha, or None when the repository
@@ -143,10 +130,12 @@ class GitRepos:
         _, sha, _ = await self._git(repo, "rev-parse", "--verify", "refs/base^{commit}", env=env)
         return sha.strip()
 
-    async def read_file(self, url: str, branch: str, path: str) -> FileAtHead:
+    async def read_file(
+        self, url: str, branch: str, path: str, *, credential: GitCredential | None = None
+    ) -> FileAtHead:
         """The file at the branch head, and the head's commit sha."""
-        _check(url, branch, path)
-        async with self._scratch() as (repo, env):
+        self._check(url, branch, path)
+        async with self._scratch(url, credential) as (repo, env):
             sha = await self._fetch_head(repo, env, url, branch)
             if sha is None:
                 raise GitError(f"branch {branch!r} does not exist in the repository")
@@ -169,18 +158,19 @@ class GitRepos:
         author: str,
         expected_head: str | None = None,
         push_to: str | None = None,
+        credential: GitCredential | None = None,
     ) -> Pushed:
         """Commit `content` as `path` on top of the head of `branch` and push it: to `branch`
         itself (direct), or to the new branch `push_to` (pr), which must not exist yet.
 
         GitConflict when `expected_head` is given and is not the branch head, or when the branch
         moved between our fetch and our push (the push is never forced)."""
-        _check(url, branch, path)
+        self._check(url, branch, path)
         if push_to is not None:
-            _check(url, push_to, path)
+            self._check(url, push_to, path)
         if expected_head is not None and not _SHA.match(expected_head):
             raise GitError(f"expectedHeadCommitSha {expected_head!r} is not a commit sha (7-64 hex digits)")
-        async with self._scratch(author) as (repo, env):
+        async with self._scratch(url, credential, author) as (repo, env):
             head = await self._fetch_head(repo, env, url, branch)
             if expected_head is not None and (head is None or not head.startswith(expected_head.lower())):
                 raise GitConflict(
@@ -218,11 +208,14 @@ class GitRepos:
                 raise GitError(f"cannot push to the repository: {_last_line(err)}")
             return Pushed(commit_sha=sha, branch=target, parent_sha=head)
 
-
-def _check(url: str, branch: str, path: str) -> None:
-    errors = check_git_source(url, branch, path)
-    if errors:
-        raise GitError("; ".join(f"{k}: {v}" for k, v in errors.items()))
+    def _check(self, url: str, branch: str, path: str) -> None:
+        errors = check_git_source(url, branch, path)
+        # Checked at every call, not only when the pipeline was saved: the allowed directories may
+        # have changed since, and a symlink under one may now lead elsewhere.
+        if "repoUrl" not in errors and (problem := repo_url_problem(url, self.allow_local)) is not None:
+            errors["repoUrl"] = problem
+        if errors:
+            raise GitError("; ".join(f"{k}: {v}" for k, v in errors.items()))
 
 
 def _last_line(text: str) -> str:

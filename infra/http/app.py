@@ -20,6 +20,7 @@ from infra.http.guards import JWTAuth
 from infra.http.hooks import WebhookSettingsController, receive_hook
 from infra.http.pipelines import PipelineController
 from infra.http.runs import RunController, run_actions
+from infra.http.secrets import SecretController
 from infra.http.specs import SPEC_SCHEMA_URL, SpecController, spec_schema
 from infra.metrics import CONTENT_TYPE, exposition, http_responses
 
@@ -73,6 +74,7 @@ def create_app(build: Callable[[], Awaitable[Deps]]) -> Litestar:
             *run_actions,
             SpecController,
             WebhookSettingsController,
+            SecretController,
             EnvironmentController,
             ComponentController,
             ChannelController,

@@ -10,7 +10,10 @@ from litestar.datastructures import State
 from litestar.params import FromPath, FromQuery, JSONBody, Parameter
 
 from domain import pipeline as pl
+from domain.errors import Invalid
 from infra.auth import Principal
+from infra.config import Settings
+from infra.git.policy import repo_url_problem
 from infra.http.bodies import CreatePipelineBody, PatchPipelineBody, parse_pipeline_body
 from infra.http.delivery import check_stage_refs
 from infra.http.deps import API, Deps, deps_of, load_visible_pipeline
@@ -29,6 +32,13 @@ class PipelinePage(msgspec.Struct, kw_only=True):
     total: int
     page: int
     limit: int
+
+
+def _check_repo(settings: Settings, body: dict[str, Any]) -> None:
+    """A repository on the server's own disk only under PIPELINES_GIT_ALLOW_LOCAL (400 otherwise)."""
+    url = body.get("repoUrl")
+    if isinstance(url, str) and (problem := repo_url_problem(url, settings.git_allow_local)) is not None:
+        raise Invalid({"repoUrl": problem})
 
 
 class PipelineController(Controller):
@@ -58,6 +68,7 @@ class PipelineController(Controller):
         deps = deps_of(request)
         principal = request.user
         body = parse_pipeline_body(await request.body(), partial=False)
+        _check_repo(deps.settings, body)
         await check_stage_refs(request, body.get("stages"))
 
         async def run() -> Response[bytes]:
@@ -90,6 +101,7 @@ class PipelineController(Controller):
         deps = deps_of(request)
         principal = request.user
         body = parse_pipeline_body(await request.body(), partial=not whole)
+        _check_repo(deps.settings, body)
         await check_stage_refs(request, body.get("stages"))
         state = await deps.commands.update_pipeline(
             _uuid_or_404(pipeline_id, "pipeline"),

@@ -22,10 +22,13 @@ from infra.broker.relay import Relay
 from infra.config import Settings, parse_cidrs
 from infra.executor.executor import Executor
 from infra.executor.leases import LeaseStore
+from infra.git.credentials import StoredGitCredentials
+from infra.git.repos import GitRepos
 from infra.http.app import create_app
 from infra.projector.consumer import Projector
 from infra.secrets import SecretStore
 from infra.store.postgres import PostgresEventStore
+from infra.stored_secrets import StoredSecrets
 from services.bootstrap import build_api, open_store
 
 JWT_SECRET = "integration-test-secret-0123456789abcdef"
@@ -130,10 +133,16 @@ async def running_system(settings: Settings, *, with_executor: bool = True) -> A
         raise
     poker = bus.Poker(nc)
     poker.start()
-    commands = Commands(store, on_append=poker.poke)
+    secrets = SecretStore.from_settings(pool, settings)
+    commands = Commands(
+        store,
+        on_append=poker.poke,
+        git=GitRepos.from_settings(settings),
+        git_credentials=StoredGitCredentials(StoredSecrets(secrets)),
+    )
     relay = Relay(store, settings.database_url, nc, stream=settings.events_stream, poll_interval=0.05)
     projector = Projector(store, settings.database_url, nc, poll_interval=0.05)
-    executor = Executor(commands, settings, nc, LeaseStore(pool), SecretStore.from_settings(pool, settings))
+    executor = Executor(commands, settings, nc, LeaseStore(pool), secrets)
     stop = asyncio.Event()
     tasks = [
         asyncio.create_task(relay.run(stop)),

@@ -1,4 +1,5 @@
-"""Git-backed pipelines over the API, against local bare repositories (file:// URLs)."""
+"""Git-backed pipelines over the API, against local bare repositories (file:// URLs) under the
+directory that PIPELINES_GIT_ALLOW_LOCAL allows."""
 
 from __future__ import annotations
 
@@ -33,17 +34,24 @@ _ENV = {
 }
 
 
+@pytest.fixture
+def repos(git_repos: Path) -> Path:
+    """The directory the system allows local repositories in (see conftest.py)."""
+    return git_repos
+
+
 def git(cwd: Path, *args: str) -> str:
     out = subprocess.run(["git", *args], cwd=cwd, env=_ENV, check=True, capture_output=True, text=True, timeout=30)
     return out.stdout.strip()
 
 
-def bare_repo(tmp_path: Path, files: dict[str, str] | None = None) -> tuple[Path, str]:
-    """A bare repository (branch main), with `files` committed when given; its path and file:// URL."""
-    bare = tmp_path / f"{uuid.uuid4().hex[:8]}.git"
-    git(tmp_path, "init", "-q", "--bare", "-b", "main", str(bare))
+def bare_repo(repos: Path, files: dict[str, str] | None = None) -> tuple[Path, str]:
+    """A bare repository (branch main) in `repos`, with `files` committed when given; its path
+    and file:// URL. Shared with every user (the git user pushes to it too)."""
+    bare = repos / f"{uuid.uuid4().hex[:8]}.git"
+    git(repos, "init", "-q", "--bare", "--shared=0666", "-b", "main", str(bare))
     if files:
-        push_files(tmp_path, bare, files, "initial")
+        push_files(repos, bare, files, "initial")
     return bare, f"file://{bare}"
 
 
@@ -83,8 +91,8 @@ async def save(system: System, pid: str, **body: Any) -> Any:
     return await system.client.post(f"/api/v1/pipelines/{pid}/spec/save", json=body, headers=system.headers("member"))
 
 
-async def test_a_pipeline_names_its_repository_branch_and_file(system: System, tmp_path: Path) -> None:
-    _, url = bare_repo(tmp_path)
+async def test_a_pipeline_names_its_repository_branch_and_file(system: System, tmp_path: Path, repos: Path) -> None:
+    _, url = bare_repo(repos)
     p = await create_git_pipeline(system, url, defaultBranch="trunk", pipelineFilePath="ci/pipeline.yml")
     assert (p["repoUrl"], p["defaultBranch"], p["pipelineFilePath"]) == (url, "trunk", "ci/pipeline.yml")
     r = await system.client.patch(
@@ -119,8 +127,8 @@ async def test_a_bad_repo_url_is_400_naming_the_field(system: System, url: str) 
     assert [e["path"] for e in r.json()["errors"]] == ["repoUrl"]
 
 
-async def test_bad_branch_and_file_path_are_400(system: System, tmp_path: Path) -> None:
-    _, url = bare_repo(tmp_path)
+async def test_bad_branch_and_file_path_are_400(system: System, tmp_path: Path, repos: Path) -> None:
+    _, url = bare_repo(repos)
     r = await system.client.post(
         "/api/v1/pipelines",
         json={"name": "bad-fields", "repoUrl": url, "defaultBranch": "-x", "pipelineFilePath": "../etc/passwd"},
@@ -130,8 +138,8 @@ async def test_bad_branch_and_file_path_are_400(system: System, tmp_path: Path) 
     assert {e["path"] for e in r.json()["errors"]} == {"defaultBranch", "pipelineFilePath"}
 
 
-async def test_save_direct_commits_and_pushes_to_the_branch(system: System, tmp_path: Path) -> None:
-    bare, url = bare_repo(tmp_path)
+async def test_save_direct_commits_and_pushes_to_the_branch(system: System, tmp_path: Path, repos: Path) -> None:
+    bare, url = bare_repo(repos)
     p = await create_git_pipeline(system, url)
     r = await save(system, p["id"], spec=SPEC, format="yaml", commitMessage="first version")
     assert r.status_code == 200, r.text
@@ -158,8 +166,8 @@ async def test_save_direct_commits_and_pushes_to_the_branch(system: System, tmp_
     assert [v["commitSha"] for v in versions] == [None, head, got["commitSha"]]
 
 
-async def test_a_stale_expected_head_is_409_and_saves_nothing(system: System, tmp_path: Path) -> None:
-    bare, url = bare_repo(tmp_path, {"pipeline.yaml": yaml.safe_dump(SPEC)})
+async def test_a_stale_expected_head_is_409_and_saves_nothing(system: System, tmp_path: Path, repos: Path) -> None:
+    bare, url = bare_repo(repos, {"pipeline.yaml": yaml.safe_dump(SPEC)})
     old = git(bare, "rev-parse", "main")
     p = await create_git_pipeline(system, url)
     new = push_files(tmp_path, bare, {"README": "moved on\n"}, "someone else")
@@ -178,8 +186,10 @@ async def test_a_stale_expected_head_is_409_and_saves_nothing(system: System, tm
     assert r.status_code == 200, r.text
 
 
-async def test_a_save_retried_with_its_idempotency_key_commits_once(system: System, tmp_path: Path) -> None:
-    bare, url = bare_repo(tmp_path)
+async def test_a_save_retried_with_its_idempotency_key_commits_once(
+    system: System, tmp_path: Path, repos: Path
+) -> None:
+    bare, url = bare_repo(repos)
     p = await create_git_pipeline(system, url)
     headers = {**system.headers("member"), "Idempotency-Key": f"save-{uuid.uuid4()}"}
     answers = [
@@ -193,8 +203,8 @@ async def test_a_save_retried_with_its_idempotency_key_commits_once(system: Syst
     assert git(bare, "rev-list", "--count", "main") == "1"
 
 
-async def test_of_two_saves_expecting_the_same_head_one_wins(system: System, tmp_path: Path) -> None:
-    bare, url = bare_repo(tmp_path, {"pipeline.yaml": yaml.safe_dump(SPEC)})
+async def test_of_two_saves_expecting_the_same_head_one_wins(system: System, tmp_path: Path, repos: Path) -> None:
+    bare, url = bare_repo(repos, {"pipeline.yaml": yaml.safe_dump(SPEC)})
     head = git(bare, "rev-parse", "main")
     p = await create_git_pipeline(system, url)
     specs = [{**SPEC, "variables": {"GREETING": g}} for g in ("one", "two")]
@@ -205,8 +215,10 @@ async def test_of_two_saves_expecting_the_same_head_one_wins(system: System, tmp
     assert git(bare, "rev-parse", "main^") == head
 
 
-async def test_save_pr_pushes_a_new_branch_and_leaves_the_definition(system: System, tmp_path: Path) -> None:
-    bare, url = bare_repo(tmp_path, {"pipeline.yaml": yaml.safe_dump(SPEC)})
+async def test_save_pr_pushes_a_new_branch_and_leaves_the_definition(
+    system: System, tmp_path: Path, repos: Path
+) -> None:
+    bare, url = bare_repo(repos, {"pipeline.yaml": yaml.safe_dump(SPEC)})
     main_before = git(bare, "rev-parse", "main")
     p = await create_git_pipeline(system, url)
     spec2 = {**SPEC, "variables": {"GREETING": "hola"}}
@@ -224,8 +236,10 @@ async def test_save_pr_pushes_a_new_branch_and_leaves_the_definition(system: Sys
     assert len(versions) == 1
 
 
-async def test_a_trigger_reads_the_spec_at_the_head_and_records_the_commit(system: System, tmp_path: Path) -> None:
-    bare, url = bare_repo(tmp_path, {"ci/pipeline.yaml": yaml.safe_dump(SPEC)})
+async def test_a_trigger_reads_the_spec_at_the_head_and_records_the_commit(
+    system: System, tmp_path: Path, repos: Path
+) -> None:
+    bare, url = bare_repo(repos, {"ci/pipeline.yaml": yaml.safe_dump(SPEC)})
     first = git(bare, "rev-parse", "main")
     p = await create_git_pipeline(system, url, pipelineFilePath="ci/pipeline.yaml")
     run = await system.trigger(p["id"])
@@ -249,14 +263,16 @@ async def test_a_trigger_reads_the_spec_at_the_head_and_records_the_commit(syste
     assert r.json()["spec"] == spec2 and r.json()["commitSha"] == second and r.json()["format"] == "json"
 
 
-async def test_an_unreadable_repo_or_invalid_spec_is_400_and_starts_nothing(system: System, tmp_path: Path) -> None:
+async def test_an_unreadable_repo_or_invalid_spec_is_400_and_starts_nothing(
+    system: System, tmp_path: Path, repos: Path
+) -> None:
     # no such repository
-    p = await create_git_pipeline(system, f"file://{tmp_path}/missing.git")
+    p = await create_git_pipeline(system, f"file://{repos}/missing.git")
     r = await system.client.post(f"/api/v1/pipelines/{p['id']}/trigger", headers=system.headers("member"))
     assert r.status_code == 400, r.text
     assert "pipeline.yaml" in r.json()["message"]
     # no pipeline file on the branch
-    bare, url = bare_repo(tmp_path, {"README": "hi\n"})
+    bare, url = bare_repo(repos, {"README": "hi\n"})
     p = await create_git_pipeline(system, url)
     r = await system.client.post(f"/api/v1/pipelines/{p['id']}/trigger", headers=system.headers("member"))
     assert r.status_code == 400 and "does not exist" in r.json()["message"]
@@ -268,6 +284,6 @@ async def test_an_unreadable_repo_or_invalid_spec_is_400_and_starts_nothing(syst
     # not YAML at all
     push_files(tmp_path, bare, {"pipeline.yaml": "stages: [\n"}, "worse")
     r = await system.client.post(f"/api/v1/pipelines/{p['id']}/trigger", headers=system.headers("member"))
-    assert r.status_code == 400 and "not valid YAML" in r.json()["message"]
+    assert r.status_code == 400 and "not a valid YAML pipeline spec at pipeline.yaml" in r.json()["message"]
     runs = (await system.client.get(f"/api/v1/pipelines/{p['id']}/runs", headers=system.headers())).json()
     assert runs == []

@@ -19,6 +19,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from infra.app.commands import Commands
 from infra.auth import issue_token
+from infra.git.files import GitCredential
 from infra.git.repos import FileAtHead, GitRepos
 from infra.http.app import create_app
 from infra.http.deps import Deps
@@ -73,7 +74,9 @@ class GatedGit(GitRepos):
         self.reads = 0
         self.gate = asyncio.Event()
 
-    async def read_file(self, url: str, branch: str, path: str) -> FileAtHead:
+    async def read_file(
+        self, url: str, branch: str, path: str, *, credential: GitCredential | None = None
+    ) -> FileAtHead:
         self.reads += 1
         await self.gate.wait()
         return FileAtHead(content=SPEC, commit_sha="a" * 40, branch=branch)
@@ -126,7 +129,7 @@ async def _until(check: Callable[[], Awaitable[bool]], what: str, timeout: float
 async def test_a_slow_keyed_command_keeps_its_key_past_the_lease_and_runs_once(
     database_url: str, nats_url: str, tmp_path: Path, pool: AsyncConnectionPool
 ) -> None:
-    settings = make_settings(database_url, nats_url, tmp_path)
+    settings = make_settings(database_url, nats_url, tmp_path, git_allow_local=(Path("/srv/repos"),))
     git = GatedGit()
     lease = 0.5
 

@@ -6,6 +6,7 @@ stop and pause with several jobs running."""
 from __future__ import annotations
 
 import uuid
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -280,7 +281,7 @@ async def test_a_deploy_step_naming_an_unknown_environment_is_refused_at_save(sy
 
 
 async def test_the_readme_spec_kept_as_yaml_in_git_validates_runs_and_shows_every_job_and_step(
-    system: System, tmp_path: Any
+    system: System, git_repos: Path
 ) -> None:
     import yaml
 
@@ -289,7 +290,7 @@ async def test_the_readme_spec_kept_as_yaml_in_git_validates_runs_and_shows_ever
 
     block = README.split("<!-- jobs-spec:start -->", 1)[1].split("<!-- jobs-spec:end -->", 1)[0]
     text = block.split("```yaml\n", 1)[1].split("```", 1)[0]
-    _, url = bare_repo(tmp_path, {".pipelines/ci.yaml": text})
+    _, url = bare_repo(git_repos, {".pipelines/ci.yaml": text})
     p = await create_git_pipeline(system, url, pipelineFilePath=".pipelines/ci.yaml")
     r = await system.client.post(
         f"/api/v1/pipelines/{p['id']}/spec/validate", json={"spec": yaml.safe_load(text)}, headers=system.headers()

@@ -26,7 +26,7 @@ from domain.pipeline import (
 from domain.stages import Stage
 from infra.app.commands import Commands, ConcurrencyConflict
 from infra.app.ports import GitRepository
-from infra.git.files import FileAtHead, GitConflict, Pushed
+from infra.git.files import FileAtHead, GitConflict, GitCredential, Pushed
 from infra.git.repos import GitError, parse_spec, render_spec
 from infra.store.memory import InMemoryEventStore
 from tests.unit.decider_dsl import Spec
@@ -209,10 +209,29 @@ def test_a_rendered_spec_parses_back(fmt: str) -> None:
 
 
 def test_a_file_that_is_neither_json_nor_yaml_is_a_git_error() -> None:
-    with pytest.raises(GitError, match="not valid YAML"):
+    with pytest.raises(GitError, match=r"^not a valid YAML pipeline spec at pipeline.yaml \(line 2\)$"):
         parse_spec("stages: [\n", "pipeline.yaml")
-    with pytest.raises(GitError, match="not valid JSON"):
+    with pytest.raises(GitError, match=r"^not a valid JSON pipeline spec at pipeline.json \(line 1\)$"):
         parse_spec("{oops", "pipeline.json")
+
+
+@pytest.mark.parametrize(
+    ("text", "path"),
+    [
+        ('[project]\nname = "hunter2"\n', "pyproject.toml"),
+        ("all:\n\techo hunter2\n", "Makefile"),
+        ("password: hunter2\nuser: admin\n", "config.yaml"),
+        ('{"password": "hunter2"}', "secrets.json"),
+        ("hunter2", "token.txt"),
+        ("on: push\njobs: {build: {runs-on: hunter2}}\n", ".github/workflows/ci.yml"),
+    ],
+)
+def test_a_file_that_is_not_a_pipeline_spec_is_named_never_quoted(text: str, path: str) -> None:
+    with pytest.raises(GitError) as caught:
+        parse_spec(text, path)
+    message = str(caught.value)
+    assert message.startswith("not a valid ") and f"pipeline spec at {path}" in message
+    assert "hunter2" not in message and "password" not in message and "name" not in message
 
 
 # ---- the Git sync and the spec save, through the Git port ---------------------------------
@@ -237,7 +256,9 @@ class FakeRepo:
         self.heads[branch] = f"{self.commits:040x}"
         return self.heads[branch]
 
-    async def read_file(self, url: str, branch: str, path: str) -> FileAtHead:
+    async def read_file(
+        self, url: str, branch: str, path: str, *, credential: GitCredential | None = None
+    ) -> FileAtHead:
         self.reads += 1
         if path not in self.branches.get(branch, {}):
             raise GitError(f"{path} does not exist on branch {branch!r}")
@@ -254,6 +275,7 @@ class FakeRepo:
         author: str,
         expected_head: str | None = None,
         push_to: str | None = None,
+        credential: GitCredential | None = None,
     ) -> Pushed:
         parent = self.heads.get(branch)
         if self.conflict or (expected_head is not None and expected_head != parent):
