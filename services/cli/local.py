@@ -1,16 +1,18 @@
-"""`pipelines` command line: `pipelines up` runs the whole system, `pipelines token` prints a JWT."""
+"""`pipelines up` runs the whole system on this machine; `pipelines token` prints a development JWT."""
 
 from __future__ import annotations
 
-import argparse
 import logging
 import signal
 import sys
 import threading
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import FrameType
+from typing import Annotated
+
+import typer
 
 from infra.auth import ROLES, issue_token
 from infra.config import Settings
@@ -27,11 +29,31 @@ def _settings() -> Settings:
     return settings
 
 
-def _token(args: argparse.Namespace) -> int:
+def _one_of(choices: Sequence[str]) -> Callable[[list[str] | None], list[str] | None]:
+    """A check that every value of a repeatable option is one of `choices` (exit 2 otherwise)."""
+
+    def check(values: list[str] | None) -> list[str] | None:
+        for value in values or []:
+            if value not in choices:
+                raise typer.BadParameter(f"{value!r} is not one of {', '.join(choices)}")
+        return values
+
+    return check
+
+
+def token(
+    sub: Annotated[str, typer.Option("--sub", help="subject (user name)")],
+    role: Annotated[
+        list[str] | None,
+        typer.Option("--role", callback=_one_of(ROLES), help=f"role (repeatable): {', '.join(ROLES)}"),
+    ] = None,
+    org: Annotated[str | None, typer.Option("--org", help="organisation claim")] = None,
+    ttl: Annotated[int, typer.Option("--ttl", metavar="SECONDS", help="lifetime (default one day)")] = 24 * 3600,
+) -> None:
+    """Print a bearer token signed with PIPELINES_JWT_SECRET."""
     settings = _settings()
-    roles = list(dict.fromkeys(args.role or []))
-    print(issue_token(settings, sub=args.sub, roles=roles, org=args.org, ttl_seconds=args.ttl))
-    return 0
+    roles = list(dict.fromkeys(role or []))
+    print(issue_token(settings, sub=sub, roles=roles, org=org, ttl_seconds=ttl))
 
 
 def _token_command() -> str:
@@ -54,9 +76,30 @@ class _StackLogHandler(logging.Handler):
         self.stack.say(self.format(record))
 
 
-def _up(args: argparse.Namespace) -> int:
+def up(
+    service: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--service",
+            metavar="NAME",
+            callback=_one_of(SERVICES),
+            help=f"run only this service (repeatable): {', '.join(SERVICES)}",
+        ),
+    ] = None,
+    package: Annotated[str, typer.Option("--package", hidden=True)] = "services",
+) -> None:
+    """Run every service in the foreground (embedded PostgreSQL and NATS unless URLs are given).
+
+    Runs api, relay, executor, projector and gateway, each as its own process, restarted when it dies.
+    Without PIPELINES_DATABASE_URL / PIPELINES_NATS_URL it starts an embedded PostgreSQL and
+    nats-server -js under PIPELINES_DATA_DIR (default .data). Ctrl-C stops everything.
+    """
+    raise typer.Exit(_up(service or list(SERVICES), package))
+
+
+def _up(services: list[str], package: str) -> int:
     _settings()  # validates the environment early; warns when PIPELINES_JWT_SECRET is unset
-    stack = Stack(services=args.service or SERVICES, package=args.package)
+    stack = Stack(services=services, package=package)
     handler = _StackLogHandler(stack)
     # services.dev: the embedded servers and stale processes (before the move they were infra.servers).
     loggers = [logging.getLogger(name) for name in _TOOLING_LOGGERS]
@@ -97,41 +140,6 @@ def _up(args: argparse.Namespace) -> int:
     return 0
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pipelines", description="Event-sourced CI/CD pipeline orchestrator")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    up = commands.add_parser(
-        "up",
-        help="run every service in the foreground (embedded PostgreSQL and NATS unless URLs are given)",
-        description=(
-            "Runs api, relay, executor, projector and gateway, each as its own process, restarted when it dies. "
-            "Without PIPELINES_DATABASE_URL / PIPELINES_NATS_URL it starts an embedded PostgreSQL and "
-            "nats-server -js under PIPELINES_DATA_DIR (default .data). Ctrl-C stops everything."
-        ),
-    )
-    up.add_argument(
-        "--service", action="append", choices=SERVICES, metavar="NAME", help="run only this service (repeatable)"
-    )
-    up.add_argument("--package", default="services", help=argparse.SUPPRESS)
-    up.set_defaults(func=_up)
-
-    token = commands.add_parser(
-        "token", help="print a JWT signed with PIPELINES_JWT_SECRET", description="Print a bearer token."
-    )
-    token.add_argument("--sub", required=True, help="subject (user name)")
-    token.add_argument("--role", action="append", choices=ROLES, help="role (repeatable)")
-    token.add_argument("--org", default=None, help="organisation claim")
-    token.add_argument("--ttl", type=int, default=24 * 3600, metavar="SECONDS", help="lifetime (default one day)")
-    token.set_defaults(func=_token)
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    result: int = args.func(args)
-    return result
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+def register(app: typer.Typer) -> None:
+    app.command(epilog="Example: pipelines up --service api --service gateway")(up)
+    app.command(epilog="Example: pipelines token --sub alice --role admin --org acme")(token)
