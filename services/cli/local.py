@@ -10,13 +10,16 @@ import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import FrameType
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from infra.auth import ROLES, issue_token
 from infra.config import Settings
-from services.dev.stack import SERVICES, Stack, StackError
+from services.dev.endpoints import SERVICES
+
+if TYPE_CHECKING:
+    from services.dev.stack import Stack
 
 
 def _settings() -> Settings:
@@ -98,6 +101,10 @@ def up(
 
 
 def _up(services: list[str], package: str) -> int:
+    # Imported here, not at the top: the supervisor pulls in psycopg (about 0.4 s), which every other
+    # command would pay at start-up for nothing.
+    from services.dev.stack import Stack, StackError
+
     _settings()  # validates the environment early; warns when PIPELINES_JWT_SECRET is unset
     stack = Stack(services=services, package=package)
     handler = _StackLogHandler(stack)

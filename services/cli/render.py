@@ -53,6 +53,8 @@ def status(value: str | None) -> str:
 def duration(ms: int | None) -> str:
     if ms is None:
         return ""
+    if ms < 1000:
+        return f"{ms}ms"
     seconds = ms / 1000
     if seconds < 60:
         return f"{seconds:.1f}s"

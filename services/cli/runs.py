@@ -54,9 +54,9 @@ def trigger(
         emit_json(run)
     elif not follow_run:
         sys.stdout.write(run["id"] + "\n")
-    status_line(f"run {run['id']} of {pipeline['name']}: {run['status']}", run["status"])
-    if follow_run:
+    if follow_run:  # the run's own status lines follow, from its first event
         raise typer.Exit(watch(s, run["id"]))
+    status_line(f"run {run['id']} of {pipeline['name']}: {run['status']}", run["status"])
 
 
 def runs(ctx: typer.Context, ref: Ref, output: OutputOption = Output.text) -> None:

@@ -8,6 +8,8 @@ import contextlib
 import dataclasses
 import json
 import os
+import re
+import signal
 import socket
 import stat
 import sys
@@ -29,6 +31,7 @@ from tests.integration.system import System, eventually, make_settings, running_
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="session")]
 
 WAIT = 60.0
+RUN = re.compile(r"\brun ([0-9a-f]{8}-[0-9a-f-]{27})\b")
 
 
 class _Server(uvicorn.Server):
@@ -141,6 +144,13 @@ async def cli(env: dict[str, str], *args: str) -> Result:
     return await (await Cli.start(env, *args)).result()
 
 
+def _run_id(text: str) -> str:
+    """The id of the first run a status line names (`run <id>: queued`)."""
+    found = RUN.search(text)
+    assert found, text
+    return found.group(1)
+
+
 def _write(live: Live, text: str) -> Path:
     path = live.home / f"pipeline-{uuid.uuid4().hex[:8]}.yaml"
     path.write_text(text)
@@ -189,7 +199,7 @@ async def test_apply_and_trigger_follow_streams_the_logs_and_exits_0(live: Live)
     assert "job build/compile: succeeded" in r.err
     assert "step build/compile/hello: succeeded" not in r.out  # statuses go to stderr, logs to stdout
     assert "hello from compile" not in r.err
-    run_id = r.err.split("run ", 1)[1].split()[0]
+    run_id = _run_id(r.err)
 
     runs = await cli(member, "runs", name, "--output", "json")
     assert runs.code == 0, runs
@@ -220,7 +230,7 @@ async def test_a_failing_run_exits_1(live: Live) -> None:
     assert r.code == 1, r
     assert "about to fail" in r.out
     assert "step build/test/boom: failed" in r.err
-    assert f"run {r.err.split('run ', 1)[1].split()[0]}: failed" in r.err
+    assert f"run {_run_id(r.err)}: failed" in r.err
 
 
 APPROVAL_JOBS = (
@@ -236,7 +246,7 @@ async def test_a_run_approved_from_another_process_while_followed_exits_0(live: 
     await _admin_profile(live)
     follower = await Cli.start(live.env(live.system.token("member")), "trigger", name, "--follow")
     line = await follower.wait_err(lambda text: "waits for approval" in text)
-    run_id = line.split("run ", 1)[1].split()[0]
+    run_id = _run_id(line)
     assert "admin" in line
 
     viewer = await cli(live.env(live.system.token("viewer")), "approve", run_id)
@@ -258,13 +268,28 @@ async def test_a_run_approved_from_another_process_while_followed_exits_0(live: 
     assert f"run {run_id} is succeeded" in again.err
 
 
-async def test_a_run_cancelled_from_another_process_while_followed_exits_3(live: Live) -> None:
+async def test_ctrl_c_stops_following_not_the_run_and_a_run_cancelled_while_followed_exits_3(live: Live) -> None:
     name = f"cli-cancel-{uuid.uuid4().hex[:8]}"
     await _apply(live, name, APPROVAL_JOBS)
     await _admin_profile(live)
-    follower = await Cli.start(live.env(live.system.token("member")), "trigger", name, "--follow")
+    member = live.env(live.system.token("member"))
+    first = await Cli.start(member, "trigger", name, "--follow")
+    line = await first.wait_err(lambda text: "waits for approval" in text)
+    run_id = _run_id(line)
+    # Ctrl-C stops following, not the run.
+    first.proc.send_signal(signal.SIGINT)
+    interrupted = await first.result()
+    assert interrupted.code == 130, interrupted
+    assert f"run {run_id} goes on" in interrupted.err
+    still = await cli(member, "run", run_id, "-o", "json")
+    assert json.loads(still.out)["status"] == "waiting_approval"
+
+    stopped = await cli(_profile_env(live), "--profile", "admin", "stop", run_id)
+    assert (stopped.code, stopped.out.strip()) == (0, f"run {run_id}: cancelled"), stopped
+
+    follower = await Cli.start(member, "trigger", name, "--follow")
     line = await follower.wait_err(lambda text: "waits for approval" in text)
-    run_id = line.split("run ", 1)[1].split()[0]
+    run_id = _run_id(line)
     cancelled = await cli(_profile_env(live), "--profile", "admin", "cancel", run_id, "--reason", "not today")
     assert cancelled.code == 0, cancelled
     r = await follower.result()
@@ -289,6 +314,10 @@ async def test_validate_lists_every_error_with_its_path_and_exits_1(live: Live) 
     assert applied.code == 1
     assert (await cli(member, "show", "broken")).code == 1  # nothing was created
     assert (await cli(member, "validate", "-f", str(live.home / "missing.yaml"))).code == 2
+    # The README's example file is valid.
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    example = readme.split("A pipeline file (JSON or YAML)", 1)[1].split("```yaml\n", 1)[1].split("```", 1)[0]
+    assert (await cli(member, "validate", "-f", str(_write(live, example)))).code == 0
 
 
 async def test_who_am_i_and_the_exit_codes_of_auth_and_an_unreachable_server(live: Live) -> None:
