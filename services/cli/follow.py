@@ -6,7 +6,7 @@ import asyncio
 import json
 from typing import Any
 
-from websockets.asyncio.client import connect
+from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
 
 from services.cli.errors import AUTH, CANCELLED, FAILED, OK, UNREACHABLE, CliError
@@ -80,7 +80,7 @@ async def follow(gateway_url: str, token: str | None, run_id: str, *, statuses: 
         raise CliError(f"the gateway closed the connection: {exc}", UNREACHABLE) from exc
 
 
-async def _follow(ws: Any, run_id: str, *, statuses: bool, logs: bool) -> int:
+async def _follow(ws: ClientConnection, run_id: str, *, statuses: bool, logs: bool) -> int:
     # Both channels from the start of the feed: the run's whole history, then live, no gap.
     for channel in ("runs", "logs"):
         request = {"action": "subscribe", "channel": channel, "params": {"runId": run_id}, "fromPosition": 0}

@@ -188,11 +188,15 @@ async def test_apply_and_trigger_follow_streams_the_logs_and_exits_0(live: Live)
         name,
         "      - name: compile\n        steps:\n"
         '          - {name: hello, run: "echo hello from $JOB_NAME"}\n'
-        '          - {name: bye, run: "echo bye ${{ variables.WHO }}"}\n',
+        '          - {name: bye, run: "echo bye ${{ variables.WHO }}"}\n'
+        '          - {name: secret, run: "test \\"$TOKEN\\" = s3cr3t-value && echo secret ok"}\n',
     )
     member = live.env(live.system.token("member"))
-    r = await cli(member, "trigger", name, "--var", "WHO=cli", "--follow")
+    secret = live.home / "token.txt"
+    secret.write_text("s3cr3t-value\n")
+    r = await cli(member, "trigger", name, "--var", "WHO=cli", "--secret", f"TOKEN=@{secret}", "--follow")
     assert r.code == 0, r
+    assert "secret ok" in r.out.splitlines()
     assert "hello from compile" in r.out.splitlines()
     assert "bye cli" in r.out.splitlines()
     assert "step build/compile/hello: succeeded" in r.err
