@@ -47,3 +47,15 @@ def test_a_usage_error_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["trigger"]) == 2
     assert main(["no-such-command"]) == 2
     assert main(["token", "--sub", "a", "--role", "boss"]) == 2
+
+
+@pytest.mark.parametrize(
+    ("shell", "env"),
+    [
+        ("bash", {"_PIPELINES_COMPLETE": "complete_bash", "COMP_WORDS": "pipelines envs cr", "COMP_CWORD": "2"}),
+        ("zsh", {"_PIPELINES_COMPLETE": "complete_zsh", "_TYPER_COMPLETE_ARGS": "pipelines envs cr"}),
+    ],
+)
+def test_shell_completion_completes_commands(shell: str, env: dict[str, str]) -> None:
+    result = CliRunner().invoke(app, [], prog_name="pipelines", env=env)
+    assert "create" in result.output, (shell, result.output)
