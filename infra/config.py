@@ -105,6 +105,8 @@ class Settings:
     api_port: int = 8080
     gateway_host: str = "127.0.0.1"
     gateway_port: int = 8081
+    # Where clients reach the gateway (`GET /api/v1/info` tells them); None: ws://<gateway host>:<port>/api/v1/ws.
+    gateway_public_url: str | None = None
     data_dir: Path = field(default_factory=lambda: Path(".data"))
     # Default timeout of a script stage, in seconds.
     stage_timeout: float = 3600.0
@@ -163,6 +165,14 @@ class Settings:
             )
 
     @property
+    def gateway_url(self) -> str:
+        """The gateway's WebSocket URL as clients should use it."""
+        if self.gateway_public_url:
+            return self.gateway_public_url
+        host = f"[{self.gateway_host}]" if ":" in self.gateway_host else self.gateway_host
+        return f"ws://{host}:{self.gateway_port}/api/v1/ws"
+
+    @property
     def work_root(self) -> Path:
         return self.work_dir if self.work_dir is not None else self.data_dir / "work"
 
@@ -187,6 +197,7 @@ class Settings:
             api_port=_int(e, "PIPELINES_API_PORT", 8080),
             gateway_host=e.get("PIPELINES_GATEWAY_HOST", "127.0.0.1"),
             gateway_port=_int(e, "PIPELINES_GATEWAY_PORT", 8081),
+            gateway_public_url=e.get("PIPELINES_GATEWAY_PUBLIC_URL") or None,
             data_dir=Path(e.get("PIPELINES_DATA_DIR", ".data")),
             stage_timeout=_float(e, "PIPELINES_STAGE_TIMEOUT", 3600.0),
             kill_grace=_float(e, "PIPELINES_KILL_GRACE", 1.0),

@@ -6,7 +6,10 @@
 - `infra` imports `domain` and `projections`, never `services`.
 - `services/<x>.py` import `domain`, `projections` and `infra`, but no other services module, except
   the shared `services.bootstrap` (anyone) and `services.dev` (only `services.cli`); the modules
-  of `services.dev` (development tooling) import each other.
+  of a services package (`services.dev`, development tooling; `services.cli`) import each other.
+- The command line (`services.cli`) talks HTTP to any installation: of `infra` it imports only
+  `infra.auth` and `infra.config` (for `pipelines token` and `pipelines up`), and it may import
+  websockets (it is a client of the gateway).
 - Only `infra` (and the development tooling, `services.dev`) imports psycopg, nats, jwt, websockets,
   subprocess (the IO edge); imports under
   `if TYPE_CHECKING:` (annotations only) are exempt from this one rule.
@@ -35,6 +38,10 @@ PURE_THIRD_PARTY = {"msgspec"}
 IO_ONLY_IN_INFRA = {"psycopg", "psycopg_pool", "nats", "jwt", "websockets", "subprocess"}
 SHARED_SERVICES = {"services.bootstrap"}
 SERVICE_EXTRA = {"services.cli": {"services.dev"}}
+# The command line is a client of the API and the gateway, not a service.
+CLI = "services.cli"
+CLI_INFRA = {"infra.auth", "infra.config"}
+CLI_IO = {"websockets"}
 # Development tooling (the `make up` supervisor, the embedded servers) manages processes and servers itself.
 DEV_TOOLING = "services.dev"
 STDLIB = set(sys.stdlib_module_names) | {"__future__"}
@@ -121,6 +128,10 @@ def _is_dev_tooling(module: str) -> bool:
     return module == DEV_TOOLING or module.startswith(DEV_TOOLING + ".")
 
 
+def _in_cli(module: str) -> bool:
+    return module == CLI or module.startswith(CLI + ".")
+
+
 def check_file(path: Path, root: Path = ROOT) -> list[Violation]:
     module = module_name(path, root)
     layer = module.split(".")[0]
@@ -139,7 +150,7 @@ def check_file(path: Path, root: Path = ROOT) -> list[Violation]:
                     # services import no other service (bootstrap is shared; cli may use stack)
                     target = ".".join(imported.split(".")[:2])
                     own = ".".join(module.split(".")[:2])
-                    allowed = SHARED_SERVICES | SERVICE_EXTRA.get(module, set()) | {module, own}
+                    allowed = SHARED_SERVICES | SERVICE_EXTRA.get(own, set()) | {module, own}
                     if target not in allowed:
                         reason = "a service must not import another services module"
             elif layer == "domain":
@@ -148,9 +159,17 @@ def check_file(path: Path, root: Path = ROOT) -> list[Violation]:
                 reason = "projections import only domain"
             elif layer == "infra" and top == "services":
                 reason = "infra must not import services"
+            elif _in_cli(module) and imported != "infra" and ".".join(imported.split(".")[:2]) not in CLI_INFRA:
+                reason = "the command line talks HTTP: of infra it imports only infra.auth and infra.config"
         elif layer in ("domain", "projections") and top not in STDLIB and top not in PURE_THIRD_PARTY:
             reason = f"{layer} is pure: standard library and msgspec only"
-        elif top in IO_ONLY_IN_INFRA and layer != "infra" and not type_only and not _is_dev_tooling(module):
+        elif (
+            top in IO_ONLY_IN_INFRA
+            and layer != "infra"
+            and not type_only
+            and not _is_dev_tooling(module)
+            and not (_in_cli(module) and top in CLI_IO)
+        ):
             reason = f"only infra imports {top} (an import under `if TYPE_CHECKING:` is fine)"
         if reason and (line, reason) not in reported:  # `from x import a, b` reports once
             reported.add((line, reason))

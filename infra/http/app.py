@@ -18,10 +18,11 @@ from infra.http.deps import API, Deps, deps_of
 from infra.http.errors import handle
 from infra.http.guards import JWTAuth
 from infra.http.hooks import WebhookSettingsController, receive_hook
+from infra.http.info import info
 from infra.http.pipelines import PipelineController
 from infra.http.runs import RunController, run_actions
 from infra.http.secrets import SecretController
-from infra.http.specs import SPEC_SCHEMA_URL, SpecController, spec_schema
+from infra.http.specs import SPEC_SCHEMA_URL, SpecController, spec_schema, validate_new_spec
 from infra.metrics import CONTENT_TYPE, exposition, http_responses
 
 __all__ = ["Deps", "create_app"]
@@ -81,6 +82,8 @@ def create_app(build: Callable[[], Awaitable[Deps]]) -> Litestar:
             DeploymentController,
             receive_hook,
             spec_schema,
+            validate_new_spec,
+            info,
             healthz,
             readyz,
             metrics,

@@ -89,6 +89,16 @@ class SavedView(msgspec.Struct, kw_only=True, rename="camel"):
     pr_branch: str | None = None
 
 
+def _validation(raw: bytes) -> ValidationView:
+    body: ValidateBody = decode_json(raw, ValidateBody)
+    errors, warnings = validate_spec(body.spec, zone=ZoneInfo, plugins=installed_plugins())
+    return ValidationView(
+        valid=not errors,
+        errors=[SpecIssue(path=e.path, message=e.message) for e in errors],
+        warnings=[SpecIssue(path=w.path, message=w.message) for w in warnings],
+    )
+
+
 def _view(state: pl.PipelineState, version: pl.DefinitionVersion, fmt: str | None) -> SpecView:
     chosen = fmt or version.format
     return SpecView(
@@ -172,13 +182,7 @@ class SpecController(Controller):
     @post("/spec/validate", status_code=200, summary="Validate a spec; every error with its path")
     async def validate(self, request: Request[Principal, Any, State], pipeline_id: FromPath[str]) -> ValidationView:
         await load_visible_pipeline(request, pipeline_id)
-        body: ValidateBody = decode_json(await request.body(), ValidateBody)
-        errors, warnings = validate_spec(body.spec, zone=ZoneInfo, plugins=installed_plugins())
-        return ValidationView(
-            valid=not errors,
-            errors=[SpecIssue(path=e.path, message=e.message) for e in errors],
-            warnings=[SpecIssue(path=w.path, message=w.message) for w in warnings],
-        )
+        return _validation(await request.body())
 
     @post("/spec/save", guards=[member], status_code=200, summary="Save a spec as the next definition version")
     async def save(self, request: Request[Principal, Any, State], pipeline_id: FromPath[str]) -> Response[bytes]:
@@ -214,6 +218,17 @@ class SpecController(Controller):
             return json_response(200, view)
 
         return await idempotent(request, principal, run)
+
+
+@post(
+    f"{API}/pipelines/validate",
+    guards=[viewer],
+    status_code=200,
+    tags=["definitions"],
+    summary="Validate a spec before any pipeline has it; every error with its path",
+)
+async def validate_new_spec(request: Request[Principal, Any, State]) -> ValidationView:
+    return _validation(await request.body())
 
 
 _STRINGS = {"type": "object", "additionalProperties": {"type": "string"}}

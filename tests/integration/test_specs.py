@@ -92,11 +92,46 @@ async def test_validation_reports_every_error_with_its_path(system: System) -> N
     assert "triggers[0].schedule" in paths
 
 
+async def test_a_spec_validates_before_any_pipeline_has_it(system: System) -> None:
+    # `pipelines validate -f FILE` checks a file for a pipeline that does not exist yet.
+    url = "/api/v1/pipelines/validate"
+    good = await system.client.post(url, json={"spec": CANONICAL}, headers=system.headers("viewer"))
+    assert (good.status_code, good.json()) == (200, {"valid": True, "errors": [], "warnings": []})
+    bad = await system.client.post(
+        url,
+        json={"spec": {"jobs": [{"name": "a", "needs": ["b"], "steps": [{"run": "true"}]}]}},
+        headers=system.headers("member"),
+    )
+    assert bad.status_code == 200, bad.text
+    assert bad.json()["valid"] is False
+    assert ("jobs[0].needs", 'unknown job "b"') in {(e["path"], e["message"]) for e in bad.json()["errors"]}
+    anonymous = await system.client.post(url, json={"spec": CANONICAL})
+    assert anonymous.status_code == 401
+
+
+async def test_info_names_the_gateway_and_the_caller(system: System) -> None:
+    r = await system.client.get("/api/v1/info", headers=system.headers("viewer", sub="vera"))
+    assert r.status_code == 200, r.text
+    assert r.json() == {
+        "gatewayUrl": system.settings.gateway_url,
+        "subject": "vera",
+        "organization": system.org,
+        "roles": ["viewer"],
+    }
+    assert (await system.client.get("/api/v1/info")).status_code == 401
+
+
 TYPED: dict[str, Any] = {
     "variables": {"GREETING": "hello"},
     "stages": [
-        {"id": "test", "name": "Run tests", "type": "script", "timeout": 600,
-         "retry": {"maxAttempts": 3, "backoff": 2}, "config": {"command": "echo $GREETING"}},
+        {
+            "id": "test",
+            "name": "Run tests",
+            "type": "script",
+            "timeout": 600,
+            "retry": {"maxAttempts": 3, "backoff": 2},
+            "config": {"command": "echo $GREETING"},
+        },
         {"id": "gate", "type": "approval", "timeout": 86400, "config": {"message": "Ship it?"}},
     ],
     "triggers": [{"type": "manual"}],

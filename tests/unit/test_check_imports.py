@@ -137,6 +137,35 @@ def test_the_layer_rule_still_holds(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert "services/cli.py" not in out
 
 
+def test_the_command_line_package_imports_itself_the_dev_tooling_and_only_auth_and_config_of_infra(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = _tree(
+        tmp_path,
+        {
+            "infra/__init__.py": "",
+            "infra/auth.py": "",
+            "infra/config.py": "",
+            "infra/http/__init__.py": "",
+            "infra/http/app.py": "",
+            "services/cli/__init__.py": "from services.cli.app import app\n",
+            "services/cli/app.py": "from services.cli import client\nfrom services.dev.stack import Stack\n",
+            "services/cli/client.py": "import websockets\nfrom infra import auth\nfrom infra.config import Settings\n",
+            "services/cli/local.py": "from infra.http.app import create_app\n",
+            "services/api.py": "from services.cli import client\nimport websockets\n",
+            "services/dev/__init__.py": "",
+            "services/dev/stack.py": "class Stack: ...\n",
+        },
+    )
+    code, out = _run(root, capsys)
+    assert code == 1
+    assert "services/cli/local.py:1: imports infra.http.app: the command line talks HTTP" in out
+    assert "services/api.py:1: imports services.cli: a service must not import another services module" in out
+    assert "services/api.py:2: imports websockets: only infra imports websockets" in out
+    assert "services/cli/app.py" not in out and "services/cli/client.py" not in out
+    assert "services/cli/__init__.py" not in out
+
+
 def test_the_project_tree_has_no_layer_violation_and_no_cycle(capsys: pytest.CaptureFixture[str]) -> None:
     # The real result, not an expected failure: the chains are printed when it fails.
     code, out = _run(REPO, capsys)
