@@ -13,6 +13,7 @@ from litestar.middleware import DefineMiddleware
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.spec import Components, SecurityScheme
 
+from infra.http.asyncapi import ASYNCAPI_URL, asyncapi
 from infra.http.delivery import ChannelController, ComponentController, DeploymentController, EnvironmentController
 from infra.http.deps import API, Deps, deps_of
 from infra.http.errors import handle
@@ -81,6 +82,7 @@ def create_app(build: Callable[[], Awaitable[Deps]]) -> Litestar:
             DeploymentController,
             receive_hook,
             spec_schema,
+            asyncapi,
             healthz,
             readyz,
             metrics,
@@ -88,7 +90,15 @@ def create_app(build: Callable[[], Awaitable[Deps]]) -> Litestar:
         middleware=[
             DefineMiddleware(
                 JWTAuth,
-                exclude=["^/healthz", "^/readyz", "^/metrics", "^/schema", f"^{API}/hooks", f"^{SPEC_SCHEMA_URL}"],
+                exclude=[
+                    "^/healthz",
+                    "^/readyz",
+                    "^/metrics",
+                    "^/schema",
+                    f"^{API}/hooks",
+                    f"^{SPEC_SCHEMA_URL}",
+                    f"^{ASYNCAPI_URL}",
+                ],
             )
         ],
         exception_handlers={Exception: handle},
