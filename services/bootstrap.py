@@ -38,7 +38,15 @@ def setup_logging(service: str) -> None:
     )
 
 
+def require_servers(settings: Settings) -> None:
+    """Exit with the reason when no PostgreSQL or NATS URL is known: never a guessed server."""
+    problem = settings.servers_problem()
+    if problem is not None:
+        raise SystemExit(f"cannot start: {problem}")
+
+
 async def open_store(settings: Settings, *, max_size: int = 10) -> tuple[AsyncConnectionPool, PostgresEventStore]:
+    require_servers(settings)
     await migrate(settings.database_url)
     pool = await open_pool(settings.database_url, max_size=max_size)
     return pool, PostgresEventStore(pool)
@@ -57,6 +65,7 @@ def _idempotency_retention_hours() -> float:
 
 
 async def build_api(settings: Settings) -> Deps:
+    require_servers(settings)
     key = load_key_material(settings)  # the run secrets' key (created when missing): fails fast
     pool, store = await open_store(settings, max_size=20)
     secrets = SecretStore(pool, key)
@@ -107,6 +116,7 @@ async def build_api(settings: Settings) -> Deps:
 
 
 async def connect_nats(settings: Settings, name: str) -> NATS:
+    require_servers(settings)
     return await bus.connect(settings.nats_url, name)
 
 
