@@ -35,6 +35,7 @@ def main() -> None:
         host=settings.api_host,
         port=settings.api_port,
         log_level="warning",
+        log_config=None,  # uvicorn's lines go through setup_logging's format; requests: infra/http/access.py
         access_log=False,
         timeout_graceful_shutdown=5,
     )

@@ -8,8 +8,8 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Awaitable, Callable, Iterator
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable, Callable, Iterator, Mapping
+from typing import TYPE_CHECKING, TextIO
 
 from infra.app.commands import Commands
 from infra.broker import bus
@@ -19,6 +19,7 @@ from infra.git.repos import GitRepos
 from infra.http.deps import Deps
 from infra.http.idempotency import IdempotencyKeys
 from infra.http.queries import ReadModels
+from infra.logs import JsonFormatter, TextFormatter
 from infra.metrics import serve
 from infra.secrets import SecretStore, load_key_material
 from infra.store.migrate import migrate, open_pool
@@ -30,12 +31,30 @@ if TYPE_CHECKING:
     from psycopg_pool import AsyncConnectionPool
 
 
-def setup_logging(service: str) -> None:
-    logging.basicConfig(
-        level=logging.INFO,
-        format=f"%(asctime)s {service} %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+class _Handler(logging.StreamHandler):  # type: ignore[type-arg]
+    """The handler setup_logging installs (replaced, not doubled, by a second call)."""
+
+
+def setup_logging(
+    service: str, *, stream: TextIO | None = None, env: Mapping[str, str] | None = None
+) -> logging.Handler:
+    """Every service logs to stderr in one format: text, or JSON lines with PIPELINES_LOG_FORMAT=json
+    (for log shippers); secrets are redacted from every line (infra.logs)."""
+    fmt = (os.environ if env is None else env).get("PIPELINES_LOG_FORMAT") or "text"
+    if fmt not in ("text", "json"):
+        raise SystemExit(f"PIPELINES_LOG_FORMAT must be 'text' or 'json', not {fmt!r}")
+    handler = _Handler(stream if stream is not None else sys.stderr)
+    handler.setFormatter(JsonFormatter(service) if fmt == "json" else TextFormatter(service))
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if isinstance(h, _Handler)]:
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    # httpx logs every request's full URL at INFO (a webhook URL is a credential); websockets logs
+    # each handshake, which the gateway's own request line already records.
+    for noisy in ("httpx", "httpcore", "websockets"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    return handler
 
 
 def require_servers(settings: Settings) -> None:

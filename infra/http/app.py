@@ -13,6 +13,7 @@ from litestar.middleware import DefineMiddleware
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.spec import Components, SecurityScheme
 
+from infra.http.access import access_log, log_response
 from infra.http.asyncapi import ASYNCAPI_URL, asyncapi
 from infra.http.delivery import ChannelController, ComponentController, DeploymentController, EnvironmentController
 from infra.http.deps import API, Deps, deps_of
@@ -88,6 +89,7 @@ def create_app(build: Callable[[], Awaitable[Deps]]) -> Litestar:
             metrics,
         ],
         middleware=[
+            access_log,
             DefineMiddleware(
                 JWTAuth,
                 exclude=[
@@ -99,11 +101,11 @@ def create_app(build: Callable[[], Awaitable[Deps]]) -> Litestar:
                     f"^{SPEC_SCHEMA_URL}",
                     f"^{ASYNCAPI_URL}",
                 ],
-            )
+            ),
         ],
         exception_handlers={Exception: handle},
         after_response=None,
-        before_send=[_count],
+        before_send=[_count, log_response],
         lifespan=[lifespan],
         openapi_config=OpenAPIConfig(
             title="Pipelines API",
