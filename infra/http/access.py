@@ -58,7 +58,12 @@ def access_log(app: ASGIApp) -> ASGIApp:
 
 
 async def log_response(message: Message, scope: Scope) -> None:
+    if message["type"] != "http.response.start":
+        return
     entry: Any = scope.get(_KEY)
-    if message["type"] == "http.response.start" and isinstance(entry, _Entry):
+    if not isinstance(entry, _Entry):
+        # Refused by the router (no such path or method) before any middleware ran: it took no time.
+        entry = _Entry(time.monotonic(), request_id(_header(scope, b"x-request-id")))
+    if not entry.logged:
         MutableScopeHeaders.from_message(message)["X-Request-Id"] = entry.rid
         _log(scope, entry, int(message["status"]))

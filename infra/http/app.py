@@ -118,5 +118,6 @@ def create_app(build: Callable[[], Awaitable[Deps]]) -> Litestar:
         ),
         state=State({}),
         debug=False,
+        logging_config=None,  # the service's own (services.bootstrap.setup_logging), not litestar's
     )
     return app

@@ -49,3 +49,12 @@ async def test_a_request_id_that_could_forge_log_lines_is_replaced(
     assert r.status_code == 200
     (record,) = _access(caplog)
     assert record.request_id == r.headers["x-request-id"] != "x y\tstatus=200"  # type: ignore[attr-defined]
+
+
+async def test_a_path_no_route_serves_is_logged_too(system: System, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="pipelines.access")
+    r = await system.client.delete("/no/such/route")
+    assert r.status_code == 404
+    (record,) = _access(caplog)
+    assert (record.method, record.path, record.status) == ("DELETE", "/no/such/route", 404)  # type: ignore[attr-defined]
+    assert record.request_id == r.headers["x-request-id"]  # type: ignore[attr-defined]
