@@ -54,8 +54,9 @@ soak: $(STAMP)
 
 # The benchmark suite (docs/benchmarks.md): installs the `bench` extra (DBOS, the peer it is
 # compared with), then runs every workload several times against embedded servers and prints
-# the table; the JSON lands in bench/results/latest.json. BENCH_ARGS="--repeat 5" etc.
+# the table; the JSON lands in bench/results/latest.json. BENCH_ARGS="--repeat 5" etc. The
+# pinned versions hold (-c): the bench extra adds DBOS without moving what the tests run with.
 .PHONY: bench
 bench: $(STAMP)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev,embedded,bench]'
+	$(BIN)/python -m pip install --disable-pip-version-check -c requirements-dev.lock -e '.[dev,embedded,bench]'
 	$(BIN)/python -m bench $(BENCH_ARGS)
