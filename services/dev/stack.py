@@ -282,6 +282,7 @@ class Stack:
         lines.append(f"NATS        {self.nats_url}{'  (embedded)' if self.nats is not None else ''}")
         lines.append(f"API         {self.api_url}/api/v1/pipelines")
         lines.append(f"OpenAPI     {self.api_url}/schema")
+        lines.append(f"AsyncAPI    {self.api_url}/api/v1/asyncapi.json")
         lines.append(f"WebSocket   {self.gateway_url}")
         for i, (name, url) in enumerate(self.metrics_urls()):
             lines.append(f"{'Metrics' if i == 0 else '':<12}{url} ({name})")

@@ -46,6 +46,7 @@ def test_rebuild_uses_the_running_stacks_database_and_refuses_once_it_stopped(
         written = stack_file(data_dir)
         assert stat.S_IMODE(written.stat().st_mode) == 0o600  # the URLs hold passwords
         assert json.loads(written.read_text())["databaseUrl"] == database_url
+        assert f"AsyncAPI    {stack.api_url}/api/v1/asyncapi.json" in stack.banner()
         done = _rebuild(data_dir)
         assert done.returncode == 0, done.stderr
         assert "rebuilt the read models from" in done.stderr
