@@ -1,6 +1,7 @@
 # `make up` runs the whole system in the foreground; `make test` is what CI runs.
 # Both create .venv and install the project (with the extras dev and embedded: the embedded
-# PostgreSQL and NATS) when it is missing or when pyproject.toml changed since the last install.
+# PostgreSQL and NATS) from requirements-dev.lock when it is missing or when pyproject.toml or the
+# lock changed since the last install.
 
 PYTHON ?= python3
 VENV   := .venv
@@ -15,13 +16,23 @@ help:
 	@echo "make test   lint, type-check, import rules, test suite"
 	@echo "make lint   ruff, mypy and the import rules only"
 	@echo "make soak   the long suites (tests marked soak)"
+	@echo "make lock   re-pin every dependency after a change to pyproject.toml"
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+# Every dependency comes pinned from requirements-dev.lock (`make lock` writes it from pyproject.toml;
+# tests/unit/test_lock.py fails when the two disagree), then the project itself without dependencies.
+$(STAMP): pyproject.toml requirements-dev.lock
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev,embedded]'
+	$(BIN)/python -m pip install --disable-pip-version-check -r requirements-dev.lock
+	$(BIN)/python -m pip install --disable-pip-version-check --no-deps -e .
 	@touch $(STAMP)
+
+# Re-pin every dependency (requirements-dev.lock, requirements.lock) after changing pyproject.toml's.
+.PHONY: lock
+lock:
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python tools/lock.py
 
 up: $(STAMP)
 	$(BIN)/pipelines up
@@ -43,8 +54,9 @@ soak: $(STAMP)
 
 # The benchmark suite (docs/benchmarks.md): installs the `bench` extra (DBOS, the peer it is
 # compared with), then runs every workload several times against embedded servers and prints
-# the table; the JSON lands in bench/results/latest.json. BENCH_ARGS="--repeat 5" etc.
+# the table; the JSON lands in bench/results/latest.json. BENCH_ARGS="--repeat 5" etc. The
+# pinned versions hold (-c): the bench extra adds DBOS without moving what the tests run with.
 .PHONY: bench
 bench: $(STAMP)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev,embedded,bench]'
+	$(BIN)/python -m pip install --disable-pip-version-check -c requirements-dev.lock -e '.[dev,embedded,bench]'
 	$(BIN)/python -m bench $(BENCH_ARGS)

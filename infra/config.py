@@ -5,6 +5,7 @@ Read once by each service's bootstrap; nothing here connects to anything.
 
 from __future__ import annotations
 
+import json
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -12,6 +13,40 @@ from ipaddress import IPv4Network, IPv6Network, ip_network
 from pathlib import Path
 
 DEV_JWT_SECRET = "dev-insecure-secret-change-me"
+# Written by `make up` (services/dev/stack.py) in its data directory, mode 0600, while it runs: the
+# URLs of its PostgreSQL and NATS, so that a command run beside it (`python -m services.projector
+# --rebuild`) reaches the same servers without their passwords on a command line.
+STACK_FILE = "stack.json"
+
+
+def stack_file(data_dir: Path) -> Path:
+    return Path(data_dir) / STACK_FILE
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def running_stack_urls(data_dir: Path) -> dict[str, str]:
+    """`{"database": url, "nats": url}` of the `make up` running for `data_dir`; empty when none
+    runs (no file, a damaged one, or one left by a supervisor that is gone)."""
+    try:
+        data = json.loads(stack_file(data_dir).read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(data, dict):
+        return {}
+    pid = data.get("supervisor")
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0 or not _alive(pid):
+        return {}
+    urls = {"database": data.get("databaseUrl"), "nats": data.get("natsUrl")}
+    return {k: v for k, v in urls.items() if isinstance(v, str) and v}
 
 
 def _int(env: dict[str, str], name: str, default: int) -> int:
@@ -76,6 +111,8 @@ def parse_cidrs(raw: str) -> tuple[IPv4Network | IPv6Network, ...]:
                     f"PIPELINES_OUTBOUND_ALLOW must be comma-separated CIDRs (for example 127.0.0.0/8), not {part!r}"
                 ) from None
     return tuple(out)
+
+
 def parse_path_list(raw: str) -> tuple[Path, ...]:
     """`/srv/repos:/opt/git` or `/srv/repos,/opt/git` (PIPELINES_GIT_ALLOW_LOCAL): absolute paths."""
     parts = [p.strip() for chunk in raw.split(",") for p in chunk.split(os.pathsep)]
@@ -95,6 +132,7 @@ def default_script_user() -> str | None:
 @dataclass(frozen=True, kw_only=True)
 class Settings:
     # Both may hold credentials: never in a repr (logs, tracebacks).
+    # Empty: none known (`servers_problem()` says why; services refuse to start).
     database_url: str = field(repr=False)
     nats_url: str
     jwt_secret: str = field(repr=False)
@@ -164,6 +202,21 @@ class Settings:
                 f"PIPELINES_NOTIFY_TIMEOUT must be more than 0 and at most 600 seconds, not {self.notify_timeout:g}"
             )
 
+    def servers_problem(self) -> str | None:
+        """Why a service cannot start (no PostgreSQL or NATS URL), or None."""
+        missing = [
+            name
+            for name, url in (("PIPELINES_DATABASE_URL", self.database_url), ("PIPELINES_NATS_URL", self.nats_url))
+            if not url
+        ]
+        if not missing:
+            return None
+        return (
+            f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} not set and no `make up` is running "
+            f"for the data directory {self.data_dir.resolve()} (it writes {STACK_FILE} there): start `make up` "
+            f"(with the same PIPELINES_DATA_DIR), or set {' and '.join(missing)}"
+        )
+
     @property
     def gateway_url(self) -> str:
         """The gateway's WebSocket URL as clients should use it."""
@@ -186,9 +239,13 @@ class Settings:
                 stacklevel=2,
             )
             secret = DEV_JWT_SECRET
+        data_dir = Path(e.get("PIPELINES_DATA_DIR", ".data"))
+        # Never a guessed server (the machine's own PostgreSQL on 5432 is not ours): the URL given,
+        # else the running `make up`'s of this data directory, else none (servers_problem() says so).
+        stack = {} if e.get("PIPELINES_DATABASE_URL") and e.get("PIPELINES_NATS_URL") else running_stack_urls(data_dir)
         return cls(
-            database_url=e.get("PIPELINES_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres"),
-            nats_url=e.get("PIPELINES_NATS_URL", "nats://127.0.0.1:4222"),
+            database_url=e.get("PIPELINES_DATABASE_URL") or stack.get("database", ""),
+            nats_url=e.get("PIPELINES_NATS_URL") or stack.get("nats", ""),
             jwt_secret=secret,
             jwt_algorithm=e.get("PIPELINES_JWT_ALGORITHM", "HS256"),
             jwt_issuer=e.get("PIPELINES_JWT_ISSUER") or None,
@@ -198,7 +255,7 @@ class Settings:
             gateway_host=e.get("PIPELINES_GATEWAY_HOST", "127.0.0.1"),
             gateway_port=_int(e, "PIPELINES_GATEWAY_PORT", 8081),
             gateway_public_url=e.get("PIPELINES_GATEWAY_PUBLIC_URL") or None,
-            data_dir=Path(e.get("PIPELINES_DATA_DIR", ".data")),
+            data_dir=data_dir,
             stage_timeout=_float(e, "PIPELINES_STAGE_TIMEOUT", 3600.0),
             kill_grace=_float(e, "PIPELINES_KILL_GRACE", 1.0),
             events_stream=e.get("PIPELINES_EVENTS_STREAM", "PIPELINES_EVENTS"),

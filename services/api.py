@@ -11,7 +11,7 @@ import uvicorn
 
 from infra.config import Settings
 from infra.http.app import create_app
-from services.bootstrap import build_api, setup_logging
+from services.bootstrap import build_api, require_servers, setup_logging
 
 
 class _Server(uvicorn.Server):
@@ -28,12 +28,14 @@ class _Server(uvicorn.Server):
 def main() -> None:
     setup_logging("api")
     settings = Settings.from_env()
+    require_servers(settings)  # before uvicorn: a clear line, not a failed lifespan
     app = create_app(lambda: build_api(settings))
     config = uvicorn.Config(
         app,
         host=settings.api_host,
         port=settings.api_port,
         log_level="warning",
+        log_config=None,  # uvicorn's lines go through setup_logging's format; requests: infra/http/access.py
         access_log=False,
         timeout_graceful_shutdown=5,
     )

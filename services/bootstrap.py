@@ -8,8 +8,8 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Awaitable, Callable, Iterator
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable, Callable, Iterator, Mapping
+from typing import TYPE_CHECKING, TextIO
 
 from infra.app.commands import Commands
 from infra.broker import bus
@@ -19,6 +19,7 @@ from infra.git.repos import GitRepos
 from infra.http.deps import Deps
 from infra.http.idempotency import IdempotencyKeys
 from infra.http.queries import ReadModels
+from infra.logs import JsonFormatter, TextFormatter
 from infra.metrics import serve
 from infra.secrets import SecretStore, load_key_material
 from infra.store.migrate import migrate, open_pool
@@ -30,15 +31,41 @@ if TYPE_CHECKING:
     from psycopg_pool import AsyncConnectionPool
 
 
-def setup_logging(service: str) -> None:
-    logging.basicConfig(
-        level=logging.INFO,
-        format=f"%(asctime)s {service} %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+class _Handler(logging.StreamHandler):  # type: ignore[type-arg]
+    """The handler setup_logging installs (replaced, not doubled, by a second call)."""
+
+
+def setup_logging(
+    service: str, *, stream: TextIO | None = None, env: Mapping[str, str] | None = None
+) -> logging.Handler:
+    """Every service logs to stderr in one format: text, or JSON lines with PIPELINES_LOG_FORMAT=json
+    (for log shippers); secrets are redacted from every line (infra.logs)."""
+    fmt = (os.environ if env is None else env).get("PIPELINES_LOG_FORMAT") or "text"
+    if fmt not in ("text", "json"):
+        raise SystemExit(f"PIPELINES_LOG_FORMAT must be 'text' or 'json', not {fmt!r}")
+    handler = _Handler(stream if stream is not None else sys.stderr)
+    handler.setFormatter(JsonFormatter(service) if fmt == "json" else TextFormatter(service))
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if isinstance(h, _Handler)]:
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    # httpx logs every request's full URL at INFO (a webhook URL is a credential); websockets logs
+    # each handshake, which the gateway's own request line already records.
+    for noisy in ("httpx", "httpcore", "websockets"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    return handler
+
+
+def require_servers(settings: Settings) -> None:
+    """Exit with the reason when no PostgreSQL or NATS URL is known: never a guessed server."""
+    problem = settings.servers_problem()
+    if problem is not None:
+        raise SystemExit(f"cannot start: {problem}")
 
 
 async def open_store(settings: Settings, *, max_size: int = 10) -> tuple[AsyncConnectionPool, PostgresEventStore]:
+    require_servers(settings)
     await migrate(settings.database_url)
     pool = await open_pool(settings.database_url, max_size=max_size)
     return pool, PostgresEventStore(pool)
@@ -57,6 +84,7 @@ def _idempotency_retention_hours() -> float:
 
 
 async def build_api(settings: Settings) -> Deps:
+    require_servers(settings)
     key = load_key_material(settings)  # the run secrets' key (created when missing): fails fast
     pool, store = await open_store(settings, max_size=20)
     secrets = SecretStore(pool, key)
@@ -107,6 +135,7 @@ async def build_api(settings: Settings) -> Deps:
 
 
 async def connect_nats(settings: Settings, name: str) -> NATS:
+    require_servers(settings)
     return await bus.connect(settings.nats_url, name)
 
 

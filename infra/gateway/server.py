@@ -22,6 +22,7 @@ from infra.app.ports import EventStore
 from infra.auth import AuthError, Principal, verify_token
 from infra.config import Settings
 from infra.gateway import frames as fr
+from infra.gateway.access import HandshakeLog
 from infra.gateway.conn import Conn, Item, Sub
 from infra.gateway.fanout import Fanout
 from infra.gateway.feed import feed_head, subscribe_after
@@ -123,12 +124,14 @@ class Gateway:
 
     async def serve(self, stop: asyncio.Event) -> None:
         feed = await self._start_feed()
+        handshakes = HandshakeLog()
         try:
             async with serve(
                 self._handler,
                 self.settings.gateway_host,
                 self.settings.gateway_port,
-                process_request=self._process_request,
+                process_request=handshakes.timed(self._process_request),
+                process_response=handshakes.process_response,
                 compression=None,  # frames are encoded once for every subscriber; keep it that way
                 max_size=64 * 1024,
             ) as server:

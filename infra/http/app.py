@@ -13,6 +13,8 @@ from litestar.middleware import DefineMiddleware
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.spec import Components, SecurityScheme
 
+from infra.http.access import access_log, log_response
+from infra.http.asyncapi import ASYNCAPI_URL, asyncapi
 from infra.http.delivery import ChannelController, ComponentController, DeploymentController, EnvironmentController
 from infra.http.deps import API, Deps, deps_of
 from infra.http.errors import handle
@@ -84,19 +86,29 @@ def create_app(build: Callable[[], Awaitable[Deps]]) -> Litestar:
             spec_schema,
             validate_new_spec,
             info,
+            asyncapi,
             healthz,
             readyz,
             metrics,
         ],
         middleware=[
+            access_log,
             DefineMiddleware(
                 JWTAuth,
-                exclude=["^/healthz", "^/readyz", "^/metrics", "^/schema", f"^{API}/hooks", f"^{SPEC_SCHEMA_URL}"],
-            )
+                exclude=[
+                    "^/healthz",
+                    "^/readyz",
+                    "^/metrics",
+                    "^/schema",
+                    f"^{API}/hooks",
+                    f"^{SPEC_SCHEMA_URL}",
+                    f"^{ASYNCAPI_URL}",
+                ],
+            ),
         ],
         exception_handlers={Exception: handle},
         after_response=None,
-        before_send=[_count],
+        before_send=[_count, log_response],
         lifespan=[lifespan],
         openapi_config=OpenAPIConfig(
             title="Pipelines API",
@@ -109,5 +121,6 @@ def create_app(build: Callable[[], Awaitable[Deps]]) -> Litestar:
         ),
         state=State({}),
         debug=False,
+        logging_config=None,  # the service's own (services.bootstrap.setup_logging), not litestar's
     )
     return app

@@ -19,7 +19,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Self, TextIO
 
-from infra.config import Settings
+from infra.config import Settings, stack_file
 from services.dev.backing import BackingServers, describe_exit
 from services.dev.endpoints import SERVICES, display_host, mask_url
 from services.dev.errors import ServerError, StackError
@@ -172,6 +172,7 @@ class Stack:
             if self.check_ports:
                 self._check_ports()
             self._servers.start()
+            self._write_stack_file()
             self.child_env = self._make_child_env()
             with self._state_lock:
                 for service in self._services.values():
@@ -211,6 +212,8 @@ class Stack:
             process.signal_group(signal.SIGKILL)
             process.join_output(1.0)
             self._say("stack", f"{process.name} stopped ({describe_exit(process.returncode)})")
+        with contextlib.suppress(OSError):
+            stack_file(self.data_dir).unlink()
         self._servers.stop()
         with contextlib.suppress(OSError):
             self.pid_file.unlink()
@@ -279,6 +282,7 @@ class Stack:
         lines.append(f"NATS        {self.nats_url}{'  (embedded)' if self.nats is not None else ''}")
         lines.append(f"API         {self.api_url}/api/v1/pipelines")
         lines.append(f"OpenAPI     {self.api_url}/schema")
+        lines.append(f"AsyncAPI    {self.api_url}/api/v1/asyncapi.json")
         lines.append(f"WebSocket   {self.gateway_url}")
         for i, (name, url) in enumerate(self.metrics_urls()):
             lines.append(f"{'Metrics' if i == 0 else '':<12}{url} ({name})")
@@ -358,6 +362,18 @@ class Stack:
         )
         service.restart_at = None
         self._write_pid_file()
+
+    def _write_stack_file(self) -> None:
+        """The servers' URLs for commands run beside the stack (infra.config reads it when
+        PIPELINES_DATABASE_URL / PIPELINES_NATS_URL are unset); 0600: the URLs hold passwords."""
+        data = {
+            "supervisor": os.getpid(),
+            "databaseUrl": self.database_url,
+            "natsUrl": self.nats_url,
+            "apiUrl": self.api_url,
+            "gatewayUrl": self.gateway_url,
+        }
+        write_private(stack_file(self.data_dir), json.dumps(data))
 
     def _write_pid_file(self) -> None:
         children = {s.name: s.process.pid for s in self._services.values() if s.process is not None}
