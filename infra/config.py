@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 DEV_JWT_SECRET = "dev-insecure-secret-change-me"
 
@@ -61,11 +63,36 @@ def default_script_user() -> str | None:
     return "nobody" if os.geteuid() == 0 else None
 
 
+def nats_service_creds(env: Mapping[str, str]) -> dict[str, Path]:
+    """PIPELINES_NATS_CREDS_<SERVICE> (API, RELAY, EXECUTOR, GATEWAY, PROJECTOR): one service's own
+    broker credential file."""
+    prefix = "PIPELINES_NATS_CREDS_"
+    return {k[len(prefix) :].lower(): Path(v) for k, v in env.items() if k.startswith(prefix) and v}
+
+
+def without_userinfo(url: str) -> str:
+    """`nats://user:pw@host:4222` -> `nats://host:4222` (each of a comma-separated list)."""
+    out = []
+    for one in url.split(","):
+        parts = urlsplit(one.strip())
+        host = parts.netloc.rpartition("@")[2]
+        out.append(urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment)))
+    return ",".join(out)
+
+
 @dataclass(frozen=True, kw_only=True)
 class Settings:
     # Both may hold credentials: never in a repr (logs, tracebacks).
     database_url: str = field(repr=False)
-    nats_url: str
+    nats_url: str = field(repr=False)
+    # The broker credential file (infra/broker/creds.py: `.creds`, nkey seed or `user:password`) of
+    # every service (PIPELINES_NATS_CREDS), and the files of single services that override it
+    # (PIPELINES_NATS_CREDS_<SERVICE>). None: connect without credentials.
+    nats_creds: Path | None = None
+    nats_service_creds: Mapping[str, Path] = field(default_factory=dict, compare=False)
+    # The broker URLs handed to downstream systems with their credentials (PIPELINES_BROKER_URLS,
+    # comma-separated); default: nats_url without credentials.
+    broker_urls: tuple[str, ...] = ()
     jwt_secret: str = field(repr=False)
     jwt_algorithm: str = "HS256"
     jwt_issuer: str | None = None
@@ -116,6 +143,16 @@ class Settings:
                 f"PIPELINES_NOTIFY_TIMEOUT must be more than 0 and at most 600 seconds, not {self.notify_timeout:g}"
             )
 
+    def nats_creds_for(self, service: str) -> Path | None:
+        """The broker credential file `service` (api, relay, executor, gateway, projector) connects with."""
+        return self.nats_service_creds.get(service, self.nats_creds)
+
+    @property
+    def public_broker_urls(self) -> tuple[str, ...]:
+        if self.broker_urls:
+            return self.broker_urls
+        return tuple(without_userinfo(self.nats_url).split(","))
+
     @property
     def work_root(self) -> Path:
         return self.work_dir if self.work_dir is not None else self.data_dir / "work"
@@ -133,6 +170,9 @@ class Settings:
         return cls(
             database_url=e.get("PIPELINES_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres"),
             nats_url=e.get("PIPELINES_NATS_URL", "nats://127.0.0.1:4222"),
+            nats_creds=Path(e["PIPELINES_NATS_CREDS"]) if e.get("PIPELINES_NATS_CREDS") else None,
+            nats_service_creds=nats_service_creds(e),
+            broker_urls=tuple(u.strip() for u in e.get("PIPELINES_BROKER_URLS", "").split(",") if u.strip()),
             jwt_secret=secret,
             jwt_algorithm=e.get("PIPELINES_JWT_ALGORITHM", "HS256"),
             jwt_issuer=e.get("PIPELINES_JWT_ISSUER") or None,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from services.dev.errors import INSTALL_EMBEDDED, NotInstalled, ServerError, StackError
@@ -38,6 +38,8 @@ class BackingServers:
         nats_url: str | None,
         embedded: bool,
         say: Callable[[str], None],
+        nats_creds: Mapping[str, Path] | None = None,
+        stream: str = "*",
     ) -> None:
         self.data_dir = data_dir
         self.given_database_url = database_url
@@ -48,6 +50,8 @@ class BackingServers:
         self.nats: RunningNats | None = None
         self.database_url: str = database_url or ""
         self.nats_url: str = nats_url or ""
+        self.given_nats_creds = dict(nats_creds or {})
+        self.stream = stream
         self._retry_at = 0.0
 
     def start(self) -> None:
@@ -66,9 +70,14 @@ class BackingServers:
             self._say(f"PostgreSQL ready on port {self.postgres.port} in {time.monotonic() - began:.1f}s")
         if self.given_nats_url is None:
             began = time.monotonic()
-            self.nats = start_nats(self.data_dir)
+            self.nats = start_nats(self.data_dir, stream=self.stream)
             self.nats_url = self.nats.url
             self._say(f"NATS (JetStream) ready on port {self.nats.port} in {time.monotonic() - began:.1f}s")
+
+    @property
+    def nats_creds(self) -> dict[str, Path]:
+        """Each service's broker credential file: the embedded server's, else those given (may be none)."""
+        return dict(self.nats.credentials) if self.nats is not None else dict(self.given_nats_creds)
 
     def _check_installed(self) -> None:
         """Before starting anything: the packages of the embedded servers needed are installed."""
@@ -103,7 +112,7 @@ class BackingServers:
                 old_nats = self.nats
                 self._say(f"NATS exited ({describe_exit(old_nats.process.returncode)}); restarting it")
                 old_nats.stop()
-                self.nats = start_nats(self.data_dir, port=old_nats.port)
+                self.nats = start_nats(self.data_dir, port=old_nats.port, stream=self.stream, issued=old_nats.issued)
                 self._say("NATS restarted")
         except ServerError as exc:
             self._retry_at = time.monotonic() + 5.0

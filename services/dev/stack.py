@@ -51,6 +51,8 @@ class Stack:
         PIPELINES_DATA_DIR set to the resolved values.
     database_url / nats_url: used when given, else PIPELINES_DATABASE_URL / PIPELINES_NATS_URL from
         `env`, else the embedded server is started under `data_dir` (unless `embedded=False`).
+    nats_creds: each service's broker credential file for a given NATS (the embedded one makes its
+        own); a child gets its file as PIPELINES_NATS_CREDS. None: the children's env decides.
     data_dir: default PIPELINES_DATA_DIR from `env`, else `.data` (relative to `cwd`).
     api_port / gateway_port: default from `env` (PIPELINES_API_PORT / PIPELINES_GATEWAY_PORT).
     services / package: run `python -m <package>.<name>` for each name.
@@ -66,6 +68,7 @@ class Stack:
         python: str = sys.executable,
         database_url: str | None = None,
         nats_url: str | None = None,
+        nats_creds: Mapping[str, Path] | None = None,
         embedded: bool = True,
         data_dir: Path | str | None = None,
         api_port: int | None = None,
@@ -111,6 +114,8 @@ class Stack:
             nats_url=nats_url or self.base_env.get("PIPELINES_NATS_URL") or None,
             embedded=embedded,
             say=self.say,
+            nats_creds=nats_creds,
+            stream=self.settings.events_stream,
         )
         self._state_lock = threading.RLock()
         self._stopping = threading.Event()
@@ -319,12 +324,21 @@ class Stack:
         )
         return env
 
+    def _env_for(self, name: str) -> dict[str, str]:
+        """The child environment with the service's own broker credential file (a path, never the secret)."""
+        creds = self._servers.nats_creds
+        if name not in creds:
+            return self.child_env
+        env = {k: v for k, v in self.child_env.items() if not k.startswith("PIPELINES_NATS_CREDS")}
+        env["PIPELINES_NATS_CREDS"] = str(creds[name])
+        return env
+
     def _spawn(self, service: _Service) -> None:
         name = service.name
         service.process = ManagedProcess(
             service.argv,
             name=name,
-            env=self.child_env,
+            env=self._env_for(name),
             cwd=self.cwd,
             output=lambda line: self._say(name, line),
         )
