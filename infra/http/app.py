@@ -13,6 +13,7 @@ from litestar.middleware import DefineMiddleware
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.spec import Components, SecurityScheme
 
+from infra.http.broker_credentials import BrokerCredentialsController
 from infra.http.delivery import ChannelController, ComponentController, DeploymentController, EnvironmentController
 from infra.http.deps import API, Deps, deps_of
 from infra.http.errors import handle
@@ -77,6 +78,7 @@ def create_app(build: Callable[[], Awaitable[Deps]]) -> Litestar:
             ComponentController,
             ChannelController,
             DeploymentController,
+            BrokerCredentialsController,
             receive_hook,
             spec_schema,
             healthz,

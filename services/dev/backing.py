@@ -8,6 +8,9 @@ import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
+import psycopg
+
+from services.dev.broker_users import IssuedUsers
 from services.dev.errors import INSTALL_EMBEDDED, NotInstalled, ServerError, StackError
 from services.dev.nats import RunningNats, nats_server_binary, start_nats
 from services.dev.postgres import RunningPostgres, postgres_bin_dir, start_postgres
@@ -53,6 +56,9 @@ class BackingServers:
         self.given_nats_creds = dict(nats_creds or {})
         self.stream = stream
         self._retry_at = 0.0
+        self._issued: IssuedUsers | None = None
+        self._issued_retry_at = 0.0
+        self._issued_error = ""
 
     def start(self) -> None:
         """Start the embedded servers for the URLs not given. Raises ServerError, or StackError
@@ -117,8 +123,31 @@ class BackingServers:
         except ServerError as exc:
             self._retry_at = time.monotonic() + 5.0
             self._say(f"could not restart an embedded server (retrying in 5s): {exc}")
+            return
+        self._sync_issued_users()
+
+    def _sync_issued_users(self) -> None:
+        """The embedded NATS's configuration is ours to write: keep its downstream users in step with
+        the broker credentials the API issued and revoked."""
+        if self.nats is None or not self.database_url or time.monotonic() < self._issued_retry_at:
+            return
+        if self._issued is None:
+            self._issued = IssuedUsers(self.database_url)
+        try:
+            if self._issued.sync(self.nats):
+                self._say(f"NATS reloaded: {len(self.nats.issued)} downstream broker credential(s)")
+            self._issued_error = ""
+        except psycopg.Error as exc:
+            self._issued.close()
+            self._issued_retry_at = time.monotonic() + 2.0
+            message = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
+            if message != self._issued_error:  # said once, not every retry
+                self._issued_error = message
+                self._say(f"cannot read the issued broker credentials yet (retrying): {message}")
 
     def stop(self) -> None:
+        if self._issued is not None:
+            self._issued.close()
         if self.nats is not None:
             self.nats.stop()
             self._say("NATS stopped")
