@@ -278,7 +278,7 @@ class Stack:
             lines.append(f"PostgreSQL  {masked}  (embedded; password in {self.postgres.password_file})")
         else:
             lines.append(f"PostgreSQL  {mask_url(self.database_url)}")
-        lines.append(f"NATS        {self.nats_url}{'  (embedded)' if self.nats is not None else ''}")
+        lines.append(f"NATS        {mask_url(self.nats_url)}{'  (embedded)' if self.nats is not None else ''}")
         lines.append(f"API         {self.api_url}/api/v1/pipelines")
         lines.append(f"OpenAPI     {self.api_url}/schema")
         lines.append(f"WebSocket   {self.gateway_url}")

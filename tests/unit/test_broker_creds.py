@@ -9,6 +9,7 @@ import pytest
 from infra.broker.creds import CredentialsError, connect_options
 from infra.broker.permissions import SERVICES, org_permissions, service_permissions
 from infra.config import Settings, without_userinfo
+from services.dev.stack import Stack
 
 
 def test_a_user_password_file_gives_user_password_and_its_own_inbox(tmp_path: Path) -> None:
@@ -61,3 +62,15 @@ def test_no_service_may_publish_events_but_the_relay_nor_read_every_inbox() -> N
     org = org_permissions("acme", "S", "bc_1")
     assert org.publish[0] == "$JS.API.CONSUMER.CREATE.S.bc_1.pipelines.v1.acme.>"
     assert not any(s.startswith("pipelines.") for s in org.publish)
+
+
+def test_the_banner_never_shows_a_brokers_password(tmp_path: Path) -> None:
+    stack = Stack(
+        {"PIPELINES_JWT_SECRET": "x" * 32},
+        database_url="postgresql://u@127.0.0.1:1/db",
+        nats_url="nats://relay:hunter2@127.0.0.1:4222",
+        data_dir=tmp_path,
+        embedded=False,
+    )
+    banner = "\n".join(stack.banner())
+    assert "hunter2" not in banner and "nats://relay:***@127.0.0.1:4222" in banner
