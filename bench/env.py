@@ -78,7 +78,7 @@ class Servers:
                 say(f"embedded PostgreSQL on port {postgres.port} ({time.monotonic() - began:.1f}s)")
             if nats_url is None:
                 nats = start_nats(tmp / "servers")
-                nats_url = nats.url
+                nats_url = nats.admin_url()  # the benchmark's own connections; the services get their own users
                 say(f"embedded NATS on port {nats.port}")
         except BaseException:
             if postgres is not None:
@@ -186,7 +186,8 @@ def running_stack(
     stack = Stack(
         env,
         database_url=database_url,
-        nats_url=servers.nats_url,
+        nats_url=servers.nats_url,  # with the embedded server's admin in it: the benchmark's own connections
+        nats_creds=servers.nats.credentials if servers.nats is not None else None,  # each service as itself
         data_dir=data_dir,
         api_port=free_port(),
         gateway_port=free_port(),

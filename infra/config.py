@@ -8,9 +8,11 @@ from __future__ import annotations
 import json
 import os
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from ipaddress import IPv4Network, IPv6Network, ip_network
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 DEV_JWT_SECRET = "dev-insecure-secret-change-me"
 # Written by `make up` (services/dev/stack.py) in its data directory, mode 0600, while it runs: the
@@ -129,12 +131,37 @@ def default_script_user() -> str | None:
     return "nobody" if os.geteuid() == 0 else None
 
 
+def nats_service_creds(env: Mapping[str, str]) -> dict[str, Path]:
+    """PIPELINES_NATS_CREDS_<SERVICE> (API, RELAY, EXECUTOR, GATEWAY, PROJECTOR): one service's own
+    broker credential file."""
+    prefix = "PIPELINES_NATS_CREDS_"
+    return {k[len(prefix) :].lower(): Path(v) for k, v in env.items() if k.startswith(prefix) and v}
+
+
+def without_userinfo(url: str) -> str:
+    """`nats://user:pw@host:4222` -> `nats://host:4222` (each of a comma-separated list)."""
+    out = []
+    for one in url.split(","):
+        parts = urlsplit(one.strip())
+        host = parts.netloc.rpartition("@")[2]
+        out.append(urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment)))
+    return ",".join(out)
+
+
 @dataclass(frozen=True, kw_only=True)
 class Settings:
     # Both may hold credentials: never in a repr (logs, tracebacks).
     # Empty: none known (`servers_problem()` says why; services refuse to start).
     database_url: str = field(repr=False)
-    nats_url: str
+    nats_url: str = field(repr=False)
+    # The broker credential file (infra/broker/creds.py: `.creds`, nkey seed or `user:password`) of
+    # every service (PIPELINES_NATS_CREDS), and the files of single services that override it
+    # (PIPELINES_NATS_CREDS_<SERVICE>). None: connect without credentials.
+    nats_creds: Path | None = None
+    nats_service_creds: Mapping[str, Path] = field(default_factory=dict, compare=False)
+    # The broker URLs handed to downstream systems with their credentials (PIPELINES_BROKER_URLS,
+    # comma-separated); default: nats_url without credentials.
+    broker_urls: tuple[str, ...] = ()
     jwt_secret: str = field(repr=False)
     jwt_algorithm: str = "HS256"
     jwt_issuer: str | None = None
@@ -225,6 +252,16 @@ class Settings:
         host = f"[{self.gateway_host}]" if ":" in self.gateway_host else self.gateway_host
         return f"ws://{host}:{self.gateway_port}/api/v1/ws"
 
+    def nats_creds_for(self, service: str) -> Path | None:
+        """The broker credential file `service` (api, relay, executor, gateway, projector) connects with."""
+        return self.nats_service_creds.get(service, self.nats_creds)
+
+    @property
+    def public_broker_urls(self) -> tuple[str, ...]:
+        if self.broker_urls:
+            return self.broker_urls
+        return tuple(without_userinfo(self.nats_url).split(","))
+
     @property
     def work_root(self) -> Path:
         return self.work_dir if self.work_dir is not None else self.data_dir / "work"
@@ -246,6 +283,9 @@ class Settings:
         return cls(
             database_url=e.get("PIPELINES_DATABASE_URL") or stack.get("database", ""),
             nats_url=e.get("PIPELINES_NATS_URL") or stack.get("nats", ""),
+            nats_creds=Path(e["PIPELINES_NATS_CREDS"]) if e.get("PIPELINES_NATS_CREDS") else None,
+            nats_service_creds=nats_service_creds(e),
+            broker_urls=tuple(u.strip() for u in e.get("PIPELINES_BROKER_URLS", "").split(",") if u.strip()),
             jwt_secret=secret,
             jwt_algorithm=e.get("PIPELINES_JWT_ALGORITHM", "HS256"),
             jwt_issuer=e.get("PIPELINES_JWT_ISSUER") or None,

@@ -88,7 +88,7 @@ async def build_api(settings: Settings) -> Deps:
     key = load_key_material(settings)  # the run secrets' key (created when missing): fails fast
     pool, store = await open_store(settings, max_size=20)
     secrets = SecretStore(pool, key)
-    nc = await bus.connect(settings.nats_url, "pipelines-api")
+    nc = await connect_nats(settings, "api")
     poker = bus.Poker(nc)
     poker.start()
     waker = bus.RunWaker(nc, settings.events_stream)
@@ -134,9 +134,10 @@ async def build_api(settings: Settings) -> Deps:
     )
 
 
-async def connect_nats(settings: Settings, name: str) -> NATS:
+async def connect_nats(settings: Settings, service: str) -> NATS:
+    """Connect as `service` (api, relay, executor, gateway, projector), with its own credentials."""
     require_servers(settings)
-    return await bus.connect(settings.nats_url, name)
+    return await bus.connect(settings.nats_url, f"pipelines-{service}", settings.nats_creds_for(service))
 
 
 @contextlib.contextmanager

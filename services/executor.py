@@ -26,7 +26,7 @@ def main() -> None:
         watch_children_with_pidfds()
         key = load_key_material(settings)  # the run secrets' key (created when missing): fails fast
         pool, store = await open_store(settings, max_size=10)
-        nc = await connect_nats(settings, "pipelines-executor")
+        nc = await connect_nats(settings, "executor")
         poker = bus.Poker(nc)
         poker.start()
         try:

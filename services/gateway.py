@@ -20,7 +20,7 @@ def main() -> None:
         logging.getLogger("websockets.server").setLevel(logging.WARNING)
         pool, store = await open_store(settings, max_size=8)
         try:
-            nc = await connect_nats(settings, "pipelines-gateway")
+            nc = await connect_nats(settings, "gateway")
             try:
                 await Gateway(settings, store, Commands(store), nc).serve(stop)
             finally:

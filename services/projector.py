@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> None:
                 n = await Projector(store, settings.database_url).rebuild()
                 logging.getLogger("pipelines.projector").info("rebuilt the read models from %d events", n)
                 return
-            nc = await connect_nats(settings, "pipelines-projector")
+            nc = await connect_nats(settings, "projector")
             try:
                 await Projector(store, settings.database_url, nc, poll_interval=settings.poll_interval).run(stop)
             finally:

@@ -14,7 +14,7 @@ def main() -> None:
 
     async def body(stop: asyncio.Event) -> None:
         pool, store = await open_store(settings, max_size=4)
-        nc = await connect_nats(settings, "pipelines-relay")
+        nc = await connect_nats(settings, "relay")
         try:
             relay = Relay(
                 store, settings.database_url, nc, stream=settings.events_stream, poll_interval=settings.poll_interval

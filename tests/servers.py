@@ -12,6 +12,12 @@ PIPELINES_TEST_SERVERS=env|docker|embedded forces one source (auto by default).
 
 Whatever the server, each test session gets a fresh database `pipelines_test_<random>`, created
 on that server and dropped (WITH (FORCE)) at the end.
+
+The embedded NATS accepts only its users (services/dev/nats_auth.py): its URL is given with the
+`admin` user in it (`nats://admin:<password>@127.0.0.1:<port>`, every permission: the tests' own
+checks), and `nats_service_creds(url)` names each service's credential file, which the systems under
+test connect with. A URL from the environment or a container is used as it is (its authorization is
+that server's business).
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ from urllib.parse import urlsplit, urlunsplit
 import psycopg
 from psycopg import sql
 
-from services.dev.nats import start_nats
+from services.dev.nats import RunningNats, start_nats
 from services.dev.postgres import start_postgres
 
 POSTGRES_IMAGE = "postgres:16"
@@ -204,6 +210,24 @@ def postgres_server(env: Mapping[str, str] | None = None) -> Iterator[str]:
             yield pg.url
 
 
+_EMBEDDED_NATS: dict[str, RunningNats] = {}
+
+
+def _address(url: str) -> str:
+    return urlsplit(url).netloc.rpartition("@")[2]
+
+
+def embedded_nats(url: str) -> RunningNats | None:
+    """The embedded server of a URL `nats_server` gave, else None."""
+    return _EMBEDDED_NATS.get(_address(url))
+
+
+def nats_service_creds(url: str) -> dict[str, Path]:
+    """Each service's (and `admin`'s) credential file on the embedded server of `url`; empty for another."""
+    server = embedded_nats(url)
+    return dict(server.credentials) if server is not None else {}
+
+
 @contextlib.contextmanager
 def nats_server(env: Mapping[str, str] | None = None) -> Iterator[str]:
     """A URL of a NATS server with JetStream (see the module doc)."""
@@ -224,7 +248,12 @@ def nats_server(env: Mapping[str, str] | None = None) -> Iterator[str]:
                 yield str(container.nats_uri())
     else:
         with _temp_dir("pipelines-test-nats-") as tmp, start_nats(tmp) as nats:
-            yield nats.url
+            address = _address(nats.url)
+            _EMBEDDED_NATS[address] = nats
+            try:
+                yield nats.admin_url()
+            finally:
+                _EMBEDDED_NATS.pop(address, None)
 
 
 @contextlib.contextmanager

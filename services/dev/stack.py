@@ -52,6 +52,8 @@ class Stack:
         executor, relay and projector (a free port each, unless `env` sets one).
     database_url / nats_url: used when given, else PIPELINES_DATABASE_URL / PIPELINES_NATS_URL from
         `env`, else the embedded server is started under `data_dir` (unless `embedded=False`).
+    nats_creds: each service's broker credential file for a given NATS (the embedded one makes its
+        own); a child gets its file as PIPELINES_NATS_CREDS. None: the children's env decides.
     data_dir: default PIPELINES_DATA_DIR from `env`, else `.data` (relative to `cwd`).
     api_port / gateway_port: default from `env` (PIPELINES_API_PORT / PIPELINES_GATEWAY_PORT).
     services / package: run `python -m <package>.<name>` for each name.
@@ -67,6 +69,7 @@ class Stack:
         python: str = sys.executable,
         database_url: str | None = None,
         nats_url: str | None = None,
+        nats_creds: Mapping[str, Path] | None = None,
         embedded: bool = True,
         data_dir: Path | str | None = None,
         api_port: int | None = None,
@@ -114,6 +117,8 @@ class Stack:
             nats_url=nats_url or self.base_env.get("PIPELINES_NATS_URL") or None,
             embedded=embedded,
             say=self.say,
+            nats_creds=nats_creds,
+            stream=self.settings.events_stream,
         )
         self._state_lock = threading.RLock()
         self._stopping = threading.Event()
@@ -279,7 +284,7 @@ class Stack:
             lines.append(f"PostgreSQL  {masked}  (embedded; password in {self.postgres.password_file})")
         else:
             lines.append(f"PostgreSQL  {mask_url(self.database_url)}")
-        lines.append(f"NATS        {self.nats_url}{'  (embedded)' if self.nats is not None else ''}")
+        lines.append(f"NATS        {mask_url(self.nats_url)}{'  (embedded)' if self.nats is not None else ''}")
         lines.append(f"API         {self.api_url}/api/v1/pipelines")
         lines.append(f"OpenAPI     {self.api_url}/schema")
         lines.append(f"AsyncAPI    {self.api_url}/api/v1/asyncapi.json")
@@ -351,12 +356,21 @@ class Stack:
             env[f"PIPELINES_{name.upper()}_METRICS_PORT"] = str(port)
         return env
 
+    def _env_for(self, name: str) -> dict[str, str]:
+        """The child environment with the service's own broker credential file (a path, never the secret)."""
+        creds = self._servers.nats_creds
+        if name not in creds:
+            return self.child_env
+        env = {k: v for k, v in self.child_env.items() if not k.startswith("PIPELINES_NATS_CREDS")}
+        env["PIPELINES_NATS_CREDS"] = str(creds[name])
+        return env
+
     def _spawn(self, service: _Service) -> None:
         name = service.name
         service.process = ManagedProcess(
             service.argv,
             name=name,
-            env=self.child_env,
+            env=self._env_for(name),
             cwd=self.cwd,
             output=lambda line: self._say(name, line),
         )

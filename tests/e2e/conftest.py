@@ -22,9 +22,10 @@ import pytest
 
 from infra.auth import issue_token
 from infra.broker import bus
-from infra.config import Settings
+from infra.config import Settings, without_userinfo
 from services.dev.ports import free_port
 from services.dev.stack import Stack
+from tests import servers
 
 JWT_SECRET = "e2e-test-secret-0123456789abcdef0123"
 
@@ -64,10 +65,13 @@ def stack(database_url: str, nats_url: str, tmp_path_factory: pytest.TempPathFac
         "PIPELINES_KILL_GRACE": "0.5",
     }
     output = _Tee()
+    # On the tests' embedded NATS each service connects as its own user (nats_url has the tests' admin in it).
+    creds = servers.nats_service_creds(nats_url)
     stack = Stack(
         env,
         database_url=database_url,
-        nats_url=nats_url,
+        nats_url=without_userinfo(nats_url) if creds else nats_url,
+        nats_creds=creds,
         data_dir=data_dir,
         api_port=free_port(),
         gateway_port=free_port(),

@@ -148,6 +148,7 @@ def fault(database_url: str, tmp_path: Path) -> Iterator[FaultStack]:
             env,
             database_url=db_url,
             nats_url=nats.url,
+            nats_creds=nats.credentials,  # each service as its own broker user
             data_dir=tmp_path / "stack",
             api_port=free_port(),
             gateway_port=free_port(),

@@ -351,7 +351,7 @@ async def _whole_feed(store: PostgresEventStore) -> list[RecordedEvent]:
 
 
 async def _stream_messages(fault: FaultStack) -> tuple[Any, list[Any]]:
-    nc = await bus.connect(fault.nats.url, "fault-check")
+    nc = await bus.connect(fault.nats.url, "fault-check", fault.nats.credentials["admin"])
     try:
         js = nc.jetstream()
         info = await js.stream_info(fault.settings.events_stream)

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from litestar.testing import AsyncTestClient
+from nats.aio.client import Client as NATS
 
 from infra.app.commands import Commands
 from infra.auth import issue_token
@@ -29,7 +30,8 @@ from infra.projector.consumer import Projector
 from infra.secrets import SecretStore
 from infra.store.postgres import PostgresEventStore
 from infra.stored_secrets import StoredSecrets
-from services.bootstrap import build_api, open_store
+from services.bootstrap import build_api, connect_nats, open_store
+from tests import servers
 
 JWT_SECRET = "integration-test-secret-0123456789abcdef"
 
@@ -37,7 +39,9 @@ JWT_SECRET = "integration-test-secret-0123456789abcdef"
 def make_settings(database_url: str, nats_url: str, data_dir: Path, **overrides: Any) -> Settings:
     values: dict[str, Any] = dict(
         database_url=database_url,
+        # Its `admin` user (tests' own connections); each service connects as its own user.
         nats_url=nats_url,
+        nats_service_creds=servers.nats_service_creds(nats_url),
         jwt_secret=JWT_SECRET,
         events_stream=f"T_{uuid.uuid4().hex[:12]}",
         data_dir=data_dir,
@@ -65,6 +69,8 @@ class System:
     projector: Projector
     executor: Executor
     org: str
+    # The tests' own connection (the session server's admin): to watch subjects no service may read.
+    nc: NATS
 
     def token(self, *roles: str, sub: str = "alice", org: str | bool | None = True) -> str:
         chosen = self.org if org is True else (None if org is False else org)
@@ -124,14 +130,20 @@ async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 10, 
 @contextlib.asynccontextmanager
 async def running_system(settings: Settings, *, with_executor: bool = True) -> AsyncIterator[System]:
     pool, store = await open_store(settings)
-    nc = await bus.connect(settings.nats_url, "test-system")
+    # Each service as its own broker user, as in production: a missing permission fails the tests.
+    connections: list[Any] = []
     try:
-        await bus.ensure_events_stream(nc, settings.events_stream)
+        for service in ("relay", "projector", "executor"):
+            connections.append(await connect_nats(settings, service))
+        connections.append(await bus.connect(settings.nats_url, "test-system", settings.nats_creds_for("admin")))
+        nc_relay, nc_projector, nc_executor, nc_tests = connections
+        await bus.ensure_events_stream(nc_relay, settings.events_stream)
     except BaseException:
-        await nc.close()
+        for c in connections:
+            await c.close()
         await pool.close()
         raise
-    poker = bus.Poker(nc)
+    poker = bus.Poker(nc_executor)
     poker.start()
     secrets = SecretStore.from_settings(pool, settings)
     commands = Commands(
@@ -140,9 +152,9 @@ async def running_system(settings: Settings, *, with_executor: bool = True) -> A
         git=GitRepos.from_settings(settings),
         git_credentials=StoredGitCredentials(StoredSecrets(secrets)),
     )
-    relay = Relay(store, settings.database_url, nc, stream=settings.events_stream, poll_interval=0.05)
-    projector = Projector(store, settings.database_url, nc, poll_interval=0.05)
-    executor = Executor(commands, settings, nc, LeaseStore(pool), secrets)
+    relay = Relay(store, settings.database_url, nc_relay, stream=settings.events_stream, poll_interval=0.05)
+    projector = Projector(store, settings.database_url, nc_projector, poll_interval=0.05)
+    executor = Executor(commands, settings, nc_executor, LeaseStore(pool), secrets)
     stop = asyncio.Event()
     tasks = [
         asyncio.create_task(relay.run(stop)),
@@ -162,6 +174,7 @@ async def running_system(settings: Settings, *, with_executor: bool = True) -> A
                 projector=projector,
                 executor=executor,
                 org=f"org-{uuid.uuid4().hex[:8]}",
+                nc=nc_tests,
             )
     finally:
         stop.set()
@@ -169,8 +182,9 @@ async def running_system(settings: Settings, *, with_executor: bool = True) -> A
         for t in pending:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        with contextlib.suppress(Exception):
-            await nc.jetstream().delete_stream(settings.events_stream)
         await poker.stop()
-        await nc.drain()
+        with contextlib.suppress(Exception):
+            await nc_tests.jetstream().delete_stream(settings.events_stream)
+        for c in connections:
+            await c.drain()
         await pool.close()

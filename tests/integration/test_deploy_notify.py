@@ -362,13 +362,12 @@ async def test_one_deployment_at_a_time_per_environment_in_order(system: System)
 
 
 async def test_notify_slack_retries_and_publishes_on_nats(system: System) -> None:
-    assert system.executor.nc is not None
     received: list[bytes] = []
 
     async def on_msg(msg: Any) -> None:
         received.append(msg.data)
 
-    sub = await system.executor.nc.subscribe(notify_subject(system.org, "#deploys-x"), cb=on_msg)
+    sub = await system.nc.subscribe(notify_subject(system.org, "#deploys-x"), cb=on_msg)
     try:
         async with receiver(500, 502) as hook:
             await _post(
@@ -432,13 +431,12 @@ async def test_notify_without_a_notifier_fails_clearly(system: System) -> None:
 
 
 async def test_deployment_events_are_published_on_nats(system: System) -> None:
-    assert system.executor.nc is not None
     subjects: list[str] = []
 
     async def on_msg(msg: Any) -> None:
         subjects.append(msg.subject)
 
-    sub = await system.executor.nc.subscribe(f"pipelines.v1.{system.org}.deployment.>", cb=on_msg)
+    sub = await system.nc.subscribe(f"pipelines.v1.{system.org}.deployment.>", cb=on_msg)
     try:
         comp = await component(system)
         env = await environment(system, {"type": "command", "command": "true"})

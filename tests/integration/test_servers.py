@@ -18,6 +18,7 @@ import nats
 import psycopg
 import pytest
 
+from infra.broker import bus
 from services.dev.errors import ServerError
 from services.dev.nats import start_nats
 from services.dev.ports import free_port
@@ -179,7 +180,7 @@ async def test_embedded_nats_runs_jetstream_and_keeps_streams(data_dir: Path) ->
     startup = time.monotonic() - began
     try:
         assert server.url == f"nats://127.0.0.1:{server.port}"
-        nc = await nats.connect(server.url)
+        nc = await bus.connect(server.url, "smoke", server.credentials["admin"])
         js = nc.jetstream()
         await js.add_stream(name="SMOKE", subjects=["smoke.>"])
         ack = await js.publish("smoke.a", b"hello")
@@ -190,7 +191,7 @@ async def test_embedded_nats_runs_jetstream_and_keeps_streams(data_dir: Path) ->
         assert _group_gone(pid)
 
         server = start_nats(data_dir)
-        nc = await nats.connect(server.url)
+        nc = await bus.connect(server.url, "smoke", server.credentials["admin"])
         info = await nc.jetstream().stream_info("SMOKE")
         assert info.state.messages == 1
         await nc.close()

@@ -1,0 +1,114 @@
+"""Who may publish and subscribe to what on the broker: the least-privileged set of each service, and
+the read-only set of a downstream organization's credentials."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from infra.broker.bus import APPENDED_SUBJECT, EVENTS_SUBJECTS, RUN_WAKE_SUBJECT, token
+from infra.broker.creds import inbox_prefix
+
+__all__ = [
+    "ADMIN",
+    "EXECUTOR_CONSUMER",
+    "SERVICES",
+    "Permissions",
+    "inbox_prefix",
+    "org_consumer",
+    "org_permissions",
+    "org_subjects",
+    "service_permissions",
+]
+
+SERVICES = ("api", "relay", "executor", "gateway", "projector")
+# Everything: for operators and the tests' own checks, never given to a service.
+ADMIN = "admin"
+# The executor's durable consumer (infra/executor/consumer.py binds to it by this name).
+EXECUTOR_CONSUMER = "executor"
+_LOGS = "pipelines.logs.v1"
+_NOTIFY = "pipelines.notify.v1"
+
+
+@dataclass(frozen=True)
+class Permissions:
+    publish: tuple[str, ...]
+    subscribe: tuple[str, ...]
+
+
+def service_permissions(service: str, stream: str = "*") -> Permissions:
+    """What `service` (one of SERVICES, or ADMIN) needs on events stream `stream` (`*`: any stream,
+    for a server shared by several systems, as the tests' is)."""
+    api = f"$JS.API.STREAM.INFO.{stream}", f"$JS.API.STREAM.CREATE.{stream}"  # ensure_events_stream
+    inbox = f"{inbox_prefix(service)}.>"
+    if service == ADMIN:
+        return Permissions(publish=(">",), subscribe=(">",))
+    if service == "api":
+        return Permissions(publish=(APPENDED_SUBJECT, f"{RUN_WAKE_SUBJECT}.{stream}.*"), subscribe=(inbox,))
+    if service == "relay":
+        return Permissions(
+            publish=(EVENTS_SUBJECTS, *api, f"$JS.API.STREAM.MSG.GET.{stream}"),
+            subscribe=(APPENDED_SUBJECT, inbox),
+        )
+    if service == "executor":
+        consumer = f"{stream}.{EXECUTOR_CONSUMER}"
+        return Permissions(
+            publish=(
+                f"{_LOGS}.>",
+                f"{_NOTIFY}.>",
+                APPENDED_SUBJECT,
+                *api,
+                f"$JS.API.CONSUMER.INFO.{consumer}",
+                f"$JS.API.CONSUMER.DURABLE.CREATE.{consumer}",
+                f"$JS.API.CONSUMER.MSG.NEXT.{consumer}",
+                f"$JS.ACK.{consumer}.>",
+            ),
+            subscribe=("pipelines.v1.*.run.*.run_stopped", f"{RUN_WAKE_SUBJECT}.{stream}.*", inbox),
+        )
+    if service == "gateway":
+        return Permissions(
+            publish=(
+                *api,
+                f"$JS.API.STREAM.MSG.GET.{stream}",
+                # its ordered consumers (ephemeral, recreated after a gap) and their flow control
+                f"$JS.API.CONSUMER.CREATE.{stream}",
+                f"$JS.API.CONSUMER.CREATE.{stream}.>",
+                f"$JS.API.CONSUMER.DELETE.{stream}.*",
+                f"$JS.API.CONSUMER.INFO.{stream}.*",
+                f"$JS.FC.{stream}.>",
+            ),
+            subscribe=(inbox,),
+        )
+    if service == "projector":
+        return Permissions(publish=(), subscribe=(APPENDED_SUBJECT, inbox))
+    raise ValueError(f"unknown service {service!r}")
+
+
+def org_subjects(org: str) -> tuple[str, str, str]:
+    """The subjects of one organization: its events, its log lines, its notifications."""
+    o = token(org)
+    return f"pipelines.v1.{o}.>", f"{_LOGS}.{o}.>", f"{_NOTIFY}.{o}.>"
+
+
+def org_consumer(user: str) -> str:
+    """The one durable consumer a downstream credential may create and read: a name of its own, so that
+    it can never pull from another's consumer (the executor's sees every organization)."""
+    return token(user)
+
+
+def org_permissions(org: str, stream: str, user: str) -> Permissions:
+    """Read-only: subscribe to the organization's subjects, and create, inspect, read and ack its own
+    durable consumer, filtered to the organization's events (NATS 2.10 puts the filter in the API
+    subject, so an unfiltered or wider consumer is a permission error)."""
+    events, logs, notify = org_subjects(org)
+    consumer = f"{stream}.{org_consumer(user)}"
+    return Permissions(
+        publish=(
+            f"$JS.API.CONSUMER.CREATE.{consumer}.{events}",
+            f"$JS.API.CONSUMER.INFO.{consumer}",
+            f"$JS.API.CONSUMER.DELETE.{consumer}",
+            f"$JS.API.CONSUMER.MSG.NEXT.{consumer}",
+            f"$JS.API.STREAM.INFO.{stream}",
+            f"$JS.ACK.{consumer}.>",
+        ),
+        subscribe=(events, logs, notify, f"{inbox_prefix(user)}.>"),
+    )

@@ -1,0 +1,65 @@
+"""`/api/v1/broker-credentials`: an admin issues and revokes read-only broker credentials for the
+token's organization (downstream systems subscribe to its events, logs and notifications)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+from litestar import Controller, Request, Response, delete, post
+from litestar.datastructures import State
+from litestar.exceptions import NotFoundException
+from litestar.params import FromPath
+
+from domain.errors import Invalid
+from infra.auth import Principal
+from infra.broker.credentials import BrokerCredentialStore
+from infra.http.deps import API, deps_of
+from infra.http.guards import admin
+from infra.http.responses import json_response
+from infra.store.postgres import PostgresEventStore
+
+# At most a year; at least a minute.
+_TTL = (60, 365 * 24 * 3600)
+
+
+def _store(request: Request[Any, Any, State]) -> BrokerCredentialStore:
+    store = deps_of(request).commands.store
+    assert isinstance(store, PostgresEventStore), "broker credentials need the PostgreSQL store"
+    return BrokerCredentialStore(store.pool)
+
+
+def _ttl(raw: bytes) -> int | None:
+    """The body's `ttlSeconds` (optional; no body: credentials that do not expire)."""
+    try:
+        body = msgspec.json.decode(raw) if raw.strip() else {}
+    except msgspec.DecodeError as exc:
+        raise Invalid({"body": f"is not valid JSON: {exc}"}) from exc
+    if not isinstance(body, dict):
+        raise Invalid({"body": "must be a JSON object"})
+    errors = {key: "unknown field" for key in body if key != "ttlSeconds"}
+    ttl = body.get("ttlSeconds")
+    if ttl is not None and (isinstance(ttl, bool) or not isinstance(ttl, int) or not _TTL[0] <= ttl <= _TTL[1]):
+        errors["ttlSeconds"] = f"must be an integer number of seconds from {_TTL[0]} to {_TTL[1]}"
+    if errors:
+        raise Invalid(errors)
+    return ttl if isinstance(ttl, int) else None
+
+
+class BrokerCredentialsController(Controller):
+    path = f"{API}/broker-credentials"
+    tags = ["broker"]
+
+    @post("/", guards=[admin], summary="Issue read-only broker credentials for the organization (admin)")
+    async def issue(self, request: Request[Principal, Any, State]) -> Response[bytes]:
+        ttl = _ttl(await request.body())
+        deps = deps_of(request)
+        issued = await _store(request).issue(
+            org=request.user.org, by=request.user.sub, stream=deps.settings.events_stream, ttl_seconds=ttl
+        )
+        return json_response(201, issued.view(deps.settings.public_broker_urls))
+
+    @delete("/{credential_id:str}", guards=[admin], summary="Revoke broker credentials (admin)")
+    async def revoke(self, request: Request[Principal, Any, State], credential_id: FromPath[str]) -> None:
+        if not await _store(request).revoke(org=request.user.org, credential_id=credential_id):
+            raise NotFoundException("broker credentials not found")
