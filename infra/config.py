@@ -6,6 +6,7 @@ Read once by each service's bootstrap; nothing here connects to anything.
 from __future__ import annotations
 
 import os
+import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,6 +56,31 @@ def parse_uid_range(raw: str) -> tuple[int, int] | None:
     return lo, hi
 
 
+_SIZE_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
+
+
+def _limit(env: dict[str, str], name: str, default: int | None, *, size: bool = False) -> int | None:
+    """A resource limit: a count, or with `size` bytes with an optional K, M, G or T suffix
+    (binary: 512M, 4G); `unlimited` (or 0) for none."""
+    raw = (env.get(name) or "").strip().lower()
+    if raw == "":
+        return default
+    if raw in ("unlimited", "0"):
+        return None
+    found = re.fullmatch(r"(\d+)([kmgt]?)(?:i?b)?" if size else r"(\d+)()", raw)
+    if found is None:
+        what = "a size in bytes (for example 512M or 4G)" if size else "a positive integer"
+        raise ValueError(f"{name} must be {what} or unlimited, not {env.get(name)!r}")
+    return int(found[1]) * _SIZE_UNITS[found[2]]
+
+
+def _network(env: dict[str, str]) -> bool:
+    raw = (env.get("PIPELINES_SCRIPT_NETWORK") or "host").strip().lower()
+    if raw not in ("host", "none"):
+        raise ValueError(f"PIPELINES_SCRIPT_NETWORK must be host or none, not {raw!r}")
+    return raw == "host"
+
+
 def default_script_user() -> str | None:
     """Scripts never run as root by default: as `nobody` when the executor is root, else as the
     executor's own user (None: no switch)."""
@@ -98,6 +124,13 @@ class Settings:
     script_user: str | None = field(default_factory=default_script_user)
     # A uid per run from this range (inclusive), instead of `script_user`; None: off.
     script_uids: tuple[int, int] | None = field(default_factory=default_script_uids)
+    # Resource limits of each script (None: none); see infra.executor.sandbox.Limits.
+    script_max_procs: int | None = 4096
+    script_max_open_files: int | None = 4096
+    script_max_file_size: int | None = 4 * 1024**3
+    script_max_memory: int | None = 8 * 1024**3
+    # Whether scripts reach the network (PIPELINES_SCRIPT_NETWORK=host, the default) or not (none).
+    script_network: bool = True
     # Where scripts get their working directories (PIPELINES_WORK_DIR); default <data_dir>/work.
     work_dir: Path | None = None
     # Notification deliveries (notify stages): attempts in all, seconds before the second attempt
@@ -158,6 +191,11 @@ class Settings:
             else None
             if e.get("PIPELINES_SCRIPT_USER")
             else default_script_uids(),
+            script_max_procs=_limit(e, "PIPELINES_SCRIPT_MAX_PROCS", 4096),
+            script_max_open_files=_limit(e, "PIPELINES_SCRIPT_MAX_OPEN_FILES", 4096),
+            script_max_file_size=_limit(e, "PIPELINES_SCRIPT_MAX_FILE_SIZE", 4 * 1024**3, size=True),
+            script_max_memory=_limit(e, "PIPELINES_SCRIPT_MAX_MEMORY", 8 * 1024**3, size=True),
+            script_network=_network(e),
             work_dir=Path(e["PIPELINES_WORK_DIR"]) if e.get("PIPELINES_WORK_DIR") else None,
             notify_max_attempts=_int(e, "PIPELINES_NOTIFY_MAX_ATTEMPTS", 4),
             notify_backoff=_float(e, "PIPELINES_NOTIFY_BACKOFF", 1.0),
