@@ -59,7 +59,7 @@ def parse_uid_range(raw: str) -> tuple[int, int] | None:
 _SIZE_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
 
 
-def _limit(env: dict[str, str], name: str, default: int | None, *, size: bool = False) -> int | None:
+def parse_limit(env: dict[str, str], name: str, default: int | None, *, size: bool = False) -> int | None:
     """A resource limit: a count, or with `size` bytes with an optional K, M, G or T suffix
     (binary: 512M, 4G); `unlimited` (or 0) for none."""
     raw = (env.get(name) or "").strip().lower()
@@ -191,10 +191,10 @@ class Settings:
             else None
             if e.get("PIPELINES_SCRIPT_USER")
             else default_script_uids(),
-            script_max_procs=_limit(e, "PIPELINES_SCRIPT_MAX_PROCS", 4096),
-            script_max_open_files=_limit(e, "PIPELINES_SCRIPT_MAX_OPEN_FILES", 4096),
-            script_max_file_size=_limit(e, "PIPELINES_SCRIPT_MAX_FILE_SIZE", 4 * 1024**3, size=True),
-            script_max_memory=_limit(e, "PIPELINES_SCRIPT_MAX_MEMORY", 8 * 1024**3, size=True),
+            script_max_procs=parse_limit(e, "PIPELINES_SCRIPT_MAX_PROCS", 4096),
+            script_max_open_files=parse_limit(e, "PIPELINES_SCRIPT_MAX_OPEN_FILES", 4096),
+            script_max_file_size=parse_limit(e, "PIPELINES_SCRIPT_MAX_FILE_SIZE", 4 * 1024**3, size=True),
+            script_max_memory=parse_limit(e, "PIPELINES_SCRIPT_MAX_MEMORY", 8 * 1024**3, size=True),
             script_network=_network(e),
             work_dir=Path(e["PIPELINES_WORK_DIR"]) if e.get("PIPELINES_WORK_DIR") else None,
             notify_max_attempts=_int(e, "PIPELINES_NOTIFY_MAX_ATTEMPTS", 4),
