@@ -1,13 +1,17 @@
-"""The sandbox each script step runs in: its own PID and mount namespaces (a fresh /proc, a private
-/tmp), no network when asked, resource limits and the run's uid; built from util-linux (`unshare`,
-`mount`, `setpriv`) and the shell's `ulimit`. Without root, scripts run as before (logged once)."""
+"""The sandbox a run's steps run in: the run's own PID and mount namespaces (a fresh /proc, a
+private /tmp), no network when asked, resource limits and the run's uid; built from util-linux
+(`unshare`, `nsenter`, `mount`, `setpriv`) and the shell's `ulimit`. Without root, scripts run as
+before (logged once)."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import functools
 import logging
 import os
 import shutil
+import signal
 import stat
 import sys
 from dataclasses import dataclass
@@ -47,7 +51,7 @@ def unavailable() -> str | None:
     """Why scripts cannot be sandboxed on this host, or None when they can."""
     if os.geteuid() != 0:
         return "the executor is not root (namespaces and a uid per run need root)"
-    missing = [t for t in ("unshare", "mount", "setpriv") if _tool(t) is None]
+    missing = [t for t in ("unshare", "nsenter", "mount", "setpriv") if _tool(t) is None]
     if missing:
         return f"{', '.join(missing)} (util-linux) not found in {_TOOLS_PATH}"
     return None
@@ -65,9 +69,11 @@ def private_dir_of(workdir: Path) -> Path:
     return workdir.parent / ".sandbox" / workdir.name
 
 
-def _ulimits(limits: Limits) -> str:
-    # dash's ulimit takes one resource per call; with neither -H nor -S it sets both, so a script
-    # (no longer root) cannot raise them again. -f is in 512-byte blocks, -v in KiB.
+def prologue(limits: Limits) -> str:
+    """Shell that sets the limits, put before the script's first line (on that same line, so
+    that the script's line numbers stay what they were). dash's ulimit takes one resource per
+    call and, with neither -H nor -S, sets both: the script cannot raise them again. -p is
+    RLIMIT_NPROC, -f is in 512-byte blocks, -v (RLIMIT_AS) in KiB."""
     parts = []
     if limits.procs is not None:
         parts.append(f"ulimit -p {limits.procs}")
@@ -77,7 +83,7 @@ def _ulimits(limits: Limits) -> str:
         parts.append(f"ulimit -f {max(limits.file_size // 512, 1)}")
     if limits.memory is not None:
         parts.append(f"ulimit -v {max(limits.memory // 1024, 1)}")
-    return "; ".join(parts)
+    return "".join(f"{p} 2>/dev/null; " for p in parts)
 
 
 @functools.cache
@@ -91,35 +97,135 @@ def hides_itself(private: Path) -> bool:
     return hidden
 
 
-def init_script(sandbox: Sandbox, private_tmp: bool) -> str:
-    """What PID 1 of the new namespaces runs, as root: `$1` is the directory to mount on /tmp, the
-    rest is the command to run (setpriv ... sh <file>), whose exit status it returns."""
+def holder_init(sandbox: Sandbox, private_tmp: bool) -> str:
+    """What PID 1 of a run's namespaces runs, as root: mount `$1` on /tmp, say it is ready, then
+    reap the orphans the run's steps leave (a zombie still counts against the run's process
+    limit) until it is killed. It ignores signals it has no handler for, as PID 1 does."""
     lines = ["set -e"]
     if private_tmp:
         lines.append(f'{_tool("mount")} --bind "$1" /tmp')
     if not sandbox.network and _tool("ip") is not None:
         lines.append(f"{_tool('ip')} link set lo up")
-    limits = _ulimits(sandbox.limits)
-    if limits:
-        lines.append(limits)
-    # Not exec: PID 1 ignores signals it has no handler for, so the script would outlive the
-    # TERM of a stop. PID 1 stays this shell; when it exits, the kernel kills the rest.
-    lines.append('shift; "$@" && exit 0 || exit $?')
+    lines += ["echo ready", "exec >/dev/null 2>&1 </dev/null", "set +e", "while :; do sleep 3600 & wait; done"]
     return "\n".join(lines)
 
 
-def sandboxed_argv(sandbox: Sandbox, tmp: Path, command: list[str]) -> list[str]:
-    """`command` (already dropping to the run's uid) started in new PID and mount namespaces:
-    unshare forks PID 1, which mounts a fresh /proc and `tmp` on /tmp, sets the limits and runs
-    `command`. When PID 1 ends, the kernel kills whatever else is left in its namespace, and
-    `--kill-child` ends PID 1 when unshare itself is killed (a stop, a timeout, a recovery)."""
-    unshare = _tool("unshare")
-    assert unshare is not None
-    flags = ["--pid", "--fork", "--kill-child", "--mount-proc", "--propagation=private"]
-    if not sandbox.network:
-        flags.append("--net")
-    init = init_script(sandbox, private_tmp=not hides_itself(tmp.parent))
-    return [unshare, *flags, "--", "/bin/sh", "-c", init, "sandbox-init", str(tmp), *command]
+class SandboxError(Exception):
+    """A run's sandbox could not be started."""
+
+
+class RunSandboxes:
+    """One sandbox per run on this host, which the run's steps enter: starting one costs more
+    than a step (new namespaces, a mount), entering one a little (nsenter; see `make bench`).
+
+    The sandbox is held by a process of its own (`unshare`, whose child is PID 1 of the run's
+    PID namespace, in the run's mount namespace and, with no network, its network namespace).
+    Killing `unshare` kills PID 1 (--kill-child), and the kernel then kills everything left in
+    the namespace. `close` does that when the run ends, from any executor process of the host
+    (the holder's pid is kept in a directory only root reads)."""
+
+    def __init__(self, sandbox: Sandbox) -> None:
+        self.sandbox = sandbox
+        self._pid1: dict[Path, tuple[asyncio.subprocess.Process, int]] = {}
+        self._locks: dict[Path, asyncio.Lock] = {}
+
+    def prologue(self) -> str:
+        return prologue(self.sandbox.limits)
+
+    async def enter(self, private: Path, tmp: Path, workdir: Path, command: list[str]) -> list[str]:
+        """The argv that runs `command` in the run's sandbox (started when it has none yet)."""
+        lock = self._locks.setdefault(private, asyncio.Lock())
+        async with lock:
+            held = self._pid1.get(private)
+            if held is None or held[0].returncode is not None:
+                held = await self._start(private, tmp)
+                self._pid1[private] = held
+        nsenter = _tool("nsenter")
+        assert nsenter is not None
+        flags = ["--pid", "--mount"] + ([] if self.sandbox.network else ["--net"])
+        return [nsenter, f"--target={held[1]}", *flags, f"--wdns={workdir}", "--", *command]
+
+    async def close(self, private: Path) -> None:
+        """End the run's sandbox and everything still running in it."""
+        self._locks.pop(private, None)
+        held = self._pid1.pop(private, None)
+        if held is not None and held[0].returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                held[0].kill()
+            await held[0].wait()
+        await asyncio.to_thread(_kill_recorded, private)
+
+    async def _start(self, private: Path, tmp: Path) -> tuple[asyncio.subprocess.Process, int]:
+        await asyncio.to_thread(_kill_recorded, private)  # a holder left by an executor that died
+        unshare = _tool("unshare")
+        assert unshare is not None
+        flags = ["--pid", "--fork", "--kill-child", "--mount-proc", "--propagation=private"]
+        if not self.sandbox.network:
+            flags.append("--net")
+        init = holder_init(self.sandbox, private_tmp=not hides_itself(private))
+        proc = await asyncio.create_subprocess_exec(
+            unshare,
+            *flags,
+            "--",
+            "/bin/sh",
+            "-c",
+            init,
+            "pipelines-sandbox",
+            str(tmp),
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            env={"PATH": _TOOLS_PATH},
+            cwd="/",
+            start_new_session=True,  # not in the executor's process group: its signals are not the run's
+            close_fds=True,
+        )
+        assert proc.stdout is not None and proc.stderr is not None
+        try:
+            ready = await asyncio.wait_for(proc.stdout.readline(), 10)
+            if ready.strip() != b"ready":
+                problem = (await asyncio.wait_for(proc.stderr.read(), 5)).decode(errors="replace").strip()
+                raise SandboxError(f"the run's sandbox did not start: {problem or 'no reason given'}")
+            pid1 = _child_of(proc.pid)
+        except BaseException:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()
+            raise
+        _record(private, proc.pid)
+        return proc, pid1
+
+
+def _child_of(pid: int) -> int:
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    if len(children) != 1:
+        raise SandboxError(f"the run's sandbox has {len(children)} init processes")
+    return int(children[0])
+
+
+def _record_path(private: Path) -> Path:
+    return private.parent / ".holders" / private.name
+
+
+def _record(private: Path, pid: int) -> None:
+    path = _record_path(private)
+    path.parent.mkdir(mode=0o700, exist_ok=True)
+    path.write_text(f"{pid}\n")
+
+
+def _kill_recorded(private: Path) -> None:
+    """Kill the holder recorded for this run, if that pid is still its holder (not reused)."""
+    path = _record_path(private)
+    try:
+        pid = int(path.read_text())
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except (OSError, ValueError):
+        path.unlink(missing_ok=True)
+        return
+    if b"pipelines-sandbox" in cmdline and str(private / "tmp").encode() in cmdline:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    path.unlink(missing_ok=True)
 
 
 def setpriv_argv(uid: int, gid: int) -> list[str] | None:

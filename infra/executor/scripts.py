@@ -38,10 +38,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 from infra.executor.sandbox import (
-    Sandbox,
+    RunSandboxes,
+    SandboxError,
     hides_itself,
     private_dir_of,
-    sandboxed_argv,
     setpriv_argv,
     unavailable,
     warn_unsandboxed,
@@ -262,52 +262,58 @@ class ScriptRun:
         timeout: float | None,
         on_line: OnLine,
         user: str | int | None = None,
-        sandbox: Sandbox | None = None,
+        sandbox: RunSandboxes | None = None,
     ) -> ScriptOutcome:
         """Run `command`; as `user` (a name or uid) when given and not ourselves, which needs root;
-        in `sandbox` when given and this host can (see infra.executor.sandbox)."""
+        in the run's sandbox when given and this host can (see infra.executor.sandbox)."""
+        why_not = None if sandbox is None else unavailable()
+        if why_not is not None:
+            warn_unsandboxed(why_not)
+            sandbox = None
         try:
             as_user = resolve_user(user)
             prepare_workdir(workdir, as_user)
             private = private_dir_of(workdir.absolute())
-            tmp = prepare_private(private, as_user)
-            script = write_script(private, command, as_user)
+            prepare_private(private, as_user)
+            script = write_script(private, (sandbox.prologue() if sandbox else "") + command, as_user)
         except (ScriptUserError, OSError) as exc:
             self._finished = True
             return ScriptOutcome(exit_code=None, error=f"could not prepare the script's user or directory: {exc}")
         try:
-            return await self._spawn(script, tmp, as_user, workdir, env, timeout, on_line, sandbox)
+            return await self._spawn(script, private, as_user, workdir, env, timeout, on_line, sandbox)
         finally:
             script.unlink(missing_ok=True)
 
     async def _spawn(
         self,
         script: Path,
-        tmp: Path,
+        private: Path,
         as_user: ScriptUser | None,
         workdir: Path,
         env: Mapping[str, str],
         timeout: float | None,
         on_line: OnLine,
-        sandbox: Sandbox | None,
+        sandbox: RunSandboxes | None,
     ) -> ScriptOutcome:
-        argv: list[str] = ["/bin/sh", str(script)]
+        # Relative to the working directory, which the spawn enters as root: the script's user then
+        # needs no right on the directories above the work root (a test's /tmp/pytest-of-root).
+        argv: list[str] = ["/bin/sh", os.path.relpath(script, workdir.absolute())]
         switch: dict[str, Any] = {}
-        why_not = None if sandbox is None else unavailable()
-        if why_not is not None:
-            warn_unsandboxed(why_not)
         drop = setpriv_argv(as_user.uid, as_user.gid) if as_user is not None else []
-        sandboxed = sandbox is not None and why_not is None
-        if sandbox is not None and sandboxed:
-            argv = sandboxed_argv(sandbox, tmp, [*(drop or []), *argv])
+        if sandbox is not None:
+            try:
+                argv = await sandbox.enter(private, private / "tmp", workdir, [*(drop or []), *argv])
+            except (SandboxError, OSError, TimeoutError) as exc:
+                self._finished = True
+                return ScriptOutcome(exit_code=None, error=f"could not start the run's sandbox: {exc}")
         elif drop is not None:
             argv = [*drop, *argv]
         elif as_user is not None:
             # another user: its uid and primary group, none of our supplementary groups
             switch = {"user": as_user.uid, "group": as_user.gid, "extra_groups": []}
-        if not sandboxed or hides_itself(tmp.parent):
+        if sandbox is None or hides_itself(private):
             # No private /tmp: a temporary directory of the run's own all the same.
-            env = {**env, "TMPDIR": str(tmp)}
+            env = {**env, "TMPDIR": str(private / "tmp")}
         try:
             proc = await asyncio.create_subprocess_exec(
                 *argv,

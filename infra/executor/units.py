@@ -26,7 +26,7 @@ from infra.executor.background import Background
 from infra.executor.leasing import UnitLeases
 from infra.executor.plugins import plugin_command
 from infra.executor.runlog import ClosingLogs, RunLog
-from infra.executor.sandbox import Limits, Sandbox, others_can_run_python, private_dir_of
+from infra.executor.sandbox import Limits, RunSandboxes, Sandbox, others_can_run_python, private_dir_of
 from infra.executor.scripts import ScriptOutcome, ScriptRun, clean_env
 from infra.executor.uids import NoFreeUid, ScriptUids
 from infra.secrets import SecretStore, SecretsUnavailable
@@ -65,14 +65,16 @@ class UnitRunner:
         self.uids = ScriptUids(self.workdir / ".uids", *settings.script_uids) if settings.script_uids else None
         # The uids this process claimed for runs it drives (until they end).
         self._run_uids: dict[str, int] = {}
-        self.sandbox = sandbox_of(settings)
+        self.sandbox = RunSandboxes(sandbox_of(settings))
 
     async def run_ended(self, state: rn.RunState) -> None:
         """Free what an ended run held here: its working directory (shared by its attempts and
         stages until it ends), its scripts' uid, its secrets."""
         run_id = state.run_id
         await asyncio.to_thread(shutil.rmtree, self.workdir / run_id, True)
-        await asyncio.to_thread(shutil.rmtree, private_dir_of(self.workdir.absolute() / run_id), True)
+        private = private_dir_of(self.workdir.absolute() / run_id)
+        await self.sandbox.close(private)
+        await asyncio.to_thread(shutil.rmtree, private, True)
         if self.uids is not None:
             self._run_uids.pop(run_id, None)
             await asyncio.to_thread(self.uids.release, run_id)

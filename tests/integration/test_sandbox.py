@@ -19,7 +19,7 @@ from urllib.parse import urlparse
 import pytest
 import pytest_asyncio
 
-from infra.executor.sandbox import unavailable
+from infra.executor.sandbox import RunSandboxes, unavailable
 from tests.integration.system import System, eventually, make_settings, running_system
 from tests.integration.test_deploy_notify import component, deploy_stage, environment
 
@@ -139,11 +139,12 @@ async def test_another_runs_script_sees_none_of_a_running_scripts_processes_nor_
     out = output(done)
     assert done["status"] == "succeeded", out
     processes, _, count = out.split("---")
-    assert "sleep" not in out and held not in out
+    assert "sleep 30" not in out and held not in out
     assert secret not in str(done)
     # ps, the script's shell and PID 1 of its sandbox (and the subshells of this very line).
-    # PID 1 of its sandbox, its shell, ps (a header line) / the shell's subshells and ls.
-    assert processes.strip().count("\n") <= 3 and int(count.strip()) <= 6, out
+    # PID 1 of its run's sandbox and its `sleep 3600`, the script's shell, ps (below a header
+    # line); then the shell's subshells and ls.
+    assert processes.strip().count("\n") <= 4 and int(count.strip()) <= 7, out
     stopped = await system.client.post(
         f"/api/v1/pipelines/{victim['id']}/runs/{held}/stop", json={"reason": "done"}, headers=system.headers("admin")
     )
@@ -224,7 +225,8 @@ async def test_without_network_a_script_cannot_reach_the_hosts_services(system: 
     assert "connected" in output(online), output(online)  # by default scripts keep the network
     # PIPELINES_SCRIPT_NETWORK=none on this executor (one stack at a time: they share the broker).
     units = system.executor.units
-    default, units.sandbox = units.sandbox, dataclasses.replace(units.sandbox, network=False)
+    default = units.sandbox
+    units.sandbox = RunSandboxes(dataclasses.replace(default.sandbox, network=False))
     try:
         cut = await run_to_end(system, script(_connect(port) + "; tail -n +3 /proc/net/dev | cut -d: -f1"))
     finally:
