@@ -97,16 +97,23 @@ def hides_itself(private: Path) -> bool:
     return hidden
 
 
-def holder_init(sandbox: Sandbox, private_tmp: bool) -> str:
-    """What PID 1 of a run's namespaces runs, as root: mount `$1` on /tmp, say it is ready, then
-    reap the orphans the run's steps leave (a zombie still counts against the run's process
-    limit) until it is killed. It ignores signals it has no handler for, as PID 1 does."""
+def holder_init(sandbox: Sandbox) -> str:
+    """What PID 1 of a run's namespaces runs, as root. Started ahead of need, it waits for its
+    run: a line with the directory to mount on /tmp (`-`: none), then says it is ready and reaps
+    the orphans the run's steps leave (a zombie still counts against the process limit) until it
+    is killed; as PID 1 it ignores signals it has no handler for. If the executor dies before
+    giving it a run, the line never comes (end of file) and it exits."""
     lines = ["set -e"]
-    if private_tmp:
-        lines.append(f'{_tool("mount")} --bind "$1" /tmp')
     if not sandbox.network and _tool("ip") is not None:
         lines.append(f"{_tool('ip')} link set lo up")
-    lines += ["echo ready", "exec >/dev/null 2>&1 </dev/null", "set +e", "while :; do sleep 3600 & wait; done"]
+    lines += [
+        "read -r tmp",
+        f'[ "$tmp" = - ] || {_tool("mount")} --bind "$tmp" /tmp',
+        "echo ready",
+        "exec >/dev/null 2>&1 </dev/null",
+        "set +e",
+        "while :; do sleep 3600 & wait; done",
+    ]
     return "\n".join(lines)
 
 
@@ -128,6 +135,8 @@ class RunSandboxes:
         self.sandbox = sandbox
         self._pid1: dict[Path, tuple[asyncio.subprocess.Process, int]] = {}
         self._locks: dict[Path, asyncio.Lock] = {}
+        # A holder started ahead of need, so that a run's first step does not wait for one.
+        self._spare: asyncio.Task[asyncio.subprocess.Process] | None = None
 
     def prologue(self) -> str:
         return prologue(self.sandbox.limits)
@@ -155,24 +164,21 @@ class RunSandboxes:
             await held[0].wait()
         await asyncio.to_thread(_kill_recorded, private)
 
-    async def _start(self, private: Path, tmp: Path) -> tuple[asyncio.subprocess.Process, int]:
-        await asyncio.to_thread(_kill_recorded, private)  # a holder left by an executor that died
+    async def _holder(self) -> asyncio.subprocess.Process:
         unshare = _tool("unshare")
         assert unshare is not None
         flags = ["--pid", "--fork", "--kill-child", "--mount-proc", "--propagation=private"]
         if not self.sandbox.network:
             flags.append("--net")
-        init = holder_init(self.sandbox, private_tmp=not hides_itself(private))
-        proc = await asyncio.create_subprocess_exec(
+        return await asyncio.create_subprocess_exec(
             unshare,
             *flags,
             "--",
             "/bin/sh",
             "-c",
-            init,
+            holder_init(self.sandbox),
             "pipelines-sandbox",
-            str(tmp),
-            stdin=asyncio.subprocess.DEVNULL,
+            stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
             env={"PATH": _TOOLS_PATH},
@@ -180,8 +186,24 @@ class RunSandboxes:
             start_new_session=True,  # not in the executor's process group: its signals are not the run's
             close_fds=True,
         )
-        assert proc.stdout is not None and proc.stderr is not None
+
+    async def _take_spare(self) -> asyncio.subprocess.Process:
+        spare, self._spare = self._spare, asyncio.create_task(self._holder())
+        if spare is not None:
+            with contextlib.suppress(OSError):
+                proc = await spare
+                if proc.returncode is None:
+                    return proc
+        return await self._holder()
+
+    async def _start(self, private: Path, tmp: Path) -> tuple[asyncio.subprocess.Process, int]:
+        _kill_recorded(private)  # a holder left by an executor that died (a stat when there is none)
+        proc = await self._take_spare()
+        assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
         try:
+            proc.stdin.write(b"-\n" if hides_itself(private) else f"{tmp}\n".encode())
+            await proc.stdin.drain()
+            proc.stdin.close()
             ready = await asyncio.wait_for(proc.stdout.readline(), 10)
             if ready.strip() != b"ready":
                 problem = (await asyncio.wait_for(proc.stderr.read(), 5)).decode(errors="replace").strip()
@@ -207,24 +229,26 @@ def _record_path(private: Path) -> Path:
     return private.parent / ".holders" / private.name
 
 
+def _started(pid: int) -> str:
+    """The process's start time (clock ticks after boot): with the pid, names it (pids are reused)."""
+    return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[19]
+
+
 def _record(private: Path, pid: int) -> None:
     path = _record_path(private)
     path.parent.mkdir(mode=0o700, exist_ok=True)
-    path.write_text(f"{pid}\n")
+    path.write_text(f"{pid} {_started(pid)}\n")
 
 
 def _kill_recorded(private: Path) -> None:
     """Kill the holder recorded for this run, if that pid is still its holder (not reused)."""
     path = _record_path(private)
     try:
-        pid = int(path.read_text())
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        pid, started = path.read_text().split()
+        if _started(int(pid)) == started:
+            os.kill(int(pid), signal.SIGKILL)
     except (OSError, ValueError):
-        path.unlink(missing_ok=True)
-        return
-    if b"pipelines-sandbox" in cmdline and str(private / "tmp").encode() in cmdline:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
+        pass
     path.unlink(missing_ok=True)
 
 
