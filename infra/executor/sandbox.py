@@ -149,6 +149,10 @@ class RunSandboxes:
             if held is None or held[0].returncode is not None:
                 held = await self._start(private, tmp)
                 self._pid1[private] = held
+                if len(self._pid1) > 1000:  # runs that ended on another executor, which killed their holder
+                    for key in [k for k, (proc, _) in self._pid1.items() if proc.returncode is not None]:
+                        del self._pid1[key]
+                        self._locks.pop(key, None)
         nsenter = _tool("nsenter")
         assert nsenter is not None
         flags = ["--pid", "--mount"] + ([] if self.sandbox.network else ["--net"])
