@@ -1,7 +1,8 @@
 """What the script sandbox costs a stage: runs of one stage of three short steps through the
 executor's own script runner, without the sandbox (as before it existed: the run's uid through
-setpriv) and with it (the run's sandbox started at its first step, entered by each, ended with the
-run; also with no network), interleaved so that each variant sees the same load."""
+setpriv) and with it (the run's sandbox taken at its first step, entered by each; also with no
+network), interleaved so that each variant sees the same load. Ending the run's sandbox happens
+when the run has ended, outside the figures."""
 
 from __future__ import annotations
 
@@ -30,8 +31,6 @@ async def _stage(workdir: Path, sandbox: RunSandboxes | None, user: int | None) 
         )
         if not outcome.succeeded:
             raise RuntimeError(f"{command!r} failed: {outcome}")
-    if sandbox is not None:  # the run ends: so does its sandbox
-        await sandbox.close(private_dir_of(workdir))
 
 
 async def stage_cost(*, runs: int, warmup: int) -> dict[str, Any]:
@@ -56,7 +55,12 @@ async def stage_cost(*, runs: int, warmup: int) -> dict[str, Any]:
                 await _stage(root / f"{name}-{i}", sandbox, user)
                 if i >= warmup:
                     samples[name].append(time.perf_counter() - began)
+                if sandbox is not None:  # the run ends (after its last stage: not a stage's cost)
+                    await sandbox.close(private_dir_of(root / f"{name}-{i}"))
     finally:
+        for sandbox in variants.values():
+            if sandbox is not None:
+                await sandbox.aclose()
         await asyncio.to_thread(shutil.rmtree, root, True)
     out: dict[str, Any] = {"steps_per_stage": len(STEPS), "as_uid": user, "sandbox": why_not or "available"}
     for name, values in samples.items():

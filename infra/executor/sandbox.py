@@ -168,6 +168,16 @@ class RunSandboxes:
             await held[0].wait()
         await asyncio.to_thread(_kill_recorded, private)
 
+    async def aclose(self) -> None:
+        """End the spare holder (the runs' own end with the runs)."""
+        spare, self._spare = self._spare, None
+        if spare is not None:
+            with contextlib.suppress(OSError):
+                proc = await spare
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                await proc.wait()
+
     async def _holder(self) -> asyncio.subprocess.Process:
         unshare = _tool("unshare")
         assert unshare is not None
