@@ -27,11 +27,12 @@ from pathlib import Path
 from typing import Any
 
 from bench import database, env, projection, system
+from bench import sandbox as sandbox_cost
 from bench.stats import median, ratio
 from infra.store.migrate import migrate
 
 RESULTS = env.ROOT / "bench" / "results"
-WORKLOADS = ("spawn", "dbos", "e2e", "insert", "store", "logs", "fanout", "memory", "projection")
+WORKLOADS = ("spawn", "sandbox", "dbos", "e2e", "insert", "store", "logs", "fanout", "memory", "projection")
 
 
 @dataclass(frozen=True)
@@ -249,6 +250,7 @@ def run_suite(args: argparse.Namespace) -> dict[str, Any]:
 def _main_stack_rep(run: Run, rep: dict[str, Any], sysm: system.System, dbs: dict[str, str]) -> None:
     s = run.sizes
     run.record(rep, "spawn", lambda: _peer("spawn", s))
+    run.record(rep, "sandbox", lambda: asyncio.run(sandbox_cost.stage_cost(runs=s.latency_runs, warmup=s.warmup)))
     if dbos_available():
         run.record(rep, "dbos", lambda: _peer("dbos", s, dbs["dbos"]))
     elif run.wanted("dbos"):
@@ -395,6 +397,15 @@ def medians(reps: list[dict[str, Any]], sizes: Sizes) -> dict[str, Any]:
         "e2e": runs("e2e") | {"failed_runs": _med(reps, "e2e", "failed_runs")},
         "dbos": runs("dbos"),
         "spawn_floor": runs("spawn"),
+        "sandbox": {
+            "steps_per_stage": len(sandbox_cost.STEPS),
+            **{
+                f"{variant}_{p}_ms": _med(reps, "sandbox", variant, f"{p}_ms")
+                for variant in ("unsandboxed", "sandboxed", "sandboxed_no_network")
+                for p in ("p50", "p99")
+            },
+            "extra_per_stage_p50_ms": _med(reps, "sandbox", "extra_per_stage_p50_ms"),
+        },
         "insert_floor": insert,
         "event_store": store,
         "projection": {
@@ -604,6 +615,14 @@ def table(result: dict[str, Any]) -> str:
     lines.append(f"| Executor RSS, {mem['waiting_runs']} runs waiting (MB) | {_fmt(mem['rss_waiting_mb'])} | | | | |")
     lines.append(
         f"| Executor RSS peak, script printing {mem['output_mb']} MB (MB) | {_fmt(mem['rss_output_peak_mb'])} | | | | |"
+    )
+    sb = m["sandbox"]
+    lines.append(
+        f"| Stage of {sb['steps_per_stage']} short steps, p50 / p99 (ms), floor: unsandboxed (no network: "
+        f"{_fmt(sb['sandboxed_no_network_p50_ms'])} / {_fmt(sb['sandboxed_no_network_p99_ms'])}) | "
+        f"{_fmt(sb['sandboxed_p50_ms'])} / {_fmt(sb['sandboxed_p99_ms'])} | | "
+        f"{_fmt(sb['unsandboxed_p50_ms'])} / {_fmt(sb['unsandboxed_p99_ms'])} | | "
+        f"{_fmt(ratio(sb['sandboxed_p50_ms'], sb['unsandboxed_p50_ms']), 2)} |"
     )
     lines += ["", "| target | value | limit | met | margin |", "|---|---:|---:|:-:|---:|"]
     for t in result["targets"]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -123,6 +124,29 @@ def parse_path_list(raw: str) -> tuple[Path, ...]:
         if not path.is_absolute():
             raise ValueError(f"PIPELINES_GIT_ALLOW_LOCAL must list absolute directories, not {str(path)!r}")
     return paths
+_SIZE_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
+
+
+def parse_limit(env: dict[str, str], name: str, default: int | None, *, size: bool = False) -> int | None:
+    """A resource limit: a count, or with `size` bytes with an optional K, M, G or T suffix
+    (binary: 512M, 4G); `unlimited` (or 0) for none."""
+    raw = (env.get(name) or "").strip().lower()
+    if raw == "":
+        return default
+    if raw in ("unlimited", "0"):
+        return None
+    found = re.fullmatch(r"(\d+)([kmgt]?)(?:i?b)?" if size else r"(\d+)()", raw)
+    if found is None:
+        what = "a size in bytes (for example 512M or 4G)" if size else "a positive integer"
+        raise ValueError(f"{name} must be {what} or unlimited, not {env.get(name)!r}")
+    return int(found[1]) * _SIZE_UNITS[found[2]]
+
+
+def _network(env: dict[str, str]) -> bool:
+    raw = (env.get("PIPELINES_SCRIPT_NETWORK") or "host").strip().lower()
+    if raw not in ("host", "none"):
+        raise ValueError(f"PIPELINES_SCRIPT_NETWORK must be host or none, not {raw!r}")
+    return raw == "host"
 
 
 def default_script_user() -> str | None:
@@ -202,6 +226,13 @@ class Settings:
     # The user git runs as (PIPELINES_GIT_USER, default the script user): never the service's own
     # when it is root, so git cannot read the service's keys or data directory.
     git_user: str | None = field(default_factory=default_script_user)
+    # Resource limits of each script (None: none); see infra.executor.sandbox.Limits.
+    script_max_procs: int | None = 4096
+    script_max_open_files: int | None = 4096
+    script_max_file_size: int | None = 4 * 1024**3
+    script_max_memory: int | None = 8 * 1024**3
+    # Whether scripts reach the network (PIPELINES_SCRIPT_NETWORK=host, the default) or not (none).
+    script_network: bool = True
     # Where scripts get their working directories (PIPELINES_WORK_DIR); default <data_dir>/work.
     work_dir: Path | None = None
     # Notification deliveries (notify stages): attempts in all, seconds before the second attempt
@@ -314,6 +345,11 @@ class Settings:
             else default_script_uids(),
             git_allow_local=parse_path_list(e.get("PIPELINES_GIT_ALLOW_LOCAL", "")),
             git_user=e.get("PIPELINES_GIT_USER") or e.get("PIPELINES_SCRIPT_USER") or default_script_user(),
+            script_max_procs=parse_limit(e, "PIPELINES_SCRIPT_MAX_PROCS", 4096),
+            script_max_open_files=parse_limit(e, "PIPELINES_SCRIPT_MAX_OPEN_FILES", 4096),
+            script_max_file_size=parse_limit(e, "PIPELINES_SCRIPT_MAX_FILE_SIZE", 4 * 1024**3, size=True),
+            script_max_memory=parse_limit(e, "PIPELINES_SCRIPT_MAX_MEMORY", 8 * 1024**3, size=True),
+            script_network=_network(e),
             work_dir=Path(e["PIPELINES_WORK_DIR"]) if e.get("PIPELINES_WORK_DIR") else None,
             notify_max_attempts=_int(e, "PIPELINES_NOTIFY_MAX_ATTEMPTS", 4),
             notify_backoff=_float(e, "PIPELINES_NOTIFY_BACKOFF", 1.0),

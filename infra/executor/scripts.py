@@ -11,7 +11,12 @@ also its HOME, is made its own (0700); the work root above it is 0711 (others ma
 to a directory they know, not list it), and every directory above that must let the user pass:
 o+x is added, with a warning, where it is missing (as for the embedded PostgreSQL's user). The
 script gets no supplementary groups. Scripts of different runs share that one user, so they are
-not isolated from each other.
+not isolated from each other, unless each run gets a uid of its own (infra.executor.uids).
+
+The script text is written to a file only the script's user can read, in the run's private
+directory, and run as `sh <file>`: what it holds (a secret interpolated into a step's `run`) is
+never on a command line. When the executor is root, each script runs in the sandbox of
+infra.executor.sandbox (its own PID namespace, a private /tmp, resource limits).
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import functools
 import logging
 import os
 import pwd
-import shutil
+import secrets
 import signal
 import stat
 import subprocess
@@ -31,6 +36,16 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
+
+from infra.executor.sandbox import (
+    RunSandboxes,
+    SandboxError,
+    hides_itself,
+    private_dir_of,
+    setpriv_argv,
+    unavailable,
+    warn_unsandboxed,
+)
 
 log = logging.getLogger("pipelines.script")
 
@@ -52,11 +67,6 @@ class ScriptOutcome:
     @property
     def succeeded(self) -> bool:
         return self.exit_code == 0 and not self.timed_out and not self.killed and self.error is None
-
-
-@functools.cache
-def _setpriv() -> str | None:
-    return shutil.which("setpriv", path="/usr/bin:/bin:/usr/sbin:/sbin")
 
 
 def clean_env(workdir: Path, values: Mapping[str, str]) -> dict[str, str]:
@@ -145,6 +155,46 @@ def prepare_workdir(workdir: Path, user: ScriptUser | None) -> None:
     os.chmod(workdir, 0o700)
 
 
+def _owned(st: os.stat_result, user: ScriptUser | None) -> bool:
+    uid = os.geteuid() if user is None else user.uid
+    return stat.S_ISDIR(st.st_mode) and st.st_uid == uid and stat.S_IMODE(st.st_mode) == 0o700
+
+
+def prepare_private(private: Path, user: ScriptUser | None) -> Path:
+    """The run's private directory and its /tmp (both 0700, the script user's), under a root of
+    mode 0711; returns the directory mounted on /tmp."""
+    tmp = private / "tmp"
+    try:
+        if _owned(private.stat(), user) and _owned(tmp.stat(), user):
+            return tmp  # prepared by an earlier step of the run
+    except FileNotFoundError:
+        pass
+    root = private.parent
+    root.mkdir(mode=0o711, parents=True, exist_ok=True)
+    if stat.S_IMODE(root.stat().st_mode) != 0o711:
+        os.chmod(root, 0o711)
+    for directory in (private, tmp):
+        directory.mkdir(mode=0o700, exist_ok=True)
+        if user is not None:
+            os.chown(directory, user.uid, user.gid, follow_symlinks=False)
+        os.chmod(directory, 0o700, follow_symlinks=False)
+    return tmp
+
+
+def write_script(private: Path, text: str, user: ScriptUser | None) -> Path:
+    """The script in a file of its own (mode 0400, the script user's): what it holds is never on
+    a command line. A fresh random name, created exclusively, never through a link."""
+    path = private / f"step-{secrets.token_hex(8)}.sh"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o400)
+    try:
+        os.write(fd, text.encode())
+        if user is not None:
+            os.fchown(fd, user.uid, user.gid)
+    finally:
+        os.close(fd)
+    return path
+
+
 def watch_children_with_pidfds() -> bool:
     """Have asyncio learn of a script's exit from a pidfd on the event loop (Python 3.11).
 
@@ -212,34 +262,58 @@ class ScriptRun:
         timeout: float | None,
         on_line: OnLine,
         user: str | int | None = None,
+        sandbox: RunSandboxes | None = None,
     ) -> ScriptOutcome:
-        """Run `command`; as `user` (a name or uid) when given and not ourselves, which needs root."""
+        """Run `command`; as `user` (a name or uid) when given and not ourselves, which needs root;
+        in the run's sandbox when given and this host can (see infra.executor.sandbox)."""
+        why_not = None if sandbox is None else unavailable()
+        if why_not is not None:
+            warn_unsandboxed(why_not)
+            sandbox = None
         try:
             as_user = resolve_user(user)
             prepare_workdir(workdir, as_user)
+            private = private_dir_of(workdir.absolute())
+            prepare_private(private, as_user)
+            script = write_script(private, (sandbox.prologue() if sandbox else "") + command, as_user)
         except (ScriptUserError, OSError) as exc:
             self._finished = True
             return ScriptOutcome(exit_code=None, error=f"could not prepare the script's user or directory: {exc}")
-        argv: list[str] = ["/bin/sh", "-c", command]
+        try:
+            return await self._spawn(script, private, as_user, workdir, env, timeout, on_line, sandbox)
+        finally:
+            script.unlink(missing_ok=True)
+
+    async def _spawn(
+        self,
+        script: Path,
+        private: Path,
+        as_user: ScriptUser | None,
+        workdir: Path,
+        env: Mapping[str, str],
+        timeout: float | None,
+        on_line: OnLine,
+        sandbox: RunSandboxes | None,
+    ) -> ScriptOutcome:
+        # Relative to the working directory, which the spawn enters as root: the script's user then
+        # needs no right on the directories above the work root (a test's /tmp/pytest-of-root).
+        argv: list[str] = ["/bin/sh", os.path.relpath(script, workdir.absolute())]
         switch: dict[str, Any] = {}
-        if as_user is not None:
-            setpriv = _setpriv()
-            if setpriv is not None:
-                # setpriv drops to the user (no supplementary groups, no capabilities) after the
-                # spawn, so Python can spawn without a full fork(): about 3x cheaper per script.
-                argv = [
-                    setpriv,
-                    f"--reuid={as_user.uid}",
-                    f"--regid={as_user.gid}",
-                    "--clear-groups",
-                    "--inh-caps=-all",
-                    "--bounding-set=-all",
-                    "--",
-                    *argv,
-                ]
-            else:
-                # another user: its uid and primary group, none of our supplementary groups
-                switch = {"user": as_user.uid, "group": as_user.gid, "extra_groups": []}
+        drop = setpriv_argv(as_user.uid, as_user.gid) if as_user is not None else []
+        if sandbox is not None:
+            try:
+                argv = await sandbox.enter(private, private / "tmp", workdir, [*(drop or []), *argv])
+            except (SandboxError, OSError, TimeoutError) as exc:
+                self._finished = True
+                return ScriptOutcome(exit_code=None, error=f"could not start the run's sandbox: {exc}")
+        elif drop is not None:
+            argv = [*drop, *argv]
+        elif as_user is not None:
+            # another user: its uid and primary group, none of our supplementary groups
+            switch = {"user": as_user.uid, "group": as_user.gid, "extra_groups": []}
+        if sandbox is None or hides_itself(private):
+            # No private /tmp: a temporary directory of the run's own all the same.
+            env = {**env, "TMPDIR": str(private / "tmp")}
         try:
             proc = await asyncio.create_subprocess_exec(
                 *argv,

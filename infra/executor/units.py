@@ -26,6 +26,7 @@ from infra.executor.background import Background
 from infra.executor.leasing import UnitLeases
 from infra.executor.plugins import plugin_command
 from infra.executor.runlog import ClosingLogs, RunLog
+from infra.executor.sandbox import Limits, RunSandboxes, Sandbox, others_can_run_python, private_dir_of
 from infra.executor.scripts import ScriptOutcome, ScriptRun, clean_env
 from infra.executor.uids import NoFreeUid, ScriptUids
 from infra.secrets import SecretStore
@@ -65,12 +66,16 @@ class UnitRunner:
         self.uids = ScriptUids(self.workdir / ".uids", *settings.script_uids) if settings.script_uids else None
         # The uids this process claimed for runs it drives (until they end).
         self._run_uids: dict[str, int] = {}
+        self.sandbox = RunSandboxes(sandbox_of(settings))
 
     async def run_ended(self, state: rn.RunState) -> None:
         """Free what an ended run held here: its working directory (shared by its attempts and
         stages until it ends), its scripts' uid, its secrets."""
         run_id = state.run_id
         await asyncio.to_thread(shutil.rmtree, self.workdir / run_id, True)
+        private = private_dir_of(self.workdir.absolute() / run_id)
+        await self.sandbox.close(private)
+        await asyncio.to_thread(shutil.rmtree, private, True)
         if self.uids is not None:
             self._run_uids.pop(run_id, None)
             await asyncio.to_thread(self.uids.release, run_id)
@@ -272,8 +277,9 @@ class UnitRunner:
         if driver is not None:
             if driver.stop_requested:
                 return ScriptOutcome(exit_code=None, killed=True)
-        # Plugins are the admin's installed code: they run in their own process with a clean
-        # environment, as the service's user (they need its Python).
+        # Plugins are the admin's installed code, run by the service's Python: as the run's user
+        # when that user can run it, else as the service's user (in the sandbox all the same).
+        as_service = as_service and not others_can_run_python()
         user: str | int | None = None if as_service else self.settings.script_user
         identity: dict[str, str] = {}
         if self.uids is not None and not as_service:
@@ -312,6 +318,7 @@ class UnitRunner:
                 timeout=timeout,
                 on_line=line,
                 user=user,
+                sandbox=self.sandbox,
             )
         finally:
             if driver is not None:
@@ -365,6 +372,16 @@ def describe(outcome: ScriptOutcome, timeout: float) -> str:
     if outcome.timed_out:
         return f"timed out after {timeout:g} s; the process group was killed"
     return f"exit code {outcome.exit_code}"
+
+
+def sandbox_of(settings: Settings) -> Sandbox:
+    limits = Limits(
+        procs=settings.script_max_procs,
+        open_files=settings.script_max_open_files,
+        file_size=settings.script_max_file_size,
+        memory=settings.script_max_memory,
+    )
+    return Sandbox(limits=limits, network=settings.script_network)
 
 
 def workdir_of(settings: Settings, run_id: str) -> Path:

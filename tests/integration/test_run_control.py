@@ -54,12 +54,14 @@ async def test_pause_lets_the_running_stage_finish_and_resume_continues(system: 
 async def test_stop_kills_the_whole_process_group_within_two_seconds(system: System, tmp_path: Path) -> None:
     tmp_path.chmod(0o777)  # scripts run as an unprivileged user (PIPELINES_SCRIPT_USER)
     pidfile = tmp_path / "child.pid"
-    command = f"(sleep 60 & echo $! > {pidfile}; wait) ; echo never"
+    # The child is found by its command line: its pid is one of the script's PID namespace.
+    marker = f"60.{time.time_ns() % 10**9}"
+    command = f"(sleep {marker} & echo $! > {pidfile}; wait) ; echo never"
     p = await system.create_pipeline([script("long", command), script("after", "echo after")])
     run = await system.trigger(p["id"])
     await system.wait_run(p["id"], run["id"], lambda r: r["stageResults"][0]["status"] == "running")
     await eventually(lambda: _exists(pidfile), what="the script's child pid")
-    child = int(pidfile.read_text())
+    assert _running(f"sleep\0{marker}\0")
     started = time.monotonic()
     r = await system.client.post(
         f"/api/v1/pipelines/{p['id']}/runs/{run['id']}/stop",
@@ -71,7 +73,7 @@ async def test_stop_kills_the_whole_process_group_within_two_seconds(system: Sys
         p["id"], run["id"], lambda x: x["stageResults"][0]["status"] not in ("running", "pending"), timeout=5
     )
     assert time.monotonic() - started < 2.0
-    assert not _alive(child), "the script's child survived the stop"
+    assert not _running(f"sleep\0{marker}\0"), "the script's child survived the stop"
     assert done["status"] == "cancelled" and done["statusReason"] == "runaway"
     assert done["stageResults"][0]["status"] == "cancelled" and "never" not in done["logs"]
     assert done["stageResults"][1]["status"] == "skipped"
@@ -79,6 +81,17 @@ async def test_stop_kills_the_whole_process_group_within_two_seconds(system: Sys
 
 async def _exists(path: Path) -> bool:
     return path.exists() and path.read_text().strip() != ""
+
+
+def _running(cmdline: str) -> bool:
+    """Whether a live process (not a zombie) of the host has this command line."""
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and (proc / "cmdline").read_bytes() == cmdline.encode() and _alive(int(proc.name)):
+                return True
+        except OSError:
+            pass
+    return False
 
 
 def _alive(pid: int) -> bool:
