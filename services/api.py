@@ -28,7 +28,12 @@ class _Server(uvicorn.Server):
 def main() -> None:
     setup_logging("api")
     settings = Settings.from_env()
-    app = create_app(lambda: build_api(settings))
+    app = create_app(
+        lambda: build_api(settings),
+        cors_origins=settings.cors_origins,
+        max_body_bytes=settings.max_body_bytes,
+        max_json_depth=settings.max_json_depth,
+    )
     config = uvicorn.Config(
         app,
         host=settings.api_host,

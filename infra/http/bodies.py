@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import msgspec
 
@@ -66,3 +66,33 @@ class PatchPipelineBody(msgspec.Struct, kw_only=True):
     repoUrl: str | None = None
     defaultBranch: str | None = None
     pipelineFilePath: str | None = None
+
+
+class CommandDeployer(msgspec.Struct, kw_only=True, tag_field="type", tag="command"):
+    command: str
+
+
+class WebhookDeployer(msgspec.Struct, kw_only=True, tag_field="type", tag="webhook"):
+    url: str
+    secret: str | None = None
+
+
+class EnvironmentBody(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    name: Annotated[str, msgspec.Meta(min_length=1, max_length=100)]
+    description: Annotated[str, msgspec.Meta(max_length=2000)] | None = None
+    deployer: CommandDeployer | WebhookDeployer
+
+
+class ComponentBody(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    name: Annotated[str, msgspec.Meta(min_length=1, max_length=100)]
+    description: Annotated[str, msgspec.Meta(max_length=2000)] | None = None
+    # Deploy stages that name the component only deploy it here.
+    defaultEnvironmentId: str | None = None
+
+
+class ChannelBody(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    name: Annotated[str, msgspec.Meta(min_length=1, max_length=100)]
+    description: Annotated[str, msgspec.Meta(max_length=2000)] | None = None
+    type: Literal["slack", "webhook"]
+    url: Annotated[str, msgspec.Meta(max_length=2000)]
+    secret: Annotated[str, msgspec.Meta(min_length=1, max_length=256)] | None = None

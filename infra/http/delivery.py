@@ -17,7 +17,7 @@ from infra.auth import Principal
 from infra.delivery.deliveries import Item, Kind, NameInUse, Registry
 from infra.delivery.outbound import OutboundPolicy, OutboundRefused, check_saved
 from infra.delivery.redaction import is_credential_url, shown_url
-from infra.http.deps import API, deps_of
+from infra.http.deps import API, MAX_PAGE, deps_of
 from infra.http.errors import error_response
 from infra.http.guards import admin, viewer
 from infra.http.keyed import idempotent
@@ -305,7 +305,7 @@ class DeploymentController(Controller):
     async def list_deployments(
         self,
         request: Request[Principal, Any, State],
-        page: Annotated[int, Parameter(ge=1)] = 1,
+        page: Annotated[int, Parameter(ge=1, le=MAX_PAGE)] = 1,
         limit: Annotated[int, Parameter(ge=1, le=100)] = 20,
         environmentId: FromQuery[str | None] = None,
         componentId: FromQuery[str | None] = None,

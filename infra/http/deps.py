@@ -21,6 +21,8 @@ from infra.http.queries import ReadModels
 from infra.secrets import SecretStore
 
 API = "/api/v1"
+# Pages past this are refused (400 naming `page`): the offset must fit PostgreSQL's bigint.
+MAX_PAGE = 1_000_000
 
 
 @dataclass

@@ -17,10 +17,16 @@ log = logging.getLogger("pipelines.api")
 _encoder = msgspec.json.Encoder()
 
 
-def error_response(status: int, message: str, errors: list[dict[str, str]] | None = None) -> Response[bytes]:
+def error_body(status: int, message: str, errors: list[dict[str, str]] | None = None) -> dict[str, Any]:
+    """The one error shape (ErrorBody in the OpenAPI document)."""
     body: dict[str, Any] = {"statusCode": status, "error": HTTPStatus(status).phrase, "message": message}
     if errors:
         body["errors"] = errors
+    return body
+
+
+def error_response(status: int, message: str, errors: list[dict[str, str]] | None = None) -> Response[bytes]:
+    body = error_body(status, message, errors)
     return Response(content=_encoder.encode(body), status_code=status, media_type="application/json")
 
 

@@ -32,6 +32,9 @@ def role(name: str) -> Guard:
     """A guard that lets through callers whose token grants `name` (403 otherwise)."""
 
     def guard(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
+        # OPTIONS (CORS preflights, allowed-methods probes) carries no token and reads nothing.
+        if connection.scope.get("method") == "OPTIONS":
+            return
         principal: Principal = connection.user
         if not principal.has(name):
             raise PermissionDeniedException(f"this action needs the {name} role")
