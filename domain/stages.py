@@ -74,11 +74,27 @@ class Stage(msgspec.Struct, frozen=True, kw_only=True):
     when: str | None = None
 
 
-def validate_stage_dicts(raw: object, path: str = "stages") -> dict[str, str]:
+class Limits(msgspec.Struct, frozen=True, kw_only=True):
+    """How big a pipeline's definition may be (PIPELINES_MAX_STAGES, _JOBS, _STEPS, _MATRIX,
+    _VARIABLES): a run of the largest one must still be cheap to decide and to stop."""
+
+    stages: int = 200
+    jobs: int = 200
+    steps: int = 200
+    matrix: int = 256
+    variables: int = 200
+
+
+DEFAULT_LIMITS = Limits()
+
+
+def validate_stage_dicts(raw: object, path: str = "stages", limits: Limits = DEFAULT_LIMITS) -> dict[str, str]:
     """Every problem in a client's list of stages, keyed by field path. Empty when valid."""
     errors: dict[str, str] = {}
     if not isinstance(raw, list):
         return {path: "must be an array of stages"}
+    if len(raw) > limits.stages:
+        return {path: f"has {len(raw)} stages; at most {limits.stages} (PIPELINES_MAX_STAGES)"}
     seen: set[str] = set()
     for i, item in enumerate(raw):
         p = f"{path}[{i}]"

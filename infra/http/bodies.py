@@ -8,7 +8,7 @@ import msgspec
 
 from domain.errors import Invalid
 from domain.pipeline import check_git_source
-from domain.stages import validate_stage_dicts
+from domain.stages import DEFAULT_LIMITS, Limits, validate_stage_dicts
 
 
 class CreatePipelineBody(msgspec.Struct, kw_only=True):
@@ -26,7 +26,7 @@ class CreatePipelineBody(msgspec.Struct, kw_only=True):
 _FIELDS = {"name", "description", "stages", "repoUrl", "defaultBranch", "pipelineFilePath"}
 
 
-def parse_pipeline_body(raw: bytes, *, partial: bool) -> dict[str, Any]:
+def parse_pipeline_body(raw: bytes, *, partial: bool, limits: Limits = DEFAULT_LIMITS) -> dict[str, Any]:
     """The body's fields, after checking all of them; raises Invalid listing every problem."""
     try:
         body = msgspec.json.decode(raw) if raw.strip() else {}
@@ -50,7 +50,7 @@ def parse_pipeline_body(raw: bytes, *, partial: bool) -> dict[str, Any]:
     if description is not None and (not isinstance(description, str) or len(description) > 2000):
         errors["description"] = "must be a string of at most 2000 characters, or null"
     if body.get("stages") is not None:
-        errors.update(validate_stage_dicts(body["stages"]))
+        errors.update(validate_stage_dicts(body["stages"], limits=limits))
     errors.update(check_git_source(body.get("repoUrl"), body.get("defaultBranch"), body.get("pipelineFilePath")))
     if errors:
         raise Invalid(errors)

@@ -54,7 +54,9 @@ def _check_variables(variables: dict[str, str] | None, field: str, *, max_entrie
     errors: dict[str, str] = {}
     variables = variables or {}
     if len(variables) > max_entries:
-        errors[field] = f"at most {max_entries} entries"
+        errors[field] = f"has {len(variables)} entries; at most {max_entries}" + (
+            " (PIPELINES_MAX_VARIABLES)" if field == "variables" else ""
+        )
     for name, value in variables.items():
         if not _VAR_NAME.match(name):
             errors[f"{field}.{name}"] = "names are letters, digits and underscores, not starting with a digit"
@@ -89,7 +91,7 @@ class RunController(Controller):
         principal = request.user
         raw = await request.body()
         body: TriggerBody = decode_json(raw, TriggerBody, optional=True)
-        variables = _check_variables(body.variables, "variables")
+        variables = _check_variables(body.variables, "variables", max_entries=deps.settings.max_variables)
         secrets = _check_variables(body.secrets, "secrets", max_entries=100)
         if clash := sorted(set(variables) & set(secrets)):
             raise Invalid({f"secrets.{name}": "is also a variable: a name is a variable or a secret" for name in clash})

@@ -12,12 +12,13 @@ from litestar.exceptions import NotFoundException
 from litestar.params import FromPath, Parameter
 
 from domain import pipeline as pl
-from domain.spec import validate_spec
+from domain.errors import Invalid
+from domain.spec import size_errors, validate_spec
 from infra.app.specs import check_save, installed_plugins
 from infra.auth import Principal
 from infra.git.repos import render_spec
 from infra.http.delivery import check_stage_refs
-from infra.http.deps import API, deps_of, load_visible_pipeline
+from infra.http.deps import API, deps_of, limits_of, load_visible_pipeline
 from infra.http.guards import member, viewer
 from infra.http.keyed import idempotent
 from infra.http.responses import decode_json, json_response
@@ -173,7 +174,8 @@ class SpecController(Controller):
     async def validate(self, request: Request[Principal, Any, State], pipeline_id: FromPath[str]) -> ValidationView:
         await load_visible_pipeline(request, pipeline_id)
         body: ValidateBody = decode_json(await request.body(), ValidateBody)
-        errors, warnings = validate_spec(body.spec, zone=ZoneInfo, plugins=installed_plugins())
+        limits = limits_of(deps_of(request).settings)
+        errors, warnings = validate_spec(body.spec, zone=ZoneInfo, plugins=installed_plugins(), limits=limits)
         return ValidationView(
             valid=not errors,
             errors=[SpecIssue(path=e.path, message=e.message) for e in errors],
@@ -187,6 +189,8 @@ class SpecController(Controller):
         principal = request.user
         body: SaveBody = decode_json(await request.body(), SaveBody)
         state = await load_visible_pipeline(request, pipeline_id)
+        if sized := size_errors(body.spec, limits_of(deps.settings)):
+            raise Invalid({f"spec.{e.path}": e.message for e in sized})
         check_save(state, body.spec, body.save_mode, body.expected_head_commit_sha)
         await check_stage_refs(request, body.spec.get("stages"), "spec.stages")
         spec: dict[str, Any] = body.spec

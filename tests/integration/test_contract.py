@@ -160,3 +160,35 @@ async def test_a_body_over_the_size_limit_is_a_413(system: System) -> None:
         r = await client.post("/api/v1/pipelines", json={"name": "x" * 2000}, headers=system.headers("member"))
         assert r.status_code == 413, r.text
         assert r.json()["statusCode"] == 413
+
+
+async def test_definitions_over_the_size_limits_are_a_400_naming_the_limit(system: System) -> None:
+    member = system.headers("member")
+    many = [{"id": f"s{i}", "name": "S", "type": "script", "config": {"command": "true"}} for i in range(201)]
+    r = await system.client.post("/api/v1/pipelines", json={"name": "too-big", "stages": many}, headers=member)
+    assert _field(r) == {"stages"} and "PIPELINES_MAX_STAGES" in r.text
+    p = await system.create_pipeline([SCRIPT])
+    step = {"name": "s", "run": "true"}
+    jobs = [{"name": f"j{i}", "steps": [step]} for i in range(201)]
+    r = await system.client.post(
+        f"/api/v1/pipelines/{p['id']}/spec/save", json={"spec": {"jobs": jobs}}, headers=member
+    )
+    assert _field(r) == {"spec.jobs"} and "PIPELINES_MAX_JOBS" in r.text
+    checks = {
+        "PIPELINES_MAX_STEPS": {"jobs": [{"name": "j", "steps": [step] * 201}]},
+        "PIPELINES_MAX_MATRIX": {
+            "jobs": [{"name": "j", "steps": [step], "matrix": {"a": list(range(20)), "b": list(range(20))}}]
+        },
+        "PIPELINES_MAX_VARIABLES": {
+            "jobs": [{"name": "j", "steps": [step]}],
+            "variables": {f"V{i}": "x" for i in range(201)},
+        },
+    }
+    for limit, spec in checks.items():
+        r = await system.client.post(f"/api/v1/pipelines/{p['id']}/spec/validate", json={"spec": spec}, headers=member)
+        assert r.status_code == 200 and not r.json()["valid"], r.text
+        assert any(limit in e["message"] for e in r.json()["errors"]), (limit, r.text)
+    r = await system.client.post(
+        f"/api/v1/pipelines/{p['id']}/trigger", json={"variables": {f"V{i}": "x" for i in range(201)}}, headers=member
+    )
+    assert _field(r) == {"variables"} and "PIPELINES_MAX_VARIABLES" in r.text
