@@ -70,19 +70,22 @@ def json_depth(raw: bytes, limit: int) -> bool:
     return False
 
 
-def _walk(value: Any, path: str) -> None:
+def bad_text(value: Any, path: str = "") -> tuple[str, str] | None:
+    """The first (field path, problem) of a decoded JSON value's strings, keys included."""
     if isinstance(value, str):
-        if (problem := text_problem(value)) is not None:
-            raise _field(path or "body", problem)
-    elif isinstance(value, dict):
+        problem = text_problem(value)
+        return (path or "body", problem) if problem is not None else None
+    if isinstance(value, dict):
         for key, item in value.items():
-            where = f"{path}.{key}" if path else str(key)
             if isinstance(key, str) and (problem := text_problem(key)) is not None:
-                raise _field(path or "body", f"a key {problem}")
-            _walk(item, where)
+                return path or "body", f"a key {problem}"
+            if (found := bad_text(item, f"{path}.{key}" if path else str(key))) is not None:
+                return found
     elif isinstance(value, list):
         for i, item in enumerate(value):
-            _walk(item, f"{path}[{i}]")
+            if (found := bad_text(item, f"{path}[{i}]")) is not None:
+                return found
+    return None
 
 
 def check_query(raw: bytes) -> None:
@@ -113,7 +116,8 @@ def check_body(raw: bytes, content_type: str, max_depth: int) -> None:
         decoded = msgspec.json.decode(raw)
     except msgspec.DecodeError:
         return  # the handler answers its own "is not valid JSON"
-    _walk(decoded, "")
+    if (found := bad_text(decoded)) is not None:
+        raise _field(*found)
 
 
 class InputChecks:
