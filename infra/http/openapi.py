@@ -22,11 +22,10 @@ from infra.http.views import (
     ErrorBody,
     HookBody,
     HookResult,
-    RunComparison,
     RunPage,
-    RunStats,
 )
 from projections.deployments import DeploymentView
+from projections.run_reports import RunComparison, RunStats
 from projections.views import PipelineView, RunView
 
 _REF = "#/components/schemas/{name}"
@@ -73,7 +72,7 @@ def _results() -> dict[Key, dict[str, Any]]:
         ("put", "/api/v1/secrets/{name}"): {"200": SecretView, "201": SecretView},
         ("get", "/api/v1/deployments/{deployment_id}"): {"200": DeploymentView},
         ("post", "/api/v1/hooks/{pipeline_id}"): {"200": HookResult, "201": HookResult},
-        ("get", "/api/v1/pipelines/{pipeline_id}/runs"): {"200": RunPage},
+        ("get", "/api/v1/pipelines/{pipeline_id}/runs"): {"200": list[RunView] | RunPage},
         ("get", "/api/v1/pipelines/{pipeline_id}/runs/stats"): {"200": RunStats},
         ("get", "/api/v1/pipelines/{pipeline_id}/runs/compare"): {"200": RunComparison},
     }

@@ -76,33 +76,3 @@ class RunPage(msgspec.Struct, kw_only=True):
 
     data: list[RunView]
     total: int
-
-
-class RunStats(msgspec.Struct, kw_only=True):
-    total: int
-    successRate: float
-    avgDurationMs: float | None
-    lastRunAt: str | None
-
-
-class RunSide(msgspec.Struct, kw_only=True):
-    id: str
-    status: str
-    triggeredBy: str | None
-    durationMs: int | None
-
-
-class StageDiff(msgspec.Struct, kw_only=True):
-    stageId: str
-    statusA: str | None
-    statusB: str | None
-    durationMsA: int | None
-    durationMsB: int | None
-    durationDeltaMs: int | None
-    changed: bool
-
-
-class RunComparison(msgspec.Struct, kw_only=True):
-    runA: RunSide
-    runB: RunSide
-    stageDiff: list[StageDiff]
