@@ -15,8 +15,10 @@ StepKind = Literal["shell", "approval", "deploy", "notify", "plugin"]
 CONFIG_FIELDS: dict[str, dict[str, bool]] = {
     "script": {"command": True},
     "approval": {"message": False},
-    "deploy": {"componentId": True, "environmentId": True},
-    "notify": {"channel": True, "message": True},
+    # Without environmentId: the component's defaultEnvironmentId (filled in when the pipeline is saved).
+    "deploy": {"componentId": True, "environmentId": False},
+    # Without message: a default naming the pipeline, the run and its status.
+    "notify": {"channel": True, "message": False},
 }
 
 
@@ -176,14 +178,17 @@ def stages_from_dicts(raw: list[dict[str, Any]], new_id: list[str]) -> tuple[Sta
     # Clients may send `order`; stages run by it (ties and missing values keep list order).
     ordered = sorted(enumerate(raw), key=lambda p: (p[0] + 1 if p[1].get("order") is None else p[1]["order"], p[0]))
     stages: list[Stage] = []
-    for i, (_, item) in enumerate(ordered):
+    for _, item in ordered:
         sid = item.get("id") or next(spare)
+        # A sent order is kept as sent (a stage builder may count from 0); a missing one follows
+        # the stage before (from 1).
+        order = item["order"] if item.get("order") is not None else (stages[-1].order + 1 if stages else 1)
         stages.append(
             Stage(
                 id=sid,
                 name=item.get("name") or sid,
                 type=item["type"],
-                order=i + 1,
+                order=order,
                 config=dict(item.get("config") or {}),
                 timeout=item.get("timeout"),
                 retry=None if item.get("retry") is None else msgspec.convert(item["retry"], RetryPolicy),

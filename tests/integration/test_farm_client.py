@@ -4,11 +4,14 @@ token with several organizations among which X-Organization-Id picks one."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 from typing import Any
 
 import pytest
 
 from infra.auth import issue_token
+from infra.broker.bus import notify_subject
 from tests.integration.system import System, eventually
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="session")]
@@ -130,3 +133,80 @@ async def test_a_token_with_several_organizations_acts_in_the_one_x_organization
     assert r.status_code == 200
     r = await system.client.get("/api/v1/pipelines", headers={**system.headers(), "X-Organization-Id": other})
     assert r.status_code == 403
+
+
+async def test_the_stage_builders_order_from_zero_is_kept_as_sent(system: System) -> None:
+    stages = [{**OK, "id": "first", "order": 0}, {**OK, "id": "second", "order": 1}]
+    p = await system.create_pipeline(stages)
+    assert [(s["id"], s["order"]) for s in p["stages"]] == [("first", 0), ("second", 1)]
+    r = await system.client.get(f"/api/v1/pipelines/{p['id']}", headers=system.headers())
+    assert [(s["id"], s["order"]) for s in r.json()["stages"]] == [("first", 0), ("second", 1)]
+
+
+async def test_a_deploy_stage_with_only_a_component_deploys_to_its_default_environment(system: System) -> None:
+    admin = system.headers("admin")
+    env = await system.client.post(
+        "/api/v1/environments",
+        json={"name": "prod-default", "deployer": {"type": "command", "command": "true"}},
+        headers=admin,
+    )
+    assert env.status_code == 201, env.text
+    r = await system.client.post(
+        "/api/v1/components", json={"name": "web-default", "defaultEnvironmentId": "nope"}, headers=admin
+    )
+    assert r.status_code == 400 and r.json()["errors"][0]["path"] == "defaultEnvironmentId", r.text
+    comp = await system.client.post(
+        "/api/v1/components", json={"name": "web-default", "defaultEnvironmentId": env.json()["id"]}, headers=admin
+    )
+    assert comp.status_code == 201 and comp.json()["defaultEnvironmentId"] == env.json()["id"], comp.text
+    deploy = {"id": "d", "name": "Deploy", "type": "deploy", "config": {"componentId": comp.json()["id"]}}
+    p = await system.create_pipeline([deploy])
+    assert p["stages"][0]["config"] == {"componentId": comp.json()["id"], "environmentId": env.json()["id"]}
+    run = await system.trigger(p["id"])
+    done = await system.wait_status(p["id"], run["id"], "succeeded", "failed")
+    assert done["status"] == "succeeded", done
+    # A component without a default: the stage must name the environment.
+    bare = await system.client.post("/api/v1/components", json={"name": "api-no-default"}, headers=admin)
+    assert bare.json()["defaultEnvironmentId"] is None
+    r = await system.client.post(
+        "/api/v1/pipelines",
+        json={"name": "no-env", "stages": [{**deploy, "config": {"componentId": bare.json()["id"]}}]},
+        headers=system.headers("member"),
+    )
+    assert r.status_code == 400 and r.json()["errors"][0]["path"] == "stages[0].config.environmentId", r.text
+
+
+async def test_a_notify_stage_with_only_a_channel_sends_a_default_message(system: System) -> None:
+    assert system.executor.nc is not None
+    received: list[bytes] = []
+
+    async def on_msg(msg: Any) -> None:
+        received.append(msg.data)
+
+    sub = await system.executor.nc.subscribe(notify_subject(system.org, "#farm"), cb=on_msg)
+    try:
+        stage = {"id": "n", "name": "Notify", "type": "notify", "config": {"channel": "#farm"}}
+        p = await system.create_pipeline([stage], name="farm-notify")
+        run = await system.trigger(p["id"])
+        await system.wait_status(p["id"], run["id"], "succeeded", "failed")
+        await eventually(lambda: asyncio.sleep(0, bool(received)), what="the NATS notification")
+    finally:
+        await sub.unsubscribe()
+    note = json.loads(received[0])
+    assert note["message"] == f"Pipeline farm-notify: run {run['id']} is running", note
+
+
+async def test_unsupported_stage_types_and_a_script_without_command_are_a_clear_400(system: System) -> None:
+    member = system.headers("member")
+    for stage, path, words in (
+        ({"type": "build", "config": {}}, "stages[0].type", "script, approval, deploy, notify"),
+        ({"type": "aws-lambda", "config": {}}, "stages[0].type", "script, approval, deploy, notify"),
+        ({"type": "script", "config": {}}, "stages[0].config.command", "is required"),
+        ({"type": "script"}, "stages[0].config.command", "is required"),
+    ):
+        r = await system.client.post(
+            "/api/v1/pipelines", json={"name": "unsupported", "stages": [stage]}, headers=member
+        )
+        assert r.status_code == 400, r.text
+        errors = {e["path"]: e["message"] for e in r.json()["errors"]}
+        assert words in errors[path], errors
