@@ -119,9 +119,15 @@ def create_app(
             path="/schema",
             render_plugins=[ContractJson()],
             components=Components(
-                security_schemes={"BearerToken": SecurityScheme(type="http", scheme="bearer", bearer_format="JWT")}
+                security_schemes={
+                    "BearerToken": SecurityScheme(type="http", scheme="bearer", bearer_format="JWT"),
+                    # Browser sessions; writes also need a same-site Origin or X-Requested-With (CSRF).
+                    "AccessTokenCookie": SecurityScheme(
+                        type="apiKey", name="access_token", security_scheme_in="cookie"
+                    ),
+                }
             ),
-            security=[{"BearerToken": []}],
+            security=[{"BearerToken": []}, {"AccessTokenCookie": []}],
         ),
         state=State({}),
         debug=False,

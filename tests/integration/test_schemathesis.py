@@ -35,7 +35,7 @@ pytestmark = [pytest.mark.integration]
 CONFIG = """
 seed = 13
 [generation]
-max-examples = 10
+max-examples = 15
 no-shrink = true
 deterministic = true
 [phases.examples]
