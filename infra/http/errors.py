@@ -64,5 +64,8 @@ def handle(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
             return error_response(409, str(exc))
         case ConcurrencyConflict():
             return error_response(409, str(exc))
+    if isinstance(exc, RecursionError):
+        # A decoder given nesting deeper than the stack (the depth limit should have refused it).
+        return error_response(400, "body: nested too deeply", [{"path": "body", "message": "is nested too deeply"}])
     log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
     return error_response(500, "Internal server error")

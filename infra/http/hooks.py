@@ -20,7 +20,7 @@ from domain.triggers import branch_of, matching_event_trigger
 from infra.auth import Principal
 from infra.http.deps import API, Deps, deps_of, load_visible_pipeline
 from infra.http.guards import admin, viewer
-from infra.http.inputs import bad_text
+from infra.http.inputs import bad_text, json_depth
 from infra.http.responses import json_response
 from infra.secrets import WebhookSecrets
 from infra.store.records import WrongExpectedVersion
@@ -29,6 +29,8 @@ from projections.views import iso, run_view
 HOOKS = f"{API}/hooks"
 # Run ids of deliveries derive from this namespace, so a redelivered webhook starts nothing new.
 _DELIVERIES = uuid.UUID("5f0a3c1e-0f5e-4b7e-9a65-2b8c1d7e4a90")
+# GitHub's payloads nest a few levels; far deeper is an attack on the decoder.
+_MAX_DEPTH = 64
 # GitHub's `after` of a deleted branch or tag.
 _NO_COMMIT = "0" * 40
 
@@ -89,6 +91,8 @@ def _payload(body: bytes, content_type: str) -> dict[str, Any]:
         where = "payload"
     else:
         raw, where = body, "body"
+    if json_depth(raw, _MAX_DEPTH):
+        raise Invalid({where: f"is nested deeper than {_MAX_DEPTH} levels"})
     try:
         payload = msgspec.json.decode(raw) if raw.strip() else {}
     except msgspec.DecodeError as exc:

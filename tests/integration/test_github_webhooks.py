@@ -140,3 +140,15 @@ async def test_nul_in_a_form_encoded_payload_is_a_400_naming_the_field(system: S
     pid = await _hooked(system)
     r = await _github(system, pid, "push", _push(ref="refs/heads/ma\0in"), form=True)
     assert r.status_code == 400 and r.json()["errors"][0]["path"] == "payload.ref", r.text
+
+
+async def test_a_form_encoded_payload_nested_ten_thousand_deep_is_a_400(system: System) -> None:
+    pid = await _hooked(system)
+    body = urlencode({"payload": "[" * 10_000 + "]" * 10_000}).encode()
+    headers = {
+        "X-Hub-Signature-256": "sha256=" + hmac.new(SECRET.encode(), body, hashlib.sha256).hexdigest(),
+        "X-GitHub-Event": "push",
+        "Content-Type": "application/x-www-form-urlencoded",
+    }
+    r = await system.client.post(f"/api/v1/hooks/{pid}", content=body, headers=headers)
+    assert r.status_code == 400 and r.json()["errors"][0]["path"] == "payload", r.text
