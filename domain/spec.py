@@ -24,11 +24,20 @@ import msgspec
 
 from domain import expressions
 from domain.cron import CronError, CronSchedule
-from domain.stages import Job, RetryPolicy, Stage, Step, stages_from_dicts, validate_retry, validate_stage_dicts
+from domain.stages import (
+    DEFAULT_LIMITS,
+    Job,
+    Limits,
+    RetryPolicy,
+    Stage,
+    Step,
+    stages_from_dicts,
+    validate_retry,
+    validate_stage_dicts,
+)
 
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}$")
 _VAR = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
-MAX_MATRIX_JOBS = 256
 EXPRESSION_ROOTS = frozenset({"variables", "secrets", "matrix", "trigger", "jobs", "steps", "run", "pipeline", "env"})
 TOP_FIELDS = {"stages", "jobs", "variables", "triggers"}
 JOB_FIELDS = {"name", "steps", "needs", "when", "matrix", "env", "timeout", "retry", "continueOnError"}
@@ -79,6 +88,7 @@ def validate_spec(
     plugins: frozenset[str] | None = None,
     check_expression: ExpressionCheck = _default_check,
     check_template: ExpressionCheck = _default_template_check,
+    limits: Limits = DEFAULT_LIMITS,
 ) -> tuple[list[SpecError], list[SpecError]]:
     """(errors, warnings) of a spec; both empty when it is valid. Every error carries its path."""
     errors: list[SpecError] = []
@@ -89,6 +99,10 @@ def validate_spec(
 
     if not isinstance(raw, dict):
         err("spec", "must be an object with `stages` or `jobs`")
+        return errors, warnings
+    # Sizes first: a spec over a limit is refused without walking all of it.
+    _check_sizes(raw, limits, err)
+    if errors:
         return errors, warnings
     for key in raw:
         if key not in TOP_FIELDS:
@@ -316,13 +330,56 @@ def _check_positive(value: object, path: str, err: Callable[[str, str], None]) -
         err(path, "must be a positive number of seconds")
 
 
+def size_errors(raw: object, limits: Limits) -> list[SpecError]:
+    """Only the size limits of a spec (cheap: nothing else is walked)."""
+    errors: list[SpecError] = []
+    if isinstance(raw, dict):
+        _check_sizes(raw, limits, lambda path, message: errors.append(SpecError(path, message)))
+    return errors
+
+
+def _sized(raw: object) -> list[Any]:
+    return raw if isinstance(raw, list) else []
+
+
+def _check_sizes(raw: dict[str, Any], limits: Limits, err: Callable[[str, str], None]) -> None:
+    stages = _sized(raw.get("stages"))
+    if len(stages) > limits.stages:
+        err("stages", f"has {len(stages)} stages; at most {limits.stages} (PIPELINES_MAX_STAGES)")
+        return
+    variables = raw.get("variables")
+    if isinstance(variables, dict) and len(variables) > limits.variables:
+        err("variables", f"has {len(variables)} variables; at most {limits.variables} (PIPELINES_MAX_VARIABLES)")
+    lists = [("jobs", _sized(raw.get("jobs")))]
+    lists += [(f"stages[{i}].jobs", _sized(s.get("jobs"))) for i, s in enumerate(stages) if isinstance(s, dict)]
+    total = 0
+    for path, jobs in lists:
+        for i, job in enumerate(jobs):
+            if not isinstance(job, dict):
+                continue
+            size = 1
+            matrix = job.get("matrix")
+            if isinstance(matrix, dict):
+                for values in matrix.values():
+                    size *= len(values) if isinstance(values, list) else 1
+                if size > limits.matrix:
+                    err(
+                        f"{path}[{i}].matrix", f"expands to {size} jobs; at most {limits.matrix} (PIPELINES_MAX_MATRIX)"
+                    )
+            total += size
+            steps = _sized(job.get("steps"))
+            if len(steps) > limits.steps:
+                err(f"{path}[{i}].steps", f"has {len(steps)} steps; at most {limits.steps} (PIPELINES_MAX_STEPS)")
+    if total > limits.jobs:
+        err("jobs", f"has {total} jobs (matrices expanded); at most {limits.jobs} (PIPELINES_MAX_JOBS)")
+
+
 def _validate_matrix(raw: object, path: str, err: Callable[[str, str], None]) -> None:
     if raw is None:
         return
     if not isinstance(raw, dict) or not raw:
         err(path, "must be an object of non-empty arrays")
         return
-    total = 1
     for key, values in raw.items():
         if not _VAR.match(key):
             err(f"{path}.{key}", "keys are letters, digits and _, not starting with a digit")
@@ -334,9 +391,6 @@ def _validate_matrix(raw: object, path: str, err: Callable[[str, str], None]) ->
         # Distinct as they appear in job names (`true` and "true" would name the same job).
         if len({_render(v) for v in values}) != len(values):
             err(f"{path}.{key}", "values must be distinct")
-        total *= len(values)
-    if total > MAX_MATRIX_JOBS:
-        err(path, f"expands to {total} jobs; at most {MAX_MATRIX_JOBS}")
 
 
 def _validate_steps(

@@ -15,8 +15,10 @@ StepKind = Literal["shell", "approval", "deploy", "notify", "plugin"]
 CONFIG_FIELDS: dict[str, dict[str, bool]] = {
     "script": {"command": True},
     "approval": {"message": False},
-    "deploy": {"componentId": True, "environmentId": True},
-    "notify": {"channel": True, "message": True},
+    # Without environmentId: the component's defaultEnvironmentId (filled in when the pipeline is saved).
+    "deploy": {"componentId": True, "environmentId": False},
+    # Without message: a default naming the pipeline, the run and its status.
+    "notify": {"channel": True, "message": False},
 }
 
 
@@ -74,11 +76,27 @@ class Stage(msgspec.Struct, frozen=True, kw_only=True):
     when: str | None = None
 
 
-def validate_stage_dicts(raw: object, path: str = "stages") -> dict[str, str]:
+class Limits(msgspec.Struct, frozen=True, kw_only=True):
+    """How big a pipeline's definition may be (PIPELINES_MAX_STAGES, _JOBS, _STEPS, _MATRIX,
+    _VARIABLES): a run of the largest one must still be cheap to decide and to stop."""
+
+    stages: int = 200
+    jobs: int = 200
+    steps: int = 200
+    matrix: int = 256
+    variables: int = 200
+
+
+DEFAULT_LIMITS = Limits()
+
+
+def validate_stage_dicts(raw: object, path: str = "stages", limits: Limits = DEFAULT_LIMITS) -> dict[str, str]:
     """Every problem in a client's list of stages, keyed by field path. Empty when valid."""
     errors: dict[str, str] = {}
     if not isinstance(raw, list):
         return {path: "must be an array of stages"}
+    if len(raw) > limits.stages:
+        return {path: f"has {len(raw)} stages; at most {limits.stages} (PIPELINES_MAX_STAGES)"}
     seen: set[str] = set()
     for i, item in enumerate(raw):
         p = f"{path}[{i}]"
@@ -160,14 +178,17 @@ def stages_from_dicts(raw: list[dict[str, Any]], new_id: list[str]) -> tuple[Sta
     # Clients may send `order`; stages run by it (ties and missing values keep list order).
     ordered = sorted(enumerate(raw), key=lambda p: (p[0] + 1 if p[1].get("order") is None else p[1]["order"], p[0]))
     stages: list[Stage] = []
-    for i, (_, item) in enumerate(ordered):
+    for _, item in ordered:
         sid = item.get("id") or next(spare)
+        # A sent order is kept as sent (a stage builder may count from 0); a missing one follows
+        # the stage before (from 1).
+        order = item["order"] if item.get("order") is not None else (stages[-1].order + 1 if stages else 1)
         stages.append(
             Stage(
                 id=sid,
                 name=item.get("name") or sid,
                 type=item["type"],
-                order=i + 1,
+                order=order,
                 config=dict(item.get("config") or {}),
                 timeout=item.get("timeout"),
                 retry=None if item.get("retry") is None else msgspec.convert(item["retry"], RetryPolicy),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import jwt
 
@@ -17,6 +17,10 @@ class AuthError(Exception):
     """The token is missing, malformed, expired or signed with something else."""
 
 
+class OrganizationRefused(Exception):
+    """X-Organization-Id names an organization the token does not grant (403)."""
+
+
 @dataclass(frozen=True, slots=True)
 class Principal:
     sub: str
@@ -24,6 +28,17 @@ class Principal:
     org: str | None
     # The token's `exp` (seconds since the epoch): a session (a WebSocket) ends with it.
     expires: float | None = field(default=None, compare=False)
+    # Every organization the token grants (`orgs`, plus `org`); `org` is the one acted in.
+    orgs: frozenset[str] = frozenset()
+
+    def acting_in(self, requested: str | None) -> Principal:
+        """The principal acting in the organization `X-Organization-Id` names (None: the default one).
+        Raises OrganizationRefused for an organization the token does not grant."""
+        if requested is None or requested == self.org:
+            return self
+        if requested in self.orgs:
+            return replace(self, org=requested)
+        raise OrganizationRefused(f"the token does not grant organization {requested!r}")
 
     def has(self, role: str) -> bool:
         # admin implies member implies viewer.
@@ -60,10 +75,18 @@ def verify_token(settings: Settings, token: str) -> Principal:
     org = claims.get("org")
     if org is not None and not isinstance(org, str):
         raise AuthError("claim 'org' must be a string")
+    orgs = claims.get("orgs", [])
+    if not isinstance(orgs, list) or not all(isinstance(o, str) and o for o in orgs):
+        raise AuthError("claim 'orgs' must be a list of non-empty strings")
+    if not org and len(orgs) == 1:
+        org = orgs[0]
     sub = claims["sub"]
     if not isinstance(sub, str) or not sub:
         raise AuthError("claim 'sub' must be a non-empty string")
-    return Principal(sub=sub, roles=frozenset(roles), org=org or None, expires=float(claims["exp"]))
+    granted = frozenset(orgs) | ({org} if org else set())
+    return Principal(
+        sub=sub, roles=frozenset(roles), org=org or None, expires=float(claims["exp"]), orgs=frozenset(granted)
+    )
 
 
 def issue_token(
@@ -73,10 +96,13 @@ def issue_token(
     roles: Sequence[str],
     org: str | None = None,
     ttl_seconds: int = 24 * 3600,
+    orgs: Sequence[str] = (),
 ) -> str:
     claims: dict[str, object] = {"sub": sub, "roles": list(roles), "exp": int(time.time()) + ttl_seconds}
     if org:
         claims["org"] = org
+    if orgs:
+        claims["orgs"] = list(orgs)
     if settings.jwt_issuer:
         claims["iss"] = settings.jwt_issuer
     if settings.jwt_audience:

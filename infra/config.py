@@ -249,8 +249,21 @@ class Settings:
     # Non-public addresses (loopback, private, link-local...) that deployer and channel URLs may
     # reach anyway (PIPELINES_OUTBOUND_ALLOW, comma-separated CIDRs); none by default.
     outbound_allow: tuple[IPv4Network | IPv6Network, ...] = ()
+    # Browser origins allowed to call the API (PIPELINES_CORS_ORIGINS, comma-separated); none by default.
+    cors_origins: tuple[str, ...] = ()
+    # Request limits (a 413 above max_body_bytes, a 400 naming the limit otherwise).
+    max_body_bytes: int = 10 * 1024 * 1024
+    max_json_depth: int = 64
+    max_stages: int = 200
+    max_jobs: int = 200
+    max_steps: int = 200
+    max_matrix: int = 256
+    max_variables: int = 200
 
     def __post_init__(self) -> None:
+        for name in ("max_body_bytes", "max_json_depth", "max_stages", "max_jobs", "max_steps", "max_matrix"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"PIPELINES_{name.upper()} must be at least 1, not {getattr(self, name)}")
         if not 1 <= self.notify_max_attempts <= 20:
             raise ValueError(f"PIPELINES_NOTIFY_MAX_ATTEMPTS must be 1-20, not {self.notify_max_attempts}")
         if not 0 <= self.notify_backoff <= 3600:
@@ -359,4 +372,12 @@ class Settings:
             relay_metrics_port=_port(e, "PIPELINES_RELAY_METRICS_PORT"),
             projector_metrics_port=_port(e, "PIPELINES_PROJECTOR_METRICS_PORT"),
             outbound_allow=parse_cidrs(e.get("PIPELINES_OUTBOUND_ALLOW", "")),
+            cors_origins=tuple(o.strip() for o in e.get("PIPELINES_CORS_ORIGINS", "").split(",") if o.strip()),
+            max_body_bytes=_int(e, "PIPELINES_MAX_BODY_BYTES", 10 * 1024 * 1024),
+            max_json_depth=_int(e, "PIPELINES_MAX_JSON_DEPTH", 64),
+            max_stages=_int(e, "PIPELINES_MAX_STAGES", 200),
+            max_jobs=_int(e, "PIPELINES_MAX_JOBS", 200),
+            max_steps=_int(e, "PIPELINES_MAX_STEPS", 200),
+            max_matrix=_int(e, "PIPELINES_MAX_MATRIX", 256),
+            max_variables=_int(e, "PIPELINES_MAX_VARIABLES", 200),
         )

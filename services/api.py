@@ -29,7 +29,12 @@ def main() -> None:
     setup_logging("api")
     settings = Settings.from_env()
     require_servers(settings)  # before uvicorn: a clear line, not a failed lifespan
-    app = create_app(lambda: build_api(settings))
+    app = create_app(
+        lambda: build_api(settings),
+        cors_origins=settings.cors_origins,
+        max_body_bytes=settings.max_body_bytes,
+        max_json_depth=settings.max_json_depth,
+    )
     config = uvicorn.Config(
         app,
         host=settings.api_host,

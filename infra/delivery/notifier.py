@@ -28,6 +28,10 @@ _enc = msgspec.json.Encoder()
 Log = Callable[[Literal["stdout", "stderr", "system"], str], None]
 
 
+# What a notify stage without `message` sends.
+DEFAULT_MESSAGE = "Pipeline ${{ pipeline.name }}: run ${{ run.id }} is ${{ run.status }}"
+
+
 class Notifier:
     """The executor's side of a notify stage."""
 
@@ -67,7 +71,7 @@ class Notifier:
             },
         }
         try:
-            message = interpolate(str(stage.config.get("message", "")), context)
+            message = interpolate(str(stage.config.get("message") or DEFAULT_MESSAGE), context)
         except ExpressionError as exc:
             return ScriptOutcome(exit_code=None, error=f"config.message: {exc}")
         payload = {

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
 from litestar import Litestar, Request, Response, get
+from litestar.config.cors import CORSConfig
 from litestar.datastructures import State
 from litestar.middleware import DefineMiddleware
 from litestar.openapi import OpenAPIConfig
@@ -22,13 +23,20 @@ from infra.http.errors import handle
 from infra.http.guards import JWTAuth
 from infra.http.hooks import WebhookSettingsController, receive_hook
 from infra.http.info import info
+from infra.http.inputs import InputChecks
+from infra.http.openapi import ContractJson, complete
 from infra.http.pipelines import PipelineController
 from infra.http.runs import RunController, run_actions
 from infra.http.secrets import SecretController
 from infra.http.specs import SPEC_SCHEMA_URL, SpecController, spec_schema, validate_new_spec
 from infra.metrics import CONTENT_TYPE, exposition, http_responses
 
-__all__ = ["Deps", "create_app"]
+__all__ = ["Deps", "create_app", "openapi_document"]
+
+
+def openapi_document(app: Litestar) -> dict[str, Any]:
+    """The document /schema/openapi.json serves."""
+    return complete(app.openapi_schema.to_schema())
 
 
 @get("/healthz", include_in_schema=False)
@@ -59,8 +67,17 @@ async def _count(message: Any, scope: Any) -> None:
         http_responses.labels(scope.get("method", ""), str(int(message["status"]))).inc()
 
 
-def create_app(build: Callable[[], Awaitable[Deps]]) -> Litestar:
-    """`build` opens the resources (pool, NATS) inside the server's event loop, at startup."""
+def create_app(
+    build: Callable[[], Awaitable[Deps]],
+    *,
+    cors_origins: Sequence[str] = (),
+    max_body_bytes: int = 10 * 1024 * 1024,
+    max_json_depth: int = 64,
+) -> Litestar:
+    """`build` opens the resources (pool, NATS) inside the server's event loop, at startup.
+    `cors_origins`: the browser origins allowed to call the API (PIPELINES_CORS_ORIGINS; none by
+    default); `max_body_bytes`: larger bodies are a 413 (PIPELINES_MAX_BODY_BYTES); `max_json_depth`:
+    deeper JSON bodies are a 400 (PIPELINES_MAX_JSON_DEPTH)."""
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
@@ -107,6 +124,7 @@ def create_app(build: Callable[[], Awaitable[Deps]]) -> Litestar:
                     f"^{ASYNCAPI_URL}",
                 ],
             ),
+            DefineMiddleware(InputChecks, max_body_bytes=max_body_bytes, max_json_depth=max_json_depth),
         ],
         exception_handlers={Exception: handle},
         after_response=None,
@@ -116,13 +134,29 @@ def create_app(build: Callable[[], Awaitable[Deps]]) -> Litestar:
             title="Pipelines API",
             version="1.0.0",
             path="/schema",
+            render_plugins=[ContractJson()],
             components=Components(
-                security_schemes={"BearerToken": SecurityScheme(type="http", scheme="bearer", bearer_format="JWT")}
+                security_schemes={
+                    "BearerToken": SecurityScheme(type="http", scheme="bearer", bearer_format="JWT"),
+                    # Browser sessions; writes also need a same-site Origin or X-Requested-With (CSRF).
+                    "AccessTokenCookie": SecurityScheme(
+                        type="apiKey", name="access_token", security_scheme_in="cookie"
+                    ),
+                }
             ),
-            security=[{"BearerToken": []}],
+            security=[{"BearerToken": []}, {"AccessTokenCookie": []}],
         ),
         state=State({}),
         debug=False,
         logging_config=None,  # the service's own (services.bootstrap.setup_logging), not litestar's
+        cors_config=CORSConfig(
+            allow_origins=list(cors_origins),
+            allow_credentials=True,
+            allow_headers=["Authorization", "Content-Type", "Idempotency-Key", "X-Organization-Id", "X-Requested-With"],
+            expose_headers=["Location"],
+        )
+        if cors_origins
+        else None,
+        request_max_body_size=max_body_bytes,
     )
     return app

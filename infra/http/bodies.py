@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import msgspec
 
 from domain.errors import Invalid
 from domain.pipeline import check_git_source
-from domain.stages import validate_stage_dicts
+from domain.stages import DEFAULT_LIMITS, Limits, validate_stage_dicts
 
 
 class CreatePipelineBody(msgspec.Struct, kw_only=True):
@@ -26,7 +26,7 @@ class CreatePipelineBody(msgspec.Struct, kw_only=True):
 _FIELDS = {"name", "description", "stages", "repoUrl", "defaultBranch", "pipelineFilePath"}
 
 
-def parse_pipeline_body(raw: bytes, *, partial: bool) -> dict[str, Any]:
+def parse_pipeline_body(raw: bytes, *, partial: bool, limits: Limits = DEFAULT_LIMITS) -> dict[str, Any]:
     """The body's fields, after checking all of them; raises Invalid listing every problem."""
     try:
         body = msgspec.json.decode(raw) if raw.strip() else {}
@@ -50,7 +50,7 @@ def parse_pipeline_body(raw: bytes, *, partial: bool) -> dict[str, Any]:
     if description is not None and (not isinstance(description, str) or len(description) > 2000):
         errors["description"] = "must be a string of at most 2000 characters, or null"
     if body.get("stages") is not None:
-        errors.update(validate_stage_dicts(body["stages"]))
+        errors.update(validate_stage_dicts(body["stages"], limits=limits))
     errors.update(check_git_source(body.get("repoUrl"), body.get("defaultBranch"), body.get("pipelineFilePath")))
     if errors:
         raise Invalid(errors)
@@ -66,3 +66,33 @@ class PatchPipelineBody(msgspec.Struct, kw_only=True):
     repoUrl: str | None = None
     defaultBranch: str | None = None
     pipelineFilePath: str | None = None
+
+
+class CommandDeployer(msgspec.Struct, kw_only=True, tag_field="type", tag="command"):
+    command: str
+
+
+class WebhookDeployer(msgspec.Struct, kw_only=True, tag_field="type", tag="webhook"):
+    url: str
+    secret: str | None = None
+
+
+class EnvironmentBody(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    name: Annotated[str, msgspec.Meta(min_length=1, max_length=100)]
+    description: Annotated[str, msgspec.Meta(max_length=2000)] | None = None
+    deployer: CommandDeployer | WebhookDeployer
+
+
+class ComponentBody(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    name: Annotated[str, msgspec.Meta(min_length=1, max_length=100)]
+    description: Annotated[str, msgspec.Meta(max_length=2000)] | None = None
+    # Deploy stages that name the component only deploy it here.
+    defaultEnvironmentId: str | None = None
+
+
+class ChannelBody(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    name: Annotated[str, msgspec.Meta(min_length=1, max_length=100)]
+    description: Annotated[str, msgspec.Meta(max_length=2000)] | None = None
+    type: Literal["slack", "webhook"]
+    url: Annotated[str, msgspec.Meta(max_length=2000)]
+    secret: Annotated[str, msgspec.Meta(min_length=1, max_length=256)] | None = None

@@ -17,7 +17,7 @@ from infra.auth import Principal
 from infra.delivery.deliveries import Item, Kind, NameInUse, Registry
 from infra.delivery.outbound import OutboundPolicy, OutboundRefused, check_saved
 from infra.delivery.redaction import is_credential_url, shown_url
-from infra.http.deps import API, deps_of
+from infra.http.deps import API, MAX_PAGE, deps_of
 from infra.http.errors import error_response
 from infra.http.guards import admin, viewer
 from infra.http.keyed import idempotent
@@ -112,7 +112,11 @@ def _parse(kind: Kind, body: dict[str, Any], policy: OutboundPolicy) -> tuple[di
         _common(body, {"name", "description", "deployer"}, errors)
         doc["deployer"], secret = _deployer(body.get("deployer"), errors, policy)
     elif kind == "component":
-        _common(body, {"name", "description"}, errors)
+        _common(body, {"name", "description", "defaultEnvironmentId"}, errors)
+        default = body.get("defaultEnvironmentId")
+        if default is not None and (not isinstance(default, str) or not default.strip()):
+            errors["defaultEnvironmentId"] = "must be the id of an environment, or null"
+        doc["defaultEnvironmentId"] = default
     else:
         _common(body, {"name", "description", "type", "url", "secret"}, errors)
         if body.get("type") not in ("slack", "webhook"):
@@ -139,6 +143,11 @@ async def _parse_checked(
     """`_parse`, and the addresses the URL's name resolves to now (checked again at connect time)."""
     policy = OutboundPolicy(deps_of(request).settings.outbound_allow)
     doc, secret = _parse(kind, body, policy)
+    default = doc.get("defaultEnvironmentId")
+    if default is not None:
+        org = request.user.org
+        if not await registry_of(request).existing("environment", org, [default]):
+            raise Invalid({"defaultEnvironmentId": f"unknown environment {default!r}"})
     found = _url_of(doc)
     if found is not None:
         path, url = found
@@ -171,6 +180,8 @@ def _view(item: Item, principal: Principal) -> dict[str, Any]:
             "url": _shown(d.get("url"), None, principal),
             "secretConfigured": item.secret is not None,
         }
+    elif item.kind == "component":
+        out["defaultEnvironmentId"] = item.doc.get("defaultEnvironmentId")
     elif item.kind == "channel":
         kind = item.doc.get("type")
         out.update(
@@ -188,6 +199,8 @@ def _current_body(item: Item) -> dict[str, Any]:
         if d.get("type") == "webhook" and item.secret is not None:
             d["secret"] = item.secret
         body["deployer"] = {k: v for k, v in d.items() if v is not None}
+    elif item.kind == "component":
+        body["defaultEnvironmentId"] = item.doc.get("defaultEnvironmentId")
     elif item.kind == "channel":
         body.update(type=item.doc.get("type"), url=item.doc.get("url"))
         if item.secret is not None:
@@ -305,7 +318,7 @@ class DeploymentController(Controller):
     async def list_deployments(
         self,
         request: Request[Principal, Any, State],
-        page: Annotated[int, Parameter(ge=1)] = 1,
+        page: Annotated[int, Parameter(ge=1, le=MAX_PAGE)] = 1,
         limit: Annotated[int, Parameter(ge=1, le=100)] = 20,
         environmentId: FromQuery[str | None] = None,
         componentId: FromQuery[str | None] = None,
@@ -381,12 +394,15 @@ async def check_stage_refs(request: Request[Principal, Any, State], stages: Any,
             if isinstance(value, str) and value.strip() and "${{" not in value:
                 wanted.append((f"{where}.{key}", value, kind))  # type: ignore[arg-type]
 
+    defaults: list[tuple[str, dict[str, Any]]] = []
     for i, item in enumerate(stages):
         if not isinstance(item, dict):
             continue
         config = item.get("config")
         if item.get("type") == "deploy" and isinstance(config, dict):
             want(config, f"{path}[{i}].config")
+            if config.get("environmentId") is None and isinstance(config.get("componentId"), str):
+                defaults.append((f"{path}[{i}].config", config))
         # deploy steps of the jobs of a stage of jobs
         for j, job in enumerate(item.get("jobs") or []):
             for k, step in enumerate(job.get("steps") or [] if isinstance(job, dict) else []):
@@ -395,6 +411,15 @@ async def check_stage_refs(request: Request[Principal, Any, State], stages: Any,
     if not wanted:
         return
     registry = registry_of(request)
+    # Deploy stages naming only a component deploy it to the component's default environment.
+    for where, config in defaults:
+        component = await registry.get("component", request.user.org, config["componentId"])
+        default = component.doc.get("defaultEnvironmentId") if component is not None else None
+        if component is not None and not default:
+            raise Invalid({f"{where}.environmentId": "is required: the component has no defaultEnvironmentId"})
+        if default:
+            config["environmentId"] = default
+            wanted.append((f"{where}.environmentId", default, "environment"))
     known: dict[str, set[str]] = {}
     for kind in ("component", "environment"):
         ids = [v for _, v, k in wanted if k == kind]

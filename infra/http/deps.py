@@ -13,6 +13,7 @@ from litestar.exceptions import NotFoundException
 
 from domain import pipeline as pl
 from domain import run as rn
+from domain.stages import Limits
 from infra.app.commands import Commands
 from infra.auth import Principal
 from infra.config import Settings
@@ -21,6 +22,8 @@ from infra.http.queries import ReadModels
 from infra.secrets import SecretStore
 
 API = "/api/v1"
+# Pages past this are refused (400 naming `page`): the offset must fit PostgreSQL's bigint.
+MAX_PAGE = 1_000_000
 
 
 @dataclass
@@ -35,6 +38,17 @@ class Deps:
     close: Callable[[], Awaitable[None]]
     # Values of run secrets, encrypted at rest; None: triggers with secrets are refused.
     secrets: SecretStore | None = None
+
+
+def limits_of(settings: Settings) -> Limits:
+    """The definition size limits of PIPELINES_MAX_*."""
+    return Limits(
+        stages=settings.max_stages,
+        jobs=settings.max_jobs,
+        steps=settings.max_steps,
+        matrix=settings.max_matrix,
+        variables=settings.max_variables,
+    )
 
 
 def deps_of(request: Request[Any, Any, State]) -> Deps:

@@ -17,10 +17,16 @@ log = logging.getLogger("pipelines.api")
 _encoder = msgspec.json.Encoder()
 
 
-def error_response(status: int, message: str, errors: list[dict[str, str]] | None = None) -> Response[bytes]:
+def error_body(status: int, message: str, errors: list[dict[str, str]] | None = None) -> dict[str, Any]:
+    """The one error shape (ErrorBody in the OpenAPI document)."""
     body: dict[str, Any] = {"statusCode": status, "error": HTTPStatus(status).phrase, "message": message}
     if errors:
         body["errors"] = errors
+    return body
+
+
+def error_response(status: int, message: str, errors: list[dict[str, str]] | None = None) -> Response[bytes]:
+    body = error_body(status, message, errors)
     return Response(content=_encoder.encode(body), status_code=status, media_type="application/json")
 
 
@@ -58,5 +64,8 @@ def handle(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
             return error_response(409, str(exc))
         case ConcurrencyConflict():
             return error_response(409, str(exc))
+    if isinstance(exc, RecursionError):
+        # A decoder given nesting deeper than the stack (the depth limit should have refused it).
+        return error_response(400, "body: nested too deeply", [{"path": "body", "message": "is nested too deeply"}])
     log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
     return error_response(500, "Internal server error")

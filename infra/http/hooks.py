@@ -7,6 +7,7 @@ import hashlib
 import hmac
 import uuid
 from typing import Annotated, Any
+from urllib.parse import parse_qs
 
 import msgspec
 from litestar import Controller, Request, Response, delete, get, post, put
@@ -19,6 +20,7 @@ from domain.triggers import branch_of, matching_event_trigger
 from infra.auth import Principal
 from infra.http.deps import API, Deps, deps_of, load_visible_pipeline
 from infra.http.guards import admin, viewer
+from infra.http.inputs import bad_text, json_depth
 from infra.http.responses import json_response
 from infra.secrets import WebhookSecrets
 from infra.store.records import WrongExpectedVersion
@@ -27,6 +29,10 @@ from projections.views import iso, run_view
 HOOKS = f"{API}/hooks"
 # Run ids of deliveries derive from this namespace, so a redelivered webhook starts nothing new.
 _DELIVERIES = uuid.UUID("5f0a3c1e-0f5e-4b7e-9a65-2b8c1d7e4a90")
+# GitHub's payloads nest a few levels; far deeper is an attack on the decoder.
+_MAX_DEPTH = 64
+# GitHub's `after` of a deleted branch or tag.
+_NO_COMMIT = "0" * 40
 
 
 class WebhookSecretBody(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -75,6 +81,38 @@ class WebhookSettingsController(Controller):
         await _webhooks(request.app.state.deps).delete(state.pipeline_id)
 
 
+def _payload(body: bytes, content_type: str) -> dict[str, Any]:
+    """The delivery's JSON: the body, or its `payload` field when form-encoded (GitHub's default)."""
+    if content_type.split(";")[0].strip().lower() == "application/x-www-form-urlencoded":
+        fields = parse_qs(body.decode("utf-8", "replace"), keep_blank_values=True)
+        if len(fields.get("payload", [])) != 1:
+            raise Invalid({"payload": "a form-encoded delivery carries its JSON in one `payload` field"})
+        raw = fields["payload"][0].encode()
+        where = "payload"
+    else:
+        raw, where = body, "body"
+    if json_depth(raw, _MAX_DEPTH):
+        raise Invalid({where: f"is nested deeper than {_MAX_DEPTH} levels"})
+    try:
+        payload = msgspec.json.decode(raw) if raw.strip() else {}
+    except msgspec.DecodeError as exc:
+        raise Invalid({where: f"is not valid JSON: {exc}"}) from exc
+    if not isinstance(payload, dict):
+        raise Invalid({where: "must be a JSON object"})
+    if where == "payload" and (found := bad_text(payload, where)) is not None:
+        raise Invalid(dict([found]))
+    return payload
+
+
+def _pusher(payload: dict[str, Any]) -> str | None:
+    """Who pushed: `pusher.name` (push events), else the `sender.login` of any event."""
+    for outer, inner in (("pusher", "name"), ("sender", "login")):
+        value = payload.get(outer)
+        if isinstance(value, dict) and isinstance(value.get(inner), str) and value[inner]:
+            return str(value[inner])
+    return None
+
+
 def _unauthorized() -> NotAuthorizedException:
     # One answer for unknown pipelines, missing secrets and bad signatures: nothing to probe.
     return NotAuthorizedException("the X-Hub-Signature-256 signature does not verify for this pipeline")
@@ -98,21 +136,29 @@ async def receive_hook(request: Request[Any, Any, State], pipeline_id: FromPath[
     pipeline, _ = await deps.commands.load_pipeline(pid)
     if not pipeline.live:
         raise _unauthorized()
-    try:
-        payload = msgspec.json.decode(body) if body.strip() else {}
-    except msgspec.DecodeError as exc:
-        raise Invalid({"body": f"is not valid JSON: {exc}"}) from exc
-    if not isinstance(payload, dict):
-        raise Invalid({"body": "must be a JSON object"})
+    payload = _payload(body, request.headers.get("content-type", ""))
     event = request.headers.get("x-github-event") or request.headers.get("x-event-type") or "push"
+    if event == "ping":
+        return json_response(200, {"triggered": False, "reason": "ping: the webhook is set up"})
     ref = payload.get("ref") if isinstance(payload.get("ref"), str) else None
+    commit = payload.get("after") if isinstance(payload.get("after"), str) else None
+    if payload.get("deleted") is True or commit == _NO_COMMIT:
+        # A branch or tag deletion: there is nothing to build.
+        return json_response(200, {"triggered": False, "reason": f"{ref or 'the ref'} was deleted: nothing to run"})
     branch = branch_of(ref)
     index, reason = matching_event_trigger(pipeline.triggers, event, branch)
     if index < 0:
         return json_response(200, {"triggered": False, "reason": reason})
     delivery = request.headers.get("x-github-delivery") or request.headers.get("x-delivery-id")
-    commit = payload.get("after") if isinstance(payload.get("after"), str) else None
-    trigger = {"type": "event", "event": event, "ref": ref, "branch": branch, "commit": commit, "delivery": delivery}
+    trigger = {
+        "type": "event",
+        "event": event,
+        "ref": ref,
+        "branch": branch,
+        "commit": commit,
+        "delivery": delivery,
+        "pusher": _pusher(payload),
+    }
     run_id = str(uuid.uuid5(_DELIVERIES, f"{pid}:{delivery}")) if delivery else None
     try:
         state, _ = await deps.commands.trigger(pipeline, by="webhook", run_id=run_id, trigger=trigger)

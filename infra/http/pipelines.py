@@ -16,7 +16,7 @@ from infra.config import Settings
 from infra.git.policy import repo_url_problem
 from infra.http.bodies import CreatePipelineBody, PatchPipelineBody, parse_pipeline_body
 from infra.http.delivery import check_stage_refs
-from infra.http.deps import API, Deps, deps_of, load_visible_pipeline
+from infra.http.deps import API, MAX_PAGE, Deps, deps_of, limits_of, load_visible_pipeline
 from infra.http.deps import uuid_or_404 as _uuid_or_404
 from infra.http.guards import admin, member, viewer
 from infra.http.keyed import idempotent, keyed_id
@@ -50,7 +50,7 @@ class PipelineController(Controller):
     async def list_pipelines(
         self,
         request: Request[Principal, Any, State],
-        page: Annotated[int, Parameter(ge=1)] = 1,
+        page: Annotated[int, Parameter(ge=1, le=MAX_PAGE)] = 1,
         limit: Annotated[int, Parameter(ge=1, le=100)] = 20,
         organizationId: FromQuery[str | None] = None,
     ) -> PipelinePage:
@@ -67,7 +67,7 @@ class PipelineController(Controller):
     ) -> Response[bytes]:
         deps = deps_of(request)
         principal = request.user
-        body = parse_pipeline_body(await request.body(), partial=False)
+        body = parse_pipeline_body(await request.body(), partial=False, limits=limits_of(deps.settings))
         _check_repo(deps.settings, body)
         await check_stage_refs(request, body.get("stages"))
 
@@ -100,7 +100,7 @@ class PipelineController(Controller):
     async def _update(self, request: Request[Principal, Any, State], pipeline_id: str, whole: bool) -> PipelineView:
         deps = deps_of(request)
         principal = request.user
-        body = parse_pipeline_body(await request.body(), partial=not whole)
+        body = parse_pipeline_body(await request.body(), partial=not whole, limits=limits_of(deps.settings))
         _check_repo(deps.settings, body)
         await check_stage_refs(request, body.get("stages"))
         state = await deps.commands.update_pipeline(

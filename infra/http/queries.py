@@ -6,7 +6,8 @@ import msgspec
 from psycopg_pool import AsyncConnectionPool
 
 from domain.run import LogLine
-from projections.views import PipelineView, RunView, log_text, step_log_key
+from projections.run_reports import RunStats, run_stats
+from projections.views import PipelineView, RunView, iso, log_text, step_log_key
 
 _pipeline = msgspec.json.Decoder(PipelineView)
 _run = msgspec.json.Decoder(RunView)
@@ -30,11 +31,45 @@ class ReadModels:
             rows = await cur.fetchall()
         return [_pipeline.decode(r[0]) for r in rows], total
 
-    async def list_runs(self, pipeline_id: str, limit: int = 50) -> list[RunView]:
+    async def count_runs(self, pipeline_id: str, status: str | None = None) -> int:
         async with self._pool.connection() as conn:
             cur = await conn.execute(
-                "SELECT id, doc::text FROM rm_runs WHERE pipeline_id = %s ORDER BY created_at DESC, id DESC LIMIT %s",
-                (pipeline_id, limit),
+                "SELECT count(*) FROM rm_runs WHERE pipeline_id = %s AND (%s::text IS NULL OR status = %s)",
+                (pipeline_id, status, status),
+            )
+            row = await cur.fetchone()
+        return int(row[0]) if row else 0
+
+    async def run_stats(self, pipeline_id: str) -> RunStats:
+        async with self._pool.connection() as conn:
+            cur = await conn.execute(
+                "SELECT count(*), count(*) FILTER (WHERE status = 'succeeded'), "
+                "count(*) FILTER (WHERE status IN ('succeeded', 'failed', 'cancelled')), "
+                "avg((doc->>'durationMs')::float8) FILTER (WHERE status IN ('succeeded', 'failed', 'cancelled')), "
+                "max(created_at) FROM rm_runs WHERE pipeline_id = %s",
+                (pipeline_id,),
+            )
+            row = await cur.fetchone()
+        assert row is not None
+        total, succeeded, finished, avg_ms, last = row
+        return run_stats(int(total), int(succeeded), int(finished), avg_ms, iso(last) if last else None)
+
+    async def runs_by_id(self, pipeline_id: str, ids: list[str]) -> dict[str, RunView]:
+        async with self._pool.connection() as conn:
+            cur = await conn.execute(
+                "SELECT id, doc::text FROM rm_runs WHERE pipeline_id = %s AND id = ANY(%s)", (pipeline_id, ids)
+            )
+            rows = await cur.fetchall()
+        return {r[0]: _run.decode(r[1]) for r in rows}
+
+    async def list_runs(
+        self, pipeline_id: str, limit: int = 50, offset: int = 0, status: str | None = None
+    ) -> list[RunView]:
+        async with self._pool.connection() as conn:
+            cur = await conn.execute(
+                "SELECT id, doc::text FROM rm_runs WHERE pipeline_id = %s AND (%s::text IS NULL OR status = %s) "
+                "ORDER BY created_at DESC, id DESC LIMIT %s OFFSET %s",
+                (pipeline_id, status, status, limit, offset),
             )
             rows = await cur.fetchall()
             ids = [r[0] for r in rows]

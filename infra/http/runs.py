@@ -11,20 +11,25 @@ from litestar import Controller, Request, Response, get, post
 from litestar.datastructures import State
 from litestar.exceptions import NotFoundException
 from litestar.handlers import HTTPRouteHandler
-from litestar.params import FromPath
+from litestar.params import FromPath, FromQuery, Parameter
 
 from domain import events as ev
 from domain import run as rn
 from domain.errors import Invalid
+from domain.run.state import RunStatus
 from infra.auth import Principal
-from infra.http.deps import API, Deps, deps_of, visible_pipeline, visible_run
+from infra.http.deps import API, MAX_PAGE, Deps, deps_of, uuid_or_404, visible_pipeline, visible_run
 from infra.http.guards import admin, member, viewer
 from infra.http.keyed import idempotent, keyed_id
 from infra.http.responses import decode_json, json_response
+from infra.http.views import RunPage
 from infra.store.records import WrongExpectedVersion
+from projections.run_reports import RunComparison, RunStats, compare_runs
 from projections.views import RunView, run_view
 
 PathId = FromPath[str]
+# Offsets past this are refused (400 naming `skip`).
+MAX_SKIP = 100_000_000
 _VAR_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
 
 
@@ -54,7 +59,9 @@ def _check_variables(variables: dict[str, str] | None, field: str, *, max_entrie
     errors: dict[str, str] = {}
     variables = variables or {}
     if len(variables) > max_entries:
-        errors[field] = f"at most {max_entries} entries"
+        errors[field] = f"has {len(variables)} entries; at most {max_entries}" + (
+            " (PIPELINES_MAX_VARIABLES)" if field == "variables" else ""
+        )
     for name, value in variables.items():
         if not _VAR_NAME.match(name):
             errors[f"{field}.{name}"] = "names are letters, digits and underscores, not starting with a digit"
@@ -89,7 +96,7 @@ class RunController(Controller):
         principal = request.user
         raw = await request.body()
         body: TriggerBody = decode_json(raw, TriggerBody, optional=True)
-        variables = _check_variables(body.variables, "variables")
+        variables = _check_variables(body.variables, "variables", max_entries=deps.settings.max_variables)
         secrets = _check_variables(body.secrets, "secrets", max_entries=100)
         if clash := sorted(set(variables) & set(secrets)):
             raise Invalid({f"secrets.{name}": "is also a variable: a name is a variable or a secret" for name in clash})
@@ -125,11 +132,53 @@ class RunController(Controller):
         digest = store.request_digest(raw) if secrets and store is not None else None
         return await idempotent(request, principal, run, digest=digest)
 
-    @get("/{pipeline_id:str}/runs", summary="The last 50 runs, newest first")
-    async def list_runs(self, request: Request[Principal, Any, State], pipeline_id: PathId) -> list[RunView]:
+    @get(
+        "/{pipeline_id:str}/runs",
+        summary="Runs, newest first: the last 50 as an array, or with skip/take (or page/limit) a page {data, total}",
+    )
+    async def list_runs(
+        self,
+        request: Request[Principal, Any, State],
+        pipeline_id: PathId,
+        skip: Annotated[int | None, Parameter(ge=0, le=MAX_SKIP)] = None,
+        take: Annotated[int | None, Parameter(ge=1, le=100)] = None,
+        page: Annotated[int | None, Parameter(ge=1, le=MAX_PAGE)] = None,
+        limit: Annotated[int | None, Parameter(ge=1, le=100)] = None,
+        status: Annotated[RunStatus | None, Parameter()] = None,
+    ) -> list[RunView] | RunPage:
         deps = deps_of(request)
         pipeline = await visible_pipeline(deps, request.user, pipeline_id)
-        return await deps.read_models.list_runs(pipeline.pipeline_id)
+        pid = pipeline.pipeline_id
+        if skip is None and take is None and page is None and limit is None:
+            # The reference's shape: the last 50 (filtered by `status` when given).
+            return await deps.read_models.list_runs(pid, status=status)
+        if skip is not None or take is not None:
+            size = take or 20
+            offset = skip or 0
+        else:
+            size = limit or 20
+            offset = ((page or 1) - 1) * size
+        data = await deps.read_models.list_runs(pid, limit=size, offset=offset, status=status)
+        return RunPage(data=data, total=await deps.read_models.count_runs(pid, status))
+
+    @get("/{pipeline_id:str}/runs/stats", summary="The pipeline's run statistics")
+    async def run_stats(self, request: Request[Principal, Any, State], pipeline_id: PathId) -> RunStats:
+        deps = deps_of(request)
+        pipeline = await visible_pipeline(deps, request.user, pipeline_id)
+        return await deps.read_models.run_stats(pipeline.pipeline_id)
+
+    @get("/{pipeline_id:str}/runs/compare", summary="Two runs of the pipeline compared stage by stage")
+    async def compare_runs(
+        self, request: Request[Principal, Any, State], pipeline_id: PathId, a: FromQuery[str], b: FromQuery[str]
+    ) -> RunComparison:
+        deps = deps_of(request)
+        pipeline = await visible_pipeline(deps, request.user, pipeline_id)
+        ids = {name: uuid_or_404(value, f"run {name}") for name, value in (("a", a), ("b", b))}
+        found = await deps.read_models.runs_by_id(pipeline.pipeline_id, list(ids.values()))
+        for name, run_id in ids.items():
+            if run_id not in found:
+                raise NotFoundException(f"run {name} not found in this pipeline")
+        return compare_runs(found[ids["a"]], found[ids["b"]])
 
     @get("/{pipeline_id:str}/runs/{run_id:str}", summary="Get a run with its logs and stage results")
     async def get_run(self, request: Request[Principal, Any, State], pipeline_id: PathId, run_id: PathId) -> RunView:

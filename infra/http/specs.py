@@ -12,12 +12,13 @@ from litestar.exceptions import NotFoundException
 from litestar.params import FromPath, Parameter
 
 from domain import pipeline as pl
-from domain.spec import validate_spec
+from domain.errors import Invalid
+from domain.spec import size_errors, validate_spec
 from infra.app.specs import check_save, installed_plugins
 from infra.auth import Principal
 from infra.git.repos import render_spec
 from infra.http.delivery import check_stage_refs
-from infra.http.deps import API, deps_of, load_visible_pipeline
+from infra.http.deps import API, deps_of, limits_of, load_visible_pipeline
 from infra.http.guards import member, viewer
 from infra.http.keyed import idempotent
 from infra.http.responses import decode_json, json_response
@@ -89,9 +90,9 @@ class SavedView(msgspec.Struct, kw_only=True, rename="camel"):
     pr_branch: str | None = None
 
 
-def _validation(raw: bytes) -> ValidationView:
+def _validation(raw: bytes, limits: Limits) -> ValidationView:
     body: ValidateBody = decode_json(raw, ValidateBody)
-    errors, warnings = validate_spec(body.spec, zone=ZoneInfo, plugins=installed_plugins())
+    errors, warnings = validate_spec(body.spec, zone=ZoneInfo, plugins=installed_plugins(), limits=limits)
     return ValidationView(
         valid=not errors,
         errors=[SpecIssue(path=e.path, message=e.message) for e in errors],
@@ -182,7 +183,7 @@ class SpecController(Controller):
     @post("/spec/validate", status_code=200, summary="Validate a spec; every error with its path")
     async def validate(self, request: Request[Principal, Any, State], pipeline_id: FromPath[str]) -> ValidationView:
         await load_visible_pipeline(request, pipeline_id)
-        return _validation(await request.body())
+        return _validation(await request.body(), limits_of(deps_of(request).settings))
 
     @post("/spec/save", guards=[member], status_code=200, summary="Save a spec as the next definition version")
     async def save(self, request: Request[Principal, Any, State], pipeline_id: FromPath[str]) -> Response[bytes]:
@@ -191,6 +192,8 @@ class SpecController(Controller):
         principal = request.user
         body: SaveBody = decode_json(await request.body(), SaveBody)
         state = await load_visible_pipeline(request, pipeline_id)
+        if sized := size_errors(body.spec, limits_of(deps.settings)):
+            raise Invalid({f"spec.{e.path}": e.message for e in sized})
         check_save(state, body.spec, body.save_mode, body.expected_head_commit_sha)
         await check_stage_refs(request, body.spec.get("stages"), "spec.stages")
         spec: dict[str, Any] = body.spec
@@ -228,7 +231,7 @@ class SpecController(Controller):
     summary="Validate a spec before any pipeline has it; every error with its path",
 )
 async def validate_new_spec(request: Request[Principal, Any, State]) -> ValidationView:
-    return _validation(await request.body())
+    return _validation(await request.body(), limits_of(deps_of(request).settings))
 
 
 _STRINGS = {"type": "object", "additionalProperties": {"type": "string"}}

@@ -161,12 +161,14 @@ async def test_malformed_and_unknown_ids_are_404_never_500(system: System) -> No
         "/api/v1/pipelines/not-a-uuid",
         f"/api/v1/pipelines/{uuid.uuid4()}",
         f"/api/v1/pipelines/{uuid.uuid4()}/runs",
-        f"/api/v1/pipelines/{uuid.uuid4()}/runs/%00%ff",
         "/api/v1/pipelines/runs/zzz",
     ):
         r = await system.client.get(path, headers=system.headers())
         assert r.status_code == 404, (path, r.text)
         assert r.json()["error"] == "Not Found"
+    # Not text at all (issue 13): a 400 naming the parameter.
+    r = await system.client.get(f"/api/v1/pipelines/{uuid.uuid4()}/runs/%00%ff", headers=system.headers())
+    assert r.status_code == 400 and r.json()["errors"][0]["path"] == "run_id", r.text
     r = await system.client.post(f"/api/v1/pipelines/{uuid.uuid4()}/trigger", headers=system.headers())
     assert r.status_code == 404
 

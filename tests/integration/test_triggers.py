@@ -88,6 +88,7 @@ async def test_a_signed_push_to_a_matching_branch_starts_a_run_recording_its_tri
         "branch": "release/1.2",
         "commit": "abc123",
         "delivery": delivery,
+        "pusher": None,
     }
     assert run["triggeredBy"] == "webhook"
     done = await system.wait_status(pid, run["id"], "succeeded", "failed")

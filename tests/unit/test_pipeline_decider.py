@@ -278,8 +278,10 @@ def test_a_blank_command_is_an_error() -> None:
 
 
 def test_a_deploy_stage_names_each_missing_field() -> None:
-    errors = validate_stage_dicts([{"type": "approval"}, {"type": "deploy", "config": {"componentId": "web"}}])
-    assert list(errors) == ["stages[1].config.environmentId"]
+    # Without environmentId the component's default environment is used (filled in when saved).
+    assert validate_stage_dicts([{"type": "approval"}, {"type": "deploy", "config": {"componentId": "web"}}]) == {}
+    errors = validate_stage_dicts([{"type": "deploy", "config": {"environmentId": "prod"}}])
+    assert list(errors) == ["stages[0].config.componentId"]
 
 
 def test_an_unknown_stage_type_is_an_error_at_the_type_path() -> None:
@@ -337,12 +339,12 @@ def test_a_malformed_stage_field_is_an_error_at_its_path(item: dict[str, Any], p
 
 
 def test_every_error_is_reported_at_once_under_the_given_path() -> None:
-    raw = [{"type": "script", "extra": 1}, {"type": "nope"}, {"type": "notify", "config": {"channel": "#x"}}]
+    raw = [{"type": "script", "extra": 1}, {"type": "nope"}, {"type": "notify", "config": {}}]
     assert set(validate_stage_dicts(raw, path="spec.stages")) == {
         "spec.stages[0].extra",
         "spec.stages[0].config.command",
         "spec.stages[1].type",
-        "spec.stages[2].config.message",
+        "spec.stages[2].config.channel",
     }
 
 
@@ -423,3 +425,18 @@ def test_a_built_stage_does_not_share_the_clients_config_dict() -> None:
     (stage,) = stages_from_dicts([{"id": "t", "type": "script", "config": config}], new_id=[])
     config["command"] = "rm -rf /"
     assert stage.config == {"command": "pytest"}
+
+
+def test_orders_the_client_sent_are_kept_as_sent_from_zero() -> None:
+    raw = [
+        {"id": "build", "type": "approval", "order": 0},
+        {"id": "test", "type": "approval", "order": 1},
+        {"id": "ship", "type": "approval", "order": 5},
+    ]
+    stages = stages_from_dicts(raw, new_id=[])
+    assert [(s.id, s.order) for s in stages] == [("build", 0), ("test", 1), ("ship", 5)]
+
+
+def test_stages_without_an_order_follow_the_one_before() -> None:
+    raw = [{"id": "a", "type": "approval", "order": 0}, {"id": "b", "type": "approval"}]
+    assert [(s.id, s.order) for s in stages_from_dicts(raw, new_id=[])] == [("a", 0), ("b", 1)]
