@@ -20,6 +20,7 @@ from websockets.http11 import Request, Response
 from infra.app.commands import Commands
 from infra.app.ports import EventStore
 from infra.auth import AuthError, Principal, verify_token
+from infra.broker.cursor import cursor_token
 from infra.config import Settings
 from infra.gateway import frames as fr
 from infra.gateway.conn import Conn, Item, Sub
@@ -38,22 +39,24 @@ HEALTH_PATH = "/healthz"
 
 
 class Gateway:
-    """Live run updates and log lines over WebSocket, resumable by feed position.
+    """Live run updates and log lines over WebSocket, resumable by feed cursor.
 
         ws://<host>:<port>/api/v1/ws          token in `Authorization: Bearer ...` or `?token=`
         GET /healthz                          200 `ok` (plain HTTP), 503 while NATS is down
         GET /metrics                          the process's Prometheus metrics (plain HTTP)
 
     Clients send `{"action": "subscribe"|"unsubscribe", "channel": "runs"|"logs"|"pipelines",
-    "params": {"pipelineId"?, "runId"?}, "fromPosition"?: n}` and receive
+    "params": {"pipelineId"?, "runId"?}, "fromCursor"?: token, "fromPosition"?: n}` and receive
 
         {"event": "subscribed",           "data": {"channel", "params"}}
-        {"event": "pipeline.run.updated", "data": <PipelineRun as of that event>, "position": n}
-        {"event": "pipeline.log",         "data": {"runId", "stage", "message"}, "position": n}
-        {"event": "pipeline.updated",     "data": <Pipeline as of that event>, "position": n}
-        {"event": "pipeline.deleted",     "data": <Pipeline as it was deleted>, "position": n}
+        {"event": "pipeline.run.updated", "data": <PipelineRun as of that event>, "position": n, "cursor": c}
+        {"event": "pipeline.log",         "data": {"runId", "stage", "message"}, "position": n, "cursor": c}
+        {"event": "pipeline.updated",     "data": <Pipeline as of that event>, "position": n, "cursor": c}
+        {"event": "pipeline.deleted",     "data": <Pipeline as it was deleted>, "position": n, "cursor": c}
         {"event": "unsubscribed",         "data": {"channel", "params"}}
         {"event": "error",                "data": {"message", ...}}
+
+    `cursor` only goes up in delivery order (the resume token); `position` can go down.
 
     One JetStream ordered consumer per process reads every event the relay publishes, in feed
     order. It starts right after the stream's last message, whose headers also give the feed cursor
@@ -235,7 +238,7 @@ class Gateway:
         try:
             req = parse_request(message, echo)
             if req.action == "subscribe":
-                await self._subscribe(conn, req.channel, req.params, req.from_position)
+                await self._subscribe(conn, req.channel, req.params, req.from_position, req.from_cursor)
             else:
                 await self._unsubscribe(conn, req.channel, req.params)
         except BadRequest as exc:
@@ -264,14 +267,23 @@ class Gateway:
             return "pipeline", pipeline_id
         return "org", principal.org or ""
 
-    async def _subscribe(self, conn: Conn, channel: Channel, params: dict[str, str], from_position: int | None) -> None:
+    async def _subscribe(
+        self,
+        conn: Conn,
+        channel: Channel,
+        params: dict[str, str],
+        from_position: int | None,
+        from_cursor: FeedCursor | None = None,
+    ) -> None:
         scope, key = await self._resolve(conn.principal, params)
         if (channel, scope, key) in conn.subs:
             raise BadRequest(f"already subscribed to {channel} {params or '(all)'}")
         if len(conn.subs) >= self.max_subscriptions:
             raise BadRequest(f"at most {self.max_subscriptions} subscriptions per connection")
         start: FeedCursor | None
-        if from_position is None:
+        if from_cursor is not None:
+            start = from_cursor  # a cursor needs no look-up: the feed continues right after it
+        elif from_position is None:
             start = None
         elif from_position == 0:
             start = FEED_START
@@ -287,7 +299,10 @@ class Gateway:
         sub = Sub(conn, channel, scope, key, params, enqueued=cursor, sent=cursor)
         self._fanout.add(sub)
         data: dict[str, Any] = {"channel": channel, "params": params}
-        if from_position is not None:
+        if from_cursor is not None:
+            data["fromCursor"] = cursor_token(from_cursor)
+            self._fanout.start_catch_up(sub)
+        elif from_position is not None:
             data["fromPosition"] = from_position
             self._fanout.start_catch_up(sub)
         conn.push([Item(fr.control("subscribed", data))])
