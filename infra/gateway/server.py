@@ -23,11 +23,14 @@ from infra.auth import AuthError, Principal, verify_token
 from infra.broker.cursor import cursor_token
 from infra.config import Settings
 from infra.gateway import frames as fr
+from infra.gateway.access import resolve
+from infra.gateway.asgi_host import AsgiHost, routing_connection
 from infra.gateway.conn import Conn, Item, Sub
 from infra.gateway.fanout import Fanout
 from infra.gateway.feed import feed_head, subscribe_after
 from infra.gateway.protocol import BadRequest, Channel, Scope, parse_request
 from infra.gateway.scrape import METRICS_PATH, metrics_response
+from infra.gateway.sio import NAMESPACE, SOCKETIO_PATH, SocketIOEvents
 from infra.gateway.views import Views
 from infra.metrics import websocket_clients
 from infra.store.records import FEED_START, FeedCursor
@@ -39,9 +42,10 @@ HEALTH_PATH = "/healthz"
 
 
 class Gateway:
-    """Live run updates and log lines over WebSocket, resumable by feed cursor.
+    """Live run updates and log lines over WebSocket (and Socket.IO), resumable by feed cursor.
 
         ws://<host>:<port>/api/v1/ws          token in `Authorization: Bearer ...` or `?token=`
+        http://<host>:<port>/socket.io/       Socket.IO, namespace `/events` (see infra/gateway/sio.py)
         GET /healthz                          200 `ok` (plain HTTP), 503 while NATS is down
         GET /metrics                          the process's Prometheus metrics (plain HTTP)
 
@@ -89,12 +93,15 @@ class Gateway:
         self.write_buffer_limit = write_buffer_limit
         self.ready = asyncio.Event()
         self.port = settings.gateway_port
+        views = Views(store)
         self._fanout = Fanout(
             store,
-            Views(store),
+            views,
             buffer_limit=buffer_limit if buffer_limit is not None else max(queue_limit, 100),
             page_size=page_size,
         )
+        self.socketio = SocketIOEvents(settings, commands, views)
+        self._fanout.on_live = self.socketio.publish
         self._principals: weakref.WeakKeyDictionary[ServerConnection, tuple[Principal, float | None]] = (
             weakref.WeakKeyDictionary()
         )
@@ -126,6 +133,10 @@ class Gateway:
 
     async def serve(self, stop: asyncio.Event) -> None:
         feed = await self._start_feed()
+        # Socket.IO shares the port: its requests (`/socket.io/`) go to its ASGI app before the
+        # WebSocket server parses anything; every other connection is a websockets one, as before.
+        asgi = AsgiHost(self.socketio.app, SOCKETIO_PATH)
+        self.socketio.start()
         try:
             async with serve(
                 self._handler,
@@ -134,12 +145,20 @@ class Gateway:
                 process_request=self._process_request,
                 compression=None,  # frames are encoded once for every subscriber; keep it that way
                 max_size=64 * 1024,
+                create_connection=routing_connection(asgi),
             ) as server:
                 self._server = server
                 for sock in server.sockets:
                     self.port = sock.getsockname()[1]
                     break
-                log.info("gateway listening on %s:%d%s", self.settings.gateway_host, self.port, WS_PATH)
+                log.info(
+                    "gateway listening on %s:%d%s (Socket.IO %s%s)",
+                    self.settings.gateway_host,
+                    self.port,
+                    WS_PATH,
+                    SOCKETIO_PATH,
+                    NAMESPACE,
+                )
                 self.ready.set()
                 await stop.wait()
                 log.info("gateway stopping: closing %d connections", len(self._conns))
@@ -150,6 +169,8 @@ class Gateway:
                 await feed.unsubscribe()
             for conn in list(self._conns):
                 self._close_conn(conn)
+            await self.socketio.stop()
+            await asgi.close()
 
     async def _start_feed(self) -> Any:
         """Subscribe to everything after the stream's last message, and learn its feed cursor."""
@@ -247,26 +268,6 @@ class Gateway:
             log.exception("client frame failed")
             await conn.control("error", {"message": "internal error", **echo})
 
-    async def _resolve(self, principal: Principal, params: dict[str, str]) -> tuple[Scope, str]:
-        """What a subscription is keyed by, once the principal may see it."""
-        run_id, pipeline_id = params.get("runId"), params.get("pipelineId")
-        if run_id is not None:
-            run, _ = await self.commands.load_run(run_id)
-            ok = run.exists and run.organization_id == principal.org
-            ok = ok and (pipeline_id is None or run.pipeline_id == pipeline_id)
-            if ok:
-                pipeline, _ = await self.commands.load_pipeline(run.pipeline_id)
-                ok = pipeline.live
-            if not ok:
-                raise BadRequest("run not found")
-            return "run", run_id
-        if pipeline_id is not None:
-            pipeline, _ = await self.commands.load_pipeline(pipeline_id)
-            if not pipeline.live or pipeline.organization_id != principal.org:
-                raise BadRequest("pipeline not found")
-            return "pipeline", pipeline_id
-        return "org", principal.org or ""
-
     async def _subscribe(
         self,
         conn: Conn,
@@ -275,7 +276,7 @@ class Gateway:
         from_position: int | None,
         from_cursor: FeedCursor | None = None,
     ) -> None:
-        scope, key = await self._resolve(conn.principal, params)
+        scope, key = await resolve(self.commands, conn.principal, params)
         if (channel, scope, key) in conn.subs:
             raise BadRequest(f"already subscribed to {channel} {params or '(all)'}")
         if len(conn.subs) >= self.max_subscriptions:
