@@ -100,7 +100,7 @@ class Gateway:
             buffer_limit=buffer_limit if buffer_limit is not None else max(queue_limit, 100),
             page_size=page_size,
         )
-        self.socketio = SocketIOEvents(settings, commands, views)
+        self.socketio = SocketIOEvents(settings, commands, store, views, page_size=page_size)
         self._fanout.on_live = self.socketio.publish
         self._principals: weakref.WeakKeyDictionary[ServerConnection, tuple[Principal, float | None]] = (
             weakref.WeakKeyDictionary()

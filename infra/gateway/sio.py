@@ -19,13 +19,15 @@ import socketio
 
 from domain import events as ev
 from infra.app.commands import Commands
+from infra.app.ports import EventStore
 from infra.auth import AuthError, Principal, verify_token
+from infra.broker.cursor import parse_cursor_token
 from infra.config import Settings
 from infra.gateway import frames as fr
 from infra.gateway.access import resolve
-from infra.gateway.protocol import BadRequest
+from infra.gateway.protocol import BadRequest, Scope
 from infra.gateway.views import Views
-from infra.store.records import RecordedEvent
+from infra.store.records import FEED_START, FeedCursor, RecordedEvent
 
 log = logging.getLogger("pipelines.gateway")
 
@@ -72,13 +74,30 @@ class SocketIOEvents:
         socket.on("pipeline.run.updated", (run, {position, cursor}) => ...)
         socket.on("pipeline.log", ({runId, stage, message}, {position, cursor}) => ...)
         socket.emit("subscribe", {runId} | {pipelineId}, (ack) => ...)   ack: {ok: true, ...} | {ok: false, error}
+        socket.emit("subscribe", {runId?, pipelineId?, fromCursor}, ...)  first what was missed, then live
+
+    A `subscribe` with `fromCursor` replays from the store what came after it, in feed order, then
+    joins its room: the last part of the replay is read with the emitter paused, up to the last
+    event the emitter handled (everything after it is still to be emitted to the room): no gap, no
+    duplicate, whatever else the client is subscribed to.
     """
 
-    def __init__(self, settings: Settings, commands: Commands, views: Views, *, backlog: int = 100_000) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        commands: Commands,
+        store: EventStore,
+        views: Views,
+        *,
+        backlog: int = 100_000,
+        page_size: int = 500,
+    ) -> None:
         self.settings = settings
         self.commands = commands
+        self.store = store
         self.views = views
         self.backlog = backlog
+        self.page_size = page_size
         self.sio = socketio.AsyncServer(
             async_mode="asgi",
             serializer=_Packet,
@@ -94,10 +113,14 @@ class SocketIOEvents:
         self.sio.on("subscribe", self._on_subscribe, namespace=NAMESPACE)
         self._clients: dict[str, _Client] = {}
         self._pending: deque[RecordedEvent] = deque()
+        # The emitter holds it while it handles an event; `_last` is the last event it handled.
+        self._lock = asyncio.Lock()
+        self._last: FeedCursor = FEED_START
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._dropping: asyncio.Task[None] | None = None
         self.emitted = 0  # events emitted (for tests and logs)
-        self.dropped = 0  # events not emitted because the backlog was full
+        self.dropped = 0  # events not emitted because the backlog was full (their clients were disconnected)
 
     @property
     def clients(self) -> int:
@@ -123,29 +146,40 @@ class SocketIOEvents:
 
     def publish(self, rec: RecordedEvent) -> None:
         """A live event, in feed order (from the gateway's dispatcher: must not wait)."""
-        if not self._clients:
-            return
         kind, _ = ev.aggregate_of(rec.stream_id)
-        if kind not in ("run", "runlog"):
+        if not self._clients or kind not in ("run", "runlog"):
+            if not self._pending:  # nothing before it is still to be emitted: handled
+                self._last = rec.cursor
             return
         if len(self._pending) >= self.backlog:
-            self._pending.popleft()
-            self.dropped += 1
-            if self.dropped == 1 or self.dropped % 1000 == 0:
-                log.warning("socket.io backlog full: %d events not emitted so far", self.dropped)
+            # Far behind: rather than a silent gap, every client goes and comes back with the
+            # cursor of the last event it had (`subscribe` with `fromCursor`).
+            self.dropped += len(self._pending) + 1
+            log.warning("socket.io: %d events behind; disconnecting %d clients", self.backlog, len(self._clients))
+            self._pending.clear()
+            self._last = rec.cursor
+            self._dropping = asyncio.create_task(self._disconnect(list(self._clients)))
+            return
         self._pending.append(rec)
         self._wake.set()
+
+    async def _disconnect(self, sids: list[str]) -> None:
+        for sid in sids:
+            with contextlib.suppress(Exception):
+                await self.sio.disconnect(sid, namespace=NAMESPACE)
 
     async def _emitter(self) -> None:
         while True:
             while not self._pending:
                 self._wake.clear()
                 await self._wake.wait()
-            rec = self._pending.popleft()
-            try:
-                await self._emit(rec)
-            except Exception:
-                log.exception("socket.io: emitting position %d failed", rec.position)
+            async with self._lock:
+                rec = self._pending.popleft()
+                try:
+                    await self._emit(rec)
+                except Exception:
+                    log.exception("socket.io: emitting position %d failed", rec.position)
+                self._last = rec.cursor
 
     async def _emit(self, rec: RecordedEvent) -> None:
         owner = await self.views.owner(rec.stream_id)
@@ -193,31 +227,76 @@ class SocketIOEvents:
         await self.sio.disconnect(sid, namespace=NAMESPACE)
 
     async def _on_subscribe(self, sid: str, data: Any = None) -> dict[str, Any]:
-        """Narrow to one run or pipeline (more `subscribe`s add more); the answer is the ack."""
+        """Narrow to one run or pipeline (more `subscribe`s add more), or resume (`fromCursor`);
+        the answer is the ack, sent once the client is live."""
         client = self._clients.get(sid)
         if client is None:
             return {"ok": False, "error": "not connected"}
         try:
-            params = _subscribe_params(data)
+            params, after = _subscribe_params(data)
             scope, key = await resolve(self.commands, client.principal, params)
         except BadRequest as exc:
             return {"ok": False, "error": str(exc)}
-        if sid not in self._clients:
-            return {"ok": False, "error": "not connected"}
         room = f"{scope}:{key}"
         org_room = _org_room(client.principal.org)
         if room != org_room and org_room in client.rooms:
             client.rooms.discard(org_room)
             await self.sio.leave_room(sid, org_room, namespace=NAMESPACE)
+        answer: dict[str, Any] = {"ok": True, **params}
+        if after is not None:
+            if room in client.rooms:  # replayed from the store: not live meanwhile
+                client.rooms.discard(room)
+                await self.sio.leave_room(sid, room, namespace=NAMESPACE)
+            answer["fromCursor"] = data["fromCursor"]
+            await self._replay(sid, scope, key, after)
+        elif sid in self._clients:
+            await self.sio.enter_room(sid, room, namespace=NAMESPACE)
+        if sid not in self._clients:
+            return {"ok": False, "error": "not connected"}
         client.rooms.add(room)
-        await self.sio.enter_room(sid, room, namespace=NAMESPACE)
-        return {"ok": True, **params}
+        return answer
+
+    async def _replay(self, sid: str, scope: Scope, key: str, after: FeedCursor) -> None:
+        """Emit to `sid` what the store has after `after` for the room, then put it in the room."""
+        cursor = after
+        while True:  # most of it without holding the emitter up
+            page = await self._read(scope, key, cursor)
+            cursor = await self._emit_page(sid, scope, key, page, cursor)
+            if len(page) < self.page_size or sid not in self._clients:
+                break
+        async with self._lock:
+            while sid in self._clients:
+                page = [r for r in await self._read(scope, key, cursor) if r.cursor <= self._last]
+                cursor = await self._emit_page(sid, scope, key, page, cursor)
+                if len(page) < self.page_size:
+                    await self.sio.enter_room(sid, f"{scope}:{key}", namespace=NAMESPACE)
+                    return
+
+    async def _read(self, scope: Scope, key: str, after: FeedCursor) -> list[RecordedEvent]:
+        if scope == "run":
+            return await self.store.read_feed(after, self.page_size, run_id=key)
+        if scope == "pipeline":
+            return await self.store.read_feed(after, self.page_size, pipeline_id=key)
+        return await self.store.read_feed(after, self.page_size)
+
+    async def _emit_page(
+        self, sid: str, scope: Scope, key: str, page: list[RecordedEvent], cursor: FeedCursor
+    ) -> FeedCursor:
+        for rec in page:
+            kind, _ = ev.aggregate_of(rec.stream_id)
+            if kind in ("run", "runlog") and (scope != "org" or (rec.org or "") == key):
+                for frame in await self.views.frames(rec):
+                    env = fr.envelope(frame)
+                    meta = {"position": env.position, "cursor": env.cursor}
+                    await self.sio.emit(env.event, (env.data, meta), to=sid, namespace=NAMESPACE)
+            cursor = rec.cursor
+        return cursor
 
 
-def _subscribe_params(data: Any) -> dict[str, str]:
+def _subscribe_params(data: Any) -> tuple[dict[str, str], FeedCursor | None]:
     if not isinstance(data, dict):
         raise BadRequest("subscribe takes an object: {runId} or {pipelineId}")
-    unknown = sorted(set(data) - {"runId", "pipelineId"})
+    unknown = sorted(set(data) - {"runId", "pipelineId", "fromCursor"})
     if unknown:
         raise BadRequest(f"unknown fields: {', '.join(map(str, unknown))}")
     params: dict[str, str] = {}
@@ -228,9 +307,14 @@ def _subscribe_params(data: Any) -> dict[str, str]:
         if not isinstance(value, str) or not 1 <= len(value) <= 200:
             raise BadRequest(f"{name} must be a string of 1-200 characters")
         params[name] = value
-    if not params:
-        raise BadRequest("subscribe takes runId or pipelineId")
-    return params
+    after = None
+    if data.get("fromCursor") is not None:
+        after = parse_cursor_token(data["fromCursor"])
+        if after is None:
+            raise BadRequest("fromCursor must be a cursor received with an event (32 hex digits)")
+    if not params and after is None:
+        raise BadRequest("subscribe takes runId, pipelineId or fromCursor")
+    return params, after
 
 
 def _token(environ: dict[str, Any], auth: Any) -> str | None:

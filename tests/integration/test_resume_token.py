@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 import pytest_asyncio
+import socketio
 from nats.aio.msg import Msg
 from nats.js.api import ConsumerConfig, DeliverPolicy
 from websockets.asyncio.client import ClientConnection, connect
@@ -223,3 +224,50 @@ async def test_a_nats_consumer_keeping_the_cursor_header_as_its_high_water_mark_
     assert positions[low_line] == appended.low < positions[high_line] == appended.high
     # ... so a consumer keeping the position as its high-water mark would have dropped it.
     assert [line for line, pos in positions.items() if pos > positions[high_line]] == []
+
+
+async def test_a_socketio_client_resuming_from_the_cursor_gets_the_event_whose_position_went_down(
+    env: GatewayEnv,
+) -> None:
+    org, r1, r2, pipeline_id = await two_runs(env)
+    tag = uuid.uuid4().hex[:6]
+    high_line, low_line = f"high-{tag}", f"low-{tag}"
+    got: asyncio.Queue[tuple[dict[str, Any], dict[str, Any]]] = asyncio.Queue()
+
+    async def on_log(data: dict[str, Any], meta: dict[str, Any]) -> None:
+        await got.put((data, meta))
+
+    async def connected_client() -> socketio.AsyncClient:
+        c = socketio.AsyncClient(reconnection=False)
+        c.on("pipeline.log", on_log, namespace="/events")
+        await c.connect(env.http_url, namespaces=["/events"], auth={"token": env.token(org)}, wait_timeout=WAIT)
+        return c
+
+    async def next_line(line: str) -> dict[str, Any]:
+        async with asyncio.timeout(WAIT):
+            while True:
+                data, meta = await got.get()
+                if data["message"] in (high_line, low_line):
+                    assert data["message"] == line, (data, meta)
+                    return meta
+
+    flaky = await connected_client()
+    try:
+        ack = await flaky.call("subscribe", {"pipelineId": pipeline_id}, namespace="/events", timeout=WAIT)
+        assert ack["ok"], ack
+        async with out_of_position_order(env, r1, high_line, r2, low_line) as appended:
+            last = await next_line(high_line)
+            await flaky.eio.disconnect(abort=True)
+    finally:
+        await flaky.eio.disconnect(abort=True)
+    assert last["position"] == appended.high
+    back = await connected_client()
+    try:
+        resume = {"pipelineId": pipeline_id, "fromCursor": last["cursor"]}
+        ack = await back.call("subscribe", resume, namespace="/events", timeout=WAIT)
+        assert ack == {"ok": True, **resume}
+        meta = await next_line(low_line)
+        # Its position is below the last one the client had: only the cursor went up.
+        assert meta["position"] == appended.low < last["position"] and meta["cursor"] > last["cursor"]
+    finally:
+        await back.eio.disconnect(abort=True)

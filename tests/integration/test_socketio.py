@@ -320,3 +320,44 @@ async def test_python_client_without_a_role_is_refused_and_expired_is_disconnect
         assert got[-1]["data"] == {"message": "token expired"}
         async with asyncio.timeout(WAIT):
             await c.disconnected.wait()
+
+
+async def test_subscribe_from_a_cursor_replays_what_was_missed_then_goes_live_with_no_gap_or_duplicate(
+    env: GatewayEnv, socketio_client: Path
+) -> None:
+    org = new_org()
+    pipeline = await env.pipeline(org)
+    async with py_client(env, env.token(org)) as steady:
+        run = await env.trigger(pipeline)
+        await env.log(run, "one")
+        first = await steady.until(is_log("one"))
+        resume_from = first[-1]["meta"]["cursor"]
+        # Missed by a client that went away after "one":
+        await env.advance(run.run_id)
+        await env.log(run, "two", "three")
+        await env.complete(run.run_id)
+        missed = await steady.until(is_run(run.run_id, "succeeded"))
+
+        # The real socket.io-client comes back with the cursor of the last event it had.
+        resume = {"runId": run.run_id, "fromCursor": resume_from}
+        async with node_client(socketio_client, env, auth={"token": env.token(org)}, subscribe=resume) as back:
+            await connected(back)
+            replayed = await back.until(lambda e: e["type"] == "ack")
+            assert replayed[-1]["ack"] == {"ok": True, **resume}
+            events = [e for e in replayed if e["type"] == "event"]
+            assert [(e["event"], e["data"], e["meta"]) for e in events] == [
+                (e["event"], e["data"], e["meta"]) for e in missed
+            ]
+            # Then live: the next event is the next one appended, once.
+            await env.log(run, "after")
+            got = await back.until(is_log("after"))
+            assert [e["data"].get("message") for e in got] == ["after"], got
+
+        # Resuming the whole organization (no runId) from the same cursor gives the same events.
+        async with py_client(env, env.token(org)) as whole:
+            ack = await whole.sio.call("subscribe", {"fromCursor": resume_from}, namespace="/events", timeout=WAIT)
+            assert ack == {"ok": True, "fromCursor": resume_from}
+            again = await whole.until(is_log("after"))
+            assert [(e["event"], e["data"]) for e in again[: len(missed)]] == [(e["event"], e["data"]) for e in missed]
+            bad = await whole.sio.call("subscribe", {"fromCursor": "12"}, namespace="/events", timeout=WAIT)
+            assert bad == {"ok": False, "error": "fromCursor must be a cursor received with an event (32 hex digits)"}
