@@ -361,3 +361,27 @@ async def test_subscribe_from_a_cursor_replays_what_was_missed_then_goes_live_wi
             assert [(e["event"], e["data"]) for e in again[: len(missed)]] == [(e["event"], e["data"]) for e in missed]
             bad = await whole.sio.call("subscribe", {"fromCursor": "12"}, namespace="/events", timeout=WAIT)
             assert bad == {"ok": False, "error": "fromCursor must be a cursor received with an event (32 hex digits)"}
+
+
+async def test_the_access_token_cookie_works_from_the_same_origin_and_not_from_another(env: GatewayEnv) -> None:
+    org = new_org()
+    cookie = {"Cookie": f"access_token={env.token(org)}"}
+    c = socketio.AsyncClient(reconnection=False)
+    await c.connect(env.http_url, namespaces=["/events"], headers=cookie, transports=["websocket"], wait_timeout=WAIT)
+    try:
+        ack = await c.call("subscribe", {"pipelineId": (await env.pipeline(org)).pipeline_id}, namespace="/events")
+        assert ack["ok"], ack
+    finally:
+        await c.eio.disconnect(abort=True)
+    # A page of another origin cannot ride on a visitor's cookie.
+    for transports in (["websocket"], ["polling"]):
+        evil = socketio.AsyncClient(reconnection=False)
+        with pytest.raises(socketio.exceptions.ConnectionError):
+            await evil.connect(
+                env.http_url,
+                namespaces=["/events"],
+                headers={**cookie, "Origin": "http://elsewhere.invalid"},
+                transports=transports,
+                wait_timeout=WAIT,
+            )
+        assert not evil.connected
