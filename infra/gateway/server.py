@@ -148,20 +148,25 @@ class Gateway:
                 create_connection=routing_connection(asgi),
             ) as server:
                 self._server = server
-                for sock in server.sockets:
-                    self.port = sock.getsockname()[1]
-                    break
-                log.info(
-                    "gateway listening on %s:%d%s (Socket.IO %s%s)",
-                    self.settings.gateway_host,
-                    self.port,
-                    WS_PATH,
-                    SOCKETIO_PATH,
-                    NAMESPACE,
-                )
-                self.ready.set()
-                await stop.wait()
-                log.info("gateway stopping: closing %d connections", len(self._conns))
+                try:
+                    for sock in server.sockets:
+                        self.port = sock.getsockname()[1]
+                        break
+                    log.info(
+                        "gateway listening on %s:%d%s (Socket.IO namespace %s at %s)",
+                        self.settings.gateway_host,
+                        self.port,
+                        WS_PATH,
+                        NAMESPACE,
+                        SOCKETIO_PATH,
+                    )
+                    self.ready.set()
+                    await stop.wait()
+                    log.info("gateway stopping: closing %d connections", len(self._conns))
+                finally:
+                    # Before the server closes: it waits for its connections, these among them.
+                    await self.socketio.stop()
+                    await asgi.close()
         finally:
             self.ready.clear()
             self._feed_ready = False
@@ -169,8 +174,6 @@ class Gateway:
                 await feed.unsubscribe()
             for conn in list(self._conns):
                 self._close_conn(conn)
-            await self.socketio.stop()
-            await asgi.close()
 
     async def _start_feed(self) -> Any:
         """Subscribe to everything after the stream's last message, and learn its feed cursor."""

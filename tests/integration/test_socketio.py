@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -19,6 +20,7 @@ import pytest
 import pytest_asyncio
 import socketio
 
+from infra.gateway.server import Gateway
 from tests.integration.gateway_env import WAIT, GatewayEnv, gateway_env
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="session")]
@@ -385,3 +387,20 @@ async def test_the_access_token_cookie_works_from_the_same_origin_and_not_from_a
                 wait_timeout=WAIT,
             )
         assert not evil.connected
+
+
+async def test_stopping_the_gateway_disconnects_its_socketio_clients(env: GatewayEnv) -> None:
+    gateway = Gateway(env.settings, env.store, env.commands, env.nc)
+    stop = asyncio.Event()
+    task = asyncio.create_task(gateway.serve(stop))
+    async with asyncio.timeout(WAIT):
+        await gateway.ready.wait()
+    other = dataclasses.replace(env, gateway=gateway)
+    websocket, polling = PyClient(), PyClient()
+    await websocket.connect(other, env.token(new_org()))
+    await polling.connect(other, env.token(new_org()), transports=["polling"])
+    stop.set()
+    async with asyncio.timeout(WAIT):
+        await task
+        await websocket.disconnected.wait()
+        await polling.disconnected.wait()
