@@ -155,6 +155,10 @@ async def test_a_websocket_client_resuming_from_the_cursor_gets_the_event_whose_
                 await bad.ws.send(json.dumps(frame))
                 got_error = await bad.recv()
                 assert got_error["event"] == "error" and "fromCursor" in got_error["data"]["message"], got_error
+            both = {"action": "subscribe", "channel": "logs", "params": params, "fromCursor": last["cursor"]}
+            await bad.ws.send(json.dumps({**both, "fromPosition": 0}))
+            got_error = await bad.recv()
+            assert got_error["data"]["message"] == "give fromCursor or fromPosition, not both", got_error
 
 
 async def test_a_nats_consumer_keeping_the_cursor_header_as_its_high_water_mark_skips_nothing(
