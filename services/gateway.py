@@ -1,4 +1,5 @@
-"""`python -m services.gateway`: live run updates and logs over WebSocket (`/api/v1/ws`)."""
+"""`python -m services.gateway`: live run updates and logs over WebSocket (`/api/v1/ws`) and
+Socket.IO (namespace `/events`), on one port."""
 
 from __future__ import annotations
 

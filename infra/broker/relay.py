@@ -26,6 +26,7 @@ from nats.aio.client import Client as NATS
 from nats.js.errors import NotFoundError
 
 from infra.broker.bus import APPENDED_SUBJECT, ensure_events_stream, event_subject, wait_for_wake
+from infra.broker.cursor import CURSOR, cursor_token
 from infra.metrics import observe_lags, relay_lag
 from infra.store.postgres import PostgresEventStore
 from infra.store.records import FEED_START, FeedCursor, RecordedEvent
@@ -50,6 +51,8 @@ def headers_for(rec: RecordedEvent) -> dict[str, str]:
         "ce-datacontenttype": "application/json",
         POSITION: str(rec.position),
         TX: str(rec.tx_id),
+        # The resume token: unlike the position, it only goes up in stream order.
+        CURSOR: cursor_token(rec.cursor),
         "Pipelines-Stream-Version": str(rec.stream_version),
     }
 

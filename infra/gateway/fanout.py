@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 
 from nats.aio.msg import Msg
 
@@ -58,6 +59,8 @@ class Fanout:
         # The feed cursor of the last live event dispatched, and of the one being dispatched.
         self.live_cursor: FeedCursor = FEED_START
         self._dispatching: FeedCursor | None = None
+        # Told of every live event once its raw WebSocket subscribers have it (must not wait).
+        self.on_live: Callable[[RecordedEvent], None] | None = None
 
     def now(self) -> FeedCursor:
         """Where a subscription "from now" starts: after the event in flight, if any."""
@@ -107,6 +110,11 @@ class Fanout:
             self.live_cursor = rec.cursor
             self._dispatching = None
         self.dispatched += 1
+        if self.on_live is not None:
+            try:
+                self.on_live(rec)
+            except Exception:
+                log.exception("live listener failed on position %d", rec.position)
 
     def watches_runs_of(self, owner: Owner) -> bool:
         """Whether a subscription to the runs of this pipeline or organization exists."""

@@ -1,4 +1,7 @@
-"""The server's frames: JSON encoding of each event kind, and their WebSocket wire bytes."""
+"""The server's frames: JSON encoding of each event kind, and their WebSocket wire bytes.
+
+An event frame is `{"event", "data", "position", "cursor"}`: `cursor` is the resume token (only goes
+up in delivery order); `position` is the store's, kept for compatibility (it can go down)."""
 
 from __future__ import annotations
 
@@ -8,7 +11,8 @@ import msgspec
 
 from domain import pipeline as pl
 from domain import run as rn
-from infra.store.records import RecordedEvent
+from infra.broker.cursor import cursor_token
+from infra.store.records import FeedCursor, RecordedEvent
 from projections.views import pipeline_view, run_view
 
 _encoder = msgspec.json.Encoder()
@@ -19,14 +23,34 @@ def control(event: str, data: dict[str, Any]) -> bytes:
     return _encoder.encode({"event": event, "data": data})
 
 
-def run_frame(state: rn.RunState, logs: list[rn.LogAppended], position: int) -> bytes:
+class Envelope(msgspec.Struct):
+    """An event frame read back with its payload left encoded (for another protocol to reuse)."""
+
+    event: str
+    data: msgspec.Raw
+    position: int
+    cursor: str
+
+
+_envelope = msgspec.json.Decoder(Envelope)
+
+
+def envelope(frame: bytes) -> Envelope:
+    return _envelope.decode(frame)
+
+
+def run_frame(state: rn.RunState, logs: list[rn.LogAppended], cursor: FeedCursor) -> bytes:
     view = run_view(state, logs)
-    return _encoder.encode({"event": "pipeline.run.updated", "data": view, "position": position})
+    return _event("pipeline.run.updated", view, cursor)
 
 
-def pipeline_frame(state: pl.PipelineState, position: int) -> bytes:
+def pipeline_frame(state: pl.PipelineState, cursor: FeedCursor) -> bytes:
     name = "pipeline.deleted" if state.deleted else "pipeline.updated"
-    return _encoder.encode({"event": name, "data": pipeline_view(state), "position": position})
+    return _event(name, pipeline_view(state), cursor)
+
+
+def _event(name: str, data: Any, cursor: FeedCursor) -> bytes:
+    return _encoder.encode({"event": name, "data": data, "position": cursor[1], "cursor": cursor_token(cursor)})
 
 
 def log_frames(run_id: str, rec: RecordedEvent) -> tuple[bytes, ...]:
@@ -37,10 +61,7 @@ def log_frames(run_id: str, rec: RecordedEvent) -> tuple[bytes, ...]:
     where: dict[str, str | None] = {"runId": run_id, "stage": e.stage_id}
     if e.job is not None:  # inside a stage of jobs
         where["job"], where["step"] = e.job, e.step
-    return tuple(
-        _encoder.encode({"event": "pipeline.log", "data": {**where, "message": line.text}, "position": rec.position})
-        for line in e.lines
-    )
+    return tuple(_event("pipeline.log", {**where, "message": line.text}, rec.cursor) for line in e.lines)
 
 
 def wire(frames: tuple[bytes, ...]) -> bytes:

@@ -7,6 +7,9 @@ from typing import Any, Literal
 
 import msgspec
 
+from infra.broker.cursor import parse_cursor_token
+from infra.store.records import FeedCursor
+
 Channel = Literal["runs", "logs", "pipelines"]
 Scope = Literal["run", "pipeline", "org"]
 CHANNELS: tuple[Channel, ...] = ("runs", "logs", "pipelines")
@@ -24,6 +27,7 @@ class Request:
     channel: Channel
     params: dict[str, str]  # pipelineId and/or runId
     from_position: int | None
+    from_cursor: FeedCursor | None = None
 
 
 def parse_request(message: str | bytes, echo: dict[str, Any]) -> Request:
@@ -62,8 +66,14 @@ def parse_request(message: str | bytes, echo: dict[str, Any]) -> Request:
         isinstance(from_position, bool) or not isinstance(from_position, int) or from_position < 0
     ):
         raise BadRequest("fromPosition must be a non-negative integer")
+    raw_cursor = frame.get("fromCursor")
+    from_cursor = None if raw_cursor is None else parse_cursor_token(raw_cursor)
+    if raw_cursor is not None and from_cursor is None:
+        raise BadRequest("fromCursor must be a cursor received in a frame (32 hex digits)")
+    if from_cursor is not None and from_position is not None:
+        raise BadRequest("give fromCursor or fromPosition, not both")
     params = {k: v for k, v in (("pipelineId", pipeline_id), ("runId", run_id)) if v is not None}
-    return Request(action, channel, params, from_position)
+    return Request(action, channel, params, from_position, from_cursor)
 
 
 def _str_param(params: dict[str, Any], name: str) -> str | None:

@@ -20,14 +20,18 @@ from websockets.http11 import Request, Response
 from infra.app.commands import Commands
 from infra.app.ports import EventStore
 from infra.auth import AuthError, Principal, verify_token
+from infra.broker.cursor import cursor_token
 from infra.config import Settings
 from infra.gateway import frames as fr
-from infra.gateway.access import HandshakeLog
+from infra.gateway.asgi_host import AsgiHost, routing_connection
 from infra.gateway.conn import Conn, Item, Sub
 from infra.gateway.fanout import Fanout
 from infra.gateway.feed import feed_head, subscribe_after
+from infra.gateway.handshake_log import HandshakeLog
 from infra.gateway.protocol import BadRequest, Channel, Scope, parse_request
+from infra.gateway.scopes import resolve
 from infra.gateway.scrape import METRICS_PATH, metrics_response
+from infra.gateway.sio import NAMESPACE, SOCKETIO_PATH, SocketIOEvents
 from infra.gateway.views import Views
 from infra.metrics import websocket_clients
 from infra.store.records import FEED_START, FeedCursor
@@ -39,22 +43,25 @@ HEALTH_PATH = "/healthz"
 
 
 class Gateway:
-    """Live run updates and log lines over WebSocket, resumable by feed position.
+    """Live run updates and log lines over WebSocket (and Socket.IO), resumable by feed cursor.
 
         ws://<host>:<port>/api/v1/ws          token in `Authorization: Bearer ...` or `?token=`
+        http://<host>:<port>/socket.io/       Socket.IO, namespace `/events` (see infra/gateway/sio.py)
         GET /healthz                          200 `ok` (plain HTTP), 503 while NATS is down
         GET /metrics                          the process's Prometheus metrics (plain HTTP)
 
     Clients send `{"action": "subscribe"|"unsubscribe", "channel": "runs"|"logs"|"pipelines",
-    "params": {"pipelineId"?, "runId"?}, "fromPosition"?: n}` and receive
+    "params": {"pipelineId"?, "runId"?}, "fromCursor"?: token, "fromPosition"?: n}` and receive
 
         {"event": "subscribed",           "data": {"channel", "params"}}
-        {"event": "pipeline.run.updated", "data": <PipelineRun as of that event>, "position": n}
-        {"event": "pipeline.log",         "data": {"runId", "stage", "message"}, "position": n}
-        {"event": "pipeline.updated",     "data": <Pipeline as of that event>, "position": n}
-        {"event": "pipeline.deleted",     "data": <Pipeline as it was deleted>, "position": n}
+        {"event": "pipeline.run.updated", "data": <PipelineRun as of that event>, "position": n, "cursor": c}
+        {"event": "pipeline.log",         "data": {"runId", "stage", "message"}, "position": n, "cursor": c}
+        {"event": "pipeline.updated",     "data": <Pipeline as of that event>, "position": n, "cursor": c}
+        {"event": "pipeline.deleted",     "data": <Pipeline as it was deleted>, "position": n, "cursor": c}
         {"event": "unsubscribed",         "data": {"channel", "params"}}
         {"event": "error",                "data": {"message", ...}}
+
+    `cursor` only goes up in delivery order (the resume token); `position` can go down.
 
     One JetStream ordered consumer per process reads every event the relay publishes, in feed
     order. It starts right after the stream's last message, whose headers also give the feed cursor
@@ -87,12 +94,15 @@ class Gateway:
         self.write_buffer_limit = write_buffer_limit
         self.ready = asyncio.Event()
         self.port = settings.gateway_port
+        views = Views(store)
         self._fanout = Fanout(
             store,
-            Views(store),
+            views,
             buffer_limit=buffer_limit if buffer_limit is not None else max(queue_limit, 100),
             page_size=page_size,
         )
+        self.socketio = SocketIOEvents(settings, commands, store, views, page_size=page_size)
+        self._fanout.on_live = self.socketio.publish
         self._principals: weakref.WeakKeyDictionary[ServerConnection, tuple[Principal, float | None]] = (
             weakref.WeakKeyDictionary()
         )
@@ -125,6 +135,10 @@ class Gateway:
     async def serve(self, stop: asyncio.Event) -> None:
         feed = await self._start_feed()
         handshakes = HandshakeLog()
+        # Socket.IO shares the port: its requests (`/socket.io/`) go to its ASGI app before the
+        # WebSocket server parses anything; every other connection is a websockets one, as before.
+        asgi = AsgiHost(self.socketio.app, SOCKETIO_PATH)
+        self.socketio.start()
         try:
             async with serve(
                 self._handler,
@@ -134,15 +148,28 @@ class Gateway:
                 process_response=handshakes.process_response,
                 compression=None,  # frames are encoded once for every subscriber; keep it that way
                 max_size=64 * 1024,
+                create_connection=routing_connection(asgi),
             ) as server:
                 self._server = server
-                for sock in server.sockets:
-                    self.port = sock.getsockname()[1]
-                    break
-                log.info("gateway listening on %s:%d%s", self.settings.gateway_host, self.port, WS_PATH)
-                self.ready.set()
-                await stop.wait()
-                log.info("gateway stopping: closing %d connections", len(self._conns))
+                try:
+                    for sock in server.sockets:
+                        self.port = sock.getsockname()[1]
+                        break
+                    log.info(
+                        "gateway listening on %s:%d%s (Socket.IO namespace %s at %s)",
+                        self.settings.gateway_host,
+                        self.port,
+                        WS_PATH,
+                        NAMESPACE,
+                        SOCKETIO_PATH,
+                    )
+                    self.ready.set()
+                    await stop.wait()
+                    log.info("gateway stopping: closing %d connections", len(self._conns))
+                finally:
+                    # Before the server closes: it waits for its connections, these among them.
+                    await self.socketio.stop()
+                    await asgi.close()
         finally:
             self.ready.clear()
             self._feed_ready = False
@@ -238,7 +265,7 @@ class Gateway:
         try:
             req = parse_request(message, echo)
             if req.action == "subscribe":
-                await self._subscribe(conn, req.channel, req.params, req.from_position)
+                await self._subscribe(conn, req.channel, req.params, req.from_position, req.from_cursor)
             else:
                 await self._unsubscribe(conn, req.channel, req.params)
         except BadRequest as exc:
@@ -247,34 +274,23 @@ class Gateway:
             log.exception("client frame failed")
             await conn.control("error", {"message": "internal error", **echo})
 
-    async def _resolve(self, principal: Principal, params: dict[str, str]) -> tuple[Scope, str]:
-        """What a subscription is keyed by, once the principal may see it."""
-        run_id, pipeline_id = params.get("runId"), params.get("pipelineId")
-        if run_id is not None:
-            run, _ = await self.commands.load_run(run_id)
-            ok = run.exists and run.organization_id == principal.org
-            ok = ok and (pipeline_id is None or run.pipeline_id == pipeline_id)
-            if ok:
-                pipeline, _ = await self.commands.load_pipeline(run.pipeline_id)
-                ok = pipeline.live
-            if not ok:
-                raise BadRequest("run not found")
-            return "run", run_id
-        if pipeline_id is not None:
-            pipeline, _ = await self.commands.load_pipeline(pipeline_id)
-            if not pipeline.live or pipeline.organization_id != principal.org:
-                raise BadRequest("pipeline not found")
-            return "pipeline", pipeline_id
-        return "org", principal.org or ""
-
-    async def _subscribe(self, conn: Conn, channel: Channel, params: dict[str, str], from_position: int | None) -> None:
-        scope, key = await self._resolve(conn.principal, params)
+    async def _subscribe(
+        self,
+        conn: Conn,
+        channel: Channel,
+        params: dict[str, str],
+        from_position: int | None,
+        from_cursor: FeedCursor | None = None,
+    ) -> None:
+        scope, key = await resolve(self.commands, conn.principal, params)
         if (channel, scope, key) in conn.subs:
             raise BadRequest(f"already subscribed to {channel} {params or '(all)'}")
         if len(conn.subs) >= self.max_subscriptions:
             raise BadRequest(f"at most {self.max_subscriptions} subscriptions per connection")
         start: FeedCursor | None
-        if from_position is None:
+        if from_cursor is not None:
+            start = from_cursor  # a cursor needs no look-up: the feed continues right after it
+        elif from_position is None:
             start = None
         elif from_position == 0:
             start = FEED_START
@@ -290,7 +306,10 @@ class Gateway:
         sub = Sub(conn, channel, scope, key, params, enqueued=cursor, sent=cursor)
         self._fanout.add(sub)
         data: dict[str, Any] = {"channel": channel, "params": params}
-        if from_position is not None:
+        if from_cursor is not None:
+            data["fromCursor"] = cursor_token(from_cursor)
+            self._fanout.start_catch_up(sub)
+        elif from_position is not None:
             data["fromPosition"] = from_position
             self._fanout.start_catch_up(sub)
         conn.push([Item(fr.control("subscribed", data))])

@@ -214,7 +214,7 @@ class Views:
                 hist.live = True
             state = hist.states[i]
             logs = [chunk for cursor, chunk in hist.logs if cursor <= rec.cursor]
-        return fr.run_frame(state, logs, rec.position)
+        return fr.run_frame(state, logs, rec.cursor)
 
     async def _pipeline_frame(self, pipeline_id: str, rec: RecordedEvent) -> bytes:
         hist = self._pipelines.get_fresh(pipeline_id)
@@ -236,4 +236,4 @@ class Views:
                 if i is None:
                     raise LookupError(f"event {rec.position} is not in {rec.stream_id}")
             state = hist.states[i]
-        return fr.pipeline_frame(state, rec.position)
+        return fr.pipeline_frame(state, rec.cursor)

@@ -14,6 +14,7 @@ from litestar.params import FromPath, Parameter
 from domain import pipeline as pl
 from domain.errors import Invalid
 from domain.spec import size_errors, validate_spec
+from domain.stages import Limits
 from infra.app.specs import check_save, installed_plugins
 from infra.auth import Principal
 from infra.git.repos import render_spec

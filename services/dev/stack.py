@@ -289,6 +289,8 @@ class Stack:
         lines.append(f"OpenAPI     {self.api_url}/schema")
         lines.append(f"AsyncAPI    {self.api_url}/api/v1/asyncapi.json")
         lines.append(f"WebSocket   {self.gateway_url}")
+        gateway_http = f"http://{display_host(self.settings.gateway_host)}:{self.gateway_port}"
+        lines.append(f"Socket.IO   {gateway_http}/events  (namespace /events, path /socket.io/)")
         for i, (name, url) in enumerate(self.metrics_urls()):
             lines.append(f"{'Metrics' if i == 0 else '':<12}{url} ({name})")
         lines.append(f"Token       {token_command}")
