@@ -19,6 +19,7 @@ _PARAMS: dict[str, Any] = {
     "additionalProperties": False,
 }
 _POSITION = {"type": "integer", "minimum": 0}
+_CURSOR = {"type": "string", "pattern": "^[0-9a-f]{32}$"}
 _LOG_LINE: dict[str, Any] = {
     "type": "object",
     "properties": {
@@ -35,7 +36,8 @@ _LOG_LINE: dict[str, Any] = {
 def _frame(event: str, data: dict[str, Any], *, position: bool) -> dict[str, Any]:
     props: dict[str, Any] = {"event": {"const": event}, "data": data}
     if position:
-        props["position"] = {**_POSITION, "description": "the store position to resume from (fromPosition)"}
+        props["position"] = {**_POSITION, "description": "the event's store position (can go down in delivery order)"}
+        props["cursor"] = {**_CURSOR, "description": "the resume token (fromCursor): only goes up in delivery order"}
     return {"type": "object", "properties": props, "required": list(props)}
 
 
@@ -49,6 +51,10 @@ def _request(action: str) -> dict[str, Any]:
         props["fromPosition"] = {
             **_POSITION,
             "description": "replay from this position (0: from the start), then continue live; omitted: live only",
+        }
+        props["fromCursor"] = {
+            **_CURSOR,
+            "description": "replay what came after this frame's cursor, then continue live (not with fromPosition)",
         }
     return {"type": "object", "properties": props, "required": ["action", "channel"]}
 
@@ -64,7 +70,12 @@ WS_SCHEMAS: dict[str, Any] = {
         "subscribed",
         {
             "type": "object",
-            "properties": {"channel": {"enum": list(CHANNELS)}, "params": _PARAMS, "fromPosition": _POSITION},
+            "properties": {
+                "channel": {"enum": list(CHANNELS)},
+                "params": _PARAMS,
+                "fromPosition": _POSITION,
+                "fromCursor": _CURSOR,
+            },
             "required": ["channel", "params"],
         },
         position=False,
@@ -92,8 +103,8 @@ WS_SCHEMAS: dict[str, Any] = {
     "SioSubscribe": {
         "description": "narrow what this connection receives to one run or one pipeline",
         "oneOf": [
-            {"type": "object", "properties": {"runId": _ID}, "required": ["runId"]},
-            {"type": "object", "properties": {"pipelineId": _ID}, "required": ["pipelineId"]},
+            {"type": "object", "properties": {"runId": _ID, "fromCursor": _CURSOR}, "required": ["runId"]},
+            {"type": "object", "properties": {"pipelineId": _ID, "fromCursor": _CURSOR}, "required": ["pipelineId"]},
         ],
     },
     "SioAck": {"type": "object", "description": "the acknowledgement of a subscribe emit"},

@@ -25,10 +25,16 @@ HEADER_DOCS: dict[str, str] = {
     "Pipelines-Position": "the event's global position in the store (decimal)",
     "Pipelines-Tx": "the id of the transaction that stored it (decimal); the feed is ordered by (tx, position)",
     "Pipelines-Stream-Version": "the event's version within its stream (decimal, from 1)",
+    "Pipelines-Cursor": (
+        "the event's place in delivery order: 32 hex digits that sort as the feed does (by transaction, then"
+        " position); keep this one as a high-water mark and resume from it, never from Pipelines-Position,"
+        " which can go down when commits land out of position order"
+    ),
 }
 UNDOCUMENTED = "undocumented"
 _FIXED = {"ce-specversion": "1.0", "ce-datacontenttype": "application/json"}
 _NUMERIC = {"Pipelines-Position", "Pipelines-Tx", "Pipelines-Stream-Version"}
+_PATTERNS = {"Pipelines-Cursor": "^[0-9a-f]{32}$"}
 
 
 def header_names() -> list[str]:
@@ -59,6 +65,8 @@ def event_headers(event_type: str) -> dict[str, Any]:
             prop["const"] = f"pipelines.{event_type}"
         elif name in _NUMERIC:
             prop["pattern"] = "^[0-9]+$"
+        elif name in _PATTERNS:
+            prop["pattern"] = _PATTERNS[name]
         props[name] = prop
     return {"type": "object", "properties": props, "required": list(props)}
 
