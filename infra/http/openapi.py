@@ -16,6 +16,8 @@ from infra.http.runs import ActionBody, TriggerBody
 from infra.http.secrets import SecretView
 from infra.http.specs import SaveBody, SavedView, ValidateBody
 from infra.http.views import (
+    BrokerCredentialBody,
+    BrokerCredentialView,
     ChannelView,
     ComponentView,
     EnvironmentView,
@@ -56,6 +58,8 @@ def _bodies() -> dict[Key, type[Any]]:
         ("post", "/api/v1/pipelines"): CreatePipelineBody,
         ("put", "/api/v1/pipelines/{pipeline_id}"): CreatePipelineBody,
         ("post", "/api/v1/hooks/{pipeline_id}"): HookBody,
+        ("post", "/api/v1/broker-credentials"): BrokerCredentialBody,
+        ("post", "/api/v1/pipelines/validate"): ValidateBody,
     }
     for action in _ACTIONS:
         out["post", f"/api/v1/pipelines/{{pipeline_id}}/runs/{{run_id}}/{action}"] = ActionBody
@@ -77,6 +81,7 @@ def _results() -> dict[Key, dict[str, Any]]:
         ("get", "/api/v1/pipelines/{pipeline_id}/runs"): {"200": list[RunView] | RunPage},
         ("get", "/api/v1/pipelines/{pipeline_id}/runs/stats"): {"200": RunStats},
         ("get", "/api/v1/pipelines/{pipeline_id}/runs/compare"): {"200": RunComparison},
+        ("post", "/api/v1/broker-credentials"): {"201": BrokerCredentialView},
     }
     for action in _ACTIONS:
         out["post", f"/api/v1/pipelines/{{pipeline_id}}/runs/{{run_id}}/{action}"] = {"200": RunView}

@@ -76,3 +76,29 @@ class RunPage(msgspec.Struct, kw_only=True):
 
     data: list[RunView]
     total: int
+
+
+class BrokerCredentialBody(msgspec.Struct, kw_only=True, rename="camel"):
+    """`POST /broker-credentials`: an optional lifetime (60 s to a year); no body: no expiry."""
+
+    ttl_seconds: int | None = None
+
+
+class BrokerSubjects(msgspec.Struct, kw_only=True):
+    events: str
+    logs: str
+    notify: str
+
+
+class BrokerCredentialView(msgspec.Struct, kw_only=True, rename="camel"):
+    """Issued broker credentials: the only time the password is shown."""
+
+    id: str
+    servers: list[str]
+    user: str
+    password: str
+    inbox_prefix: str
+    stream: str
+    consumer: str
+    subjects: BrokerSubjects
+    expires_at: str | None = None

@@ -177,13 +177,13 @@ async def test_a_deploy_stage_with_only_a_component_deploys_to_its_default_envir
 
 
 async def test_a_notify_stage_with_only_a_channel_sends_a_default_message(system: System) -> None:
-    assert system.executor.nc is not None
+    assert system.nc is not None
     received: list[bytes] = []
 
     async def on_msg(msg: Any) -> None:
         received.append(msg.data)
 
-    sub = await system.executor.nc.subscribe(notify_subject(system.org, "#farm"), cb=on_msg)
+    sub = await system.nc.subscribe(notify_subject(system.org, "#farm"), cb=on_msg)
     try:
         stage = {"id": "n", "name": "Notify", "type": "notify", "config": {"channel": "#farm"}}
         p = await system.create_pipeline([stage], name="farm-notify")
