@@ -6,6 +6,7 @@ import msgspec
 from psycopg_pool import AsyncConnectionPool
 
 from domain.run import LogLine
+from infra.setaside import SetAside, list_set_aside
 from projections.views import PipelineView, RunView, log_text, step_log_key
 
 _pipeline = msgspec.json.Decoder(PipelineView)
@@ -16,6 +17,10 @@ _lines = msgspec.json.Decoder(tuple[LogLine, ...])
 class ReadModels:
     def __init__(self, pool: AsyncConnectionPool) -> None:
         self._pool = pool
+
+    async def set_aside(self) -> list[SetAside]:
+        """Events the consumers set aside (poison events): /readyz reports them."""
+        return await list_set_aside(self._pool)
 
     async def list_pipelines(self, org: str | None, page: int, limit: int) -> tuple[list[PipelineView], int]:
         async with self._pool.connection() as conn:

@@ -19,6 +19,7 @@ from infra.metrics import observe_lags, projection_lag
 from infra.projector import rebuild as rb
 from infra.projector.apply import States, apply
 from infra.projector.checkpoint import BEHIND_HORIZON, CheckpointMoved, behind_horizon, move_checkpoint, read_checkpoint
+from infra.setaside import PROJECTOR, is_poison, record
 from infra.store.postgres import PostgresEventStore
 from infra.store.records import FeedCursor, RecordedEvent
 
@@ -132,7 +133,15 @@ class Projector:
             if not events:
                 return total, await behind_horizon(self.store, cursor)
             try:
-                pending, folded = await self._commit_batch(cursor, events)
+                try:
+                    pending, folded = await self._commit_batch(cursor, events)
+                except Exception as exc:
+                    if not is_poison(exc):
+                        raise
+                    # One event of the batch cannot be projected: the batch was rolled back as a
+                    # whole. Apply it one event at a time, setting aside the ones that fail, so
+                    # that they do not hold back their neighbours (or anything after them).
+                    pending, folded = await self._commit_one_by_one(cursor, events)
             except CheckpointMoved:
                 self.stale_batches += 1
                 self._cursor = None  # a rebuild ran meanwhile: our batch was rolled back, read again
@@ -161,6 +170,35 @@ class Projector:
             except psycopg.errors.DivisionByZero as exc:
                 raise CheckpointMoved() from exc
         return pending, folded
+
+    async def _commit_one_by_one(self, cursor: FeedCursor, events: Sequence[RecordedEvent]) -> tuple[bool, States]:
+        """Each event in a transaction of its own; one that fails is recorded as set aside, and the
+        checkpoint moves past it in that same transaction."""
+        folded = States(self._states.size)
+        pending = False
+        for rec in events:
+            try:
+                pending, one = await self._commit_batch(cursor, [rec])
+            except Exception as exc:
+                if not is_poison(exc):
+                    raise
+                await self._set_aside(cursor, rec, exc)
+            else:
+                folded.update_from(one)
+                # The next single event's fold starts from this one's state (the cache is keyed by
+                # stream version, so a set-aside event's stream reads its row back instead).
+                self._states.update_from(one)
+            cursor = rec.cursor
+        return pending, folded
+
+    async def _set_aside(self, cursor: FeedCursor, rec: RecordedEvent, exc: BaseException) -> None:
+        async with self.store.pool.connection() as conn:
+            try:
+                async with conn.transaction():
+                    await move_checkpoint(conn, rec.cursor, expected=cursor)
+                    await record(conn, PROJECTOR, rec, exc)
+            except psycopg.errors.DivisionByZero as moved:
+                raise CheckpointMoved() from moved
 
     async def rebuild(self) -> int:
         """Drop every read model and fold the whole store again, in one transaction."""
