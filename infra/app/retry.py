@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 from infra.app.ports import EventStore
+from infra.app.positions import note
 from infra.store.records import NewEvent, UniqueKey, WrongExpectedVersion
 
 S = TypeVar("S")
@@ -55,7 +56,7 @@ async def load_decide_append(
         if before_append is not None:
             await before_append(state, new)
         try:
-            await store.append(stream_id, record(state, new), version, claim=claim, release=release)
+            note(await store.append(stream_id, record(state, new), version, claim=claim, release=release))
         except WrongExpectedVersion:
             if lost_race is not None:
                 await lost_race(state, new)

@@ -14,6 +14,7 @@ from domain.errors import NotFound
 from infra.app.context import AppContext
 from infra.app.definitions import Definitions
 from infra.app.ports import EventStore
+from infra.app.positions import note
 from infra.app.retry import load_decide_append
 from infra.store.records import NewEvent
 
@@ -94,8 +95,10 @@ class RunCommands:
             at=ctx.now(),
         )
         new = rn.decide(cmd, rn.initial_state)
-        await ctx.store.append(
-            ev.run_stream(run_id), self.records(cmd.organization_id, cmd.pipeline_id, run_id, new), 0
+        note(
+            await ctx.store.append(
+                ev.run_stream(run_id), self.records(cmd.organization_id, cmd.pipeline_id, run_id, new), 0
+            )
         )
         ctx.appended()
         ctx.run_appended(run_id)

@@ -14,6 +14,7 @@ from litestar.middleware import DefineMiddleware
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.spec import Components, SecurityScheme
 
+from infra.http.consistency import ReadYourWrites
 from infra.http.delivery import ChannelController, ComponentController, DeploymentController, EnvironmentController
 from infra.http.deps import API, Deps, deps_of
 from infra.http.errors import handle
@@ -95,7 +96,8 @@ def create_app(build: Callable[[], Awaitable[Deps]]) -> Litestar:
             DefineMiddleware(
                 JWTAuth,
                 exclude=["^/healthz", "^/readyz", "^/metrics", "^/schema", f"^{API}/hooks", f"^{SPEC_SCHEMA_URL}"],
-            )
+            ),
+            ReadYourWrites,
         ],
         exception_handlers={Exception: handle},
         after_response=None,

@@ -18,6 +18,19 @@ class ReadModels:
     def __init__(self, pool: AsyncConnectionPool) -> None:
         self._pool = pool
 
+    async def projected_past(self, position: int) -> bool:
+        """Whether the projector's checkpoint has passed the event at `position` (a position no
+        event holds, one of a rolled-back append, counts as passed once the checkpoint's is past it)."""
+        async with self._pool.connection() as conn:
+            cur = await conn.execute(
+                "SELECT CASE WHEN e.position IS NULL THEN c.position >= %s "
+                "ELSE (c.tx_id, c.position) >= (e.tx_id, e.position) END "
+                "FROM checkpoints c LEFT JOIN events e ON e.position = %s WHERE c.name = 'projector'",
+                (position, position),
+            )
+            row = await cur.fetchone()
+            return bool(row and row[0])
+
     async def set_aside(self) -> list[SetAside]:
         """Events the consumers set aside (poison events): /readyz reports them."""
         return await list_set_aside(self._pool)
