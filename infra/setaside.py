@@ -42,7 +42,8 @@ class SetAside:
 def is_poison(exc: BaseException) -> bool:
     """Whether `exc` is the event's own fault (it fails the same way every time), not the
     database's or the network's (then the consumer retries instead of skipping the event)."""
-    if isinstance(exc, psycopg.DataError | psycopg.IntegrityError | psycopg.ProgrammingError):
+    # Not ProgrammingError and the like: a missing table would set every event aside.
+    if isinstance(exc, psycopg.DataError | psycopg.IntegrityError):
         return True
     if isinstance(exc, psycopg.Error | OSError | TimeoutError):
         return False
