@@ -138,10 +138,10 @@ class Projector:
                 except Exception as exc:
                     if not is_poison(exc):
                         raise
-                    # One event of the batch cannot be projected: the batch was rolled back as a
-                    # whole. Apply it one event at a time, setting aside the ones that fail, so
-                    # that they do not hold back their neighbours (or anything after them).
-                    pending, folded = await self._commit_one_by_one(cursor, events)
+                    # An event of the batch cannot be projected: the batch was rolled back as a
+                    # whole. Apply its halves, and theirs, down to the event that fails, which is
+                    # set aside: it holds back neither its neighbours nor anything after it.
+                    pending, folded = await self._commit_halves(cursor, events, exc)
             except CheckpointMoved:
                 self.stale_batches += 1
                 self._cursor = None  # a rebuild ran meanwhile: our batch was rolled back, read again
@@ -171,24 +171,31 @@ class Projector:
                 raise CheckpointMoved() from exc
         return pending, folded
 
-    async def _commit_one_by_one(self, cursor: FeedCursor, events: Sequence[RecordedEvent]) -> tuple[bool, States]:
-        """Each event in a transaction of its own; one that fails is recorded as set aside, and the
-        checkpoint moves past it in that same transaction."""
+    async def _commit_halves(
+        self, cursor: FeedCursor, events: Sequence[RecordedEvent], error: BaseException
+    ) -> tuple[bool, States]:
+        """A batch that failed with `error`, as two halves, each committed whole if it can be, else
+        halved again; a single event that fails is recorded as set aside, the checkpoint moving past
+        it in that same transaction. Bisecting, not one event at a time: a transaction per event
+        would write a large run's row once per event (a 10,000-stage run's row is megabytes)."""
+        if len(events) == 1:
+            await self._set_aside(cursor, events[0], error)
+            return False, States(self._states.size)
         folded = States(self._states.size)
         pending = False
-        for rec in events:
+        mid = len(events) // 2
+        for part in (events[:mid], events[mid:]):
             try:
-                pending, one = await self._commit_batch(cursor, [rec])
+                pending, done = await self._commit_batch(cursor, part)
             except Exception as exc:
                 if not is_poison(exc):
                     raise
-                await self._set_aside(cursor, rec, exc)
-            else:
-                folded.update_from(one)
-                # The next single event's fold starts from this one's state (the cache is keyed by
-                # stream version, so a set-aside event's stream reads its row back instead).
-                self._states.update_from(one)
-            cursor = rec.cursor
+                pending, done = await self._commit_halves(cursor, part, exc)
+            # The next part's fold starts from these states (the cache is keyed by stream version,
+            # so the stream of a set-aside event reads its row back instead).
+            folded.update_from(done)
+            self._states.update_from(done)
+            cursor = part[-1].cursor
         return pending, folded
 
     async def _set_aside(self, cursor: FeedCursor, rec: RecordedEvent, exc: BaseException) -> None:

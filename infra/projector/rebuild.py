@@ -37,8 +37,8 @@ async def rebuild(store: PostgresEventStore, batch: int) -> int:
 
 
 async def _apply_setting_aside(conn: psycopg.AsyncConnection[Any], events: list[RecordedEvent]) -> None:
-    """The batch under a savepoint; if one of its events cannot be projected, each event under its
-    own, the failing ones recorded as set aside (as the live projector does)."""
+    """The batch under a savepoint; if an event of it cannot be projected, its halves, and theirs,
+    down to the failing events, which are recorded as set aside (as the live projector does)."""
     try:
         async with conn.transaction():
             await apply(conn, events)
@@ -46,11 +46,9 @@ async def _apply_setting_aside(conn: psycopg.AsyncConnection[Any], events: list[
     except Exception as exc:
         if not is_poison(exc):
             raise
-    for rec in events:
-        try:
-            async with conn.transaction():
-                await apply(conn, [rec])
-        except Exception as exc:
-            if not is_poison(exc):
-                raise
-            await record(conn, PROJECTOR, rec, exc)
+        if len(events) == 1:
+            await record(conn, PROJECTOR, events[0], exc)
+            return
+    mid = len(events) // 2
+    await _apply_setting_aside(conn, events[:mid])
+    await _apply_setting_aside(conn, events[mid:])
