@@ -20,7 +20,7 @@ async def _under_way(system: System, pipeline_id: str, run_id: str, done: int, t
             return succeeded
         if time.monotonic() > deadline:
             raise RuntimeError(f"the huge run never got {done} stages done ({succeeded})")
-        await asyncio.sleep(0.5)
+        await asyncio.sleep(0.1)
 
 
 async def _one(system: System, pipeline_id: str, action: str, done: int) -> tuple[float, int, str]:

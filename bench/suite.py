@@ -82,7 +82,7 @@ SMOKE = Sizes(
     pgbench=False,
     isolate_output=False,
     log_delay=0.3,
-    huge_stages=20,
+    huge_stages=200,
     huge_done=3,
 )
 
