@@ -26,13 +26,25 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from bench import database, env, projection, system
+from bench import database, env, projection, stop, system
 from bench import sandbox as sandbox_cost
 from bench.stats import median, ratio
 from infra.store.migrate import migrate
 
 RESULTS = env.ROOT / "bench" / "results"
-WORKLOADS = ("spawn", "sandbox", "dbos", "e2e", "insert", "store", "logs", "fanout", "memory", "projection")
+WORKLOADS = (
+    "spawn",
+    "sandbox",
+    "dbos",
+    "e2e",
+    "insert",
+    "store",
+    "logs",
+    "fanout",
+    "memory",
+    "projection",
+    "stop_huge_run",
+)
 
 
 @dataclass(frozen=True)
@@ -58,6 +70,9 @@ class Sizes:
     # The 200 MB script runs on a stack of its own (see _memory_output_rep); tiny outputs need not.
     isolate_output: bool = True
     log_delay: float = 1.0
+    # stop_huge_run: the largest pipeline (the default stage limit), and how far its runs get first.
+    huge_stages: int = 1000
+    huge_done: int = 100
 
 
 SMOKE = Sizes(
@@ -80,6 +95,8 @@ SMOKE = Sizes(
     pgbench=False,
     isolate_output=False,
     log_delay=0.3,
+    huge_stages=200,
+    huge_done=3,
 )
 
 # Every key the JSON carries, whatever the sizes (the smoke test checks them).
@@ -93,6 +110,7 @@ MEDIAN_KEYS: dict[str, tuple[str, ...]] = {
     "fanout": ("subscribers", "p50_ms", "p99_ms", "per_delivery_p99_ms", "missing_deliveries"),
     "log_delivery": ("p50_ms", "p99_ms", "lines"),
     "memory": ("waiting_runs", "rss_waiting_mb", "output_mb", "rss_output_peak_mb", "rss_idle_mb"),
+    "stop_huge_run": ("stages", "stop_ms", "cancel_ms"),
 }
 TARGET_NAMES = (
     "e2e throughput >= 2x DBOS",
@@ -106,6 +124,7 @@ TARGET_NAMES = (
     "log line delivery p99 <= 100 ms",
     "executor RSS <= 150 MB, 1,000 runs waiting",
     "executor RSS <= 150 MB, script printing 200 MB",
+    "stop and cancel of a 1,000-stage run <= 2 s",
 )
 
 
@@ -300,6 +319,13 @@ def _main_stack_rep(run: Run, rep: dict[str, Any], sysm: system.System, dbs: dic
             )
         ),
     )
+    run.record(
+        rep,
+        "stop_huge_run",
+        lambda: asyncio.run(
+            _with_fresh_client(sysm, lambda: stop.stop_huge_run(sysm, stages=s.huge_stages, done=s.huge_done))
+        ),
+    )
     if run.wanted("memory"):
         run.record(
             rep,
@@ -434,6 +460,11 @@ def medians(reps: list[dict[str, Any]], sizes: Sizes) -> dict[str, Any]:
             "rss_output_peak_mb": _med(reps, "memory_output", "rss_peak_mb"),
             "rss_idle_mb": _med(reps, "memory_output", "rss_before_mb"),
         },
+        "stop_huge_run": {
+            "stages": sizes.huge_stages,
+            "stop_ms": _med(reps, "stop_huge_run", "stop_ms"),
+            "cancel_ms": _med(reps, "stop_huge_run", "cancel_ms"),
+        },
     }
 
 
@@ -530,8 +561,21 @@ def targets(m: dict[str, Any], sizes: Sizes) -> list[dict[str, Any]]:
             unit="MB",
             detail=f"{sizes.output_mb} MB printed",
         ),
+        _target(
+            TARGET_NAMES[11],
+            _slowest(m["stop_huge_run"]["stop_ms"], m["stop_huge_run"]["cancel_ms"]),
+            2000.0,
+            at_most=True,
+            unit="ms",
+            detail=f"{sizes.huge_stages} stages, {sizes.huge_done} done first; issue 13",
+        ),
     ]
     return out
+
+
+def _slowest(*values: float | None) -> float | None:
+    known = [v for v in values if v is not None]
+    return max(known) if known else None
 
 
 def _mul(v: float | None, k: float) -> float | None:
@@ -623,6 +667,11 @@ def table(result: dict[str, Any]) -> str:
         f"{_fmt(sb['sandboxed_p50_ms'])} / {_fmt(sb['sandboxed_p99_ms'])} | | "
         f"{_fmt(sb['unsandboxed_p50_ms'])} / {_fmt(sb['unsandboxed_p99_ms'])} | | "
         f"{_fmt(ratio(sb['sandboxed_p50_ms'], sb['unsandboxed_p50_ms']), 2)} |"
+    )
+    hr = m["stop_huge_run"]
+    lines.append(
+        f"| Stop / cancel of a {hr['stages']}-stage run being driven (ms) | {_fmt(hr['stop_ms'])} / "
+        f"{_fmt(hr['cancel_ms'])} | | | | |"
     )
     lines += ["", "| target | value | limit | met | margin |", "|---|---:|---:|:-:|---:|"]
     for t in result["targets"]:

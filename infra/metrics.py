@@ -55,6 +55,12 @@ log_lines_dropped = Counter(
     "Log lines of runs that could not be stored (the event store unavailable for too long).",
     registry=REGISTRY,
 )
+events_set_aside = Counter(
+    "pipelines_events_set_aside",
+    "Events a consumer could not handle, set aside so that the ones after them go on (see /readyz).",
+    ["consumer"],
+    registry=REGISTRY,
+)
 
 
 def exposition() -> bytes:

@@ -8,6 +8,7 @@ import logging
 
 from infra.config import Settings
 from infra.projector.consumer import Projector
+from infra.setaside import list_set_aside, report_json
 from services.bootstrap import connect_nats, open_store, run_until_signalled
 
 
@@ -23,6 +24,12 @@ def main(argv: list[str] | None = None) -> None:
             if args.rebuild:
                 n = await Projector(store, settings.database_url).rebuild()
                 logging.getLogger("pipelines.projector").info("rebuilt the read models from %d events", n)
+                # As /readyz reports it: events that could not be projected were set aside.
+                if set_aside := await list_set_aside(pool):
+                    logging.getLogger("pipelines.projector").warning(
+                        "degraded: %d event(s) set aside: %s", len(set_aside), report_json(set_aside)
+                    )
+                    print(report_json(set_aside), flush=True)
                 return
             nc = await connect_nats(settings, "projector")
             try:

@@ -116,6 +116,24 @@ class Approval(msgspec.Struct, frozen=True, kw_only=True):
     step: str | None = None
 
 
+# Above this many stages a run's stage lookups use an index (below it a scan is as fast).
+_INDEXED = 32
+# The indexes of the last few runs' stage tuples, by the tuple's identity (the tuple is kept with
+# its index, so an id is never reused while cached). A pure memo: it changes no answer.
+_INDEXES: dict[int, tuple[tuple[Stage, ...], dict[str, int]]] = {}
+
+
+def _stage_positions(stages: tuple[Stage, ...]) -> dict[str, int]:
+    hit = _INDEXES.get(id(stages))
+    if hit is not None and hit[0] is stages:
+        return hit[1]
+    if len(_INDEXES) >= 16:
+        _INDEXES.pop(next(iter(_INDEXES)))
+    index = {stage.id: i for i, stage in enumerate(stages)}
+    _INDEXES[id(stages)] = (stages, index)
+    return index
+
+
 class RunState(msgspec.Struct, frozen=True, kw_only=True):
     exists: bool = False
     run_id: str = ""
@@ -143,7 +161,15 @@ class RunState(msgspec.Struct, frozen=True, kw_only=True):
         return self.status in TERMINAL
 
     def stage_index(self, stage_id: str) -> int:
-        for i, sr in enumerate(self.stage_runs):
+        runs = self.stage_runs
+        if len(runs) > _INDEXED:
+            # A run's stage runs keep their stages' order for its whole life: the index built once
+            # from its `stages` (the same tuple in every state of the run) answers in O(1), where
+            # a scan made folding a run of thousands of stages quadratic.
+            i = _stage_positions(self.stages).get(stage_id)
+            if i is not None and i < len(runs) and runs[i].stage_id == stage_id:
+                return i
+        for i, sr in enumerate(runs):
             if sr.stage_id == stage_id:
                 return i
         raise Refused(f"run has no stage {stage_id!r}")

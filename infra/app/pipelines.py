@@ -12,6 +12,7 @@ from domain.errors import Invalid, NotFound
 from domain.stages import stages_from_dicts, validate_stage_dicts
 from infra.app.context import AppContext
 from infra.app.ports import EventStore
+from infra.app.positions import note
 from infra.app.retry import Keys, load_decide_append
 from infra.store.records import NewEvent, UniqueKey, UniqueKeyTaken
 
@@ -85,11 +86,13 @@ class PipelineCommands:
         )
         new = pl.decide(cmd, pl.initial_state)
         try:
-            await ctx.store.append(
-                ev.pipeline_stream(pipeline_id),
-                [NewEvent(ctx.new_id(), e, org=org, pipeline_id=pipeline_id) for e in new],
-                0,
-                claim=[name_key(org, name)],
+            note(
+                await ctx.store.append(
+                    ev.pipeline_stream(pipeline_id),
+                    [NewEvent(ctx.new_id(), e, org=org, pipeline_id=pipeline_id) for e in new],
+                    0,
+                    claim=[name_key(org, name)],
+                )
             )
         except UniqueKeyTaken as exc:
             raise NameTaken(f"a pipeline named {name!r} already exists") from exc

@@ -3,11 +3,14 @@ race load and decide again (a stale command becomes a clear refusal instead of a
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 from infra.app.ports import EventStore
+from infra.app.positions import note
 from infra.store.records import NewEvent, UniqueKey, WrongExpectedVersion
 
 S = TypeVar("S")
@@ -39,14 +42,19 @@ async def load_decide_append(
     record: Callable[[S, list[E]], list[NewEvent]],
     retries: int,
     conflict: str,
+    patience: float = 0.0,
     keys: Callable[[S, list[E]], Keys] | None = None,
     before_append: Callable[[S, list[E]], Awaitable[None]] | None = None,
     lost_race: Callable[[S, list[E]], Awaitable[None]] | None = None,
 ) -> Decided[S, E]:
     """`decide` raises the domain's refusals; `keys` gives the unique keys the events claim and
     release; `before_append` runs between the decision and the append, `lost_race` undoes it when
-    the append loses to another writer. ConcurrencyConflict(`conflict`) after `retries` lost races."""
-    for _ in range(retries):
+    the append loses to another writer. ConcurrencyConflict(`conflict`) after `retries` lost races,
+    or, with `patience` (seconds), once both the retries and the patience are spent."""
+    give_up = time.monotonic() + patience
+    attempt = 0
+    while attempt < retries or time.monotonic() < give_up:
+        attempt += 1
         state, version = await load()
         new = decide(state)
         if not new:
@@ -55,10 +63,12 @@ async def load_decide_append(
         if before_append is not None:
             await before_append(state, new)
         try:
-            await store.append(stream_id, record(state, new), version, claim=claim, release=release)
+            note(await store.append(stream_id, record(state, new), version, claim=claim, release=release))
         except WrongExpectedVersion:
             if lost_race is not None:
                 await lost_race(state, new)
+            if attempt >= retries:
+                await asyncio.sleep(0)  # let this process's own writers finish their turn
             continue
         return Decided(state, version, new)
     raise ConcurrencyConflict(conflict)

@@ -3,6 +3,7 @@ command against the run's current state, append its log chunks."""
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
 from typing import Any
@@ -14,6 +15,7 @@ from domain.errors import NotFound
 from infra.app.context import AppContext
 from infra.app.definitions import Definitions
 from infra.app.ports import EventStore
+from infra.app.positions import note
 from infra.app.retry import load_decide_append
 from infra.store.records import NewEvent
 
@@ -22,14 +24,60 @@ RunHook = Callable[[rn.RunState, list[rn.RunEvent]], Awaitable[None]]
 VersionHook = Callable[[str, rn.RunState, int], None]
 
 
-async def load_run(store: EventStore, run_id: str) -> tuple[rn.RunState, int]:
-    """The run folded from its stream, and the stream's version."""
-    state, version = rn.initial_state, 0
-    for rec in await store.read_stream(ev.run_stream(run_id)):
+async def load_run(
+    store: EventStore, run_id: str, since: tuple[rn.RunState, int] = (rn.initial_state, 0)
+) -> tuple[rn.RunState, int]:
+    """The run folded from its stream, and the stream's version; from `since` (a state and the
+    version it was folded at) only the events after it are read."""
+    state, version = since
+    for rec in await store.read_stream(ev.run_stream(run_id), version):
         e = rec.event
         assert ev.is_run_event(e)
         state, version = rn.evolve(state, e), rec.stream_version
     return state, version
+
+
+class RunStates:
+    """The runs this process read or wrote last, as (state, stream version), least recently used
+    first. A stream's events never change, so a cached state is always a true prefix: a load reads
+    only the events after it. Loading a run of thousands of stages folds them once, and a command
+    that lost a race re-decides in milliseconds instead of folding the whole run again."""
+
+    def __init__(self, size: int = 256, stages: int = 50_000) -> None:
+        self._states: OrderedDict[str, tuple[rn.RunState, int]] = OrderedDict()
+        self._size = size
+        # Bounded by stages too: a run of 10,000 stages weighs as much as hundreds of small ones.
+        self._stages = stages
+        self._weight = 0
+
+    def get(self, run_id: str) -> tuple[rn.RunState, int] | None:
+        hit = self._states.get(run_id)
+        if hit is not None:
+            self._states.move_to_end(run_id)
+        return hit
+
+    def put(self, run_id: str, state: rn.RunState, version: int) -> None:
+        known = self._states.get(run_id)
+        if known is not None and known[1] > version:
+            return  # a slower reader must not take the cache back to an older version
+        if known is not None:
+            self._weight -= _weight(known[0])
+        self._states[run_id] = (state, version)
+        self._weight += _weight(state)
+        self._states.move_to_end(run_id)
+        while len(self._states) > 1 and (len(self._states) > self._size or self._weight > self._stages):
+            _, (dropped, _) = self._states.popitem(last=False)
+            self._weight -= _weight(dropped)
+
+
+def _weight(state: rn.RunState) -> int:
+    return 1 + len(state.stage_runs)
+
+
+# Commands people give (the run controls of the API), and how long they keep trying against
+# the executor's appends before answering 409.
+PEOPLES_COMMANDS = (rn.Approve, rn.Reject, rn.Cancel, rn.Stop, rn.Pause, rn.Resume)
+PATIENCE = 10.0
 
 
 def all_runs(state: rn.RunState) -> bool:
@@ -40,10 +88,14 @@ class RunCommands:
     def __init__(self, ctx: AppContext, definitions: Definitions) -> None:
         self.ctx = ctx
         self.definitions = definitions
+        self.states = RunStates()
 
     async def load(self, run_id: str, on_version: VersionHook | None = None) -> tuple[rn.RunState, int]:
         """The run folded from its stream, and the stream's version (also told to `on_version`)."""
-        state, version = await load_run(self.ctx.store, run_id)
+        cached = self.states.get(run_id)
+        state, version = await load_run(self.ctx.store, run_id, cached or (rn.initial_state, 0))
+        if version and (cached is None or version > cached[1]):
+            self.states.put(run_id, state, version)
         if on_version is not None:
             on_version(run_id, state, version)
         return state, version
@@ -94,12 +146,16 @@ class RunCommands:
             at=ctx.now(),
         )
         new = rn.decide(cmd, rn.initial_state)
-        await ctx.store.append(
-            ev.run_stream(run_id), self.records(cmd.organization_id, cmd.pipeline_id, run_id, new), 0
+        note(
+            await ctx.store.append(
+                ev.run_stream(run_id), self.records(cmd.organization_id, cmd.pipeline_id, run_id, new), 0
+            )
         )
         ctx.appended()
         ctx.run_appended(run_id)
-        return rn.fold(new), new
+        state = rn.fold(new)
+        self.states.put(run_id, state, len(new))
+        return state, new
 
     async def command(
         self,
@@ -121,6 +177,10 @@ class RunCommands:
         commands that always append or refuse, so that a stale state shows as a lost race.
         """
         first = [known] if known is not None else []
+        # A person's command keeps re-deciding against the executor's appends until it lands (each
+        # try reads only the events since the last, so it takes milliseconds): stop and cancel
+        # always win, however busy the executor is driving the run.
+        patience = PATIENCE if isinstance(make(self.ctx.now()), PEOPLES_COMMANDS) else 0.0
 
         async def load() -> tuple[rn.RunState, int]:
             return first.pop() if first else await self.load(run_id, on_version)
@@ -139,6 +199,7 @@ class RunCommands:
             before_append=before_append,
             lost_race=lost_race,
             retries=self.ctx.retries,
+            patience=patience,
             conflict="run changed concurrently; try again",
         )
         state, new = done.state, done.events
@@ -148,6 +209,7 @@ class RunCommands:
         self.ctx.run_appended(run_id)
         for e in new:
             state = rn.evolve(state, e)
+        self.states.put(run_id, state, done.version + len(new))
         if on_version is not None:
             on_version(run_id, state, done.version + len(new))
         return state, new

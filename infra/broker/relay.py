@@ -28,6 +28,7 @@ from nats.js.errors import NotFoundError
 from infra.broker.bus import APPENDED_SUBJECT, ensure_events_stream, event_subject, wait_for_wake
 from infra.broker.cursor import CURSOR, cursor_token
 from infra.metrics import observe_lags, relay_lag
+from infra.setaside import RELAY, is_poison, set_aside
 from infra.store.postgres import PostgresEventStore
 from infra.store.records import FEED_START, FeedCursor, RecordedEvent
 
@@ -174,15 +175,16 @@ class Relay:
         js = self.nc.jetstream()
         base = self.last_seq
         limit = max(1024, self.nc.max_payload - 4096)  # room for the headers
+        messages = await self._messages(events, limit)
         acks = await asyncio.gather(
             *(
                 js.publish(
-                    event_subject(rec),
-                    body_for(rec, limit),
+                    subject,
+                    body,
                     stream=self.stream,
-                    headers={**headers_for(rec), "Nats-Expected-Last-Sequence": str(base + i)},
+                    headers={**headers, "Nats-Expected-Last-Sequence": str(base + i)},
                 )
-                for i, rec in enumerate(events)
+                for i, (_, subject, body, headers) in enumerate(messages)
             ),
             return_exceptions=True,
         )
@@ -191,18 +193,37 @@ class Relay:
             if isinstance(ack, BaseException):
                 break
             ok += 1
+        # Where the relay now stands: after the last event published, or after every event of the
+        # batch when all went out (set-aside events at the end included).
+        done = len(events) if ok == len(messages) else messages[ok][0]
         if ok:
             last_ack = acks[ok - 1]
             assert not isinstance(last_ack, BaseException)
             self.last_seq = last_ack.seq
-            self.cursor = events[ok - 1].cursor
             self.published += ok
-            observe_lags(relay_lag, (rec.recorded_at for rec in events[:ok]))
+            observe_lags(relay_lag, (rec.recorded_at for rec in events[:done]))
+        if done:
+            self.cursor = events[done - 1].cursor
         self._checkpoint_later()
-        if ok < len(events):
+        if ok < len(messages):
             err = next(a for a in acks if isinstance(a, BaseException))
-            raise RuntimeError(f"{len(events) - ok} of {len(events)} publishes failed: {err}")
-        return ok
+            raise RuntimeError(f"{len(messages) - ok} of {len(messages)} publishes failed: {err}")
+        return done
+
+    async def _messages(
+        self, events: list[RecordedEvent], limit: int
+    ) -> list[tuple[int, str, bytes, dict[str, str]]]:
+        """Each event's index in the batch, subject, body and headers; an event that cannot be made
+        into a message is set aside (recorded and counted) so that the ones after it go out."""
+        out = []
+        for i, rec in enumerate(events):
+            try:
+                out.append((i, event_subject(rec), body_for(rec, limit), headers_for(rec)))
+            except Exception as exc:
+                if not is_poison(exc):
+                    raise
+                await set_aside(self.store.pool, RELAY, rec, exc)
+        return out
 
     def _checkpoint_later(self) -> None:
         # Nothing reads the relay's checkpoint to resume (it resumes from the headers of the

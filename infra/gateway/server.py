@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import http
 import logging
 import time
@@ -34,6 +35,8 @@ from infra.gateway.scrape import METRICS_PATH, metrics_response
 from infra.gateway.sio import NAMESPACE, SOCKETIO_PATH, SocketIOEvents
 from infra.gateway.views import Views
 from infra.metrics import websocket_clients
+from infra.setaside import GATEWAY, set_aside
+from infra.store.postgres import PostgresEventStore
 from infra.store.records import FEED_START, FeedCursor
 
 log = logging.getLogger("pipelines.gateway")
@@ -94,7 +97,10 @@ class Gateway:
         self.write_buffer_limit = write_buffer_limit
         self.ready = asyncio.Event()
         self.port = settings.gateway_port
-        views = Views(store)
+        # An event that cannot be framed is recorded as set aside (poison_events) where the store
+        # is PostgreSQL; with another store it is logged and counted only.
+        pool = store.pool if isinstance(store, PostgresEventStore) else None
+        views = Views(store, set_aside=functools.partial(set_aside, pool, GATEWAY) if pool is not None else None)
         self._fanout = Fanout(
             store,
             views,

@@ -6,7 +6,7 @@ import asyncio
 import bisect
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from domain import events as ev
@@ -15,6 +15,8 @@ from domain import run as rn
 from infra.app.ports import EventStore
 from infra.gateway import frames as fr
 from infra.gateway.cache import FrameCache, Lru
+from infra.metrics import events_set_aside
+from infra.setaside import GATEWAY, describe, is_poison
 from infra.store.records import FEED_START, FeedCursor, RecordedEvent
 
 log = logging.getLogger("pipelines.gateway")
@@ -60,8 +62,18 @@ class Views:
     only reads what it has not seen (or, for a watched run, is kept live from the messages).
     """
 
-    def __init__(self, store: EventStore, *, runs: int = 64, pipelines: int = 256, frame_bytes: int = 64 << 20):
+    def __init__(
+        self,
+        store: EventStore,
+        *,
+        runs: int = 64,
+        pipelines: int = 256,
+        frame_bytes: int = 64 << 20,
+        set_aside: Callable[[RecordedEvent, Exception], Awaitable[None]] | None = None,
+    ):
         self.store = store
+        # Records an event that cannot be framed (infra/setaside.py); None: logged and counted only.
+        self.set_aside = set_aside
         self._runs: Lru[str, RunHistory] = Lru(runs)
         self._pipelines: Lru[str, PipelineHistory] = Lru(pipelines)
         self._owners: Lru[str, Owner] = Lru(50_000)
@@ -87,16 +99,27 @@ class Views:
         cached = self._frames.get(rec.position)
         if cached is not None:
             return cached
-        kind, ident = ev.aggregate_of(rec.stream_id)
         frames: tuple[bytes, ...]
-        if kind == "run":
-            frames = (await self._run_frame(ident, rec, live),)
-        elif kind == "runlog":
-            frames = fr.log_frames(ident, rec)
-        elif kind == "pipeline":
-            frames = (await self._pipeline_frame(ident, rec),)
-        else:
+        try:
+            kind, ident = ev.aggregate_of(rec.stream_id)
+            if kind == "run":
+                frames = (await self._run_frame(ident, rec, live),)
+            elif kind == "runlog":
+                frames = fr.log_frames(ident, rec)
+            elif kind == "pipeline":
+                frames = (await self._pipeline_frame(ident, rec),)
+            else:
+                frames = ()
+        except Exception as exc:
+            if not is_poison(exc):
+                raise
+            # An event that cannot be framed is set aside (no frame), never in the way of the ones after it.
             frames = ()
+            if self.set_aside is not None:
+                await self.set_aside(rec, exc)
+            else:
+                log.error("set aside the %s event at position %d: %s", rec.event_type, rec.position, describe(exc))
+                events_set_aside.labels(GATEWAY).inc()
         self._frames.put(rec.position, frames)
         return frames
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
@@ -17,6 +18,7 @@ from litestar.openapi.spec import Components, SecurityScheme
 from infra.http.access import access_log, log_response
 from infra.http.asyncapi import ASYNCAPI_URL, asyncapi
 from infra.http.broker_credentials import BrokerCredentialsController
+from infra.http.consistency import ReadYourWrites
 from infra.http.delivery import ChannelController, ComponentController, DeploymentController, EnvironmentController
 from infra.http.deps import API, Deps, deps_of
 from infra.http.errors import handle
@@ -30,6 +32,7 @@ from infra.http.runs import RunController, run_actions
 from infra.http.secrets import SecretController
 from infra.http.specs import SPEC_SCHEMA_URL, SpecController, spec_schema, validate_new_spec
 from infra.metrics import CONTENT_TYPE, exposition, http_responses
+from infra.setaside import report
 
 __all__ = ["Deps", "create_app", "openapi_document"]
 
@@ -52,9 +55,13 @@ async def readyz(request: Request[Any, Any, State]) -> Response[Any]:
     except Exception:
         checks = {"checks": False}
     ok = all(checks.values())
-    return Response(
-        content={"status": "ready" if ok else "not ready", "checks": checks}, status_code=200 if ok else 503
-    )
+    body: dict[str, Any] = {"status": "ready" if ok else "not ready", "checks": checks}
+    if ok:
+        # Serving, yet some event was set aside by a consumer: say so, and why (infra/setaside.py).
+        with contextlib.suppress(Exception):
+            if set_aside := await deps.read_models.set_aside():
+                body.update(report(set_aside))
+    return Response(content=body, status_code=200 if ok else 503)
 
 
 @get("/metrics", include_in_schema=False)
@@ -125,6 +132,7 @@ def create_app(
                 ],
             ),
             DefineMiddleware(InputChecks, max_body_bytes=max_body_bytes, max_json_depth=max_json_depth),
+            ReadYourWrites,
         ],
         exception_handlers={Exception: handle},
         after_response=None,

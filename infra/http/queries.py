@@ -6,6 +6,7 @@ import msgspec
 from psycopg_pool import AsyncConnectionPool
 
 from domain.run import LogLine
+from infra.setaside import SetAside, list_set_aside
 from projections.run_reports import RunStats, run_stats
 from projections.views import PipelineView, RunView, iso, log_text, step_log_key
 
@@ -17,6 +18,23 @@ _lines = msgspec.json.Decoder(tuple[LogLine, ...])
 class ReadModels:
     def __init__(self, pool: AsyncConnectionPool) -> None:
         self._pool = pool
+
+    async def projected_past(self, position: int) -> bool:
+        """Whether the projector's checkpoint has passed the event at `position` (a position no
+        event holds, one of a rolled-back append, counts as passed once the checkpoint's is past it)."""
+        async with self._pool.connection() as conn:
+            cur = await conn.execute(
+                "SELECT CASE WHEN e.position IS NULL THEN c.position >= %s "
+                "ELSE (c.tx_id, c.position) >= (e.tx_id, e.position) END "
+                "FROM checkpoints c LEFT JOIN events e ON e.position = %s WHERE c.name = 'projector'",
+                (position, position),
+            )
+            row = await cur.fetchone()
+            return bool(row and row[0])
+
+    async def set_aside(self) -> list[SetAside]:
+        """Events the consumers set aside (poison events): /readyz reports them."""
+        return await list_set_aside(self._pool)
 
     async def list_pipelines(self, org: str | None, page: int, limit: int) -> tuple[list[PipelineView], int]:
         async with self._pool.connection() as conn:

@@ -19,6 +19,7 @@ from infra.metrics import observe_lags, projection_lag
 from infra.projector import rebuild as rb
 from infra.projector.apply import States, apply
 from infra.projector.checkpoint import BEHIND_HORIZON, CheckpointMoved, behind_horizon, move_checkpoint, read_checkpoint
+from infra.setaside import PROJECTOR, is_poison, record
 from infra.store.postgres import PostgresEventStore
 from infra.store.records import FeedCursor, RecordedEvent
 
@@ -132,7 +133,15 @@ class Projector:
             if not events:
                 return total, await behind_horizon(self.store, cursor)
             try:
-                pending, folded = await self._commit_batch(cursor, events)
+                try:
+                    pending, folded = await self._commit_batch(cursor, events)
+                except Exception as exc:
+                    if not is_poison(exc):
+                        raise
+                    # An event of the batch cannot be projected: the batch was rolled back as a
+                    # whole. Apply its halves, and theirs, down to the event that fails, which is
+                    # set aside: it holds back neither its neighbours nor anything after it.
+                    pending, folded = await self._commit_halves(cursor, events, exc)
             except CheckpointMoved:
                 self.stale_batches += 1
                 self._cursor = None  # a rebuild ran meanwhile: our batch was rolled back, read again
@@ -161,6 +170,42 @@ class Projector:
             except psycopg.errors.DivisionByZero as exc:
                 raise CheckpointMoved() from exc
         return pending, folded
+
+    async def _commit_halves(
+        self, cursor: FeedCursor, events: Sequence[RecordedEvent], error: BaseException
+    ) -> tuple[bool, States]:
+        """A batch that failed with `error`, as two halves, each committed whole if it can be, else
+        halved again; a single event that fails is recorded as set aside, the checkpoint moving past
+        it in that same transaction. Bisecting, not one event at a time: a transaction per event
+        would write a large run's row once per event (a 10,000-stage run's row is megabytes)."""
+        if len(events) == 1:
+            await self._set_aside(cursor, events[0], error)
+            return False, States(self._states.size)
+        folded = States(self._states.size)
+        pending = False
+        mid = len(events) // 2
+        for part in (events[:mid], events[mid:]):
+            try:
+                pending, done = await self._commit_batch(cursor, part)
+            except Exception as exc:
+                if not is_poison(exc):
+                    raise
+                pending, done = await self._commit_halves(cursor, part, exc)
+            # The next part's fold starts from these states (the cache is keyed by stream version,
+            # so the stream of a set-aside event reads its row back instead).
+            folded.update_from(done)
+            self._states.update_from(done)
+            cursor = part[-1].cursor
+        return pending, folded
+
+    async def _set_aside(self, cursor: FeedCursor, rec: RecordedEvent, exc: BaseException) -> None:
+        async with self.store.pool.connection() as conn:
+            try:
+                async with conn.transaction():
+                    await move_checkpoint(conn, rec.cursor, expected=cursor)
+                    await record(conn, PROJECTOR, rec, exc)
+            except psycopg.errors.DivisionByZero as moved:
+                raise CheckpointMoved() from moved
 
     async def rebuild(self) -> int:
         """Drop every read model and fold the whole store again, in one transaction."""
