@@ -15,6 +15,8 @@ from ipaddress import IPv4Network, IPv6Network, ip_network
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
+from domain.stages import Limits
+
 DEV_JWT_SECRET = "dev-insecure-secret-change-me"
 # Written by `make up` (services/dev/stack.py) in its data directory, mode 0600, while it runs: the
 # URLs of its PostgreSQL and NATS, so that a command run beside it (`python -m services.projector
@@ -286,6 +288,16 @@ class Settings:
             f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} not set and no `make up` is running "
             f"for the data directory {self.data_dir.resolve()} (it writes {STACK_FILE} there): start `make up` "
             f"(with the same PIPELINES_DATA_DIR), or set {' and '.join(missing)}"
+        )
+
+    def definition_limits(self) -> Limits:
+        """The definition size limits of PIPELINES_MAX_*."""
+        return Limits(
+            stages=self.max_stages,
+            jobs=self.max_jobs,
+            steps=self.max_steps,
+            matrix=self.max_matrix,
+            variables=self.max_variables,
         )
 
     @property

@@ -98,6 +98,7 @@ async def build_api(settings: Settings) -> Deps:
         on_run_appended=waker.wake,
         git=GitRepos.from_settings(settings),
         git_credentials=StoredGitCredentials(StoredSecrets(secrets)),
+        limits=settings.definition_limits(),
     )
 
     async def ready() -> dict[str, bool]:

@@ -35,7 +35,13 @@ def main() -> None:
             # The scheduler's cron triggers read Git-backed pipelines' specs: as the api does.
             git = GitRepos.from_settings(settings)
             credentials = StoredGitCredentials(StoredSecrets(secrets))
-            commands = Commands(store, on_append=poker.poke, git=git, git_credentials=credentials)
+            commands = Commands(
+                store,
+                on_append=poker.poke,
+                git=git,
+                git_credentials=credentials,
+                limits=settings.definition_limits(),
+            )
             executor = Executor(commands, settings, nc, LeaseStore(pool), secrets)
             scheduler = Scheduler(commands, pool, interval=settings.sweep_interval)
             await asyncio.gather(executor.run(stop), scheduler.run(stop))

@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from datetime import datetime
 
+from domain.stages import DEFAULT_LIMITS, Limits
 from infra.app.context import AppContext, new_uuid, utc_now
 from infra.app.definitions import Definitions, SavedSpec
 from infra.app.deletion import PipelineDeletion
@@ -43,12 +44,13 @@ class Commands:
         retries: int = 8,
         git: GitRepository | None = None,
         git_credentials: GitCredentials | None = None,
+        limits: Limits = DEFAULT_LIMITS,
     ) -> None:
         self.store = store
         self.git: GitRepository = git or GitRepos()
         self.now = now
         self.new_id = new_id
-        self._ctx = AppContext(store, now, new_id, retries, on_append, on_run_appended)
+        self._ctx = AppContext(store, now, new_id, retries, on_append, on_run_appended, limits)
         self.pipelines = PipelineCommands(self._ctx)
         self.definitions = Definitions(self._ctx, self.pipelines, self.git, git_credentials)
         self.runs = RunCommands(self._ctx, self.definitions)

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
+from domain.stages import DEFAULT_LIMITS, Limits
 from infra.app.ports import EventStore
 
 
@@ -28,6 +29,8 @@ class AppContext:
     on_append: Callable[[], None] | None = None
     # Told the id of every run this process appended to (the API wakes the executors with it).
     on_run_appended: Callable[[str], None] | None = None
+    # Definition size limits (PIPELINES_MAX_*): the API's and the commands' checks agree.
+    limits: Limits = DEFAULT_LIMITS
 
     def appended(self) -> None:
         if self.on_append is not None:

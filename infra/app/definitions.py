@@ -75,7 +75,7 @@ class Definitions:
         branch (`direct`; then recorded as the next version with the commit), or to a new branch
         awaiting review (`pr`; the definition is unchanged). A branch head that is not
         `expected_head_commit_sha`, or that moves while we push, is a ConcurrencyConflict."""
-        errors, _ = validate_spec(spec, zone=ZoneInfo, plugins=plugins)
+        errors, _ = validate_spec(spec, zone=ZoneInfo, plugins=plugins, limits=self.ctx.limits)
         if errors:
             raise Invalid({f"spec.{e.path}" if e.path != "spec" else "spec": e.message for e in errors})
         stages = _typed_stages(spec, self.ctx.new_id)
@@ -139,7 +139,7 @@ class Definitions:
         except GitError as exc:
             raise Invalid({"pipelineFilePath": str(exc)}) from exc
         where = f"{path}@{head.commit_sha[:12]}"
-        errors, _ = validate_spec(spec, zone=ZoneInfo, plugins=installed_plugins())
+        errors, _ = validate_spec(spec, zone=ZoneInfo, plugins=installed_plugins(), limits=self.ctx.limits)
         if errors:
             raise Invalid({f"{where}: {e.path}": e.message for e in errors})
         assert isinstance(spec, dict)

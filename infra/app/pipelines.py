@@ -48,7 +48,7 @@ class PipelineCommands:
         return await load_pipeline(self.ctx.store, pipeline_id)
 
     def stages(self, raw: Any) -> tuple[Any, ...]:
-        errors = validate_stage_dicts(raw)
+        errors = validate_stage_dicts(raw, limits=self.ctx.limits)
         if errors:
             raise Invalid(errors)
         return stages_from_dicts(raw, [self.ctx.new_id() for _ in raw])

@@ -42,13 +42,7 @@ class Deps:
 
 def limits_of(settings: Settings) -> Limits:
     """The definition size limits of PIPELINES_MAX_*."""
-    return Limits(
-        stages=settings.max_stages,
-        jobs=settings.max_jobs,
-        steps=settings.max_steps,
-        matrix=settings.max_matrix,
-        variables=settings.max_variables,
-    )
+    return settings.definition_limits()
 
 
 def deps_of(request: Request[Any, Any, State]) -> Deps:

@@ -151,6 +151,7 @@ async def running_system(settings: Settings, *, with_executor: bool = True) -> A
         on_append=poker.poke,
         git=GitRepos.from_settings(settings),
         git_credentials=StoredGitCredentials(StoredSecrets(secrets)),
+        limits=settings.definition_limits(),
     )
     relay = Relay(store, settings.database_url, nc_relay, stream=settings.events_stream, poll_interval=0.05)
     projector = Projector(store, settings.database_url, nc_projector, poll_interval=0.05)

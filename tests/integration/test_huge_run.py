@@ -22,8 +22,8 @@ from tests.integration.system import System, make_settings, running_system
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="session")]
 
-# The largest pipeline the API accepts today (10,000 stages, as in issue 13's report), and how
-# many of its stages are done when the admin steps in.
+# A pipeline of 10,000 stages (as in issue 13's report: far over the default limit of 200, which this
+# module's system raises to allow it), and how many of its stages are done when the admin steps in.
 STAGES = 10_000
 DONE = 3_000
 # Issue 13 asks for 2 s. This machine's 2 cores are shared by several test suites at once, so the
@@ -38,7 +38,9 @@ async def system(
     """A system of this module's own; once it has stopped, the huge pipelines and runs leave the
     shared database again (their events of megabytes would make every later module's relay, feed
     and rebuild pay for them)."""
-    settings = make_settings(database_url, nats_url, tmp_path_factory.mktemp("data"), git_allow_local=(git_repos,))
+    settings = make_settings(
+        database_url, nats_url, tmp_path_factory.mktemp("data"), git_allow_local=(git_repos,), max_stages=STAGES
+    )
     async with running_system(settings) as s:
         yield s
         org = s.org
