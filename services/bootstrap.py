@@ -132,6 +132,7 @@ async def build_api(settings: Settings) -> Deps:
         ready=ready,
         close=close,
         secrets=secrets,
+        nc=nc,
     )
 
 

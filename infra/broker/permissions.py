@@ -43,7 +43,9 @@ def service_permissions(service: str, stream: str = "*") -> Permissions:
     if service == ADMIN:
         return Permissions(publish=(">",), subscribe=(">",))
     if service == "api":
-        return Permissions(publish=(APPENDED_SUBJECT, f"{RUN_WAKE_SUBJECT}.{stream}.*"), subscribe=(inbox,))
+        # It creates and deletes the durable pull consumers of the broker credentials it issues.
+        consumers = f"$JS.API.CONSUMER.CREATE.{stream}.*.>", f"$JS.API.CONSUMER.DELETE.{stream}.*"
+        return Permissions(publish=(APPENDED_SUBJECT, f"{RUN_WAKE_SUBJECT}.{stream}.*", *consumers), subscribe=(inbox,))
     if service == "relay":
         return Permissions(
             publish=(EVENTS_SUBJECTS, *api, f"$JS.API.STREAM.MSG.GET.{stream}"),
@@ -90,22 +92,23 @@ def org_subjects(org: str) -> tuple[str, str, str]:
 
 
 def org_consumer(user: str) -> str:
-    """The one durable consumer a downstream credential may create and read: a name of its own, so that
-    it can never pull from another's consumer (the executor's sees every organization)."""
+    """The one durable consumer of a downstream credential (the API creates it, the credential reads
+    it): a name of its own, so that it can never pull from another's (the executor's sees every
+    organization)."""
     return token(user)
 
 
 def org_permissions(org: str, stream: str, user: str) -> Permissions:
-    """Read-only: subscribe to the organization's subjects, and create, inspect, read and ack its own
-    durable consumer, filtered to the organization's events (NATS 2.10 puts the filter in the API
-    subject, so an unfiltered or wider consumer is a permission error)."""
+    """Read-only: subscribe to the organization's subjects, and inspect, read and ack its own durable
+    pull consumer, which the API creates (filtered to the organization's events) when it issues the
+    credential. No consumer create: NATS does not check a push consumer's deliver subject against the
+    creator's permissions, so a credential that could create one could have its events delivered
+    onto another organization's subjects."""
     events, logs, notify = org_subjects(org)
     consumer = f"{stream}.{org_consumer(user)}"
     return Permissions(
         publish=(
-            f"$JS.API.CONSUMER.CREATE.{consumer}.{events}",
             f"$JS.API.CONSUMER.INFO.{consumer}",
-            f"$JS.API.CONSUMER.DELETE.{consumer}",
             f"$JS.API.CONSUMER.MSG.NEXT.{consumer}",
             f"$JS.API.STREAM.INFO.{stream}",
             f"$JS.ACK.{consumer}.>",

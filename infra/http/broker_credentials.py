@@ -3,17 +3,20 @@ token's organization (downstream systems subscribe to its events, logs and notif
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import msgspec
 from litestar import Controller, Request, Response, delete, post
 from litestar.datastructures import State
-from litestar.exceptions import NotFoundException
+from litestar.exceptions import NotFoundException, ServiceUnavailableException
 from litestar.params import FromPath
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from domain.errors import Invalid
 from infra.auth import Principal
 from infra.broker.credentials import BrokerCredentialStore
+from infra.broker.permissions import org_consumer, org_subjects
 from infra.http.deps import API, deps_of
 from infra.http.guards import admin
 from infra.http.responses import json_response
@@ -54,12 +57,40 @@ class BrokerCredentialsController(Controller):
     async def issue(self, request: Request[Principal, Any, State]) -> Response[bytes]:
         ttl = _ttl(await request.body())
         deps = deps_of(request)
-        issued = await _store(request).issue(
+        if deps.nc is None:
+            raise ServiceUnavailableException("the API has no broker connection")
+        store = _store(request)
+        issued = await store.issue(
             org=request.user.org, by=request.user.sub, stream=deps.settings.events_stream, ttl_seconds=ttl
         )
+        # The credential's one durable pull consumer, created here: the credential itself may not
+        # create consumers (a push consumer's deliver subject is not checked against its permissions).
+        events, _, _ = org_subjects(issued.org or "")
+        name = org_consumer(issued.user)
+        try:
+            await deps.nc.jetstream().add_consumer(
+                issued.stream,
+                ConsumerConfig(
+                    name=name,
+                    durable_name=name,
+                    filter_subject=events,
+                    ack_policy=AckPolicy.EXPLICIT,
+                    deliver_policy=DeliverPolicy.ALL,
+                ),
+            )
+        except Exception:
+            await store.revoke(org=issued.org, credential_id=issued.id)  # nothing half-done
+            raise
         return json_response(201, issued.view(deps.settings.public_broker_urls))
 
     @delete("/{credential_id:str}", guards=[admin], summary="Revoke broker credentials (admin)")
     async def revoke(self, request: Request[Principal, Any, State], credential_id: FromPath[str]) -> None:
         if not await _store(request).revoke(org=request.user.org, credential_id=credential_id):
             raise NotFoundException("broker credentials not found")
+        nc = deps_of(request).nc
+        if nc is not None:
+            # The user is gone already; its consumer's stored position goes too (best effort).
+            with contextlib.suppress(Exception):
+                await nc.jetstream().delete_consumer(
+                    deps_of(request).settings.events_stream, org_consumer(credential_id)
+                )

@@ -10,6 +10,7 @@ from typing import Any
 from litestar import Request
 from litestar.datastructures import State
 from litestar.exceptions import NotFoundException
+from nats.aio.client import Client as NATS
 
 from domain import pipeline as pl
 from domain import run as rn
@@ -38,6 +39,8 @@ class Deps:
     close: Callable[[], Awaitable[None]]
     # Values of run secrets, encrypted at rest; None: triggers with secrets are refused.
     secrets: SecretStore | None = None
+    # The API's broker connection (its own user): it creates the consumers of broker credentials.
+    nc: NATS | None = None
 
 
 def limits_of(settings: Settings) -> Limits:

@@ -16,7 +16,7 @@ import pytest
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.errors import Error as NatsError
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.api import ConsumerConfig
 
 from services.dev.broker_users import IssuedUsers
 from services.dev.nats import RunningNats
@@ -150,16 +150,9 @@ async def test_an_org_credential_reads_its_org_through_a_filtered_durable_consum
         await nc.subscribe(f"pipelines.v1.{org}.>", cb=on_live)
         js = nc.jetstream()
         stream, consumer = creds["stream"], creds["consumer"]
-        await js.add_consumer(
-            stream,
-            ConsumerConfig(
-                name=consumer,
-                durable_name=consumer,
-                filter_subject=creds["subjects"]["events"],
-                ack_policy=AckPolicy.EXPLICIT,
-                deliver_policy=DeliverPolicy.ALL,
-            ),
-        )
+        # Its durable consumer exists already (the API created it), filtered to its organization.
+        created = await js.consumer_info(stream, consumer)
+        assert created.config.filter_subject == creds["subjects"]["events"]
         pipeline = await system.create_pipeline([{"id": "s", "type": "script", "config": {"command": "echo hi"}}])
         run = await system.trigger(pipeline["id"])
         await system.wait_status(pipeline["id"], run["id"], "succeeded")
@@ -190,6 +183,13 @@ async def test_an_org_credential_reads_its_org_through_a_filtered_durable_consum
         await errors.wait_for('subscription to "pipelines.logs.v1.>"')
         await errors.wait_for('subscription to "_INBOX.>"')
         for config in (
+            # a push consumer delivering its own organization's events onto another organization's subject
+            ConsumerConfig(
+                name=consumer,
+                durable_name=consumer,
+                filter_subject=creds["subjects"]["events"],
+                deliver_subject="pipelines.logs.v1.org-other.forged",
+            ),
             ConsumerConfig(name=consumer, durable_name=consumer),  # unfiltered
             ConsumerConfig(name=consumer, durable_name=consumer, filter_subject="pipelines.v1.>"),
             ConsumerConfig(name=consumer, durable_name=consumer, filter_subject="pipelines.v1.org-other.>"),
@@ -197,6 +197,7 @@ async def test_an_org_credential_reads_its_org_through_a_filtered_durable_consum
         ):
             with pytest.raises(Exception):  # noqa: B017 - the request is dropped: a timeout
                 await js.add_consumer(stream, config, timeout=1)
+        await errors.wait_for(f'publish to "$JS.API.CONSUMER.CREATE.{stream}.{consumer}.{creds["subjects"]["events"]}"')
         await errors.wait_for(f'publish to "$JS.API.CONSUMER.CREATE.{stream}.{consumer}"')
         await errors.wait_for(f'publish to "$JS.API.CONSUMER.CREATE.{stream}.{consumer}.pipelines.v1.>"')
         await errors.wait_for(f'publish to "$JS.API.CONSUMER.CREATE.{stream}.{consumer}.pipelines.v1.org-other.>"')
