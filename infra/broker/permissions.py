@@ -43,9 +43,11 @@ def service_permissions(service: str, stream: str = "*") -> Permissions:
     if service == ADMIN:
         return Permissions(publish=(">",), subscribe=(">",))
     if service == "api":
-        # It creates and deletes the durable pull consumers of the broker credentials it issues.
+        # It creates and deletes the durable pull consumers of the broker credentials it issues (on
+        # the events stream, which it makes sure exists: the relay may not have started yet).
         consumers = f"$JS.API.CONSUMER.CREATE.{stream}.*.>", f"$JS.API.CONSUMER.DELETE.{stream}.*"
-        return Permissions(publish=(APPENDED_SUBJECT, f"{RUN_WAKE_SUBJECT}.{stream}.*", *consumers), subscribe=(inbox,))
+        wakes = f"{RUN_WAKE_SUBJECT}.{stream}.*"
+        return Permissions(publish=(APPENDED_SUBJECT, wakes, *consumers, *api), subscribe=(inbox,))
     if service == "relay":
         return Permissions(
             publish=(EVENTS_SUBJECTS, *api, f"$JS.API.STREAM.MSG.GET.{stream}"),

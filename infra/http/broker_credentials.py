@@ -15,6 +15,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from domain.errors import Invalid
 from infra.auth import Principal
+from infra.broker.bus import ensure_events_stream
 from infra.broker.credentials import BrokerCredentialStore
 from infra.broker.permissions import org_consumer, org_subjects
 from infra.http.deps import API, deps_of
@@ -68,6 +69,7 @@ class BrokerCredentialsController(Controller):
         events, _, _ = org_subjects(issued.org or "")
         name = org_consumer(issued.user)
         try:
+            await ensure_events_stream(deps.nc, issued.stream)
             await deps.nc.jetstream().add_consumer(
                 issued.stream,
                 ConsumerConfig(
