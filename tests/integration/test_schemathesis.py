@@ -5,6 +5,8 @@ the documented schema."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import uuid
 import zlib
 from collections.abc import Iterator
@@ -12,9 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import nats
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, settings
+from nats.js.errors import NotFoundError
 from schemathesis.checks import not_a_server_error
 from schemathesis.config import SchemathesisConfig
 from schemathesis.python import asgi
@@ -70,6 +74,18 @@ def api(database_url: str, nats_url: str, tmp_path_factory: pytest.TempPathFacto
     with asgi.get_client(APP) as client:
         yield Fuzzed(auth=auth, ids=_real_ids(client, auth), client=client)
     asgi.shutdown_lifespans()
+    # Issuing broker credentials makes the API create this module's events stream (no relay runs
+    # here): it must not outlive the module, or the next module's stream overlaps its subjects.
+    asyncio.run(_drop_stream(nats_url, settings.events_stream))
+
+
+async def _drop_stream(nats_url: str, stream: str) -> None:
+    nc = await nats.connect(nats_url)
+    try:
+        with contextlib.suppress(NotFoundError):
+            await nc.jetstream().delete_stream(stream)
+    finally:
+        await nc.close()
 
 
 @dataclass
