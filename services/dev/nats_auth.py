@@ -1,6 +1,7 @@
 """The embedded NATS's users: a generated password per service, each in a 0600 file
 `<data_dir>/nats-users/<service>` (`user:password`, what PIPELINES_NATS_CREDS names), and the server's
-configuration file `<data_dir>/nats.conf` (0600) rendered from them and from the issued downstream users."""
+configuration file `<data_dir>/nats.conf` (0600) rendered from them (the services' account) and from the
+issued downstream credentials (an account each)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from infra.broker.creds import CredentialsError, read_user_password
-from infra.broker.natsconf import BrokerUser, render_config
+from infra.broker.natsconf import BrokerUser, DownstreamAccount, render_config
 from infra.broker.permissions import ADMIN, SERVICES, service_permissions
 from services.dev.files import write_private
 
@@ -50,10 +51,11 @@ def render_users(credentials: dict[str, Path], stream: str) -> list[BrokerUser]:
     return out
 
 
-def write_config(data_dir: Path, users: Iterable[BrokerUser]) -> bool:
-    """Write the configuration for `users`; whether it changed (then the server must reload it)."""
+def write_config(data_dir: Path, users: Iterable[BrokerUser], downstream: Iterable[DownstreamAccount] = ()) -> bool:
+    """Write the configuration for the services' `users` and the `downstream` accounts; whether it
+    changed (then the server must reload it)."""
     path = data_dir / CONFIG_FILE
-    text = render_config(users, server_name=SERVER_NAME)
+    text = render_config(users, downstream, server_name=SERVER_NAME)
     try:
         if path.read_text(encoding="utf-8") == text:
             return False

@@ -19,6 +19,7 @@ import psycopg
 import pytest
 
 from infra.broker import bus
+from infra.broker.permissions import SERVICE_ACCOUNT
 from services.dev.errors import ServerError
 from services.dev.nats import start_nats
 from services.dev.ports import free_port
@@ -197,6 +198,28 @@ async def test_embedded_nats_runs_jetstream_and_keeps_streams(data_dir: Path) ->
         await nc.close()
         print(f"embedded nats: start {startup:.2f}s")
         assert startup < 10
+    finally:
+        server.stop()
+
+
+async def test_embedded_nats_keeps_the_streams_of_a_data_directory_from_before_accounts(data_dir: Path) -> None:
+    """Until the services had an account of their own, their JetStream data was the global account's."""
+    server = start_nats(data_dir)
+    try:
+        nc = await bus.connect(server.url, "smoke", server.credentials["admin"])
+        await nc.jetstream().add_stream(name="OLD", subjects=["old.>"])
+        await nc.jetstream().publish("old.a", b"kept")
+        await nc.close()
+        server.stop()
+        jetstream = data_dir / "nats" / "jetstream"
+        (jetstream / SERVICE_ACCOUNT).rename(jetstream / "$G")  # the layout of that time
+
+        server = start_nats(data_dir)
+        nc = await bus.connect(server.url, "smoke", server.credentials["admin"])
+        info = await nc.jetstream().stream_info("OLD")
+        assert info.state.messages == 1
+        await nc.close()
+        assert not (jetstream / "$G").exists()
     finally:
         server.stop()
 

@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 
 from infra.broker.creds import CredentialsError, connect_options
-from infra.broker.permissions import SERVICES, org_permissions, service_permissions
+from infra.broker.natsconf import BrokerUser, DownstreamAccount, render_config
+from infra.broker.permissions import (
+    DOWNSTREAM_JS_PREFIX,
+    SERVICE_ACCOUNT,
+    SERVICES,
+    org_imports,
+    org_permissions,
+    service_permissions,
+)
 from infra.config import Settings, without_userinfo
 from services.dev.stack import Stack
 
@@ -62,9 +71,46 @@ def test_no_service_may_publish_events_but_the_relay_nor_read_every_inbox() -> N
     org = org_permissions("acme", "S", "bc_1")
     # It reads its own consumer and creates none (the API creates it: a push consumer's deliver subject
     # is not checked by NATS).
-    assert "$JS.API.CONSUMER.MSG.NEXT.S.bc_1" in org.publish
-    assert not any(s.startswith(("$JS.API.CONSUMER.CREATE", "$JS.API.CONSUMER.DURABLE")) for s in org.publish)
+    assert f"{DOWNSTREAM_JS_PREFIX}.CONSUMER.MSG.NEXT.S.bc_1" in org.publish
+    assert not any(".CONSUMER.CREATE" in s or ".CONSUMER.DURABLE" in s for s in org.publish)
     assert not any(s.startswith("pipelines.") for s in org.publish)
+
+
+def test_each_downstream_credential_has_an_account_that_imports_only_its_organization_and_consumer() -> None:
+    def account(user: str, org: str) -> DownstreamAccount:
+        return DownstreamAccount(BrokerUser(user, "hash", org_permissions(org, "S", user)), org_imports(org, "S", user))
+
+    config = json.loads(
+        render_config(
+            [BrokerUser("relay", "pw", service_permissions("relay", "S"))],
+            [account("bc_1", "acme"), account("bc_2", "acme"), account("bc_3", "other")],
+        )
+    )
+    accounts = config["accounts"]
+    assert "authorization" not in config and set(accounts) == {SERVICE_ACCOUNT, "bc_1", "bc_2", "bc_3"}
+    services = accounts[SERVICE_ACCOUNT]
+    assert services["jetstream"] == "enabled" and [u["user"] for u in services["users"]] == ["relay"]
+    assert all("jetstream" not in accounts[name] for name in ("bc_1", "bc_2", "bc_3"))
+    exports = {e.get("stream") or e["service"]: e for e in services["exports"]}
+    # every export names the accounts that may import it, and no other
+    assert exports["pipelines.logs.v1.acme.>"]["accounts"] == ["bc_1", "bc_2"]
+    assert exports["pipelines.notify.v1.other.>"]["accounts"] == ["bc_3"]
+    assert exports["$JS.API.CONSUMER.MSG.NEXT.S.bc_1"] == {
+        "service": "$JS.API.CONSUMER.MSG.NEXT.S.bc_1",
+        "accounts": ["bc_1"],
+        "response_type": "stream",
+    }
+    assert exports["$JS.ACK.S.bc_3.>"]["accounts"] == ["bc_3"]
+    imported = {(i.get("stream") or i["service"])["subject"] for i in accounts["bc_3"]["imports"]}
+    assert imported == {
+        "pipelines.v1.other.>",
+        "pipelines.logs.v1.other.>",
+        "pipelines.notify.v1.other.>",
+        "$JS.API.CONSUMER.INFO.S.bc_3",
+        "$JS.API.CONSUMER.MSG.NEXT.S.bc_3",
+        "$JS.ACK.S.bc_3.>",
+    }
+    assert not any(s.startswith("$JS.API.") and "CONSUMER" not in s for s in exports)
 
 
 def test_the_banner_never_shows_a_brokers_password(tmp_path: Path) -> None:
