@@ -66,7 +66,11 @@ class UnitRunner:
         self.uids = ScriptUids(self.workdir / ".uids", *settings.script_uids) if settings.script_uids else None
         # The uids this process claimed for runs it drives (until they end).
         self._run_uids: dict[str, int] = {}
-        self.sandbox = RunSandboxes(sandbox_of(settings))
+        self.sandbox = RunSandboxes(sandbox_of(settings), label=str(settings.work_root.absolute()))
+
+    async def close(self) -> None:
+        """End what this process holds for runs on this host (their sandboxes), as it stops."""
+        await self.sandbox.aclose()
 
     async def run_ended(self, state: rn.RunState) -> None:
         """Free what an ended run held here: its working directory (shared by its attempts and
