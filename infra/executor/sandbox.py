@@ -12,6 +12,7 @@ import functools
 import logging
 import os
 import re
+import secrets
 import shutil
 import signal
 import stat
@@ -72,7 +73,12 @@ def warn_unsandboxed(reason: str) -> None:
 def private_dir_of(workdir: Path) -> Path:
     """The run's private directory: its /tmp and the files its steps are run from. Beside the work
     directory (not in it, so a run's workspace holds only what its scripts put there)."""
-    return workdir.parent / ".sandbox" / workdir.name
+    return private_root_of(workdir.parent) / workdir.name
+
+
+def private_root_of(work_root: Path) -> Path:
+    """Where the private directories of the runs under `work_root` are."""
+    return work_root / ".sandbox"
 
 
 def prologue(limits: Limits) -> str:
@@ -141,6 +147,9 @@ def holder_init(sandbox: Sandbox) -> str:
     dies before giving it a run, the lines never come (end of file) and it exits."""
     setpriv = _tool("setpriv")
     lines = ["set -e", "runner=$1"]
+    # A /tmp of its own, mounted ahead of need (`$2`, when given): the run's /tmp directory is then
+    # this one, renamed into the run's private directory (`=`), and no mount is left to do.
+    lines.append(f'[ -z "$2" ] || {{ {_tool("mount")} --bind "$2" /tmp; echo mounted; }}')
     if not sandbox.network and _tool("ip") is not None:
         lines.append(f"{_tool('ip')} link set lo up")
     lines += [
@@ -148,7 +157,7 @@ def holder_init(sandbox: Sandbox) -> str:
         "IFS= read -r dir",
         "IFS= read -r private",
         "read -r uid gid",
-        f'[ "$tmp" = - ] || {_tool("mount")} --bind "$tmp" /tmp',
+        f'[ "$tmp" = - ] || [ "$tmp" = = ] || {_tool("mount")} --bind "$tmp" /tmp',
         'cd "$dir"',
         # Nothing of ours in the steps' environment (cd exported OLDPWD).
         f"unset OLDPWD {LABEL_VARIABLE}",
@@ -207,6 +216,7 @@ class RunnerStep:
         self.id = step_id
         self._files = files
         self._keepers: list[int] = []
+        self._fds: list[int] = []  # read ends not yet given to a transport
         self._transports: list[asyncio.ReadTransport] = []
         self.stdout = asyncio.StreamReader(limit=2**20)
         self.stderr = asyncio.StreamReader(limit=2**20)
@@ -217,25 +227,38 @@ class RunnerStep:
         self.pid: int | None = None  # on this host: what stop, timeouts and the orphan sweep kill
         self.returncode: int | None = None
 
-    async def open(self, private: Path, owner: Ids | None) -> None:
-        loop = asyncio.get_running_loop()
-        for suffix, reader in ((".out", self.stdout), (".err", self.stderr)):
+    def prepare(self, private: Path, owner: Ids | None) -> None:
+        """Make the step's FIFOs and open them (before the runner is told to start it)."""
+        for suffix in (".out", ".err"):
             path = private / f"{self.id}{suffix}"
             os.mkfifo(path, 0o600)
             self._files.append(path)
             if owner is not None:
                 os.chown(path, *owner, follow_symlinks=False)
-            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOFOLLOW)
+            self._fds.append(os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOFOLLOW))
             self._keepers.append(os.open(path, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOFOLLOW))
-            transport, _ = await loop.connect_read_pipe(
-                functools.partial(asyncio.StreamReaderProtocol, reader), os.fdopen(fd, "rb", buffering=0)
-            )
-            self._transports.append(transport)
+
+    async def connect(self) -> None:
+        """Read the FIFOs (while the runner starts the step: what it writes meanwhile waits in them)."""
+        loop = asyncio.get_running_loop()
+        fds, self._fds = self._fds, []
+        connected = await asyncio.gather(
+            *(
+                loop.connect_read_pipe(functools.partial(asyncio.StreamReaderProtocol, reader), os.fdopen(fd, "rb", 0))
+                for fd, reader in zip(fds, (self.stdout, self.stderr), strict=True)
+            ),
+            return_exceptions=True,
+        )
+        for result in connected:
+            if isinstance(result, BaseException):
+                raise result
+            self._transports.append(result[0])
 
     def _started(self, ns_pid: int) -> None:
         self.ns_pid = ns_pid
         # Now, while the step cannot have been reaped yet (its subshell reaps it after this line).
-        self.pid = _host_pid(self._held.runner, ns_pid)
+        with contextlib.suppress(SandboxError, OSError):
+            self.pid = _host_pid(self._held.runner, ns_pid)
         if not self.started.done():
             self.started.set_result(None)
 
@@ -245,6 +268,11 @@ class RunnerStep:
             self.started.set_result(None)
         if not self._exit.done():
             self._exit.set_result(status)
+
+    @property
+    def problem(self) -> str:
+        """Why the run's sandbox ended, when it said so."""
+        return self._held.problem
 
     async def wait(self) -> int | None:
         """The step's exit status (128 + n when killed by signal n); None when its sandbox ended
@@ -276,6 +304,10 @@ class RunnerStep:
         self.release()
         for transport in self._transports:
             transport.close()
+        for fd in self._fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._fds.clear()
         self._held.steps.pop(self.id, None)
         for path in self._files:
             with contextlib.suppress(OSError):
@@ -284,20 +316,33 @@ class RunnerStep:
 
 @dataclass
 class _Held:
-    """One run's sandbox held by this process: `unshare` (the executor's child), PID 1 of the
-    run's namespaces, its runner (pids on this host) and the steps the runner is running."""
+    """One run's sandbox held by this process: `unshare` (the executor's child, whose child is
+    PID 1 of the run's namespaces, whose child is the run's runner) and the steps the runner is
+    running. Steps are sent before the runner has said it is ready (they wait in its input)."""
 
     proc: asyncio.subprocess.Process
-    pid1: int
-    runner: int
     uid: int | None
+    ready: asyncio.Future[None]
     steps: dict[str, RunnerStep] = field(default_factory=dict)
     reader: asyncio.Task[None] | None = None
     ended: bool = False
+    problem: str = ""  # why it ended, when it said so
+    _runner: int | None = None
 
     @property
     def alive(self) -> bool:
         return not self.ended and self.proc.returncode is None
+
+    @property
+    def runner(self) -> int:
+        """The runner's pid on this host (known once it has said anything)."""
+        if self._runner is None:
+            self._runner = _child_of(_child_of(self.proc.pid))
+        return self._runner
+
+    async def pid1(self) -> int:
+        await asyncio.wait_for(asyncio.shield(self.ready), 10)
+        return _child_of(self.proc.pid)
 
     def send(self, line: str) -> None:
         assert self.proc.stdin is not None
@@ -308,10 +353,16 @@ class _Held:
             raise SandboxError(f"the run's sandbox has ended: {exc}") from exc
 
     async def read_reports(self) -> None:
-        assert self.proc.stdout is not None
+        assert self.proc.stdout is not None and self.proc.stderr is not None
         try:
             while line := await self.proc.stdout.readline():
                 what, _, rest = line.decode(errors="replace").strip().partition(" ")
+                if what == "ready" and not self.ready.done():
+                    # Now PID 1 has one child, the runner: no step has left an orphan to it yet.
+                    with contextlib.suppress(SandboxError, OSError):
+                        self._runner = _child_of(_child_of(self.proc.pid))
+                    self.ready.set_result(None)
+                    continue
                 step_id, _, value = rest.partition(" ")
                 step = self.steps.get(step_id)
                 if step is None or not value.lstrip("-").isdigit():
@@ -320,12 +371,19 @@ class _Held:
                     step._started(int(value))
                 elif what == "E":
                     step._exited(int(value))
+            if not self.ready.done():  # it did not start: say why (setpriv, mount, cd)
+                with contextlib.suppress(TimeoutError):
+                    said = await asyncio.wait_for(self.proc.stderr.read(4096), 2)
+                    self.problem = said.decode(errors="replace").strip()
         finally:
             self.end()
 
     def end(self) -> None:
         """The runner is gone (or going): the steps it was running are over as far as it can say."""
         self.ended = True
+        if not self.ready.done():
+            self.ready.set_exception(SandboxError(f"the run's sandbox did not start: {self.problem or 'it ended'}"))
+            self.ready.exception()  # retrieved: nobody may be waiting for it
         for step in list(self.steps.values()):
             step._exited(None)
 
@@ -351,8 +409,14 @@ class RunSandboxes:
     enters the sandbox on its own instead (`enter`: nsenter, setpriv), as every step did before
     runners (`runner=False` keeps that, for comparison)."""
 
-    def __init__(self, sandbox: Sandbox, *, label: str = "", runner: bool = True) -> None:
+    def __init__(
+        self, sandbox: Sandbox, *, label: str = "", runner: bool = True, spare_dir: Path | None = None
+    ) -> None:
         self.sandbox = sandbox
+        # Where a spare keeps the /tmp it mounts ahead of need (beside the runs' private
+        # directories: renamed into one, it becomes that run's /tmp). None: mounted at the start.
+        self.spare_dir = spare_dir
+        self._spare_tmp: dict[int, Path] = {}  # the spares' own /tmp, by pid
         # Set in the environment of this process's holders (not their steps'): a test can tell
         # its own from those of other executors of the host.
         self.label = label
@@ -396,8 +460,9 @@ class RunSandboxes:
         step = RunnerStep(held, step_id, files)
         held.steps[step_id] = step
         try:
-            await step.open(private, owner)
+            step.prepare(private, owner)
             held.send(f"R {step_id}\n")
+            await step.connect()
         except BaseException:
             step.close()
             raise
@@ -411,7 +476,7 @@ class RunSandboxes:
         nsenter = _tool("nsenter")
         assert nsenter is not None
         flags = ["--pid", "--mount"] + ([] if self.sandbox.network else ["--net"])
-        return [nsenter, f"--target={held.pid1}", *flags, f"--wdns={workdir}", "--", *command]
+        return [nsenter, f"--target={await held.pid1()}", *flags, f"--wdns={workdir}", "--", *command]
 
     async def close(self, private: Path) -> None:
         """End the run's sandbox and everything still running in it."""
@@ -430,10 +495,13 @@ class RunSandboxes:
         most: never for a spare to become ready."""
         spare, self._spare = self._spare, None
         if spare is not None:
-            if spare.done():
+            if not spare.done():  # still being spawned: killed as soon as it exists
+                spare.add_done_callback(self._kill_spare)
+            elif not spare.cancelled() and spare.exception() is None:
                 _kill_spawned(spare)
-            else:  # still being spawned: killed as soon as it exists
-                spare.add_done_callback(_kill_spawned)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(spare.result().wait(), 5)
+                self._forget_tmp(spare.result().pid)
         held = list(self._held.items())
         self._held.clear()
         self._locks.clear()
@@ -450,6 +518,26 @@ class RunSandboxes:
         flags = ["--pid", "--fork", "--kill-child", "--mount-proc", "--propagation=private"]
         if not self.sandbox.network:
             flags.append("--net")
+        tmp: Path | None = None
+        if self.spare_dir is not None and not hides_itself(self.spare_dir):
+            tmp = self.spare_dir / f".spare-{secrets.token_hex(8)}"
+            try:
+                self.spare_dir.mkdir(mode=0o711, parents=True, exist_ok=True)
+                tmp.mkdir(mode=0o700)
+            except OSError:
+                tmp = None
+        try:
+            proc = await self._spawn_holder(unshare, flags, tmp)
+        except BaseException:
+            if tmp is not None:
+                with contextlib.suppress(OSError):
+                    tmp.rmdir()
+            raise
+        if tmp is not None:
+            self._spare_tmp[proc.pid] = tmp
+        return proc
+
+    async def _spawn_holder(self, unshare: str, flags: list[str], tmp: Path | None) -> asyncio.subprocess.Process:
         return await asyncio.create_subprocess_exec(
             unshare,
             *flags,
@@ -459,6 +547,7 @@ class RunSandboxes:
             holder_init(self.sandbox),
             "pipelines-sandbox",
             runner_init(self.sandbox.limits),
+            *([] if tmp is None else [str(tmp)]),
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
@@ -469,12 +558,15 @@ class RunSandboxes:
         )
 
     async def _take_spare(self) -> asyncio.subprocess.Process:
-        spare, self._spare = self._spare, asyncio.create_task(self._holder())
+        # The next spare is started once this run's sandbox is ready (`_start`), not meanwhile: on
+        # a busy host it would slow down the start it is meant to save.
+        spare, self._spare = self._spare, None
         if spare is not None:
             with contextlib.suppress(OSError):
                 proc = await spare
                 if proc.returncode is None:
                     return proc
+                self._forget_tmp(proc.pid)
         return await self._holder()
 
     async def _start(self, private: Path, tmp: Path, workdir: Path, owner: Ids | None) -> _Held:
@@ -482,31 +574,73 @@ class RunSandboxes:
         if "\n" in str(workdir) or "\n" in str(tmp):
             raise SandboxError("the work directory's path has a line break")
         proc = await self._take_spare()
-        assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
+        assert proc.stdin is not None
+        held = _Held(
+            proc=proc, uid=None if owner is None else owner[0], ready=asyncio.get_running_loop().create_future()
+        )
         try:
             lines = [
-                "-" if hides_itself(private) else str(tmp),
+                "-" if hides_itself(private) else await self._take_tmp(proc, tmp, owner),
                 str(workdir.absolute()),
                 os.path.relpath(private, workdir.absolute()),
                 "-" if owner is None else f"{owner[0]} {owner[1]}",
             ]
-            proc.stdin.write("".join(f"{line}\n" for line in lines).encode())
-            await proc.stdin.drain()
-            ready = await asyncio.wait_for(proc.stdout.readline(), 10)
-            if ready.strip() != b"ready":
-                problem = (await asyncio.wait_for(proc.stderr.read(), 5)).decode(errors="replace").strip()
-                raise SandboxError(f"the run's sandbox did not start: {problem or 'no reason given'}")
-            pid1 = _child_of(proc.pid)
-            held = _Held(proc=proc, pid1=pid1, runner=_child_of(pid1), uid=None if owner is None else owner[0])
+            # Not waiting for it to be ready: the run's first step follows at once (a failure to
+            # start ends its output, and the step's outcome says why).
+            held.send("".join(f"{line}\n" for line in lines))
+            _record(private, proc.pid)
         except BaseException:
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
+            held.kill()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(proc.wait(), 5)
             raise
         held.reader = asyncio.create_task(held.read_reports())
-        _record(private, proc.pid)
+        held.ready.add_done_callback(self._spare_after)
         return held
+
+    async def _take_tmp(self, proc: asyncio.subprocess.Process, tmp: Path, owner: Ids | None) -> str:
+        """What the holder mounts on /tmp: `=` when the /tmp it mounted ahead of need became the
+        run's (renamed over the run's still empty /tmp directory), else the run's directory."""
+        own = self._spare_tmp.pop(proc.pid, None)
+        if own is None:
+            return str(tmp)
+        assert proc.stdout is not None
+        mounted = False
+        try:
+            # Said long ago by a spare: at once. Never renamed before it is mounted.
+            mounted = await asyncio.wait_for(proc.stdout.readline(), 10) == b"mounted\n"
+        finally:
+            if not mounted:
+                with contextlib.suppress(OSError):
+                    own.rmdir()
+        if not mounted:
+            raise SandboxError("the run's sandbox did not start: it could not mount its /tmp")
+        try:
+            os.rename(own, tmp)  # only over an empty directory: a run's /tmp is never lost
+        except OSError:
+            with contextlib.suppress(OSError):
+                own.rmdir()
+            return str(tmp)
+        if owner is not None:
+            os.chown(tmp, *owner, follow_symlinks=False)
+        return "="
+
+    def _kill_spare(self, task: asyncio.Task[asyncio.subprocess.Process]) -> None:
+        _kill_spawned(task)
+        if not task.cancelled() and task.exception() is None:
+            self._forget_tmp(task.result().pid)
+
+    def _forget_tmp(self, pid: int) -> None:
+        own = self._spare_tmp.pop(pid, None)
+        if own is not None:
+            with contextlib.suppress(OSError):
+                own.rmdir()
+
+    def _spare_after(self, ready: asyncio.Future[None]) -> None:
+        # The next spare starts once this run's sandbox is ready, not meanwhile: on a busy host it
+        # would slow down the start it is meant to save.
+        if self._spare is None and not ready.cancelled() and ready.exception() is None:
+            self._spare = asyncio.create_task(self._holder())
 
 
 def _kill_spawned(task: asyncio.Task[asyncio.subprocess.Process]) -> None:

@@ -411,7 +411,8 @@ class ScriptRun:
                 r.cancel()
             step.close()
         if step.returncode is None and not timed_out and not self._stopped:
-            return ScriptOutcome(exit_code=None, error="the run's sandbox ended while the script ran")
+            why = f": {step.problem}" if step.problem else ""
+            return ScriptOutcome(exit_code=None, error=f"the run's sandbox ended while the script ran{why}")
         return ScriptOutcome(exit_code=step.returncode, timed_out=timed_out, killed=self._stopped)
 
 
