@@ -327,6 +327,7 @@ class _Held:
     reader: asyncio.Task[None] | None = None
     ended: bool = False
     problem: str = ""  # why it ended, when it said so
+    leftover: Path | None = None  # a spare's own /tmp, under the run's: removed once it has ended
     _runner: int | None = None
 
     @property
@@ -377,6 +378,12 @@ class _Held:
                     self.problem = said.decode(errors="replace").strip()
         finally:
             self.end()
+            self.remove_leftover()  # its output has ended: so has PID 1, and the namespace
+
+    def remove_leftover(self) -> None:
+        if self.leftover is not None:
+            _rmdir(self.leftover)
+            self.leftover = None
 
     def end(self) -> None:
         """The runner is gone (or going): the steps it was running are over as far as it can say."""
@@ -417,6 +424,7 @@ class RunSandboxes:
         # directories: renamed into one, it becomes that run's /tmp). None: mounted at the start.
         self.spare_dir = spare_dir
         self._spare_tmp: dict[int, Path] = {}  # the spares' own /tmp, by pid
+        self._leftover: Path | None = None  # a spare's own /tmp that a run's was mounted over
         # Set in the environment of this process's holders (not their steps'): a test can tell
         # its own from those of other executors of the host.
         self.label = label
@@ -486,6 +494,7 @@ class RunSandboxes:
             held.kill()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(held.proc.wait(), 5)
+            held.remove_leftover()
         await asyncio.to_thread(_kill_recorded, private)
 
     async def aclose(self) -> None:
@@ -510,6 +519,7 @@ class RunSandboxes:
         for private, h in held:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(h.proc.wait(), 5)
+            h.remove_leftover()
             _record_path(private).unlink(missing_ok=True)
 
     async def _holder(self) -> asyncio.subprocess.Process:
@@ -596,6 +606,7 @@ class RunSandboxes:
             raise
         held.reader = asyncio.create_task(held.read_reports())
         held.ready.add_done_callback(self._spare_after)
+        held.leftover, self._leftover = self._leftover, None
         return held
 
     async def _take_tmp(self, proc: asyncio.subprocess.Process, tmp: Path, owner: Ids | None) -> str:
@@ -618,8 +629,9 @@ class RunSandboxes:
         try:
             os.rename(own, tmp)  # only over an empty directory: a run's /tmp is never lost
         except OSError:
-            with contextlib.suppress(OSError):
-                own.rmdir()
+            # The run's /tmp is mounted over it: it goes when the sandbox has ended (removing it
+            # sooner would unmount what is mounted on it).
+            self._leftover = own
             return str(tmp)
         if owner is not None:
             os.chown(tmp, *owner, follow_symlinks=False)
@@ -648,6 +660,11 @@ def _kill_spawned(task: asyncio.Task[asyncio.subprocess.Process]) -> None:
         return
     with contextlib.suppress(ProcessLookupError):
         task.result().kill()
+
+
+def _rmdir(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        path.rmdir()
 
 
 def _children(pid: int) -> list[int]:
