@@ -286,12 +286,15 @@ class RunnerStep:
             try:
                 os.killpg(self.pid, sig)
             except ProcessLookupError:
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.kill(self.pid, sig)
+                # Not yet reaped (no report of its end): the pid is still the step's, not reused.
+                if not self._exit.done():
+                    with contextlib.suppress(ProcessLookupError, PermissionError):
+                        os.kill(self.pid, sig)
             except PermissionError:
                 pass
         elif self.ns_pid is not None:
-            self._held.send(f"K {signal.Signals(sig).name[3:]} {self.ns_pid}\n")
+            with contextlib.suppress(SandboxError):  # the runner is gone, and its steps with it
+                self._held.send(f"K {signal.Signals(sig).name[3:]} {self.ns_pid}\n")
 
     def release(self) -> None:
         """The step has exited: its output ends once nothing holds it any more."""
