@@ -143,3 +143,19 @@ async def test_closing_a_runs_sandbox_ends_its_steps_and_leaves_no_file_behind(
     assert not outcome.succeeded and not group_alive(script.pid)
     # Only the run's /tmp is left in its private directory: no script, environment or FIFO.
     assert sorted(p.name for p in private_dir_of(run).iterdir()) == ["tmp"]
+
+
+async def test_a_step_has_no_capability_and_cannot_gain_one(sandboxes: RunSandboxes, work: Path) -> None:
+    outcome, lines = await step(
+        sandboxes, work / "caps", "grep -E '^(CapInh|CapPrm|CapEff|CapAmb|NoNewPrivs)' /proc/self/status; id -G"
+    )
+    assert outcome.succeeded, (outcome, lines)
+    status = dict(text.split(":\t") for _, text in lines if ":\t" in text)
+    assert {k: int(v, 16) for k, v in status.items()} == {
+        "CapInh": 0,
+        "CapPrm": 0,
+        "CapEff": 0,
+        "CapAmb": 0,
+        "NoNewPrivs": 1,  # a setuid program (su, mount) or file capabilities (ping) grant nothing
+    }, lines
+    assert lines[-1] == ("stdout", str(UID)), lines  # no supplementary group
