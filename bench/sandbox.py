@@ -1,8 +1,13 @@
 """What the script sandbox costs a stage: runs of one stage of three short steps through the
-executor's own script runner, without the sandbox (as before it existed: the run's uid through
-setpriv) and with it (the run's sandbox taken at its first step, entered by each; also with no
-network), interleaved so that each variant sees the same load. Ending the run's sandbox happens
-when the run has ended, outside the figures."""
+executor's own script runner, interleaved so that each variant sees the same load:
+
+- `unsandboxed`: as before the sandbox existed (the run's uid through setpriv, one spawn per step);
+- `sandboxed`: as shipped: the run's sandbox and its runner taken at its first step, each step
+  started by the runner (a fork and setsid inside the sandbox); also with no network;
+- `sandboxed_per_step`: the sandbox entered by each step (nsenter + setpriv per step), as before
+  runners, for comparison.
+
+Ending the run's sandbox happens when the run has ended, outside the figures."""
 
 from __future__ import annotations
 
@@ -15,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.stats import summary_ms
-from infra.executor.sandbox import RunSandboxes, Sandbox, private_dir_of, unavailable
+from infra.executor.sandbox import RunSandboxes, Sandbox, private_dir_of, private_root_of, unavailable
 from infra.executor.scripts import ScriptRun, clean_env, watch_children_with_pidfds
 
 STEPS = ("true", "echo built > out.txt", "test -s out.txt")
@@ -37,15 +42,17 @@ async def stage_cost(*, runs: int, warmup: int) -> dict[str, Any]:
     watch_children_with_pidfds()
     why_not = unavailable()
     user = UID if os.geteuid() == 0 else None
-    variants: dict[str, RunSandboxes | None] = {"unsandboxed": None}
-    if why_not is None:
-        variants |= {
-            "sandboxed": RunSandboxes(Sandbox()),
-            "sandboxed_no_network": RunSandboxes(Sandbox(network=False)),
-        }
     # Not under /tmp: there the sandbox leaves /tmp alone (see sandbox.hides_itself), which would
     # flatter it.
     root = Path(tempfile.mkdtemp(prefix="pipelines-bench-sandbox-", dir="/var/tmp"))
+    variants: dict[str, RunSandboxes | None] = {"unsandboxed": None}
+    if why_not is None:
+        spares = private_root_of(root)
+        variants |= {
+            "sandboxed": RunSandboxes(Sandbox(), spare_dir=spares),
+            "sandboxed_no_network": RunSandboxes(Sandbox(network=False), spare_dir=spares),
+            "sandboxed_per_step": RunSandboxes(Sandbox(), runner=False),
+        }
     try:
         os.chmod(root, 0o711)
         samples: dict[str, list[float]] = {name: [] for name in variants}

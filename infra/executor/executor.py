@@ -93,6 +93,7 @@ class Executor:
             await self.consumer.run(stop, wind_down)
         finally:
             sweeper.cancel()
+            await self.units.close()
 
     def on_message(self, msg: Msg) -> None:
         self.consumer.on_message(msg)
@@ -116,4 +117,7 @@ class Executor:
         await self.recovery.recover(lease)
 
     async def drain(self) -> None:
+        """Stop driving runs (what was running is recorded as such) and end what this process
+        holds for them on this host (their sandboxes: see RunSandboxes.aclose)."""
         await self.drivers.drain()
+        await self.units.close()

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from infra.executor.sandbox import (
+    RunnerStep,
     RunSandboxes,
     SandboxError,
     hides_itself,
@@ -224,24 +225,38 @@ class ScriptRun:
 
     def __init__(self, *, kill_grace: float) -> None:
         self._proc: asyncio.subprocess.Process | None = None
+        self._step: RunnerStep | None = None  # started by its run's runner (in the sandbox)
         self._grace = kill_grace
         self._stopped = False
         self._finished = False
 
+    def _signal(self, sig: int) -> None:
+        if self._step is not None:
+            self._step.signal(sig)
+        elif self._proc is not None:
+            _signal_group(self._proc.pid, sig)
+
+    async def _wait(self) -> int | None:
+        if self._step is not None:
+            return await self._step.wait()
+        assert self._proc is not None
+        return await self._proc.wait()
+
     async def _terminate(self) -> None:
-        proc = self._proc
-        if proc is None:
+        if self._proc is None and self._step is None:
             return
-        _signal_group(proc.pid, signal.SIGTERM)
+        self._signal(signal.SIGTERM)
         try:
-            await asyncio.wait_for(proc.wait(), self._grace)
+            await asyncio.wait_for(self._wait(), self._grace)
         except TimeoutError:
             pass
-        _signal_group(proc.pid, signal.SIGKILL)
+        self._signal(signal.SIGKILL)
 
     @property
     def pid(self) -> int | None:
         """The script's pid, which is also its process group id; None until it has started."""
+        if self._step is not None:
+            return self._step.pid
         return self._proc.pid if self._proc is not None else None
 
     @property
@@ -300,9 +315,16 @@ class ScriptRun:
         argv: list[str] = ["/bin/sh", os.path.relpath(script, workdir.absolute())]
         switch: dict[str, Any] = {}
         drop = setpriv_argv(as_user.uid, as_user.gid) if as_user is not None else []
+        if sandbox is None or hides_itself(private):
+            # No private /tmp: a temporary directory of the run's own all the same.
+            env = {**env, "TMPDIR": str(private / "tmp")}
         if sandbox is not None:
+            owner = None if as_user is None else (as_user.uid, as_user.gid)
             try:
-                argv = await sandbox.enter(private, private / "tmp", workdir, [*(drop or []), *argv])
+                step = await sandbox.start(private, private / "tmp", workdir, owner, script, env)
+                if step is not None:
+                    return await self._follow(step, timeout, on_line)
+                argv = await sandbox.enter(private, private / "tmp", workdir, [*(drop or []), *argv], owner)
             except (SandboxError, OSError, TimeoutError) as exc:
                 self._finished = True
                 return ScriptOutcome(exit_code=None, error=f"could not start the run's sandbox: {exc}")
@@ -311,9 +333,6 @@ class ScriptRun:
         elif as_user is not None:
             # another user: its uid and primary group, none of our supplementary groups
             switch = {"user": as_user.uid, "group": as_user.gid, "extra_groups": []}
-        if sandbox is None or hides_itself(private):
-            # No private /tmp: a temporary directory of the run's own all the same.
-            env = {**env, "TMPDIR": str(private / "tmp")}
         try:
             proc = await asyncio.create_subprocess_exec(
                 *argv,
@@ -354,6 +373,47 @@ class ScriptRun:
             for r in readers:
                 r.cancel()
         return ScriptOutcome(exit_code=proc.returncode, timed_out=timed_out, killed=self._stopped)
+
+    async def _follow(self, step: RunnerStep, timeout: float | None, on_line: OnLine) -> ScriptOutcome:
+        """See a step the run's runner started through to its end, as `_spawn` does a process."""
+        self._step = step
+        readers = [
+            asyncio.create_task(_pump(step.stdout, "stdout", on_line)),
+            asyncio.create_task(_pump(step.stderr, "stderr", on_line)),
+        ]
+        timed_out = False
+        try:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(step.started), 10)
+            if not step.started.done():
+                self._finished = True
+                return ScriptOutcome(exit_code=None, error="the run's sandbox did not start the script in 10 s")
+            if self._stopped:  # stopped while it was being started
+                await self._terminate()
+            await asyncio.wait_for(step.wait(), timeout)
+        except TimeoutError:
+            timed_out = True
+            await self._terminate()
+            # Its report comes from the runner's subshell, which a script could have killed.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(step.wait(), 5)
+        except asyncio.CancelledError:
+            await self._terminate()
+            raise
+        finally:
+            # Children the script left behind would hold its output open: end the whole group.
+            step.signal(signal.SIGKILL)
+            step.release()
+            self._finished = True
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(asyncio.gather(*readers), 5)
+            for r in readers:
+                r.cancel()
+            step.close()
+        if step.returncode is None and not timed_out and not self._stopped:
+            why = f": {step.problem}" if step.problem else ""
+            return ScriptOutcome(exit_code=None, error=f"the run's sandbox ended while the script ran{why}")
+        return ScriptOutcome(exit_code=step.returncode, timed_out=timed_out, killed=self._stopped)
 
 
 async def _pump(stream: asyncio.StreamReader, name: Literal["stdout", "stderr"], on_line: OnLine) -> None:

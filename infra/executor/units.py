@@ -26,7 +26,14 @@ from infra.executor.background import Background
 from infra.executor.leasing import UnitLeases
 from infra.executor.plugins import plugin_command
 from infra.executor.runlog import ClosingLogs, RunLog
-from infra.executor.sandbox import Limits, RunSandboxes, Sandbox, others_can_run_python, private_dir_of
+from infra.executor.sandbox import (
+    Limits,
+    RunSandboxes,
+    Sandbox,
+    others_can_run_python,
+    private_dir_of,
+    private_root_of,
+)
 from infra.executor.scripts import ScriptOutcome, ScriptRun, clean_env
 from infra.executor.uids import NoFreeUid, ScriptUids
 from infra.secrets import SecretStore
@@ -66,7 +73,12 @@ class UnitRunner:
         self.uids = ScriptUids(self.workdir / ".uids", *settings.script_uids) if settings.script_uids else None
         # The uids this process claimed for runs it drives (until they end).
         self._run_uids: dict[str, int] = {}
-        self.sandbox = RunSandboxes(sandbox_of(settings))
+        root = settings.work_root.absolute()
+        self.sandbox = RunSandboxes(sandbox_of(settings), label=str(root), spare_dir=private_root_of(root))
+
+    async def close(self) -> None:
+        """End what this process holds for runs on this host (their sandboxes), as it stops."""
+        await self.sandbox.aclose()
 
     async def run_ended(self, state: rn.RunState) -> None:
         """Free what an ended run held here: its working directory (shared by its attempts and

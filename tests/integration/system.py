@@ -183,6 +183,10 @@ async def running_system(settings: Settings, *, with_executor: bool = True) -> A
         for t in pending:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        # The executor's sandboxes end with it (run() did, unless it was cut short or not started
+        # and the tests drove runs through it directly).
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(executor.units.close(), 10)
         await poker.stop()
         with contextlib.suppress(Exception):
             await nc_tests.jetstream().delete_stream(settings.events_stream)

@@ -71,6 +71,7 @@ async def test_a_start_whose_pipeline_cannot_be_read_keeps_no_lease(
             assert await cur.fetchall() == []
         # The next try starts it.
         assert (await executor.drive_once(run)).status == "succeeded"
+        await executor.drain()  # the sandbox started ahead of the next run ends with it
 
 
 async def test_a_shutdown_while_an_outcome_is_recorded_leaves_no_log_task_behind(tmp_path: Path) -> None:

@@ -141,10 +141,9 @@ async def test_another_runs_script_sees_none_of_a_running_scripts_processes_nor_
     processes, _, count = out.split("---")
     assert "sleep 30" not in out and held not in out
     assert secret not in str(done)
-    # ps, the script's shell and PID 1 of its sandbox (and the subshells of this very line).
-    # PID 1 of its run's sandbox and its `sleep 3600`, the script's shell, ps (below a header
-    # line); then the shell's subshells and ls.
-    assert processes.strip().count("\n") <= 4 and int(count.strip()) <= 7, out
+    # Only its own run's: PID 1 of the run's sandbox, the run's runner and its subshell waiting
+    # for this step, the step's shell, ps (below a header line); then the shell's subshells and ls.
+    assert processes.strip().count("\n") <= 5 and int(count.strip()) <= 8, out
     stopped = await system.client.post(
         f"/api/v1/pipelines/{victim['id']}/runs/{held}/stop", json={"reason": "done"}, headers=system.headers("admin")
     )
@@ -205,7 +204,8 @@ async def test_deploy_commands_run_in_the_sandbox_too(system: System) -> None:
     done = await run_to_end(system, {"stages": [deploy_stage(comp, env)]})
     lines = [ln for ln in output(done).split("\n") if ln.strip().isdigit()]
     assert done["status"] == "succeeded", output(done)
-    assert int(lines[0]) <= 6 and lines[1] == str(MAX_PROCS) and int(lines[2]) >= 200_000, output(done)
+    # ps's header, PID 1, the runner and its subshell, the command's shell, ps and wc.
+    assert int(lines[0]) <= 7 and lines[1] == str(MAX_PROCS) and int(lines[2]) >= 200_000, output(done)
 
 
 def _connect(port: int) -> str:
@@ -234,3 +234,4 @@ async def test_without_network_a_script_cannot_reach_the_hosts_services(system: 
     out = output(cut)
     assert "refused" in out and "connected" not in out, out
     assert out.split()[-1] == "lo", out  # its only interface
+
