@@ -73,8 +73,10 @@ async def open_page(browser: Browser, stack: LiveStack, request: pytest.FixtureR
         return page
 
     yield new_page
-    failed = any(getattr(request.node, f"rep_{when}", None) and getattr(request.node, f"rep_{when}").failed
-                 for when in ("setup", "call"))
+    failed = any(
+        getattr(request.node, f"rep_{when}", None) and getattr(request.node, f"rep_{when}").failed
+        for when in ("setup", "call")
+    )
     if failed:
         where = artifacts_dir()
         stamp = time.strftime("%Y%m%d-%H%M%S")

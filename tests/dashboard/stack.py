@@ -44,9 +44,7 @@ class LiveStack:
     _nc: Any
 
     def token(self, role: str, *, sub: str | None = None, ttl: int = 3600) -> str:
-        return issue_token(
-            self.settings, sub=sub or f"{role}-user", roles=[role], org=self.system.org, ttl_seconds=ttl
-        )
+        return issue_token(self.settings, sub=sub or f"{role}-user", roles=[role], org=self.system.org, ttl_seconds=ttl)
 
     async def stop_gateway(self) -> None:
         """Closes every gateway connection (1001) and stops listening: a lost connection."""

@@ -107,8 +107,12 @@ async def test_member_watches_a_run_live_and_an_admin_approval_turns_it_succeede
         await expect(admin.get_by_role("button", name=name, exact=True)).to_be_enabled()
     for name in ("Pause", "Resume"):
         await expect(admin.get_by_role("button", name=name, exact=True)).to_be_disabled()
-    await admin.get_by_label("Comment or reason (optional)").fill("looks good")
-    await admin.get_by_role("button", name="Approve", exact=True).click()
+    # By keyboard: type the comment, Tab to Approve, Enter.
+    await admin.get_by_label("Comment or reason (optional)").focus()
+    await admin.keyboard.type("looks good")
+    await admin.keyboard.press("Tab")
+    await expect(admin.get_by_role("button", name="Approve", exact=True)).to_be_focused()
+    await admin.keyboard.press("Enter")
 
     await status_is(member, "succeeded")
     assert await member.evaluate("window.__sameDocument === true"), "the member's page reloaded"
@@ -151,7 +155,10 @@ async def test_an_invalid_spec_shows_every_error_at_its_path(stack: LiveStack, o
     member = await open_page("/", token=stack.token("member"))
     name = unique("invalid")
     await member.get_by_label("Name", exact=True).fill(name)
-    bad = "stages:\n  - id: build\n    jobs:\n      - name: a\n        needs: [nowhere]\n        steps: []\n    colour: red\n"
+    bad = (
+        "stages:\n  - id: build\n    jobs:\n      - name: a\n        needs: [nowhere]\n"
+        "        steps: []\n    colour: red\n"
+    )
     await member.get_by_label(re.compile(r"^Definition \(YAML")).fill(bad)
     await member.get_by_role("button", name="Create pipeline").click()
     errors = member.get_by_test_id("spec-errors")
@@ -280,3 +287,66 @@ async def test_a_run_with_20000_log_lines_stays_responsive(stack: LiveStack, ope
     await expect(page.get_by_role("button", name="Unfollow", exact=True)).to_be_visible()
     await expect(page.locator("[data-testid=log] .ln").last).to_contain_text("Stage Many (many) succeeded")
     assert time.monotonic() - t0 < 5
+
+
+async def test_deployments_show_what_is_deployed_where_and_the_history_filters(
+    stack: LiveStack, open_page: NewPage
+) -> None:
+    system = stack.system
+    admin = system.headers("admin")
+
+    async def post(path: str, body: dict[str, object]) -> dict[str, str]:
+        r = await system.client.post(path, json=body, headers=admin)
+        assert r.status_code == 201, r.text
+        out: dict[str, str] = r.json()
+        return out
+
+    component = await post("/api/v1/components", {"name": unique("checkout")})
+    staging = await post(
+        "/api/v1/environments",
+        {"name": unique("staging"), "deployer": {"type": "command", "command": "echo deploying"}},
+    )
+    production = await post(
+        "/api/v1/environments", {"name": unique("production"), "deployer": {"type": "command", "command": "exit 3"}}
+    )
+    pipelines = {
+        env["id"]: await system.create_pipeline(
+            [
+                {
+                    "id": "ship",
+                    "name": "Ship",
+                    "type": "deploy",
+                    "config": {"componentId": component["id"], "environmentId": env["id"]},
+                }
+            ],
+            name=unique("deployer"),
+        )
+        for env in (staging, production)
+    }
+    page = await open_page("/deployments", token=stack.token("viewer"))
+    matrix = page.get_by_test_id("deployed-matrix")
+    await expect(matrix.locator(f"td[data-cell='{component['name']}|{staging['name']}']")).to_have_text("not deployed")
+    # Deployments happen while the page is open: it follows them live.
+    ok = await system.trigger(pipelines[staging["id"]]["id"], variables={"VERSION": "1.4.2"})
+    bad = await system.trigger(pipelines[production["id"]]["id"], variables={"VERSION": "1.5.0"})
+    await system.wait_status(ok["pipelineId"], ok["id"], "succeeded", timeout=60)
+    await system.wait_status(bad["pipelineId"], bad["id"], "failed", timeout=60)
+    cell = matrix.locator(f"td[data-cell='{component['name']}|{staging['name']}']")
+    await expect(cell).to_contain_text("1.4.2", timeout=LIVE)
+    await expect(matrix.locator(f"td[data-cell='{component['name']}|{production['name']}']")).to_have_text(
+        "not deployed"
+    )
+    history = page.locator("table").last
+    await expect(history.locator("tbody tr").filter(has_text=component["name"])).to_have_count(2, timeout=LIVE)
+    await page.get_by_label("Status").select_option("failed")
+    await page.get_by_label("Environment").select_option(label=production["name"])
+    await expect(history.locator("tbody tr")).to_have_count(1)
+    await expect(history.locator("tbody tr")).to_contain_text("1.5.0")
+
+    # The runs list filters by status too.
+    await page.goto(f"{stack.api_url}/runs")
+    await page.get_by_label("Status").select_option("failed")
+    rows = page.get_by_test_id("runs-table").locator("tbody tr")
+    await expect(rows.first).to_contain_text("failed")
+    for text in await rows.all_inner_texts():
+        assert "failed" in text and "succeeded" not in text, text

@@ -31,8 +31,8 @@ export function clear(el, ...children) {
 // The API's status names; `waiting_approval` reads better spelled out. A glyph beside the word,
 // so that colour is never the only signal.
 const LABELS = { waiting_approval: "waiting for approval" };
-const GLYPHS = { succeeded: "✓", failed: "✗", cancelled: "⊘", running: "▶", queued: "…", waiting_approval: "⏸",
-  paused: "⏸", skipped: "↷", pending: "○" };
+const GLYPHS = { succeeded: "✓", failed: "✗", cancelled: "⊘", running: "▶", queued: "…", waiting_approval: "?",
+  paused: "‖", skipped: "↷", pending: "○" };
 
 export function statusLabel(status) {
   return LABELS[status] || status;
