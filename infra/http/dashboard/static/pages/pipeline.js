@@ -120,7 +120,7 @@ function triggersSection(spec, webhook) {
   const describe = (t) => t.type === "cron" ? `cron ${t.schedule}${t.timezone ? ` (${t.timezone})` : ""}`
     : t.type === "event" ? `event ${(t.events || ["push"]).join(", ")}${t.branches ? ` on ${t.branches.join(", ")}` : ""}` : t.type;
   return h("section", { "aria-labelledby": "triggers-h" }, h("h2", { id: "triggers-h" }, "Triggers"),
-    h("ul", { "data-testid": "triggers" }, h("li", {}, "manual (the form below, the API, the CLI)"),
+    h("ul", { "data-testid": "triggers" }, h("li", {}, "manual (the trigger form, the API, the CLI)"),
       triggers.filter((t) => t.type !== "manual").map((t) => h("li", {}, describe(t)))),
     webhook ? h("p", { "data-testid": "webhook" }, "Webhook ", h("code", {}, webhook.url), ": ",
       webhook.configured ? h("strong", {}, `secret set${webhook.updatedAt ? ` (${new Date(webhook.updatedAt).toLocaleString()})` : ""}`)
