@@ -28,7 +28,7 @@ stages:
       - name: compile
         steps:
           - name: hello
-            run: "for i in 1 2 3 4 5 6; do printf '\\\\033[32mline %s\\\\033[0m ok\\\\n' $i; sleep 0.4; done"
+            run: "for i in 1 2 3 4 5 6; do printf '\\\\033[32mline %s\\\\033[0m ok\\\\n' $i; sleep 1.5; done"
       - name: test
         needs: [compile]
         steps:
