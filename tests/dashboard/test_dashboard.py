@@ -119,6 +119,12 @@ async def test_member_watches_a_run_live_and_an_admin_approval_turns_it_succeede
     await expect(member.get_by_test_id("log")).to_contain_text("shipped dev", timeout=LIVE)
     await expect(member.get_by_test_id("history")).to_contain_text("carol approved", timeout=LIVE)
     await expect(member.get_by_test_id("history")).to_contain_text("looks good")
+    # The log of one step only.
+    await member.get_by_role("button", name=re.compile(r"^Show the log of step unit")).click()
+    await expect(log).to_contain_text("unit ok")
+    await expect(log).not_to_contain_text("line 1 ok")
+    await member.get_by_role("button", name="Whole log").click()
+    await expect(log).to_contain_text("line 1 ok")
     await status_is(admin, "succeeded")
     for name in ACTION_NAMES:
         await expect(admin.get_by_role("button", name=name, exact=True)).to_be_disabled()
@@ -343,10 +349,36 @@ async def test_deployments_show_what_is_deployed_where_and_the_history_filters(
     await expect(history.locator("tbody tr")).to_have_count(1)
     await expect(history.locator("tbody tr")).to_contain_text("1.5.0")
 
-    # The runs list filters by status too.
+    # The runs list filters by status too, and the filter is in the address.
     await page.goto(f"{stack.api_url}/runs")
     await page.get_by_label("Status").select_option("failed")
     rows = page.get_by_test_id("runs-table").locator("tbody tr")
     await expect(rows.first).to_contain_text("failed")
     for text in await rows.all_inner_texts():
         assert "failed" in text and "succeeded" not in text, text
+    assert urlsplit(page.url).query == "status=failed"
+
+
+async def test_an_admin_rejects_with_a_reason_and_cancels_and_the_run_page_says_who_and_why(
+    stack: LiveStack, open_page: NewPage
+) -> None:
+    pipeline = await stack.system.create_pipeline(
+        [{"id": "gate", "name": "Gate", "type": "approval", "config": {"message": "ok?"}}], name=unique("reject")
+    )
+    first = await stack.system.trigger(pipeline["id"])
+    second = await stack.system.trigger(pipeline["id"])
+    admin = await open_page(f"/runs/{first['id']}", token=stack.token("admin", sub="dana"))
+    await status_is(admin, "waiting for approval")
+    await admin.get_by_label("Comment or reason (optional)").fill("not on a Friday")
+    await admin.get_by_role("button", name="Reject", exact=True).click()
+    await status_is(admin, "failed")
+    await expect(admin.get_by_test_id("history")).to_contain_text("dana rejected", timeout=LIVE)
+    await expect(admin.get_by_test_id("history")).to_contain_text("not on a Friday")
+    # Cancel another waiting run, without a reason.
+    await admin.goto(f"{stack.api_url}/runs/{second['id']}")
+    await status_is(admin, "waiting for approval")
+    await admin.get_by_role("button", name="Cancel", exact=True).click()
+    await status_is(admin, "cancelled")
+    await expect(admin.get_by_test_id("history")).to_contain_text("dana cancelled the run", timeout=LIVE)
+    for name in ACTION_NAMES:
+        await expect(admin.get_by_role("button", name=name, exact=True)).to_be_disabled()

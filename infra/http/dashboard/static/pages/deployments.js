@@ -45,9 +45,11 @@ export async function render(ctx) {
       }))))));
   }
 
+  let asked = 0; // answers to older requests (an earlier filter) are dropped
   async function loadHistory() {
+    const mine = ++asked;
     const result = await api("/deployments", { query: { page, limit: LIMIT, ...filters } });
-    if (!ctx.alive()) return;
+    if (!ctx.alive() || mine !== asked) return;
     clear(body, result.data.length ? result.data.map((d) => h("tr", {},
       h("td", {}, d.componentName || d.componentId), h("td", {}, d.environmentName || d.environmentId),
       h("td", {}, d.version || "—"), h("td", {}, badge(d.status)),

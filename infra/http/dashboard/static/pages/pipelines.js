@@ -77,11 +77,13 @@ export async function render(ctx) {
   const next = h("button", { type: "button", onclick: () => { page++; load(); } }, "Next page");
   search.addEventListener("input", debounce(() => { q = search.value.trim(); page = 1; load(); }, 200));
 
+  let asked = 0; // answers to older requests (an earlier filter) are dropped
   async function load() {
+    const mine = ++asked;
     const result = await api("/pipelines", { query: { page, limit: LIMIT, q } });
     const ids = result.data.map((p) => p.id);
     const latest = ids.length ? await api("/runs/latest", { query: { pipelineIds: ids.join(",") } }) : [];
-    if (!ctx.alive()) return;
+    if (!ctx.alive() || mine !== asked) return;
     const last = new Map(latest.map((r) => [r.pipelineId, r]));
     clear(body, result.data.length ? result.data.map((p) => {
       const run = last.get(p.id);

@@ -21,9 +21,11 @@ export function runsTable(ctx, { pipelineId = null, limit = 20, showPipeline = t
       body),
     h("div", { class: "pager" }, prev, next));
 
+  let asked = 0; // answers to older requests (an earlier filter) are dropped
   async function load() {
+    const mine = ++asked;
     const result = await api("/runs", { query: { page, limit, status, pipelineId } });
-    if (!ctx.alive()) return;
+    if (!ctx.alive() || mine !== asked) return;
     const cols = showPipeline ? 7 : 6;
     clear(body, result.data.length ? result.data.map((r) => h("tr", { "data-run": r.id },
       h("td", {}, h("a", { href: `/runs/${r.id}` }, `Run ${shortId(r.id)}`)),
@@ -38,6 +40,10 @@ export function runsTable(ctx, { pipelineId = null, limit = 20, showPipeline = t
     info.textContent = `${from}–${(page - 1) * limit + result.data.length} of ${result.total} runs`;
     prev.disabled = page <= 1;
     next.disabled = page * limit >= result.total;
+    // The filter is part of the address, so that it can be shared.
+    const url = new URL(location.href);
+    if (status) url.searchParams.set("status", status); else url.searchParams.delete("status");
+    history.replaceState(null, "", url.pathname + url.search);
   }
   const reload = debounce(() => load().catch((e) => console.error(e)), 250);
   const stop = ctx.live.subscribe("runs", pipelineId ? { pipelineId } : {}, { onFrame: reload, onLive: reload });
