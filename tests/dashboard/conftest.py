@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -10,6 +11,7 @@ import pytest
 import pytest_asyncio
 from playwright.async_api import Browser, BrowserContext, Page, async_playwright
 
+from tests import servers
 from tests.dashboard.browser import ARTIFACTS_ENV, LAUNCH_ARGS, NoChromium, chromium_path
 from tests.dashboard.stack import LiveStack, live_stack
 
@@ -26,8 +28,11 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[Any]) -> 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
 async def stack(database_url: str, nats_url: str, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[LiveStack]:
-    async with live_stack(database_url, nats_url, tmp_path_factory.mktemp("data")) as s:
-        yield s
+    # A database of its own on the session's server: the 20,000-line run and the rest stay out of
+    # the shared database that other suites read whole (a full read-model rebuild, for one).
+    with servers.fresh_database(database_url, prefix="pipelines_dashboard") as own:
+        async with live_stack(own, nats_url, tmp_path_factory.mktemp("data")) as s:
+            yield s
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
@@ -45,8 +50,6 @@ async def browser() -> AsyncIterator[Browser]:
 
 
 def artifacts_dir() -> Path:
-    import os
-
     root = Path(os.environ.get(ARTIFACTS_ENV) or Path(tempfile.gettempdir()) / "pipelines-dashboard-artifacts")
     root.mkdir(parents=True, exist_ok=True)
     return root
