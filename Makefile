@@ -17,6 +17,7 @@ help:
 	@echo "make lint   ruff, mypy and the import rules only"
 	@echo "make soak   the long suites (tests marked soak)"
 	@echo "make lock   re-pin every dependency after a change to pyproject.toml"
+	@echo "make screenshots  the dashboard's pages as PNGs in docs/screenshots (headless chromium)"
 
 install: $(STAMP)
 
@@ -44,7 +45,7 @@ lint: $(STAMP)
 
 # -rfEs: the summary lists failures, errors and every skipped test with its reason (a root-only
 # test skipped elsewhere says "needs root"). A run that collected no test exits 5: the target fails.
-test: lint
+test: lint chromium
 	$(BIN)/pytest -q -rfEs -m "not soak"
 
 # The long suites: the 50-run fault suite (tests/fault, kill -9 of every service and restarts of
@@ -60,3 +61,16 @@ soak: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m pip install --disable-pip-version-check -c requirements-dev.lock -e '.[dev,embedded,bench]'
 	$(BIN)/python -m bench $(BENCH_ARGS)
+
+# The dashboard's browser tests (tests/dashboard) drive Debian's chromium through Playwright, which
+# never downloads a browser here: install the package when it is missing (as root), else say how.
+.PHONY: chromium
+chromium:
+	@command -v chromium >/dev/null 2>&1 || test -x /usr/bin/chromium || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq chromium; \
+	  else echo "the dashboard tests need chromium: sudo apt-get install -y chromium" >&2; exit 1; fi; }
+
+# The README's dashboard pictures: every page against a live stack with demo data (load times printed).
+.PHONY: screenshots
+screenshots: $(STAMP) chromium
+	$(BIN)/python -m tests.dashboard.screenshots docs/screenshots

@@ -132,6 +132,26 @@ class RunView(msgspec.Struct, kw_only=True, rename="camel"):
     updated_at: str | None
 
 
+class RunSummaryView(msgspec.Struct, kw_only=True, rename="camel"):
+    """A run in a list across pipelines: what a row shows, without logs or stage results."""
+
+    id: str
+    pipeline_id: str
+    pipeline_name: str | None = None
+    organization_id: str | None
+    status: str
+    triggered_by: str
+    definition_version: int
+    trigger: dict[str, Any]
+    started_at: str | None
+    finished_at: str | None
+    duration_ms: int | None
+    status_reason: str | None
+    status_by: str | None
+    created_at: str | None
+    updated_at: str | None
+
+
 def pipeline_view(state: PipelineState) -> PipelineView:
     return PipelineView(
         id=state.pipeline_id,

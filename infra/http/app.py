@@ -19,6 +19,8 @@ from infra.http.access import access_log, log_response
 from infra.http.asyncapi import ASYNCAPI_URL, asyncapi
 from infra.http.broker_credentials import BrokerCredentialsController
 from infra.http.consistency import ReadYourWrites
+from infra.http.dashboard import PUBLIC_PATHS as DASHBOARD_PATHS
+from infra.http.dashboard import dashboard_routes
 from infra.http.delivery import ChannelController, ComponentController, DeploymentController, EnvironmentController
 from infra.http.deps import API, Deps, deps_of
 from infra.http.errors import handle
@@ -28,6 +30,7 @@ from infra.http.info import info
 from infra.http.inputs import InputChecks
 from infra.http.openapi import ContractJson, complete
 from infra.http.pipelines import PipelineController
+from infra.http.run_lists import RunListController
 from infra.http.runs import RunController, run_actions
 from infra.http.secrets import SecretController
 from infra.http.specs import SPEC_SCHEMA_URL, SpecController, spec_schema, validate_new_spec
@@ -99,6 +102,7 @@ def create_app(
         route_handlers=[
             PipelineController,
             RunController,
+            RunListController,
             *run_actions,
             SpecController,
             WebhookSettingsController,
@@ -116,6 +120,7 @@ def create_app(
             healthz,
             readyz,
             metrics,
+            *dashboard_routes(),
         ],
         middleware=[
             access_log,
@@ -129,6 +134,7 @@ def create_app(
                     f"^{API}/hooks",
                     f"^{SPEC_SCHEMA_URL}",
                     f"^{ASYNCAPI_URL}",
+                    *DASHBOARD_PATHS,
                 ],
             ),
             DefineMiddleware(InputChecks, max_body_bytes=max_body_bytes, max_json_depth=max_json_depth),

@@ -53,12 +53,13 @@ class PipelineController(Controller):
         page: Annotated[int, Parameter(ge=1, le=MAX_PAGE)] = 1,
         limit: Annotated[int, Parameter(ge=1, le=100)] = 20,
         organizationId: FromQuery[str | None] = None,
+        q: Annotated[str | None, Parameter(max_length=200, description="only names containing this (any case)")] = None,
     ) -> PipelinePage:
         deps = deps_of(request)
         principal = request.user
         if organizationId is not None and organizationId != principal.org:
             return PipelinePage(data=[], total=0, page=page, limit=limit)
-        data, total = await deps.read_models.list_pipelines(principal.org, page, limit)
+        data, total = await deps.read_models.list_pipelines(principal.org, page, limit, q or None)
         return PipelinePage(data=data, total=total, page=page, limit=limit)
 
     @post("/", guards=[member], summary="Create a pipeline", status_code=201)

@@ -285,6 +285,7 @@ class Stack:
         else:
             lines.append(f"PostgreSQL  {mask_url(self.database_url)}")
         lines.append(f"NATS        {mask_url(self.nats_url)}{'  (embedded)' if self.nats is not None else ''}")
+        lines.append(f"Dashboard   {self.api_url}/  (sign in with a token: see Token below)")
         lines.append(f"API         {self.api_url}/api/v1/pipelines")
         lines.append(f"OpenAPI     {self.api_url}/schema")
         lines.append(f"AsyncAPI    {self.api_url}/api/v1/asyncapi.json")
