@@ -18,6 +18,7 @@ from domain import run as rn
 from domain.masking import Masker
 from domain.run.units import Unit
 from domain.stages import Stage
+from infra.agent.dispatch import Agents, RemoteStop
 from infra.app.commands import Commands
 from infra.broker.bus import log_subject
 from infra.config import Settings
@@ -67,11 +68,16 @@ class UnitRunner:
         # The uids this process claimed for runs it drives (until they end).
         self._run_uids: dict[str, int] = {}
         self.sandbox = RunSandboxes(sandbox_of(settings))
+        # Agents this executor hands units to (set by the executor when it has a broker): units
+        # with `runsOn` always go to one, every script unit with PIPELINES_RUN_ON_AGENTS=all.
+        self.agents: Agents | None = None
 
     async def run_ended(self, state: rn.RunState) -> None:
         """Free what an ended run held here: its working directory (shared by its attempts and
         stages until it ends), its scripts' uid, its secrets."""
         run_id = state.run_id
+        if self.agents is not None:
+            self.agents.run_ended(run_id)
         await asyncio.to_thread(shutil.rmtree, self.workdir / run_id, True)
         private = private_dir_of(self.workdir.absolute() / run_id)
         await self.sandbox.close(private)
@@ -273,10 +279,20 @@ class UnitRunner:
         extra: dict[str, str] | None = None,
         as_service: bool = False,
     ) -> ScriptOutcome:
+        if driver is not None and driver.stop_requested:
+            return ScriptOutcome(exit_code=None, killed=True)
+        labels = runs_on(unit)
+        if labels or (self.agents is not None and self.settings.run_on_agents == "all"):
+            values = {
+                **state.variables,
+                **secrets,
+                "PIPELINE_ID": state.pipeline_id,
+                "RUN_ID": state.run_id,
+                "STAGE_ID": unit.stage.id,
+                **(extra or {}),
+            }
+            return await self._run_on_agent(state, unit, line, driver, command, values, timeout, labels)
         script = ScriptRun(kill_grace=self.settings.kill_grace)
-        if driver is not None:
-            if driver.stop_requested:
-                return ScriptOutcome(exit_code=None, killed=True)
         # Plugins are the admin's installed code, run by the service's Python: as the run's user
         # when that user can run it, else as the service's user (in the sandbox all the same).
         as_service = as_service and not others_can_run_python()
@@ -323,6 +339,56 @@ class UnitRunner:
         finally:
             if driver is not None:
                 driver.scripts.discard(script)
+
+    async def _run_on_agent(
+        self,
+        state: rn.RunState,
+        unit: Unit,
+        line: Callable[[Literal["stdout", "stderr", "system"], str], None],
+        driver: Stoppable | None,
+        command: str,
+        values: dict[str, str],
+        timeout: float,
+        labels: tuple[str, ...],
+    ) -> ScriptOutcome:
+        """Hand the command to an agent with the labels (it runs it in its own sandbox and working
+        directory) and wait for its outcome; its lines come back as the unit's."""
+        if self.agents is None:
+            return ScriptOutcome(
+                exit_code=None,
+                error=f"runsOn [{', '.join(labels)}] needs agents, and this executor has no broker to reach them",
+            )
+        stopper = RemoteStop(self.agents)
+        if driver is not None:
+            driver.scripts.add(stopper)  # type: ignore[arg-type]  # stop() is all a run's stop needs
+        job = (state.run_id, unit.stage.id, unit.job.name) if unit.job is not None else None
+
+        def on_wait(reason: str) -> None:
+            line("system", reason)
+
+        try:
+            return await self.agents.run(
+                org=state.organization_id,
+                run_id=state.run_id,
+                key=unit.key,
+                attempt=unit.attempt,
+                labels=labels,
+                job=job,
+                command=command,
+                env=values,
+                timeout=timeout,
+                on_line=line,
+                on_wait=on_wait,
+                stopper=stopper,
+            )
+        finally:
+            if driver is not None:
+                driver.scripts.discard(stopper)
+
+
+def runs_on(unit: Unit) -> tuple[str, ...]:
+    """The labels of the agent that must run the unit (`runsOn` of its job, or of its typed stage)."""
+    return unit.job.runs_on if unit.job is not None else unit.stage.runs_on
 
 
 def completion(

@@ -1,5 +1,6 @@
-"""Keeps the embedded NATS's users in step with the broker credentials issued through the API
-(infra/broker/credentials.py): reloads it after an issue or a revocation, and when one expires."""
+"""Keeps the embedded NATS's users in step with the broker credentials and agents issued through the
+API (infra/broker/credentials.py, infra/agent/registry.py): reloads it after an issue or a revocation,
+and when one expires."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import time
 
 import psycopg
 
+from infra.agent.registry import ACTIVE_AGENTS_SQL, agent_users
 from infra.broker.credentials import ACTIVE_SQL, CHANGED_CHANNEL, issued_users
 from services.dev.nats import RunningNats
 
@@ -39,7 +41,12 @@ class IssuedUsers:
             rows = self._conn.execute(ACTIVE_SQL).fetchall()
         except psycopg.errors.UndefinedTable:  # the API has not migrated the database yet
             rows = []
-        return nats.set_issued_users(issued_users(rows))
+        try:
+            # Agents (infra/agent/registry.py) are users of the same server, on the same NOTIFY.
+            agents: list[tuple[str, str]] = self._conn.execute(ACTIVE_AGENTS_SQL).fetchall()  # type: ignore[assignment]
+        except psycopg.errors.UndefinedTable:
+            agents = []
+        return nats.set_issued_users(issued_users(rows) + agent_users(agents))
 
     def close(self) -> None:
         if self._conn is not None:
