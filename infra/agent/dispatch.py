@@ -57,6 +57,17 @@ class Pending:
     placed: asyncio.Future[str]
     on_wait: Callable[[str], None]
     reason: str | None = None
+    # How many units had been handed out when this one was queued.
+    queued_at: int = 0
+
+
+@dataclass(frozen=True)
+class Handed:
+    """A unit handed out: whose, and how many other units were handed out while it waited."""
+
+    org: str | None
+    run_id: str
+    ahead: int
 
 
 @dataclass
@@ -93,8 +104,9 @@ class Agents:
         self._run_agents: dict[str, set[str]] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._subs: list[object] = []
-        # The order units were handed out in, (org, run): what the fairness test looks at.
-        self.handed: deque[tuple[str | None, str]] = deque(maxlen=10_000)
+        # The units handed out, in order (the last 10,000): what fairness is checked on.
+        self.handed: deque[Handed] = deque(maxlen=10_000)
+        self._handed_total = 0
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -224,7 +236,9 @@ class Agents:
         decides), and the agent, if it is still there, kills it."""
         loop = asyncio.get_running_loop()
         while True:
-            pending = Pending(next(self._seq), org, labels, job, loop.create_future(), on_wait)
+            pending = Pending(
+                next(self._seq), org, labels, job, loop.create_future(), on_wait, queued_at=self._handed_total
+            )
             stopper.pending = pending
             self._queues.setdefault(org, deque()).append(pending)
             self._pump()
@@ -265,7 +279,8 @@ class Agents:
                     if stopper.stopped:
                         return ScriptOutcome(exit_code=None, killed=True)
                     continue  # queued again, at the back of its organization's queue
-                self.handed.append((org, run_id))
+                self.handed.append(Handed(org, run_id, self._handed_total - pending.queued_at))
+                self._handed_total += 1
                 self._run_agents.setdefault(run_id, set()).add(agent)
                 if job is not None:
                     self._job_agents[job] = agent
