@@ -55,7 +55,7 @@ class Pending:
     labels: tuple[str, ...]
     job: tuple[str, str, str] | None  # (run, stage, job): its steps go to one agent
     placed: asyncio.Future[str]
-    on_wait: Callable[[str], None]
+    on_wait: Callable[[str | None], None]
     reason: str | None = None
     # How many units had been handed out when this one was queued.
     queued_at: int = 0
@@ -228,7 +228,7 @@ class Agents:
         env: dict[str, str],
         timeout: float,
         on_line: OnLine,
-        on_wait: Callable[[str], None],
+        on_wait: Callable[[str | None], None],
         stopper: RemoteStop,
     ) -> ScriptOutcome:
         """Hand the unit to an agent (waiting for one as long as it takes) and wait for its outcome.
@@ -279,6 +279,8 @@ class Agents:
                     if stopper.stopped:
                         return ScriptOutcome(exit_code=None, killed=True)
                     continue  # queued again, at the back of its organization's queue
+                if pending.reason is not None:
+                    on_wait(None)  # no longer waiting
                 self.handed.append(Handed(org, run_id, self._handed_total - pending.queued_at))
                 self._handed_total += 1
                 self._run_agents.setdefault(run_id, set()).add(agent)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import shutil
 from collections.abc import Callable
 from datetime import datetime
@@ -32,6 +33,8 @@ from infra.executor.scripts import ScriptOutcome, ScriptRun, clean_env
 from infra.executor.uids import NoFreeUid, ScriptUids
 from infra.secrets import SecretStore
 from infra.stored_secrets import unit_secrets
+
+log = logging.getLogger("pipelines.executor")
 
 
 class Stoppable(Protocol):
@@ -363,8 +366,17 @@ class UnitRunner:
             driver.scripts.add(stopper)  # type: ignore[arg-type]  # stop() is all a run's stop needs
         job = (state.run_id, unit.stage.id, unit.job.name) if unit.job is not None else None
 
-        def on_wait(reason: str) -> None:
-            line("system", reason)
+        stage_id = unit.stage.id
+        job_name = unit.job.name if unit.job is not None else None
+        step_name = unit.step.name if unit.step is not None else None
+
+        def on_wait(reason: str | None) -> None:
+            if reason is not None:
+                line("system", reason)
+            # Shown in the run's read model (the step `queued`, its `waitingFor`): off the unit's path.
+            self._background.spawn(
+                self._note_waiting(state.run_id, stage_id, job_name, step_name, unit.attempt, reason)
+            )
 
         try:
             return await self.agents.run(
@@ -384,6 +396,17 @@ class UnitRunner:
         finally:
             if driver is not None:
                 driver.scripts.discard(stopper)
+
+    async def _note_waiting(
+        self, run_id: str, stage_id: str, job: str | None, step: str | None, attempt: int, reason: str | None
+    ) -> None:
+        try:
+            await self.commands.run_command(
+                run_id,
+                lambda at: rn.NoteWaiting(stage_id=stage_id, job=job, step=step, attempt=attempt, reason=reason, at=at),
+            )
+        except Exception as exc:  # only a note: the unit goes on regardless
+            log.info("run %s: could not note that %s waits for an agent: %s", run_id, stage_id, exc)
 
 
 def runs_on(unit: Unit) -> tuple[str, ...]:
