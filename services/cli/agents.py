@@ -73,4 +73,5 @@ def run_agent() -> None:
 
 def register(app: typer.Typer) -> None:
     app.add_typer(agents, name="agents")
-    app.command("agent", epilog="Example: pipelines agent  (PIPELINES_AGENT_CREDS=agent.json in its environment)")(run_agent)
+    example = "Example: pipelines agent  (PIPELINES_AGENT_CREDS=agent.json in its environment)"
+    app.command("agent", epilog=example)(run_agent)
