@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -54,11 +55,13 @@ class AgentConfig:
             servers = tuple(s.strip() for s in e["PIPELINES_AGENT_SERVERS"].split(",") if s.strip())
         # The service settings without their servers: an agent reads no `make up` stack file (which
         # names the database) and connects to the broker only, with its own credentials.
-        settings = replace(
-            Settings.from_env({**e, "PIPELINES_DATABASE_URL": "-", "PIPELINES_NATS_URL": "-"}),
-            database_url="",
-            nats_url="",
-        )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # no JWT secret: an agent checks no tokens
+            settings = replace(
+                Settings.from_env({**e, "PIPELINES_DATABASE_URL": "-", "PIPELINES_NATS_URL": "-"}),
+                database_url="",
+                nats_url="",
+            )
         work = e.get("PIPELINES_AGENT_WORK_DIR")
         return cls(
             id=ident,

@@ -243,13 +243,17 @@ async def connect(config: AgentConfig, *, on_refused: Callable[[str], object]) -
     """Connect with the agent's own credentials; reconnect for as long as it takes, unless the broker
     refuses them (revoked): then `on_refused`."""
 
+    connected = False
+
     async def on_error(exc: Exception) -> None:
         text = str(exc)
         log.warning("nats: %s", text)
-        if "authorization" in text.lower() or "authentication" in text.lower():
+        # Refused before the first connection: its user may not exist yet (the supervisor adds the
+        # local agent's once the database is migrated): keep trying. Refused after: revoked.
+        if connected and ("authorization" in text.lower() or "authentication" in text.lower()):
             on_refused(text)
 
-    return await nats.connect(
+    nc = await nats.connect(
         list(config.servers),
         user=config.user,
         password=config.password,
@@ -258,3 +262,5 @@ async def connect(config: AgentConfig, *, on_refused: Callable[[str], object]) -
         max_reconnect_attempts=-1,
         reconnect_time_wait=0.5,
     )
+    connected = True
+    return nc

@@ -5,11 +5,13 @@ and when one expires."""
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import psycopg
 
 from infra.agent.registry import ACTIVE_AGENTS_SQL, agent_users
 from infra.broker.credentials import ACTIVE_SQL, CHANGED_CHANNEL, issued_users
+from services.dev.local_agent import upsert_local_agent
 from services.dev.nats import RunningNats
 
 __all__ = ["IssuedUsers"]
@@ -19,8 +21,10 @@ class IssuedUsers:
     """`sync(nats)` often (the supervisor's check loop): cheap unless a NOTIFY came or `every` seconds
     passed (expiries). Not thread-safe; one per NATS server."""
 
-    def __init__(self, database_url: str, *, every: float = 5.0) -> None:
+    def __init__(self, database_url: str, *, every: float = 5.0, local_agent: Path | None = None) -> None:
         self._database_url = database_url
+        # `make up`'s local agent (services/dev/local_agent.py): its row is made once the table is there.
+        self._local_agent = local_agent
         self._every = every
         self._conn: psycopg.Connection[tuple[str, str, str | None, str]] | None = None
         self._due = 0.0
@@ -41,6 +45,12 @@ class IssuedUsers:
             rows = self._conn.execute(ACTIVE_SQL).fetchall()
         except psycopg.errors.UndefinedTable:  # the API has not migrated the database yet
             rows = []
+        if self._local_agent is not None:
+            try:
+                upsert_local_agent(self._conn, self._local_agent)  # type: ignore[arg-type]
+                self._local_agent = None
+            except psycopg.errors.UndefinedTable:
+                pass  # the API has not migrated the database yet: next time
         try:
             # Agents (infra/agent/registry.py) are users of the same server, on the same NOTIFY.
             agents: list[tuple[str, str]] = self._conn.execute(ACTIVE_AGENTS_SQL).fetchall()  # type: ignore[assignment]

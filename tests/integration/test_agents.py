@@ -88,7 +88,6 @@ class AgentProcess:
             "PIPELINES_DATA_DIR": str(home / "data"),
             "PIPELINES_LEASE_TTL": "1",
             "PIPELINES_KILL_GRACE": "0.5",
-            "PIPELINES_JWT_SECRET": "agents-do-not-check-tokens-0123456789",
         }
         with self.log.open("w") as out:
             self.proc = subprocess.Popen(
