@@ -271,6 +271,9 @@ class Agents:
                     refused = await asyncio.wait_for(asyncio.shield(d.accepted), ACCEPT_TIMEOUT)
                 except TimeoutError:
                     refused = "it did not answer"
+                    view = self.agents.get(agent)
+                    if view is not None:
+                        view.seen = -1e9  # nothing more for it until it says it is there again
                     with contextlib.suppress(Exception):
                         await self._cancel(d)  # should it take it after all
                 if refused is not None:

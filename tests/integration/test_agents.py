@@ -320,6 +320,47 @@ async def test_a_killed_agents_unit_is_retried_by_its_policy_on_another_agent(sy
     assert "elsewhere" in step["output"]
 
 
+async def test_an_agent_kills_a_unit_whose_executor_stops_renewing_it(system: System, agents: Agents) -> None:
+    """A unit handed over by an executor that then goes silent (it died: its lease is recovered and the
+    attempt retried elsewhere) is an orphan: the agent kills it after a lease's time."""
+    agent = await agents.start(["orphan"])
+    ghost = f"ghost{uuid.uuid4().hex[:8]}"  # an executor nobody runs: no renewal is ever answered
+    reports: list[p.Report] = []
+
+    async def heard(msg: Msg) -> None:
+        reports.append(p.decode_report(msg.data))
+
+    sub = await system.nc.subscribe(p.report_subject(agent.id, ghost), cb=heard)
+    marker = agent.home / "survived"
+    assign = p.Assign(
+        unit="u-orphan",
+        executor=ghost,
+        run_id=str(uuid.uuid4()),
+        org=system.org,
+        key="s",
+        attempt=1,
+        command=f"echo started; sleep 20; touch {marker}",
+        env={},
+        timeout=60,
+        kill_grace=0.5,
+    )
+    try:
+        await system.nc.publish(p.work_subject(agent.id), p.encode(assign))
+
+        async def killed() -> bool:
+            return any(isinstance(r, p.Finished) for r in reports)
+
+        await eventually(killed, timeout=15, what=f"the orphan to be killed: {agent.output()}")
+        (finished,) = [r for r in reports if isinstance(r, p.Finished)]
+        assert finished.killed and finished.exit_code != 0, finished
+        assert any(isinstance(r, p.Accepted) for r in reports)
+        assert any(isinstance(r, p.Renew) and r.units == ["u-orphan"] for r in reports)
+        assert "lease lost" in agent.output()
+        assert not marker.exists()
+    finally:
+        await sub.unsubscribe()
+
+
 async def test_an_agent_whose_credentials_are_revoked_is_disconnected(system: System, agents: Agents) -> None:
     agent = await agents.start(["revoked"])
     r = await system.client.get("/api/v1/agents", headers=system.headers())
