@@ -217,6 +217,30 @@ async def test_a_job_goes_only_to_an_agent_with_all_its_labels(system: System, a
         assert str(plain.home) not in step_of(done)["output"]
 
 
+async def test_the_steps_of_a_job_run_on_one_agent_in_one_working_directory(system: System, agents: Agents) -> None:
+    await agents.start(["pair"])
+    await agents.start(["pair"])
+    spec = {
+        "jobs": [
+            {
+                "name": "build",
+                "runsOn": ["pair"],
+                "steps": [
+                    {"name": "make", "run": 'echo "$PWD" > built-here'},
+                    {"name": "check", "run": 'test "$(cat built-here)" = "$PWD" && echo same place'},
+                ],
+            },
+            {"name": "other", "runsOn": ["pair"], "steps": [{"name": "x", "run": "sleep 0.2"}]},
+        ]
+    }
+    pid = await save(system, spec)
+    for _ in range(3):
+        run = await system.trigger(pid)
+        done = await system.wait_status(pid, run["id"], "succeeded", "failed", timeout=60)
+        assert done["status"] == "succeeded", done["logs"]
+        assert "same place" in done["stageResults"][0]["jobs"][0]["steps"][1]["output"]
+
+
 async def test_a_unit_no_agent_can_take_waits_queued_with_the_reason(system: System, agents: Agents) -> None:
     await agents.start(["linux"])
     pid = await save(system, one_step("echo never", ["linux", "gpu"]))
@@ -318,6 +342,27 @@ async def test_a_killed_agents_unit_is_retried_by_its_policy_on_another_agent(sy
     assert step["attempts"][0]["status"] == "failed"
     assert "agent lost" in step["attempts"][0]["error"]
     assert "elsewhere" in step["output"]
+
+
+async def test_an_organizations_agent_runs_none_of_another_organizations_units(system: System, agents: Agents) -> None:
+    mine = await agents.start(["private"])
+    other = f"org-{uuid.uuid4().hex[:8]}"
+    theirs = system.headers("admin", org=other)
+    r = await system.client.get("/api/v1/agents", headers=theirs)
+    assert mine.id not in [a["id"] for a in r.json()]
+    r = await system.client.delete(f"/api/v1/agents/{mine.id}", headers=theirs)
+    assert r.status_code == 404
+    pid = await save(system, one_step("echo ran", ["private"]), headers=system.headers("member", org=other))
+    r = await system.client.post(f"/api/v1/pipelines/{pid}/trigger", headers=theirs)
+    run = r.json()["id"]
+
+    async def waiting() -> bool:
+        got = await system.client.get(f"/api/v1/pipelines/{pid}/runs/{run}", headers=theirs)
+        return step_of(got.json())["waitingFor"] == "waiting for an agent with private"
+
+    await eventually(waiting, timeout=30, what="the other organization's unit to wait")
+    r = await system.client.post(f"/api/v1/pipelines/{pid}/runs/{run}/cancel", json={}, headers=theirs)
+    assert r.status_code == 200, r.text
 
 
 async def test_an_agent_kills_a_unit_whose_executor_stops_renewing_it(system: System, agents: Agents) -> None:
