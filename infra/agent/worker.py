@@ -68,6 +68,8 @@ class Agent:
         self.script_user = script_user
         self.units: dict[str, Running] = {}
         self._background: set[asyncio.Task[Any]] = set()
+        # Set when the agent stops: what it kills then failed (its retry policy decides), not cancelled.
+        self._stopping = False
 
     def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
         task = asyncio.create_task(coro)
@@ -88,7 +90,8 @@ class Agent:
                 task.cancel()
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
-            # Stopping: what runs here is killed; its executor records it lost and retries it.
+            # Stopping: what runs here is killed and reported failed, so its retry policy decides.
+            self._stopping = True
             for r in list(self.units.values()):
                 if r.finished is None:
                     await r.script.stop()
@@ -153,6 +156,8 @@ class Agent:
         except Exception as exc:
             log.exception("unit %s: running it failed", a.unit)
             outcome = ScriptOutcome(exit_code=None, error=f"the agent failed to run this: {exc}")
+        if self._stopping and outcome.killed:
+            outcome = ScriptOutcome(exit_code=None, error="the agent stopped while this was running")
         flusher.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await flusher

@@ -406,6 +406,22 @@ async def test_an_agent_kills_a_unit_whose_executor_stops_renewing_it(system: Sy
         await sub.unsubscribe()
 
 
+async def test_a_stopped_agents_unit_fails_and_is_retried_not_cancelled(system: System, agents: Agents) -> None:
+    first = await agents.start(["drain"])
+    script = f'case "$PWD" in {first.home}*) echo first; sleep 20;; *) echo elsewhere;; esac'
+    pid = await save(system, one_step(script, ["drain"], retry={"maxAttempts": 2, "backoff": 0}))
+    run = await system.trigger(pid)
+    await system.wait_run(pid, run["id"], lambda r: "first" in step_of(r)["output"], timeout=30)
+    first.stop(signal.SIGTERM)
+    assert first.proc.returncode == 0, first.output()
+    await agents.start(["drain"])
+    done = await system.wait_status(pid, run["id"], "succeeded", "failed", timeout=60)
+    assert done["status"] == "succeeded", done["logs"]
+    step = step_of(done)
+    assert step["attempts"][0]["status"] == "failed"
+    assert "the agent stopped while this was running" in step["attempts"][0]["error"]
+
+
 async def test_an_agent_whose_credentials_are_revoked_is_disconnected(system: System, agents: Agents) -> None:
     agent = await agents.start(["revoked"])
     r = await system.client.get("/api/v1/agents", headers=system.headers())
