@@ -1,11 +1,6 @@
 """The executor's side of agents: which agents are there (their records from the store, their
-presence from the broker), handing units to them fairly, and recording only what an agent may say.
-
-Fairness: units waiting for an agent are queued per organization, first come first served within
-one organization; a free slot goes to the organizations in turn (round robin), so an organization
-with a burst of 50 runs gets every other slot while another has one waiting, not all 50 first. A
-unit that no free agent can take (labels, organization, its job's agent) does not hold up the ones
-behind it.
+presence from the broker), handing units to them (fairly across organizations: the rule is
+infra/agent/placement.py's), and recording only what an agent may say.
 
 Trust: a report's agent is the one the broker says sent it (the subject's token, which the agent's
 permissions pin). A report on a unit that was not handed to that agent, or on another attempt, is
@@ -15,10 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import logging
 import secrets
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -26,7 +20,8 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
 from infra.agent import protocol as p
-from infra.agent.registry import AgentRecord, AgentStore
+from infra.agent.placement import AgentView, Placement, Waiting
+from infra.agent.registry import AgentStore
 from infra.executor.scripts import ScriptOutcome
 from infra.metrics import agent_reports_refused, agent_units
 
@@ -39,24 +34,12 @@ ACCEPT_TIMEOUT = 5.0
 REFRESH = 2.0
 
 
-@dataclass
-class AgentView:
-    record: AgentRecord
-    seen: float = -1e9  # loop time of its last presence
-    running: int = 0  # as it last said
-    mine: int = 0  # units this executor handed it that have not ended
-    full_until: float = 0.0  # it refused a unit: not before its next presence
+@dataclass(eq=False)
+class Pending(Waiting):
+    """A waiting unit of this executor's, and what to tell when it is placed or why it waits."""
 
-
-@dataclass
-class Pending:
-    seq: int
-    org: str | None
-    labels: tuple[str, ...]
-    job: tuple[str, str, str] | None  # (run, stage, job): its steps go to one agent
-    placed: asyncio.Future[str]
-    on_wait: Callable[[str | None], None]
-    reason: str | None = None
+    placed: asyncio.Future[str] | None = None
+    on_wait: Callable[[str | None], None] | None = None
     # How many units had been handed out when this one was queued.
     queued_at: int = 0
 
@@ -83,10 +66,6 @@ class Dispatched:
     heard: float = 0.0
 
 
-def _labels(labels: tuple[str, ...]) -> str:
-    return ", ".join(labels)
-
-
 class Agents:
     def __init__(self, nc: NATS, executor_id: str, store: AgentStore, *, lease_ttl: float, kill_grace: float) -> None:
         self.nc = nc
@@ -94,13 +73,9 @@ class Agents:
         self.store = store
         self.ttl = lease_ttl
         self.kill_grace = kill_grace
-        self.agents: dict[str, AgentView] = {}
-        # Per organization, its units waiting for an agent (FIFO); the order of organizations is
-        # the round robin's (the one served last goes to the end).
-        self._queues: OrderedDict[str | None, deque[Pending]] = OrderedDict()
-        self._seq = itertools.count()
+        self.placement = Placement(lease_ttl=lease_ttl)
+        self.agents = self.placement.agents
         self._dispatched: dict[str, Dispatched] = {}
-        self._job_agents: dict[tuple[str, str, str], str] = {}
         self._run_agents: dict[str, set[str]] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._subs: list[object] = []
@@ -149,69 +124,16 @@ class Agents:
 
     # ---- placing units ---------------------------------------------------------------------
 
-    def _alive(self, view: AgentView, now: float) -> bool:
-        return now - view.seen <= max(self.ttl, 3.0)
-
-    def _free(self, view: AgentView, now: float) -> bool:
-        return self._alive(view, now) and now >= view.full_until and max(view.running, view.mine) < view.record.capacity
-
-    def _fits(self, view: AgentView, pending: Pending) -> bool:
-        return (view.record.org is None or view.record.org == pending.org) and set(pending.labels) <= set(
-            view.record.labels
-        )
-
-    def _choose(self, pending: Pending, now: float) -> tuple[str | None, str]:
-        """The agent to hand the unit to now, or why none."""
-        wanted = f" with {_labels(pending.labels)}" if pending.labels else ""
-        if pending.job is not None:
-            previous = self._job_agents.get(pending.job)
-            view = self.agents.get(previous) if previous is not None else None
-            if view is not None and self._alive(view, now):
-                # A job is a unit of work for a single agent: its steps share the working directory.
-                if self._free(view, now):
-                    return view.record.id, ""
-                return None, f"waiting for agent {view.record.name}, which runs this job's earlier steps"
-        fitting = [v for v in self.agents.values() if self._fits(v, pending) and self._alive(v, now)]
-        free = [v for v in fitting if self._free(v, now)]
-        if free:
-            # The least busy one: units spread over agents.
-            best = min(free, key=lambda v: (max(v.running, v.mine) / v.record.capacity, v.record.id))
-            return best.record.id, ""
-        if fitting:
-            return None, f"waiting for a free agent{wanted} ({len(fitting)} busy)"
-        return None, f"waiting for an agent{wanted}"
-
     def _pump(self) -> None:
-        """Hand out what can be handed out now, the organizations in turn."""
-        loop = asyncio.get_running_loop()
-        now = loop.time()
-        while True:
-            placed = False
-            for org in list(self._queues):
-                queue = self._queues[org]
-                for pending in list(queue):
-                    if pending.placed.done():  # cancelled meanwhile
-                        queue.remove(pending)
-                        continue
-                    agent, reason = self._choose(pending, now)
-                    if agent is None:
-                        if reason != pending.reason:
-                            pending.reason = reason
-                            pending.on_wait(reason)
-                        continue
-                    queue.remove(pending)
-                    view = self.agents[agent]
-                    view.mine += 1
-                    pending.placed.set_result(agent)
-                    self._queues.move_to_end(org)  # served: the others come first next time
-                    placed = True
-                    break
-                if not queue:
-                    del self._queues[org]
-                if placed:
-                    break
-            if not placed:
-                return
+        """Hand out what can be handed out now (infra/agent/placement.py says who gets what)."""
+        for unit, agent in self.placement.place(asyncio.get_running_loop().time()):
+            assert isinstance(unit, Pending) and unit.placed is not None and unit.on_wait is not None
+            if agent is None:
+                unit.on_wait(unit.reason)
+            elif unit.placed.done():  # withdrawn meanwhile: the slot is not taken after all
+                self.agents[agent].mine = max(0, self.agents[agent].mine - 1)
+            else:
+                unit.placed.set_result(agent)
 
     # ---- running a unit --------------------------------------------------------------------
 
@@ -237,10 +159,16 @@ class Agents:
         loop = asyncio.get_running_loop()
         while True:
             pending = Pending(
-                next(self._seq), org, labels, job, loop.create_future(), on_wait, queued_at=self._handed_total
+                org=org,
+                labels=labels,
+                job=job,
+                placed=loop.create_future(),
+                on_wait=on_wait,
+                queued_at=self._handed_total,
             )
+            assert pending.placed is not None
             stopper.pending = pending
-            self._queues.setdefault(org, deque()).append(pending)
+            self.placement.add(pending)
             self._pump()
             try:
                 agent = await pending.placed
@@ -249,6 +177,7 @@ class Agents:
                     return ScriptOutcome(exit_code=None, killed=True)
                 raise
             finally:
+                pending.gone = True
                 stopper.pending = None
             d = Dispatched(secrets.token_hex(12), agent, run_id, key, attempt, on_line, heard=loop.time())
             self._dispatched[d.unit] = d
@@ -288,7 +217,7 @@ class Agents:
                 self._handed_total += 1
                 self._run_agents.setdefault(run_id, set()).add(agent)
                 if job is not None:
-                    self._job_agents[job] = agent
+                    self.placement.job_agents[job] = agent
                 if stopper.stopped:
                     await self._cancel(d)
                 outcome = await asyncio.shield(d.outcome)
@@ -320,8 +249,8 @@ class Agents:
     def run_ended(self, run_id: str) -> None:
         """Tell the agents that ran the run's units to free its working directory."""
         agents = self._run_agents.pop(run_id, set())
-        for job in [j for j in self._job_agents if j[0] == run_id]:
-            del self._job_agents[job]
+        for job in [j for j in self.placement.job_agents if j[0] == run_id]:
+            del self.placement.job_agents[job]
         for agent in agents:
             with contextlib.suppress(Exception):
                 asyncio.get_running_loop().create_task(
@@ -417,7 +346,7 @@ class Agents:
                     )
 
     def waiting(self) -> int:
-        return sum(len(q) for q in self._queues.values())
+        return self.placement.waiting()
 
 
 class RemoteStop:
@@ -434,7 +363,8 @@ class RemoteStop:
 
     async def stop(self) -> None:
         self.stopped = True
-        if self.pending is not None and not self.pending.placed.done():
+        if self.pending is not None and self.pending.placed is not None and not self.pending.placed.done():
+            self.pending.gone = True
             self.pending.placed.cancel()
         if self.dispatched is not None:
             with contextlib.suppress(Exception):
