@@ -48,6 +48,7 @@ def main() -> None:
             lease_ttl=config.settings.lease_ttl,
             sandbox=sandbox_of(config.settings),
             script_user=config.settings.script_user,
+            script_uids=config.settings.script_uids,
         )
         try:
             await agent.run(stop)

@@ -25,6 +25,7 @@ from infra.agent import protocol as p
 from infra.agent.config import AgentConfig
 from infra.executor.sandbox import RunSandboxes, Sandbox, private_dir_of
 from infra.executor.scripts import ScriptOutcome, ScriptRun, clean_env
+from infra.executor.uids import ScriptUids
 
 log = logging.getLogger("pipelines.agent")
 
@@ -57,6 +58,7 @@ class Agent:
         lease_ttl: float,
         sandbox: Sandbox,
         script_user: str | None,
+        script_uids: tuple[int, int] | None = None,
     ) -> None:
         self.nc = nc
         self.id = agent_id
@@ -66,6 +68,9 @@ class Agent:
         self.ttl = lease_ttl
         self.sandboxes = RunSandboxes(sandbox)
         self.script_user = script_user
+        # A uid per run (when root), as on an executor host: runs of different organizations on a
+        # shared agent do not share a user.
+        self.uids = ScriptUids(work_root / ".uids", *script_uids) if script_uids else None
         self.units: dict[str, Running] = {}
         self._background: set[asyncio.Task[Any]] = set()
         # Set when the agent stops: what it kills then failed (its retry policy decides), not cancelled.
@@ -144,13 +149,18 @@ class Agent:
             r.lines.append((stream, text))
 
         try:
+            user: str | int | None = self.script_user
+            env = dict(a.env)
+            if self.uids is not None:
+                user = await asyncio.to_thread(self.uids.acquire, a.run_id)
+                env.update(USER=f"run-{user}", LOGNAME=f"run-{user}")
             outcome = await r.script.run(
                 a.command,
                 workdir=workdir,
-                env=clean_env(workdir, a.env),
+                env=clean_env(workdir, env),
                 timeout=a.timeout,
                 on_line=on_line,
-                user=self.script_user,
+                user=user,
                 sandbox=self.sandboxes,
             )
         except Exception as exc:
@@ -237,6 +247,8 @@ class Agent:
         private = private_dir_of(workdir.absolute())
         await self.sandboxes.close(private)
         await asyncio.to_thread(shutil.rmtree, private, True)
+        if self.uids is not None:
+            await asyncio.to_thread(self.uids.release, run_id)
 
 
 # How often an agent says it is there (and how full it is); one missed for PRESENCE_LOST seconds

@@ -192,7 +192,7 @@ async def test_an_agent_runs_the_steps_of_a_run_without_any_database_credentials
     env = agent.environ()
     assert not [k for k in env if "DATABASE" in k], env
     assert not [v for v in env.values() if "postgres" in v.lower()], env
-    spec = one_step('echo "hello from $PWD"; echo "token $TOKEN"; echo "var $GREETING"', ["linux"])
+    spec = one_step('echo "hello from $PWD"; echo "token $TOKEN"; echo "var $GREETING"; echo "uid $(id -u)"', ["linux"])
     spec["variables"] = {"GREETING": "hi"}
     pid = await save(system, spec)
     run = await system.trigger(pid, secrets={"TOKEN": "s3cr3t-agent-value"})
@@ -201,6 +201,9 @@ async def test_an_agent_runs_the_steps_of_a_run_without_any_database_credentials
     output = step_of(done)["output"]
     assert f"hello from {agent.home / 'work'}" in output
     assert "var hi" in output
+    if os.geteuid() == 0:  # as root, the agent gives each run a uid of its own, as an executor does
+        uid = int(output.split("uid ", 1)[1].split()[0])
+        assert 200_000 <= uid <= 299_999, output
     # The secret reached the agent's script; the stored log has it masked.
     assert "token ***" in output and "s3cr3t-agent-value" not in done["logs"]
 
