@@ -40,13 +40,11 @@ class Pending(Waiting):
 
     placed: asyncio.Future[str] | None = None
     on_wait: Callable[[str | None], None] | None = None
-    # How many units had been handed out when this one was queued.
-    queued_at: int = 0
 
 
 @dataclass(frozen=True)
 class Handed:
-    """A unit handed out: whose, and how many other units were handed out while it waited."""
+    """A unit an agent took: whose, and how many other units were handed out while it waited."""
 
     org: str | None
     run_id: str
@@ -81,7 +79,6 @@ class Agents:
         self._subs: list[object] = []
         # The units handed out, in order (the last 10,000): what fairness is checked on.
         self.handed: deque[Handed] = deque(maxlen=10_000)
-        self._handed_total = 0
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -164,7 +161,6 @@ class Agents:
                 job=job,
                 placed=loop.create_future(),
                 on_wait=on_wait,
-                queued_at=self._handed_total,
             )
             assert pending.placed is not None
             stopper.pending = pending
@@ -213,8 +209,7 @@ class Agents:
                     continue  # queued again, at the back of its organization's queue
                 if pending.reason is not None:
                     on_wait(None)  # no longer waiting
-                self.handed.append(Handed(org, run_id, self._handed_total - pending.queued_at))
-                self._handed_total += 1
+                self.handed.append(Handed(org, run_id, pending.ahead))
                 self._run_agents.setdefault(run_id, set()).add(agent)
                 if job is not None:
                     self.placement.job_agents[job] = agent

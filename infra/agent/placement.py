@@ -37,6 +37,8 @@ class Waiting:
     job: tuple[str, str, str] | None  # (run, stage, job): its steps go to one agent
     reason: str | None = None  # why it waits, once it has waited
     gone: bool = False  # withdrawn (stopped): skipped and dropped
+    queued_at: int = 0  # how many units had been handed out when it was queued
+    ahead: int = 0  # once handed out: how many units were handed out while it waited
 
 
 def _labels(labels: tuple[str, ...]) -> str:
@@ -49,8 +51,10 @@ class Placement:
         self.agents: dict[str, AgentView] = {}
         self._queues: OrderedDict[str | None, deque[Waiting]] = OrderedDict()
         self.job_agents: dict[tuple[str, str, str], str] = {}
+        self.handed_out = 0
 
     def add(self, unit: Waiting) -> None:
+        unit.queued_at = self.handed_out
         self._queues.setdefault(unit.org, deque()).append(unit)
 
     def waiting(self) -> int:
@@ -106,6 +110,8 @@ class Placement:
                         continue
                     queue.remove(unit)
                     self.agents[agent].mine += 1
+                    unit.ahead = self.handed_out - unit.queued_at
+                    self.handed_out += 1
                     self._queues.move_to_end(org)  # served: the others come first next time
                     placed = True
                     yield unit, agent

@@ -41,6 +41,7 @@ def test_a_burst_of_one_organization_gets_every_other_slot_while_another_waits()
     # The newcomer joins the turn after the organization already waiting: one more of the burst, then
     # it, then the burst again (first come first served within it).
     assert order == [burst[0], burst[1], lone, burst[2], burst[3]]
+    assert lone.ahead == 1 and burst[3].ahead == 4
 
 
 def test_a_unit_goes_only_to_an_agent_with_all_its_labels_and_its_organization() -> None:
