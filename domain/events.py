@@ -42,6 +42,7 @@ from domain.run import (
     StepFinished,
     StepRetryScheduled,
     StepStarted,
+    UnitWaiting,
 )
 
 Event = (
@@ -71,6 +72,7 @@ Event = (
     | StepStarted
     | StepFinished
     | StepRetryScheduled
+    | UnitWaiting
     | DeploymentQueued
     | DeploymentStarted
     | DeploymentSucceeded

@@ -8,7 +8,8 @@ A spec is a JSON object:
 
 A typed stage is the API reference's (`type` script/approval/deploy/notify with `config`); a
 stage of jobs has `jobs`. A job has `steps`, and optionally `needs`, `when`, `matrix`, `env`,
-`timeout`, `retry`, `continueOnError`. A step is `run` (the builtin shell), `approval`, `deploy`
+`timeout`, `retry`, `continueOnError`, `runsOn` (the labels its agent must have). A step is `run`
+(the builtin shell), `approval`, `deploy`
 or `notify` (each with its config object), or a plugin: `uses`, `action`, `args`.
 """
 
@@ -31,8 +32,10 @@ from domain.stages import (
     RetryPolicy,
     Stage,
     Step,
+    runs_on_of,
     stages_from_dicts,
     validate_retry,
+    validate_runs_on,
     validate_stage_dicts,
 )
 
@@ -40,7 +43,7 @@ _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}$")
 _VAR = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
 EXPRESSION_ROOTS = frozenset({"variables", "secrets", "matrix", "trigger", "jobs", "steps", "run", "pipeline", "env"})
 TOP_FIELDS = {"stages", "jobs", "variables", "triggers"}
-JOB_FIELDS = {"name", "steps", "needs", "when", "matrix", "env", "timeout", "retry", "continueOnError"}
+JOB_FIELDS = {"name", "steps", "needs", "when", "matrix", "env", "timeout", "retry", "continueOnError", "runsOn"}
 STEP_FIELDS = {
     "name",
     "run",
@@ -283,6 +286,9 @@ def _validate_jobs(
                 err(p, m)
         if "continueOnError" in job and not isinstance(job["continueOnError"], bool):
             err(f"{jp}.continueOnError", "must be true or false")
+        if job.get("runsOn") is not None:
+            for p, m in validate_runs_on(job["runsOn"], f"{jp}.runsOn").items():
+                err(p, m)
         _validate_steps(job.get("steps"), f"{jp}.steps", err, plugins, check_expression, check_template)
     for i, job in enumerate(raw):
         if not isinstance(job, dict) or not isinstance(job.get("name"), str):
@@ -532,6 +538,7 @@ def _jobs(raw: list[dict[str, Any]]) -> tuple[Job, ...]:
             "timeout": job.get("timeout"),
             "retry": retry,
             "continue_on_error": bool(job.get("continueOnError", False)),
+            "runs_on": runs_on_of(job.get("runsOn")),
         }
         if job.get("matrix"):
             for combo in matrix_combinations(job["matrix"]):

@@ -3,6 +3,7 @@ stages of jobs from the pipeline model (jobs of steps, run in parallel subject t
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal
 
 import msgspec
@@ -60,6 +61,8 @@ class Job(msgspec.Struct, frozen=True, kw_only=True):
     timeout: float | None = None
     retry: RetryPolicy | None = None
     continue_on_error: bool = False
+    # The labels an agent must have (all of them) to run this job's steps (`runsOn`).
+    runs_on: tuple[str, ...] = ()
 
 
 class Stage(msgspec.Struct, frozen=True, kw_only=True):
@@ -74,6 +77,34 @@ class Stage(msgspec.Struct, frozen=True, kw_only=True):
     # Only for type "jobs".
     jobs: tuple[Job, ...] = ()
     when: str | None = None
+    # A typed stage's `runsOn`: the labels of the agent that may run it.
+    runs_on: tuple[str, ...] = ()
+
+
+# An agent label: letters, digits and _ . - (say `linux`, `arm64`, `gpu`, `deploy-net`).
+LABEL = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,62}$")
+MAX_LABELS = 16
+
+
+def validate_runs_on(raw: object, path: str) -> dict[str, str]:
+    """The problems of a `runsOn` (an array of agent labels, or one label) by path; none when valid."""
+    labels = [raw] if isinstance(raw, str) else raw
+    if not isinstance(labels, list) or not labels:
+        return {path: "must be a non-empty array of agent labels"}
+    if len(labels) > MAX_LABELS:
+        return {path: f"has {len(labels)} labels; at most {MAX_LABELS}"}
+    for i, label in enumerate(labels):
+        if not isinstance(label, str) or not LABEL.match(label):
+            return {f"{path}[{i}]": "an agent label is letters, digits and _ . - (at most 63, not first . or -)"}
+    return {}
+
+
+def runs_on_of(raw: object) -> tuple[str, ...]:
+    """A validated `runsOn` as the sorted labels it names (duplicates dropped)."""
+    if raw is None:
+        return ()
+    labels = [raw] if isinstance(raw, str) else raw if isinstance(raw, list) else []
+    return tuple(sorted({str(label) for label in labels}))
 
 
 class Limits(msgspec.Struct, frozen=True, kw_only=True):
@@ -103,7 +134,7 @@ def validate_stage_dicts(raw: object, path: str = "stages", limits: Limits = DEF
         if not isinstance(item, dict):
             errors[p] = "must be an object"
             continue
-        allowed = {"id", "name", "type", "order", "config", "timeout", "retry"}
+        allowed = {"id", "name", "type", "order", "config", "timeout", "retry", "runsOn"}
         for key in item:
             if key not in allowed:
                 errors[f"{p}.{key}"] = "unknown field"
@@ -127,6 +158,8 @@ def validate_stage_dicts(raw: object, path: str = "stages", limits: Limits = DEF
         retry = item.get("retry")
         if retry is not None:
             errors.update(validate_retry(retry, f"{p}.retry"))
+        if item.get("runsOn") is not None:
+            errors.update(validate_runs_on(item["runsOn"], f"{p}.runsOn"))
         stype = item.get("type")
         if stype not in STAGE_TYPES:
             errors[f"{p}.type"] = f"must be one of {', '.join(STAGE_TYPES)}"
@@ -192,6 +225,7 @@ def stages_from_dicts(raw: list[dict[str, Any]], new_id: list[str]) -> tuple[Sta
                 config=dict(item.get("config") or {}),
                 timeout=item.get("timeout"),
                 retry=None if item.get("retry") is None else msgspec.convert(item["retry"], RetryPolicy),
+                runs_on=runs_on_of(item.get("runsOn")),
             )
         )
     return tuple(stages)
@@ -204,4 +238,6 @@ def stage_to_dict(stage: Stage) -> dict[str, Any]:
         out["timeout"] = stage.timeout
     if stage.retry is not None:
         out["retry"] = {"maxAttempts": stage.retry.max_attempts, "backoff": stage.retry.backoff}
+    if stage.runs_on:
+        out["runsOn"] = list(stage.runs_on)
     return out

@@ -126,6 +126,8 @@ def parse_path_list(raw: str) -> tuple[Path, ...]:
         if not path.is_absolute():
             raise ValueError(f"PIPELINES_GIT_ALLOW_LOCAL must list absolute directories, not {str(path)!r}")
     return paths
+
+
 _SIZE_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
 
 
@@ -261,6 +263,9 @@ class Settings:
     max_steps: int = 200
     max_matrix: int = 256
     max_variables: int = 200
+    # Which script units the executor hands to agents (PIPELINES_RUN_ON_AGENTS): `labelled` (only
+    # those with `runsOn`; the others run in the executor) or `all`.
+    run_on_agents: str = "labelled"
 
     def __post_init__(self) -> None:
         for name in ("max_body_bytes", "max_json_depth", "max_stages", "max_jobs", "max_steps", "max_matrix"):
@@ -274,6 +279,8 @@ class Settings:
             raise ValueError(
                 f"PIPELINES_NOTIFY_TIMEOUT must be more than 0 and at most 600 seconds, not {self.notify_timeout:g}"
             )
+        if self.run_on_agents not in ("labelled", "all"):
+            raise ValueError(f"PIPELINES_RUN_ON_AGENTS must be labelled or all, not {self.run_on_agents!r}")
 
     def servers_problem(self) -> str | None:
         """Why a service cannot start (no PostgreSQL or NATS URL), or None."""
@@ -392,4 +399,5 @@ class Settings:
             max_steps=_int(e, "PIPELINES_MAX_STEPS", 200),
             max_matrix=_int(e, "PIPELINES_MAX_MATRIX", 256),
             max_variables=_int(e, "PIPELINES_MAX_VARIABLES", 200),
+            run_on_agents=e.get("PIPELINES_RUN_ON_AGENTS") or "labelled",
         )

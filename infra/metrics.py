@@ -62,6 +62,16 @@ events_set_aside = Counter(
     registry=REGISTRY,
 )
 
+agent_reports_refused = Counter(
+    "pipelines_agent_reports_refused",
+    "Agent reports the executor refused (a unit not handed to that agent, a stale attempt), by reason.",
+    ["reason"],
+    registry=REGISTRY,
+)
+agent_units = Counter(
+    "pipelines_agent_units", "Units handed to agents, by how they ended.", ["outcome"], registry=REGISTRY
+)
+
 
 def exposition() -> bytes:
     """Every metric in the Prometheus text format."""

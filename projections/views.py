@@ -68,6 +68,8 @@ class StepResultView(msgspec.Struct, kw_only=True, rename="camel"):
     exit_code: int | None
     retry_at: str | None = None
     attempts: list[AttemptView] = msgspec.field(default_factory=list)
+    # While it waits for an agent (status `queued`): why, e.g. "waiting for an agent with linux, arm64".
+    waiting_for: str | None = None
 
 
 class JobResultView(msgspec.Struct, kw_only=True, rename="camel"):
@@ -98,6 +100,8 @@ class StageResultView(msgspec.Struct, kw_only=True, rename="camel"):
     attempts: list[AttemptView] = msgspec.field(default_factory=list)
     # Stages of jobs: every job (matrix jobs expanded) with its steps.
     jobs: list[JobResultView] | None = None
+    # While it waits for an agent (status `queued`): why.
+    waiting_for: str | None = None
 
 
 class ApprovalView(msgspec.Struct, kw_only=True, rename="camel"):
@@ -224,6 +228,12 @@ def _attempts(attempts: Iterable[Any]) -> list[AttemptView]:
     ]
 
 
+def _shown(status: str, waiting_for: str | None) -> str:
+    """A running attempt that waits for an agent shows as `queued` (the reference's status of a step
+    or job not yet on an agent); its `waitingFor` says why."""
+    return "queued" if status == "running" and waiting_for else status
+
+
 def _jobs_view(stage: Stage, sr: StageRun, outputs: dict[str, str]) -> list[JobResultView]:
     views = []
     for job, jr in zip(stage.jobs, sr.jobs, strict=True):
@@ -231,7 +241,7 @@ def _jobs_view(stage: Stage, sr: StageRun, outputs: dict[str, str]) -> list[JobR
             StepResultView(
                 name=st.name,
                 kind=step.kind if step.kind != "plugin" else f"uses:{step.uses}",
-                status=st.status,
+                status=_shown(st.status, st.waiting_for),
                 attempt=st.attempt,
                 started_at=iso(st.started_at),
                 finished_at=iso(st.finished_at),
@@ -241,6 +251,7 @@ def _jobs_view(stage: Stage, sr: StageRun, outputs: dict[str, str]) -> list[JobR
                 exit_code=st.exit_code,
                 retry_at=iso(st.retry_at),
                 attempts=_attempts(st.attempts),
+                waiting_for=st.waiting_for if st.status == "running" else None,
             )
             for step, st in zip(job.steps, jr.steps, strict=True)
         ]
@@ -269,7 +280,7 @@ def run_view(state: RunState, logs: Iterable[LogAppended] = ()) -> RunView:
                 stage_id=sr.stage_id,
                 name=stage.name,
                 type=stage.type,
-                status=sr.status,
+                status=_shown(sr.status, sr.waiting_for),
                 attempt=sr.attempt,
                 started_at=iso(sr.started_at),
                 finished_at=iso(sr.finished_at),
@@ -280,6 +291,7 @@ def run_view(state: RunState, logs: Iterable[LogAppended] = ()) -> RunView:
                 retry_at=iso(sr.retry_at),
                 attempts=_attempts(sr.attempts),
                 jobs=_jobs_view(stage, sr, outputs) if stage.type == "jobs" else None,
+                waiting_for=sr.waiting_for if sr.status == "running" else None,
             )
         )
     return RunView(

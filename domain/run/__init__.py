@@ -12,6 +12,7 @@ from domain.run.commands import (
     CompleteStage,
     CompleteStep,
     ExpireApproval,
+    NoteWaiting,
     Pause,
     Reject,
     Resume,
@@ -47,6 +48,7 @@ from domain.run.events import (
     StepFinished,
     StepRetryScheduled,
     StepStarted,
+    UnitWaiting,
 )
 from domain.run.evolve import evolve, fold
 from domain.run.state import (
@@ -89,6 +91,7 @@ __all__ = [
     "JobStarted",
     "LogAppended",
     "LogLine",
+    "NoteWaiting",
     "Pause",
     "Reject",
     "Resume",
@@ -120,6 +123,7 @@ __all__ = [
     "Stop",
     "TriggerRun",
     "Unit",
+    "UnitWaiting",
     "decide",
     "ended_attempt",
     "evolve",

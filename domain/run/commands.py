@@ -101,6 +101,18 @@ class Resume(_Control, frozen=True, kw_only=True, tag="resume"):
     pass
 
 
+class NoteWaiting(msgspec.Struct, frozen=True, kw_only=True, tag="note_waiting"):
+    """The executor notes that a running attempt waits for an agent (`reason`), or no longer does
+    (None)."""
+
+    stage_id: str
+    job: str | None = None
+    step: str | None = None
+    attempt: int
+    reason: str | None
+    at: datetime
+
+
 RunCommand = (
     TriggerRun
     | Advance
@@ -113,4 +125,5 @@ RunCommand = (
     | Stop
     | Pause
     | Resume
+    | NoteWaiting
 )

@@ -12,6 +12,7 @@ from domain.run.commands import (
     CompleteStage,
     CompleteStep,
     ExpireApproval,
+    NoteWaiting,
     Pause,
     Reject,
     Resume,
@@ -22,8 +23,8 @@ from domain.run.commands import (
 from domain.run.decide_completion import complete_stage, complete_step
 from domain.run.decide_control import approve, cancel, pause, reject, resume, stop
 from domain.run.decide_expiry import expire_approval
-from domain.run.events import RunEvent, RunTriggered
-from domain.run.state import RunState
+from domain.run.events import RunEvent, RunTriggered, UnitWaiting
+from domain.run.state import RunState, StageRun, StepRun
 
 
 def decide(command: RunCommand, state: RunState) -> list[RunEvent]:
@@ -52,6 +53,8 @@ def decide(command: RunCommand, state: RunState) -> list[RunEvent]:
             return pause(command, state)
         case Resume():
             return resume(command, state)
+        case NoteWaiting():
+            return _note_waiting(command, state)
 
 
 def _trigger(command: TriggerRun, state: RunState) -> list[RunEvent]:
@@ -68,6 +71,29 @@ def _trigger(command: TriggerRun, state: RunState) -> list[RunEvent]:
             secret_names=command.secret_names,
             trigger=command.trigger,
             triggered_by=command.by,
+            at=command.at,
+        )
+    ]
+
+
+def _note_waiting(command: NoteWaiting, state: RunState) -> list[RunEvent]:
+    """A note on the attempt that runs now, when it changes what is known; nothing otherwise."""
+    try:
+        if command.job is None or command.step is None:
+            run: StageRun | StepRun = state.stage_runs[state.stage_index(command.stage_id)]
+        else:
+            run = state.step_run(command.stage_id, command.job, command.step)
+    except Refused:
+        return []
+    if run.status != "running" or run.attempt != command.attempt or run.waiting_for == command.reason:
+        return []
+    return [
+        UnitWaiting(
+            stage_id=command.stage_id,
+            job=command.job,
+            step=command.step,
+            attempt=command.attempt,
+            reason=command.reason,
             at=command.at,
         )
     ]

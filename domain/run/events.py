@@ -169,6 +169,18 @@ class StepRetryScheduled(msgspec.Struct, frozen=True, kw_only=True, tag="step_re
     at: datetime
 
 
+class UnitWaiting(msgspec.Struct, frozen=True, kw_only=True, tag="unit_waiting"):
+    """A started attempt of a typed stage or of a step waits for an agent (`reason` says for which),
+    or no longer does (`reason` None: an agent took it)."""
+
+    stage_id: str
+    job: str | None = None
+    step: str | None = None
+    attempt: int
+    reason: str | None = None
+    at: datetime
+
+
 class RunSucceeded(msgspec.Struct, frozen=True, kw_only=True, tag="run_succeeded"):
     at: datetime
 
@@ -217,4 +229,5 @@ RunEvent = (
     | StepStarted
     | StepFinished
     | StepRetryScheduled
+    | UnitWaiting
 )

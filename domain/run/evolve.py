@@ -25,9 +25,17 @@ from domain.run.events import (
     StepFinished,
     StepRetryScheduled,
     StepStarted,
+    UnitWaiting,
 )
 from domain.run.evolve_gates import approval_requested, run_approved, run_rejected
-from domain.run.evolve_jobs import job_finished, job_started, step_finished, step_retry_scheduled, step_started
+from domain.run.evolve_jobs import (
+    job_finished,
+    job_started,
+    step_finished,
+    step_retry_scheduled,
+    step_started,
+    unit_waiting,
+)
 from domain.run.evolve_run import (
     run_cancelled,
     run_failed,
@@ -86,6 +94,8 @@ def evolve(state: RunState, event: RunEvent) -> RunState:
             return step_finished(state, event)
         case StepRetryScheduled():
             return step_retry_scheduled(state, event)
+        case UnitWaiting():
+            return unit_waiting(state, event)
 
 
 def fold(events: list[RunEvent], state: RunState = initial_state) -> RunState:

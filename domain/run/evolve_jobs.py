@@ -5,9 +5,9 @@ from __future__ import annotations
 import msgspec
 
 from domain.run.ending import settle_jobs
-from domain.run.events import JobFinished, JobStarted, StepFinished, StepRetryScheduled, StepStarted
+from domain.run.events import JobFinished, JobStarted, StepFinished, StepRetryScheduled, StepStarted, UnitWaiting
 from domain.run.evolve_gates import gate_answered
-from domain.run.patch import set_job, set_step
+from domain.run.patch import set_job, set_stage, set_step
 from domain.run.state import RunState, ended_attempt
 
 
@@ -49,6 +49,7 @@ def step_started(state: RunState, event: StepStarted) -> RunState:
         error=None,
         exit_code=None,
         retry_at=None,
+        waiting_for=None,
     )
     return msgspec.structs.replace(state, updated_at=event.at)
 
@@ -94,4 +95,20 @@ def step_retry_scheduled(state: RunState, event: StepRetryScheduled) -> RunState
         retry_at=event.retry_at,
         attempts=(*st.attempts, ended_attempt(st, event.status, event.at, event.error, event.exit_code)),
     )
+    return msgspec.structs.replace(state, updated_at=event.at)
+
+
+def unit_waiting(state: RunState, event: UnitWaiting) -> RunState:
+    """Only the attempt it names, while it runs: a late note changes nothing that moved on."""
+    if event.job is None or event.step is None:
+        sr = state.stage_runs[state.stage_index(event.stage_id)]
+        if sr.status != "running" or sr.attempt != event.attempt:
+            return state
+        return msgspec.structs.replace(
+            state, stage_runs=set_stage(state, event.stage_id, waiting_for=event.reason), updated_at=event.at
+        )
+    st = state.step_run(event.stage_id, event.job, event.step)
+    if st.status != "running" or st.attempt != event.attempt:
+        return state
+    state = set_step(state, event.stage_id, event.job, event.step, waiting_for=event.reason)
     return msgspec.structs.replace(state, updated_at=event.at)

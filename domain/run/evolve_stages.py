@@ -20,6 +20,7 @@ def stage_started(state: RunState, event: StageStarted) -> RunState:
         error=None,
         exit_code=None,
         retry_at=None,
+        waiting_for=None,
     )
     return msgspec.structs.replace(state, stage_runs=runs, updated_at=event.at)
 

@@ -59,6 +59,8 @@ class StepRun(msgspec.Struct, frozen=True, kw_only=True):
     exit_code: int | None = None
     retry_at: datetime | None = None
     attempts: tuple[AttemptResult, ...] = ()
+    # While the running attempt waits for an agent: why (UnitWaiting).
+    waiting_for: str | None = None
 
 
 class JobRun(msgspec.Struct, frozen=True, kw_only=True):
@@ -98,6 +100,8 @@ class StageRun(msgspec.Struct, frozen=True, kw_only=True):
     attempts: tuple[AttemptResult, ...] = ()
     # Stages of jobs: one per job (matrix jobs expanded), in the stage's order.
     jobs: tuple[JobRun, ...] = ()
+    # While the running attempt waits for an agent: why (UnitWaiting).
+    waiting_for: str | None = None
 
     def job_index(self, name: str) -> int:
         for i, jr in enumerate(self.jobs):

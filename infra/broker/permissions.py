@@ -17,6 +17,7 @@ __all__ = [
     "SERVICE_ACCOUNT",
     "Import",
     "Permissions",
+    "agent_permissions",
     "inbox_prefix",
     "org_consumer",
     "org_imports",
@@ -38,6 +39,7 @@ SERVICE_ACCOUNT = "PIPELINES"
 DOWNSTREAM_JS_PREFIX = "PIPELINES.JS.API"
 _LOGS = "pipelines.logs.v1"
 _NOTIFY = "pipelines.notify.v1"
+_AGENTS = "pipelines.agents.v1"  # infra/agent/protocol.py
 
 
 @dataclass(frozen=True)
@@ -76,8 +78,16 @@ def service_permissions(service: str, stream: str = "*") -> Permissions:
                 f"$JS.API.CONSUMER.DURABLE.CREATE.{consumer}",
                 f"$JS.API.CONSUMER.MSG.NEXT.{consumer}",
                 f"$JS.ACK.{consumer}.>",
+                f"{_AGENTS}.*.work",  # units handed to agents
             ),
-            subscribe=("pipelines.v1.*.run.*.run_stopped", f"{RUN_WAKE_SUBJECT}.{stream}.*", inbox),
+            subscribe=(
+                "pipelines.v1.*.run.*.run_stopped",
+                f"{RUN_WAKE_SUBJECT}.{stream}.*",
+                inbox,
+                # the agents' reports and presence (infra/agent/protocol.py)
+                f"{_AGENTS}.*.report.*",
+                f"{_AGENTS}.*.presence",
+            ),
         )
     if service == "gateway":
         return Permissions(
@@ -154,4 +164,14 @@ def org_permissions(org: str, stream: str, user: str) -> Permissions:
     return Permissions(
         publish=tuple(i.to for i in imports if i.service),
         subscribe=(*(i.to for i in imports if not i.service), f"{inbox_prefix(user)}.>"),
+    )
+
+
+def agent_permissions(agent: str) -> Permissions:
+    """An agent hears only the units handed to it and speaks only as itself: no events, no logs, no
+    JetStream, no inbox (it makes no requests). `agent` is its id, which is also its user name."""
+    a = token(agent)
+    return Permissions(
+        publish=(f"{_AGENTS}.{a}.report.*", f"{_AGENTS}.{a}.presence"),
+        subscribe=(f"{_AGENTS}.{a}.work",),
     )

@@ -11,6 +11,8 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
 from domain import run as rn
+from infra.agent.dispatch import Agents
+from infra.agent.registry import AgentStore
 from infra.app.commands import Commands
 from infra.config import Settings
 from infra.delivery.deliveries import Deliveries
@@ -60,6 +62,19 @@ class Executor:
             commands, settings, nc, unit_leases, secrets, self.deliveries, self.closing_logs, background
         )
         self.uids = self.units.uids
+        # Agents on other hosts (infra/agent): reached over the broker, known from the store.
+        self.agents: Agents | None = (
+            Agents(
+                nc,
+                self.executor_id,
+                AgentStore(commands.store.pool),
+                lease_ttl=settings.lease_ttl,
+                kill_grace=settings.kill_grace,
+            )
+            if nc is not None and isinstance(commands.store, PostgresEventStore)
+            else None
+        )
+        self.units.agents = self.agents
         self.timers = Timers(commands, leases, self.kick, hold=max(30.0, settings.lease_ttl))
         self.drivers = RunDrivers(commands, self.units, unit_leases, self.timers, self.closing_logs, background)
         self.recovery = (
@@ -83,6 +98,8 @@ class Executor:
         self.consumer = Consumer(nc, settings, self.drivers, unit_leases, background)
 
     async def run(self, stop: asyncio.Event) -> None:
+        if self.agents is not None:
+            await self.agents.start()
         sweeper = asyncio.create_task(self.sweeper.run())
 
         async def wind_down() -> None:
@@ -93,6 +110,8 @@ class Executor:
             await self.consumer.run(stop, wind_down)
         finally:
             sweeper.cancel()
+            if self.agents is not None:
+                await self.agents.stop()
             await self.units.close()
 
     def on_message(self, msg: Msg) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import shutil
 from collections.abc import Callable
 from datetime import datetime
@@ -18,6 +19,7 @@ from domain import run as rn
 from domain.masking import Masker
 from domain.run.units import Unit
 from domain.stages import Stage
+from infra.agent.dispatch import Agents, RemoteStop
 from infra.app.commands import Commands
 from infra.broker.bus import log_subject
 from infra.config import Settings
@@ -38,6 +40,8 @@ from infra.executor.scripts import ScriptOutcome, ScriptRun, clean_env
 from infra.executor.uids import NoFreeUid, ScriptUids
 from infra.secrets import SecretStore
 from infra.stored_secrets import unit_secrets
+
+log = logging.getLogger("pipelines.executor")
 
 
 class Stoppable(Protocol):
@@ -75,6 +79,9 @@ class UnitRunner:
         self._run_uids: dict[str, int] = {}
         root = settings.work_root.absolute()
         self.sandbox = RunSandboxes(sandbox_of(settings), label=str(root), spare_dir=private_root_of(root))
+        # Agents this executor hands units to (set by the executor when it has a broker): units
+        # with `runsOn` always go to one, every script unit with PIPELINES_RUN_ON_AGENTS=all.
+        self.agents: Agents | None = None
 
     async def close(self) -> None:
         """End what this process holds for runs on this host (their sandboxes), as it stops."""
@@ -84,6 +91,8 @@ class UnitRunner:
         """Free what an ended run held here: its working directory (shared by its attempts and
         stages until it ends), its scripts' uid, its secrets."""
         run_id = state.run_id
+        if self.agents is not None:
+            self.agents.run_ended(run_id)
         await asyncio.to_thread(shutil.rmtree, self.workdir / run_id, True)
         private = private_dir_of(self.workdir.absolute() / run_id)
         await self.sandbox.close(private)
@@ -285,10 +294,20 @@ class UnitRunner:
         extra: dict[str, str] | None = None,
         as_service: bool = False,
     ) -> ScriptOutcome:
+        if driver is not None and driver.stop_requested:
+            return ScriptOutcome(exit_code=None, killed=True)
+        labels = runs_on(unit)
+        if labels or (self.agents is not None and self.settings.run_on_agents == "all"):
+            values = {
+                **state.variables,
+                **secrets,
+                "PIPELINE_ID": state.pipeline_id,
+                "RUN_ID": state.run_id,
+                "STAGE_ID": unit.stage.id,
+                **(extra or {}),
+            }
+            return await self._run_on_agent(state, unit, line, driver, command, values, timeout, labels)
         script = ScriptRun(kill_grace=self.settings.kill_grace)
-        if driver is not None:
-            if driver.stop_requested:
-                return ScriptOutcome(exit_code=None, killed=True)
         # Plugins are the admin's installed code, run by the service's Python: as the run's user
         # when that user can run it, else as the service's user (in the sandbox all the same).
         as_service = as_service and not others_can_run_python()
@@ -335,6 +354,76 @@ class UnitRunner:
         finally:
             if driver is not None:
                 driver.scripts.discard(script)
+
+    async def _run_on_agent(
+        self,
+        state: rn.RunState,
+        unit: Unit,
+        line: Callable[[Literal["stdout", "stderr", "system"], str], None],
+        driver: Stoppable | None,
+        command: str,
+        values: dict[str, str],
+        timeout: float,
+        labels: tuple[str, ...],
+    ) -> ScriptOutcome:
+        """Hand the command to an agent with the labels (it runs it in its own sandbox and working
+        directory) and wait for its outcome; its lines come back as the unit's."""
+        if self.agents is None:
+            return ScriptOutcome(
+                exit_code=None,
+                error=f"runsOn [{', '.join(labels)}] needs agents, and this executor has no broker to reach them",
+            )
+        stopper = RemoteStop(self.agents)
+        if driver is not None:
+            driver.scripts.add(stopper)  # type: ignore[arg-type]  # stop() is all a run's stop needs
+        job = (state.run_id, unit.stage.id, unit.job.name) if unit.job is not None else None
+
+        stage_id = unit.stage.id
+        job_name = unit.job.name if unit.job is not None else None
+        step_name = unit.step.name if unit.step is not None else None
+
+        def on_wait(reason: str | None) -> None:
+            if reason is not None:
+                line("system", reason)
+            # Shown in the run's read model (the step `queued`, its `waitingFor`): off the unit's path.
+            self._background.spawn(
+                self._note_waiting(state.run_id, stage_id, job_name, step_name, unit.attempt, reason)
+            )
+
+        try:
+            return await self.agents.run(
+                org=state.organization_id,
+                run_id=state.run_id,
+                key=unit.key,
+                attempt=unit.attempt,
+                labels=labels,
+                job=job,
+                command=command,
+                env=values,
+                timeout=timeout,
+                on_line=line,
+                on_wait=on_wait,
+                stopper=stopper,
+            )
+        finally:
+            if driver is not None:
+                driver.scripts.discard(stopper)
+
+    async def _note_waiting(
+        self, run_id: str, stage_id: str, job: str | None, step: str | None, attempt: int, reason: str | None
+    ) -> None:
+        try:
+            await self.commands.run_command(
+                run_id,
+                lambda at: rn.NoteWaiting(stage_id=stage_id, job=job, step=step, attempt=attempt, reason=reason, at=at),
+            )
+        except Exception as exc:  # only a note: the unit goes on regardless
+            log.info("run %s: could not note that %s waits for an agent: %s", run_id, stage_id, exc)
+
+
+def runs_on(unit: Unit) -> tuple[str, ...]:
+    """The labels of the agent that must run the unit (`runsOn` of its job, or of its typed stage)."""
+    return unit.job.runs_on if unit.job is not None else unit.stage.runs_on
 
 
 def completion(

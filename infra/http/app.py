@@ -16,6 +16,7 @@ from litestar.openapi import OpenAPIConfig
 from litestar.openapi.spec import Components, SecurityScheme
 
 from infra.http.access import access_log, log_response
+from infra.http.agents import AgentsController
 from infra.http.asyncapi import ASYNCAPI_URL, asyncapi
 from infra.http.broker_credentials import BrokerCredentialsController
 from infra.http.consistency import ReadYourWrites
@@ -112,6 +113,7 @@ def create_app(
             ChannelController,
             DeploymentController,
             BrokerCredentialsController,
+            AgentsController,
             receive_hook,
             spec_schema,
             validate_new_spec,

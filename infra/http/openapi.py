@@ -16,6 +16,8 @@ from infra.http.runs import ActionBody, TriggerBody
 from infra.http.secrets import SecretView
 from infra.http.specs import SaveBody, SavedView, ValidateBody
 from infra.http.views import (
+    AgentBody,
+    AgentView,
     BrokerCredentialBody,
     BrokerCredentialView,
     ChannelView,
@@ -24,6 +26,7 @@ from infra.http.views import (
     ErrorBody,
     HookBody,
     HookResult,
+    IssuedAgentView,
     RunPage,
 )
 from projections.deployments import DeploymentView
@@ -59,6 +62,7 @@ def _bodies() -> dict[Key, type[Any]]:
         ("put", "/api/v1/pipelines/{pipeline_id}"): CreatePipelineBody,
         ("post", "/api/v1/hooks/{pipeline_id}"): HookBody,
         ("post", "/api/v1/broker-credentials"): BrokerCredentialBody,
+        ("post", "/api/v1/agents"): AgentBody,
         ("post", "/api/v1/pipelines/validate"): ValidateBody,
     }
     for action in _ACTIONS:
@@ -82,6 +86,8 @@ def _results() -> dict[Key, dict[str, Any]]:
         ("get", "/api/v1/pipelines/{pipeline_id}/runs/stats"): {"200": RunStats},
         ("get", "/api/v1/pipelines/{pipeline_id}/runs/compare"): {"200": RunComparison},
         ("post", "/api/v1/broker-credentials"): {"201": BrokerCredentialView},
+        ("post", "/api/v1/agents"): {"201": IssuedAgentView},
+        ("get", "/api/v1/agents"): {"200": list[AgentView]},
     }
     for action in _ACTIONS:
         out["post", f"/api/v1/pipelines/{{pipeline_id}}/runs/{{run_id}}/{action}"] = {"200": RunView}

@@ -103,3 +103,33 @@ class BrokerCredentialView(msgspec.Struct, kw_only=True, rename="camel"):
     consumer: str
     subjects: BrokerSubjects
     expires_at: str | None = None
+
+
+class AgentBody(msgspec.Struct, kw_only=True):
+    """`POST /agents`: the agent's labels (what `runsOn` names), how many units it runs at once, a name."""
+
+    labels: list[str] = msgspec.field(default_factory=list)
+    capacity: int = 1
+    name: str | None = None
+
+
+class AgentView(msgspec.Struct, kw_only=True, rename="camel"):
+    """An agent; `shared` (no organization): it runs units of every organization."""
+
+    id: str
+    name: str
+    organization_id: str | None
+    shared: bool
+    labels: list[str]
+    capacity: int
+    created_by: str
+    created_at: str
+
+
+class IssuedAgentView(AgentView, kw_only=True, rename="camel"):
+    """An agent's credentials: the only time the password is shown. Saved as is, this JSON is the
+    agent's credential file (PIPELINES_AGENT_CREDS)."""
+
+    servers: list[str]
+    user: str
+    password: str

@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from services.cli import auth, control, local, pipelines, registry, runs
+from services.cli import agents, auth, control, local, pipelines, registry, runs
 from services.cli.session import Session
 
 app = typer.Typer(
@@ -40,5 +40,5 @@ def root(
     ctx.call_on_close(session.close)
 
 
-for group in (local, auth, pipelines, runs, control, registry):
+for group in (local, auth, pipelines, runs, control, registry, agents):
     group.register(app)

@@ -59,6 +59,8 @@ class BackingServers:
         self._issued: IssuedUsers | None = None
         self._issued_retry_at = 0.0
         self._issued_error = ""
+        # `make up`'s local agent's credential file (set by the stack when it runs one).
+        self.local_agent: Path | None = None
 
     def start(self) -> None:
         """Start the embedded servers for the URLs not given. Raises ServerError, or StackError
@@ -132,7 +134,7 @@ class BackingServers:
         if self.nats is None or not self.database_url or time.monotonic() < self._issued_retry_at:
             return
         if self._issued is None:
-            self._issued = IssuedUsers(self.database_url)
+            self._issued = IssuedUsers(self.database_url, local_agent=self.local_agent)
         try:
             if self._issued.sync(self.nats):
                 self._say(f"NATS reloaded: {len(self.nats.issued)} downstream broker credential(s)")

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 __all__ = ["SERVICES", "display_host", "mask_url"]
 
-SERVICES: tuple[str, ...] = ("api", "relay", "executor", "projector", "gateway")
+# `agent`: the local agent (services/dev/local_agent.py), run only beside the embedded NATS.
+SERVICES: tuple[str, ...] = ("api", "relay", "executor", "projector", "gateway", "agent")
 
 
 def display_host(host: str) -> str:

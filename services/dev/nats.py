@@ -20,7 +20,7 @@ from types import TracebackType
 from typing import Any, Self
 
 from infra.broker.creds import read_user_password
-from infra.broker.natsconf import DownstreamAccount
+from infra.broker.natsconf import BrokerUser, DownstreamAccount
 from infra.broker.permissions import ADMIN, SERVICE_ACCOUNT
 from services.dev import live
 from services.dev.errors import INSTALL_EMBEDDED, NotInstalled, PortTaken, ServerError
@@ -86,12 +86,15 @@ class RunningNats:
     def data_dir(self) -> Path:
         return self.pid_file.parent
 
-    def set_issued_users(self, accounts: tuple[DownstreamAccount, ...]) -> bool:
-        """Make `accounts` (and the services') the server's only users: rewrite its configuration and
-        have it reload (SIGHUP) when that changed; a removed user's connections are closed. Returns
-        whether it reloaded."""
+    def set_issued_users(
+        self, accounts: tuple[DownstreamAccount, ...], agents: tuple[BrokerUser, ...] = ()
+    ) -> bool:
+        """Make `accounts` (and the services', and the `agents` beside them in the services' account)
+        the server's only users: rewrite its configuration and have it reload (SIGHUP) when that
+        changed; a removed user's connections are closed. Returns whether it reloaded."""
         added = {a.name for a in accounts} - {a.name for a in self.issued}
-        if not write_config(self.data_dir, render_users(self.credentials, self.stream), accounts):
+        users = render_users(self.credentials, self.stream) + list(agents)
+        if not write_config(self.data_dir, users, accounts):
             self.issued = accounts
             return False
         self._reload()

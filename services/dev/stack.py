@@ -19,11 +19,12 @@ from pathlib import Path
 from types import TracebackType
 from typing import Self, TextIO
 
-from infra.config import Settings, stack_file
+from infra.config import Settings, stack_file, without_userinfo
 from services.dev.backing import BackingServers, describe_exit
 from services.dev.endpoints import SERVICES, display_host, mask_url
 from services.dev.errors import ServerError, StackError
 from services.dev.files import FileLock, private_dir, write_private
+from services.dev.local_agent import prepare_local_agent
 from services.dev.nats import RunningNats
 from services.dev.output import PrefixedOutput, isatty
 from services.dev.ports import free_port, port_is_free
@@ -177,6 +178,7 @@ class Stack:
             if self.check_ports:
                 self._check_ports()
             self._servers.start()
+            self._prepare_local_agent()
             self._write_stack_file()
             self.child_env = self._make_child_env()
             with self._state_lock:
@@ -359,8 +361,31 @@ class Stack:
             env[f"PIPELINES_{name.upper()}_METRICS_PORT"] = str(port)
         return env
 
+    def _prepare_local_agent(self) -> None:
+        """The local agent needs the embedded NATS (whose users we write); beside another, none runs."""
+        if "agent" not in self._services:
+            return
+        if self._servers.nats is None:
+            del self._services["agent"]
+            self.say("no local agent: NATS is not the embedded one (issue one with `pipelines agents create`)")
+            return
+        servers = without_userinfo(self.nats_url).split(",")
+        self._servers.local_agent = prepare_local_agent(self.data_dir, servers, self.base_env)
+
     def _env_for(self, name: str) -> dict[str, str]:
         """The child environment with the service's own broker credential file (a path, never the secret)."""
+        if name == "agent":
+            # An agent holds no database credentials, no service's broker credentials (its own only),
+            # no key that signs tokens or seals secrets.
+            secret = ("PIPELINES_DATABASE_URL", "PIPELINES_NATS_URL", "PIPELINES_JWT_SECRET", "PIPELINES_SECRETS_KEY")
+            env = {
+                k: v
+                for k, v in self.child_env.items()
+                if k not in secret and not k.startswith("PIPELINES_NATS_CREDS") and not k.endswith("_METRICS_PORT")
+            }
+            assert self._servers.local_agent is not None
+            env["PIPELINES_AGENT_CREDS"] = str(self._servers.local_agent)
+            return env
         creds = self._servers.nats_creds
         if name not in creds:
             return self.child_env
