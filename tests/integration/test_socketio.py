@@ -309,7 +309,10 @@ async def test_python_client_gets_its_runs_and_subscribes_with_an_ack(env: Gatew
         # The other organization's client (over long-polling) sees its own marker and nothing of ours.
         marker = await env.trigger(foreign)
         seen = await o.until(is_run(marker.run_id))
-        assert [about(e) for e in seen] == [marker.run_id], seen
+        # Its first run's update may arrive late on a loaded machine (it was triggered before this
+        # client connected): that run is its own. Nothing of the first organization's is there.
+        assert {about(e) for e in seen} <= {foreign_run.run_id, marker.run_id}, seen
+        assert run.run_id not in {about(e) for e in seen}, seen
 
 
 async def test_python_client_without_a_role_is_refused_and_expired_is_disconnected(env: GatewayEnv) -> None:
