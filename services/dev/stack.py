@@ -404,15 +404,15 @@ class Stack:
 
     def _prepare_local_agent(self) -> None:
         """The local agent needs the embedded NATS (whose users we write); beside another, none runs."""
-        if "agent" not in self._services:
+        agents = [name for name in self._services if service_module(name) == "agent"]
+        if not agents:
             return
         if self._servers.nats is None:
-            for name in [n for n in self._services if service_module(n) == "agent"]:
+            for name in agents:
                 del self._services[name]
             self.say("no local agent: NATS is not the embedded one (issue one with `pipelines agents create`)")
             return
         servers = without_userinfo(self.nats_url).split(",")
-        agents = [name for name in self._services if service_module(name) == "agent"]
         for name in agents:
             number = name.rpartition("-")[2] if "-" in name else "1"
             self._servers.local_agents[name] = prepare_local_agent(

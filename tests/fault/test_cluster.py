@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import psutil
 import psycopg
 import pytest
 
@@ -125,6 +124,38 @@ def _lock_holder(database_url: str, key: int) -> int | None:
     return int(row[0]) if row and row[0] is not None else None
 
 
+def _socket_inodes(pid: int) -> set[str]:
+    """The inodes of the sockets process `pid` holds (from /proc: Linux)."""
+    out = set()
+    with contextlib.suppress(OSError):
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            with contextlib.suppress(OSError):
+                target = os.readlink(fd)
+                if target.startswith("socket:["):
+                    out.add(target[8:-1])
+    return out
+
+
+def _holds_local_port(pid: int, port: int) -> bool:
+    """Whether process `pid` holds a TCP socket whose local port is `port` (/proc/net/tcp, tcp6)."""
+    inodes = _socket_inodes(pid)
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError):
+            for line in Path(table).read_text().splitlines()[1:]:
+                fields = line.split()
+                if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[9] in inodes:
+                    return True
+    return False
+
+
+def _has_children(pid: int) -> bool:
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                return True
+    return False
+
+
 def _leader(fs: FaultStack, service: str, key: int) -> tuple[str, int] | None:
     """Which process of `service` (`relay` or `relay-2`, ...) holds its leadership lock, and the lock's
     connection port: the process with a TCP connection from that port to PostgreSQL."""
@@ -133,11 +164,8 @@ def _leader(fs: FaultStack, service: str, key: int) -> tuple[str, int] | None:
         return None
     for name in (service, f"{service}-2"):
         pid = fs.stack.pid(name)
-        if pid is None:
-            continue
-        with contextlib.suppress(psutil.Error):
-            if any(c.laddr and c.laddr.port == port for c in psutil.Process(pid).net_connections("tcp")):
-                return name, port
+        if pid is not None and _holds_local_port(pid, port):
+            return name, port
     return None
 
 
@@ -197,9 +225,8 @@ def _busy_agent(fs: FaultStack) -> str | None:
     """An agent process with scripts running under it (its units), if any."""
     for name in ("agent", "agent-2"):
         pid = fs.stack.pid(name)
-        with contextlib.suppress(psutil.Error):
-            if pid is not None and psutil.Process(pid).children(recursive=True):
-                return name
+        if pid is not None and _has_children(pid):
+            return name
     return None
 
 
