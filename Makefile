@@ -13,6 +13,7 @@ STAMP  := $(VENV)/.installed
 
 help:
 	@echo "make up     run every service (embedded PostgreSQL and NATS unless PIPELINES_*_URL are set)"
+	@echo "make up-cluster  the same as a cluster: 3 NATS nodes, two of every service (docs/scaling.md)"
 	@echo "make test   lint, type-check, import rules, test suite"
 	@echo "make lint   ruff, mypy and the import rules only"
 	@echo "make soak   the long suites (tests marked soak)"
@@ -37,6 +38,11 @@ lock:
 
 up: $(STAMP)
 	$(BIN)/pipelines up
+
+# The cluster profile (docs/scaling.md): a 3-node NATS cluster and two of every service, on loopback.
+.PHONY: up-cluster
+up-cluster: $(STAMP)
+	$(BIN)/pipelines up --cluster
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -207,6 +207,8 @@ class Settings:
     kill_grace: float = 1.0
     # JetStream stream that carries every stored event.
     events_stream: str = "PIPELINES_EVENTS"
+    # Copies JetStream keeps of it (1 on one server; 3 on a 3-node cluster survives losing a node).
+    events_stream_replicas: int = 1
     # AckWait of the executor's durable consumer, seconds.
     ack_wait: float = 30.0
     max_log_bytes: int = 10 * 1024 * 1024
@@ -362,6 +364,7 @@ class Settings:
             stage_timeout=_float(e, "PIPELINES_STAGE_TIMEOUT", 3600.0),
             kill_grace=_float(e, "PIPELINES_KILL_GRACE", 1.0),
             events_stream=e.get("PIPELINES_EVENTS_STREAM", "PIPELINES_EVENTS"),
+            events_stream_replicas=max(1, _int(e, "PIPELINES_STREAM_REPLICAS", 1)),
             ack_wait=_float(e, "PIPELINES_ACK_WAIT", 30.0),
             max_log_bytes=_int(e, "PIPELINES_MAX_LOG_BYTES", 10 * 1024 * 1024),
             poll_interval=_float(e, "PIPELINES_POLL_INTERVAL", 0.5),

@@ -30,7 +30,7 @@ def main() -> None:
         poker = bus.Poker(nc)
         poker.start()
         try:
-            await bus.ensure_events_stream(nc, settings.events_stream)
+            await bus.ensure_events_stream(nc, settings.events_stream, settings.events_stream_replicas)
             secrets = SecretStore(pool, key)
             # The scheduler's cron triggers read Git-backed pipelines' specs: as the api does.
             git = GitRepos.from_settings(settings)

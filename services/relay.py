@@ -17,7 +17,12 @@ def main() -> None:
         nc = await connect_nats(settings, "relay")
         try:
             relay = Relay(
-                store, settings.database_url, nc, stream=settings.events_stream, poll_interval=settings.poll_interval
+                store,
+                settings.database_url,
+                nc,
+                stream=settings.events_stream,
+                stream_replicas=settings.events_stream_replicas,
+                poll_interval=settings.poll_interval,
             )
             await relay.run(stop)
         finally:

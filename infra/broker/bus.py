@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import nats
@@ -60,7 +61,8 @@ async def connect(url: str, name: str, creds: Path | None = None) -> NATS:
         log.warning("nats: %s", exc)
 
     nc = await nats.connect(
-        url,
+        # A comma-separated list (the nodes of a cluster): nats-py takes a list, a string is one URL.
+        [u.strip() for u in url.split(",") if u.strip()],
         name=name,
         max_reconnect_attempts=-1,
         reconnect_time_wait=0.5,
@@ -71,7 +73,9 @@ async def connect(url: str, name: str, creds: Path | None = None) -> NATS:
     return nc
 
 
-async def ensure_events_stream(nc: NATS, stream: str) -> None:
+async def ensure_events_stream(nc: NATS, stream: str, replicas: int = 1) -> None:
+    """Create the events stream with `replicas` copies (a cluster's nodes), or raise an existing one's
+    copies to `replicas` (never lower them: another process may run with an older setting)."""
     js = nc.jetstream()
     config = StreamConfig(
         name=stream,
@@ -80,10 +84,13 @@ async def ensure_events_stream(nc: NATS, stream: str) -> None:
         storage=StorageType.FILE,
         discard=DiscardPolicy.OLD,
         duplicate_window=120.0,
-        num_replicas=1,
+        num_replicas=replicas,
     )
     try:
-        await js.stream_info(stream)
+        info = await js.stream_info(stream)
+        if (info.config.num_replicas or 1) < replicas:
+            log.info("events stream %s: %s -> %d replicas", stream, info.config.num_replicas, replicas)
+            await js.update_stream(replace(info.config, num_replicas=replicas))
         return
     except NotFoundError:
         pass

@@ -83,6 +83,7 @@ class Relay:
         nc: NATS,
         *,
         stream: str,
+        stream_replicas: int = 1,
         poll_interval: float = 0.5,
         batch: int = 500,
     ) -> None:
@@ -90,6 +91,7 @@ class Relay:
         self.database_url = database_url
         self.nc = nc
         self.stream = stream
+        self.stream_replicas = stream_replicas
         self.poll_interval = poll_interval
         self.batch = batch
         self.cursor: FeedCursor = FEED_START
@@ -129,7 +131,7 @@ class Relay:
             # NATS may be briefly away (restarting): keep trying rather than exit.
             while not stop.is_set():
                 try:
-                    await ensure_events_stream(self.nc, self.stream)
+                    await ensure_events_stream(self.nc, self.stream, self.stream_replicas)
                     await self.resync()
                     break
                 except Exception as exc:

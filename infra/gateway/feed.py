@@ -18,9 +18,10 @@ from infra.store.records import FEED_START, FeedCursor, RecordedEvent
 STREAM_VERSION = "Pipelines-Stream-Version"
 
 
-async def feed_head(nc: NATS, stream: str) -> tuple[int, FeedCursor]:
-    """The stream's last sequence and the feed cursor of its last message (where "now" is)."""
-    await ensure_events_stream(nc, stream)
+async def feed_head(nc: NATS, stream: str, replicas: int = 1) -> tuple[int, FeedCursor]:
+    """The stream's last sequence and the feed cursor of its last message (where "now" is); the stream
+    is made (with `replicas` copies) when missing."""
+    await ensure_events_stream(nc, stream, replicas)
     js = nc.jetstream()
     info = await js.stream_info(stream)
     last_seq: int = info.state.last_seq

@@ -187,7 +187,7 @@ class Gateway:
     async def _start_feed(self) -> Any:
         """Subscribe to everything after the stream's last message, and learn its feed cursor."""
         stream = self.settings.events_stream
-        last_seq, cursor = await feed_head(self.nc, stream)
+        last_seq, cursor = await feed_head(self.nc, stream, self.settings.events_stream_replicas)
         if cursor != FEED_START:
             self._fanout.live_cursor = cursor
         sub = await subscribe_after(self.nc, stream, last_seq, self._fanout.on_msg)

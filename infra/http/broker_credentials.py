@@ -90,7 +90,8 @@ class BrokerCredentialsController(Controller):
         name = org_consumer(issued.user)
         try:
             nc = deps.nc
-            await _through_reloads(lambda: ensure_events_stream(nc, issued.stream))
+            replicas = deps.settings.events_stream_replicas
+            await _through_reloads(lambda: ensure_events_stream(nc, issued.stream, replicas))
             config = ConsumerConfig(
                 name=name,
                 durable_name=name,

@@ -16,7 +16,7 @@ import typer
 
 from infra.auth import ROLES, issue_token
 from infra.config import Settings
-from services.dev.endpoints import SERVICES
+from services.dev.endpoints import CLUSTER_SERVICES, SERVICES
 
 if TYPE_CHECKING:
     from services.dev.stack import Stack
@@ -85,11 +85,19 @@ def up(
         typer.Option(
             "--service",
             metavar="NAME",
-            callback=_one_of(SERVICES),
-            help=f"run only this service (repeatable): {', '.join(SERVICES)}",
+            callback=_one_of(CLUSTER_SERVICES),
+            help=f"run only this service (repeatable): {', '.join(SERVICES)} (with --cluster also api-2 etc.)",
         ),
     ] = None,
     package: Annotated[str, typer.Option("--package", hidden=True)] = "services",
+    cluster: Annotated[
+        bool,
+        typer.Option(
+            "--cluster",
+            help="the cluster profile (make up-cluster): a 3-node NATS cluster, two of every service; "
+            "see docs/scaling.md",
+        ),
+    ] = False,
 ) -> None:
     """Run every service in the foreground (embedded PostgreSQL and NATS unless URLs are given).
 
@@ -97,16 +105,22 @@ def up(
     Without PIPELINES_DATABASE_URL / PIPELINES_NATS_URL it starts an embedded PostgreSQL and
     nats-server -js under PIPELINES_DATA_DIR (default .data). Ctrl-C stops everything.
     """
+    if cluster:
+        raise typer.Exit(_up(service or list(CLUSTER_SERVICES), package, cluster=True))
     raise typer.Exit(_up(service or list(SERVICES), package))
 
 
-def _up(services: list[str], package: str) -> int:
+def _up(services: list[str], package: str, *, cluster: bool = False) -> int:
     # Imported here, not at the top: the supervisor pulls in psycopg (about 0.4 s), which every other
     # command would pay at start-up for nothing.
+    from services.dev.cluster import cluster_stack
     from services.dev.stack import Stack, StackError
 
     _settings()  # validates the environment early; warns when PIPELINES_JWT_SECRET is unset
-    stack = Stack(services=services, package=package)
+    if cluster:
+        stack = cluster_stack(services=services, package=package)
+    else:
+        stack = Stack(services=services, package=package)
     handler = _StackLogHandler(stack)
     # services.dev: the embedded servers and stale processes (before the move they were infra.servers).
     loggers = [logging.getLogger(name) for name in _TOOLING_LOGGERS]

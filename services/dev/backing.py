@@ -12,7 +12,8 @@ import psycopg
 
 from services.dev.broker_users import IssuedUsers
 from services.dev.errors import INSTALL_EMBEDDED, NotInstalled, ServerError, StackError
-from services.dev.nats import RunningNats, nats_server_binary, start_nats
+from services.dev.nats import RunningNats, nats_server_binary, restart_nats, start_nats
+from services.dev.nats_cluster import start_nats_cluster
 from services.dev.postgres import RunningPostgres, postgres_bin_dir, start_postgres
 
 __all__ = ["BackingServers", "describe_exit"]
@@ -43,6 +44,7 @@ class BackingServers:
         say: Callable[[str], None],
         nats_creds: Mapping[str, Path] | None = None,
         stream: str = "*",
+        nats_nodes: int = 1,
     ) -> None:
         self.data_dir = data_dir
         self.given_database_url = database_url
@@ -51,6 +53,9 @@ class BackingServers:
         self._say = say
         self.postgres: RunningPostgres | None = None
         self.nats: RunningNats | None = None
+        # Every node of the embedded NATS (`nats` is the first); more than one: a cluster.
+        self.nats_nodes_wanted = nats_nodes
+        self.nats_nodes: list[RunningNats] = []
         self.database_url: str = database_url or ""
         self.nats_url: str = nats_url or ""
         self.given_nats_creds = dict(nats_creds or {})
@@ -59,8 +64,8 @@ class BackingServers:
         self._issued: IssuedUsers | None = None
         self._issued_retry_at = 0.0
         self._issued_error = ""
-        # `make up`'s local agent's credential file (set by the stack when it runs one).
-        self.local_agent: Path | None = None
+        # The credential file of each local agent the stack runs, by its service name (`agent`, `agent-2`).
+        self.local_agents: dict[str, Path] = {}
 
     def start(self) -> None:
         """Start the embedded servers for the URLs not given. Raises ServerError, or StackError
@@ -76,9 +81,17 @@ class BackingServers:
             self.postgres = start_postgres(self.data_dir)
             self.database_url = self.postgres.url
             self._say(f"PostgreSQL ready on port {self.postgres.port} in {time.monotonic() - began:.1f}s")
-        if self.given_nats_url is None:
+        if self.given_nats_url is None and self.nats_nodes_wanted > 1:
+            began = time.monotonic()
+            self.nats_nodes = start_nats_cluster(self.data_dir, nodes=self.nats_nodes_wanted, stream=self.stream)
+            self.nats = self.nats_nodes[0]
+            self.nats_url = ",".join(node.url for node in self.nats_nodes)
+            ports = ", ".join(str(node.port) for node in self.nats_nodes)
+            self._say(f"NATS cluster (JetStream) ready on ports {ports} in {time.monotonic() - began:.1f}s")
+        elif self.given_nats_url is None:
             began = time.monotonic()
             self.nats = start_nats(self.data_dir, stream=self.stream)
+            self.nats_nodes = [self.nats]
             self.nats_url = self.nats.url
             self._say(f"NATS (JetStream) ready on port {self.nats.port} in {time.monotonic() - began:.1f}s")
 
@@ -116,12 +129,14 @@ class BackingServers:
                 old.stop()
                 self.postgres = start_postgres(self.data_dir, port=old.port)
                 self._say("PostgreSQL restarted")
-            if self.nats is not None and not self.nats.alive():
-                old_nats = self.nats
-                self._say(f"NATS exited ({describe_exit(old_nats.process.returncode)}); restarting it")
-                old_nats.stop()
-                self.nats = start_nats(self.data_dir, port=old_nats.port, stream=self.stream, issued=old_nats.issued)
-                self._say("NATS restarted")
+            for i, old_nats in enumerate(self.nats_nodes):
+                if old_nats.alive():
+                    continue
+                name = old_nats.options.get("server_name", "NATS") if len(self.nats_nodes) > 1 else "NATS"
+                self._say(f"{name} exited ({describe_exit(old_nats.process.returncode)}); restarting it")
+                self.nats_nodes[i] = restart_nats(old_nats)
+                self.nats = self.nats_nodes[0]
+                self._say(f"{name} restarted")
         except ServerError as exc:
             self._retry_at = time.monotonic() + 5.0
             self._say(f"could not restart an embedded server (retrying in 5s): {exc}")
@@ -134,9 +149,9 @@ class BackingServers:
         if self.nats is None or not self.database_url or time.monotonic() < self._issued_retry_at:
             return
         if self._issued is None:
-            self._issued = IssuedUsers(self.database_url, local_agent=self.local_agent)
+            self._issued = IssuedUsers(self.database_url, local_agents=list(self.local_agents.values()))
         try:
-            if self._issued.sync(self.nats):
+            if self._issued.sync(*self.nats_nodes):
                 self._say(f"NATS reloaded: {len(self.nats.issued)} downstream broker credential(s)")
             self._issued_error = ""
         except psycopg.Error as exc:
@@ -150,8 +165,9 @@ class BackingServers:
     def stop(self) -> None:
         if self._issued is not None:
             self._issued.close()
-        if self.nats is not None:
-            self.nats.stop()
+        for node in self.nats_nodes:
+            node.stop()
+        if self.nats_nodes:
             self._say("NATS stopped")
         if self.postgres is not None:
             self.postgres.stop()

@@ -5,6 +5,7 @@ and when one expires."""
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import psycopg
@@ -21,16 +22,17 @@ class IssuedUsers:
     """`sync(nats)` often (the supervisor's check loop): cheap unless a NOTIFY came or `every` seconds
     passed (expiries). Not thread-safe; one per NATS server."""
 
-    def __init__(self, database_url: str, *, every: float = 5.0, local_agent: Path | None = None) -> None:
+    def __init__(self, database_url: str, *, every: float = 5.0, local_agents: Sequence[Path] = ()) -> None:
         self._database_url = database_url
-        # `make up`'s local agent (services/dev/local_agent.py): its row is made once the table is there.
-        self._local_agent = local_agent
+        # `make up`'s local agents (services/dev/local_agent.py): their rows are made once the table is there.
+        self._local_agents = list(local_agents)
         self._every = every
         self._conn: psycopg.Connection[tuple[str, str, str | None, str]] | None = None
         self._due = 0.0
 
-    def sync(self, nats: RunningNats) -> bool:
-        """Whether the server was reloaded. Raises psycopg.Error when the database cannot be read."""
+    def sync(self, *servers: RunningNats) -> bool:
+        """Whether a server (of a cluster's nodes, each with the same users) was reloaded. Raises
+        psycopg.Error when the database cannot be read."""
         changed = False
         if self._conn is None or self._conn.closed:
             self._conn = psycopg.connect(self._database_url, autocommit=True, connect_timeout=3)
@@ -45,18 +47,20 @@ class IssuedUsers:
             rows = self._conn.execute(ACTIVE_SQL).fetchall()
         except psycopg.errors.UndefinedTable:  # the API has not migrated the database yet
             rows = []
-        if self._local_agent is not None:
+        while self._local_agents:
             try:
-                upsert_local_agent(self._conn, self._local_agent)  # type: ignore[arg-type]
-                self._local_agent = None
+                upsert_local_agent(self._conn, self._local_agents[0])  # type: ignore[arg-type]
+                self._local_agents.pop(0)
             except psycopg.errors.UndefinedTable:
-                pass  # the API has not migrated the database yet: next time
+                break  # the API has not migrated the database yet: next time
         try:
             # Agents (infra/agent/registry.py) are users of the same server, on the same NOTIFY.
             agents: list[tuple[str, str]] = self._conn.execute(ACTIVE_AGENTS_SQL).fetchall()  # type: ignore[assignment]
         except psycopg.errors.UndefinedTable:
             agents = []
-        return nats.set_issued_users(issued_users(rows), agent_users(agents))
+        accounts, users = issued_users(rows), agent_users(agents)
+        reloaded = [server.set_issued_users(accounts, users) for server in servers]
+        return any(reloaded)
 
     def close(self) -> None:
         if self._conn is not None:

@@ -34,9 +34,18 @@ def _labels(env: Mapping[str, str]) -> list[str]:
     return sorted({"local", platform.system().lower() or "unknown", platform.machine().lower() or "unknown"})
 
 
-def prepare_local_agent(data_dir: Path, servers: list[str], env: Mapping[str, str]) -> Path:
-    """Write the local agent's credential file (its password kept across restarts); its path."""
-    path = data_dir / "nats-users" / FILE
+def prepare_local_agent(
+    data_dir: Path,
+    servers: list[str],
+    env: Mapping[str, str],
+    *,
+    agent_id: str = LOCAL_AGENT,
+    name: str = "local",
+    extra_labels: tuple[str, ...] = (),
+) -> Path:
+    """Write the local agent's credential file (its password kept across restarts); its path.
+    `make up-cluster` runs two (`agent_id`s `ag_local`, `ag_local_2`), told apart by `extra_labels`."""
+    path = data_dir / "nats-users" / (FILE if agent_id == LOCAL_AGENT else f"agent-{name}.json")
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     password = ""
     try:
@@ -48,14 +57,14 @@ def prepare_local_agent(data_dir: Path, servers: list[str], env: Mapping[str, st
     except ValueError:
         capacity = os.cpu_count() or 2
     creds = {
-        "id": LOCAL_AGENT,
-        "name": "local",
+        "id": agent_id,
+        "name": name,
         "organizationId": None,
         "shared": True,
-        "labels": _labels(env),
+        "labels": sorted({*_labels(env), *extra_labels}),
         "capacity": capacity,
         "servers": servers,
-        "user": LOCAL_AGENT,
+        "user": agent_id,
         "password": password or secrets.token_urlsafe(32),
     }
     write_private(path, json.dumps(creds, indent=1))
@@ -69,9 +78,9 @@ def upsert_local_agent(conn: psycopg.Connection[tuple[str, str]], path: Path) ->
     hashed = bcrypt.hashpw(creds["password"].encode(), bcrypt.gensalt(10)).decode()
     conn.execute(
         "INSERT INTO agents (id, org, name, labels, capacity, password_hash, created_by) "
-        "VALUES (%s, NULL, 'local', %s, %s, %s, 'make up') ON CONFLICT (id) DO UPDATE SET "
+        "VALUES (%s, NULL, %s, %s, %s, %s, 'make up') ON CONFLICT (id) DO UPDATE SET "
         "labels = EXCLUDED.labels, capacity = EXCLUDED.capacity, password_hash = EXCLUDED.password_hash, "
         "revoked_at = NULL",
-        (LOCAL_AGENT, creds["labels"], creds["capacity"], hashed),
+        (creds["id"], creds["name"], creds["labels"], creds["capacity"], hashed),
     )
     conn.execute(f"NOTIFY {CHANGED_CHANNEL}")

@@ -14,6 +14,7 @@ import socket
 import sys
 import sysconfig
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -29,7 +30,7 @@ from services.dev.nats_auth import CONFIG_FILE, SERVER_NAME, render_users, servi
 from services.dev.ports import LOOPBACK, free_port, port_is_free
 from services.dev.process import ManagedProcess, stop_stale_process
 
-__all__ = ["RunningNats", "nats_server_binary", "start_nats"]
+__all__ = ["RunningNats", "nats_server_binary", "restart_nats", "start_nats"]
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +69,12 @@ class RunningNats:
     stream: str = "*"
     # The downstream credentials issued through the API (an account each), beside the services' own.
     issued: tuple[DownstreamAccount, ...] = ()
+    # The agents' users (in the services' account), kept for a restart.
+    agents: tuple[BrokerUser, ...] = ()
+    # What its configuration file says besides the users: its name, and a cluster node's `cluster` block.
+    options: dict[str, Any] = field(default_factory=lambda: {"server_name": SERVER_NAME})
+    # The directory whose `nats-users` holds the credentials (a cluster's nodes share the stack's).
+    credentials_home: Path | None = None
     _lock: FileLock | None = field(default=None, repr=False)
 
     @property
@@ -86,16 +93,14 @@ class RunningNats:
     def data_dir(self) -> Path:
         return self.pid_file.parent
 
-    def set_issued_users(
-        self, accounts: tuple[DownstreamAccount, ...], agents: tuple[BrokerUser, ...] = ()
-    ) -> bool:
+    def set_issued_users(self, accounts: tuple[DownstreamAccount, ...], agents: tuple[BrokerUser, ...] = ()) -> bool:
         """Make `accounts` (and the services', and the `agents` beside them in the services' account)
         the server's only users: rewrite its configuration and have it reload (SIGHUP) when that
         changed; a removed user's connections are closed. Returns whether it reloaded."""
         added = {a.name for a in accounts} - {a.name for a in self.issued}
         users = render_users(self.credentials, self.stream) + list(agents)
-        if not write_config(self.data_dir, users, accounts):
-            self.issued = accounts
+        if not write_config(self.data_dir, users, accounts, self.options):
+            self.issued, self.agents = accounts, agents
             return False
         self._reload()
         if added:
@@ -105,7 +110,7 @@ class RunningNats:
             # until the next reload. Hence a second one, once the first is done.
             self._reload()
         # Only now: who waits for a credential to be usable waits for this.
-        self.issued = accounts
+        self.issued, self.agents = accounts, agents
         return True
 
     def _reload(self, timeout: float = 10.0) -> None:
@@ -158,10 +163,17 @@ def start_nats(
     timeout: float = 15.0,
     stream: str = "*",
     issued: tuple[DownstreamAccount, ...] = (),
+    name: str = SERVER_NAME,
+    cluster: Mapping[str, Any] | None = None,
+    credentials_home: Path | None = None,
+    agents: tuple[BrokerUser, ...] = (),
 ) -> RunningNats:
     """Start `nats-server -js` on 127.0.0.1 (`port`, else a free one) with its JetStream store in
     `data_dir/nats`, accepting only the services' users (their permissions on events stream `stream`)
-    and the `issued` ones; returns once it accepts clients with JetStream enabled."""
+    and the `issued` ones; returns once it accepts clients with JetStream enabled.
+
+    A cluster's node (services/dev/nats_cluster.py) has its own `name`, its `cluster` block (listen,
+    routes) and the users of `credentials_home` (the stack's data directory), shared by every node."""
     data_dir = private_dir(data_dir)
     store = data_dir / "nats"
     store.mkdir(mode=0o700, exist_ok=True)
@@ -177,8 +189,11 @@ def start_nats(
                 pid_file.unlink()
         log_path = data_dir / "nats.log"
         rotate_log(log_path)
-        credentials = service_credentials(data_dir)
-        write_config(data_dir, render_users(credentials, stream), issued)
+        credentials = service_credentials(credentials_home or data_dir)
+        options: dict[str, Any] = {"server_name": name}
+        if cluster is not None:
+            options["cluster"] = dict(cluster)
+        write_config(data_dir, render_users(credentials, stream) + list(agents), issued, options)
         _adopt_global_account_store(store)
         deadline = time.monotonic() + timeout
         server: RunningNats | None = None
@@ -192,12 +207,15 @@ def start_nats(
                 chosen = free_port()
             argv: list[str | os.PathLike[str]] = [
                 binary, "-js", "-a", LOOPBACK, "-p", str(chosen), "-sd", store,
-                "-n", SERVER_NAME, "-P", pid_file, "-m", "0",  # -m 0: no monitoring listener
+                "-n", name, "-P", pid_file, "-m", "0",  # -m 0: no monitoring listener
                 "-c", data_dir / CONFIG_FILE,  # the users: never on the command line
             ]  # fmt: skip
             offset = file_size(log_path)
             process = ManagedProcess(argv, name="nats-server", log_path=log_path, umask=0o077)
-            candidate = RunningNats(store, LOOPBACK, chosen, log_path, pid_file, process, credentials, stream, issued)
+            candidate = RunningNats(
+                store, LOOPBACK, chosen, log_path, pid_file, process, credentials, stream, issued,
+                agents, options, credentials_home,
+            )  # fmt: skip
             try:
                 _wait_nats(candidate, offset, deadline)
             except PortTaken:
@@ -220,6 +238,22 @@ def start_nats(
     write_private(data_dir / "nats.port", f"{server.port}\n")
     log.info("NATS ready on %s in %.2fs", server.url, time.monotonic() - started)
     return server
+
+
+def restart_nats(old: RunningNats) -> RunningNats:
+    """Start `old` again (it died): the same port, name, cluster block, users and issued accounts."""
+    old.stop()
+    cluster = old.options.get("cluster")
+    return start_nats(
+        old.data_dir,
+        port=old.port,
+        stream=old.stream,
+        issued=old.issued,
+        name=str(old.options.get("server_name", SERVER_NAME)),
+        cluster=cluster if isinstance(cluster, dict) else None,
+        credentials_home=old.credentials_home,
+        agents=old.agents,
+    )
 
 
 def _adopt_global_account_store(store: Path) -> None:

@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import os
 import secrets
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 from infra.broker.creds import CredentialsError, read_user_password
 from infra.broker.natsconf import BrokerUser, DownstreamAccount, render_config
@@ -51,11 +52,17 @@ def render_users(credentials: dict[str, Path], stream: str) -> list[BrokerUser]:
     return out
 
 
-def write_config(data_dir: Path, users: Iterable[BrokerUser], downstream: Iterable[DownstreamAccount] = ()) -> bool:
-    """Write the configuration for the services' `users` and the `downstream` accounts; whether it
-    changed (then the server must reload it)."""
+def write_config(
+    data_dir: Path,
+    users: Iterable[BrokerUser],
+    downstream: Iterable[DownstreamAccount] = (),
+    options: Mapping[str, Any] | None = None,
+) -> bool:
+    """Write the configuration for the services' `users` and the `downstream` accounts, with the server's
+    `options` (default: its name; a cluster node's also its `cluster` block); whether it changed (then the
+    server must reload it)."""
     path = data_dir / CONFIG_FILE
-    text = render_config(users, downstream, server_name=SERVER_NAME)
+    text = render_config(users, downstream, **(options if options is not None else {"server_name": SERVER_NAME}))
     try:
         if path.read_text(encoding="utf-8") == text:
             return False

@@ -21,10 +21,10 @@ from typing import Self, TextIO
 
 from infra.config import Settings, stack_file, without_userinfo
 from services.dev.backing import BackingServers, describe_exit
-from services.dev.endpoints import SERVICES, display_host, mask_url
+from services.dev.endpoints import SERVICES, display_host, mask_url, service_module
 from services.dev.errors import ServerError, StackError
 from services.dev.files import FileLock, private_dir, write_private
-from services.dev.local_agent import prepare_local_agent
+from services.dev.local_agent import LOCAL_AGENT, prepare_local_agent
 from services.dev.nats import RunningNats
 from services.dev.output import PrefixedOutput, isatty
 from services.dev.ports import free_port, port_is_free
@@ -83,6 +83,7 @@ class Stack:
         stable_after: float = 30.0,
         stop_timeout: float = 10.0,
         check_ports: bool = True,
+        nats_nodes: int = 1,
     ) -> None:
         self.base_env: dict[str, str] = dict(os.environ if env is None else env)
         with warnings.catch_warnings():
@@ -107,8 +108,11 @@ class Stack:
         self.child_env: dict[str, str] = {}
         # Where the executor, relay and projector serve their metrics (set when the stack starts).
         self.metrics_ports: dict[str, int] = {}
+        # The ports of the second API and gateway processes (`api-2`, `gateway-2`: make up-cluster).
+        self.instance_ports: dict[str, int] = {}
         self._services = {
-            name: _Service(name, [self.python, "-m", f"{package}.{name}"]) for name in dict.fromkeys(services)
+            name: _Service(name, [self.python, "-m", f"{package}.{service_module(name)}"])
+            for name in dict.fromkeys(services)
         }
         color = isatty(self.output) and "NO_COLOR" not in self.base_env
         self._out = PrefixedOutput(self.output, list(self._services), color=color)
@@ -120,6 +124,7 @@ class Stack:
             say=self.say,
             nats_creds=nats_creds,
             stream=self.settings.events_stream,
+            nats_nodes=nats_nodes,
         )
         self._state_lock = threading.RLock()
         self._stopping = threading.Event()
@@ -143,6 +148,11 @@ class Stack:
     def nats(self) -> RunningNats | None:
         """The embedded NATS, when the stack started one."""
         return self._servers.nats
+
+    @property
+    def nats_nodes(self) -> list[RunningNats]:
+        """Every node of the embedded NATS (one, or a cluster's)."""
+        return list(self._servers.nats_nodes)
 
     @property
     def database_url(self) -> str:
@@ -265,9 +275,12 @@ class Stack:
         return False
 
     def wait_listening(self, timeout: float = 30.0) -> bool:
-        """Wait until the api and the gateway (those of them that run) accept TCP connections."""
+        """Wait until the api and the gateway processes (those that run) accept TCP connections."""
         ports = [p for n, p in (("api", self.api_port), ("gateway", self.gateway_port)) if n in self._services]
         hosts = {self.api_port: self.settings.api_host, self.gateway_port: self.settings.gateway_host}
+        for name, port in self.instance_ports.items():
+            ports.append(port)
+            hosts[port] = self.settings.api_host if service_module(name) == "api" else self.settings.gateway_host
         deadline = time.monotonic() + timeout
         while ports and time.monotonic() < deadline:
             port = ports[0]
@@ -286,7 +299,12 @@ class Stack:
             lines.append(f"PostgreSQL  {masked}  (embedded; password in {self.postgres.password_file})")
         else:
             lines.append(f"PostgreSQL  {mask_url(self.database_url)}")
-        lines.append(f"NATS        {mask_url(self.nats_url)}{'  (embedded)' if self.nats is not None else ''}")
+        if len(self._servers.nats_nodes) > 1:
+            for i, node in enumerate(self._servers.nats_nodes):
+                label = "NATS" if i == 0 else ""
+                lines.append(f"{label:<12}{node.url}  (embedded cluster node {node.options.get('server_name')})")
+        else:
+            lines.append(f"NATS        {mask_url(self.nats_url)}{'  (embedded)' if self.nats is not None else ''}")
         lines.append(f"Dashboard   {self.api_url}/  (sign in with a token: see Token below)")
         lines.append(f"API         {self.api_url}/api/v1/pipelines")
         lines.append(f"OpenAPI     {self.api_url}/schema")
@@ -294,6 +312,16 @@ class Stack:
         lines.append(f"WebSocket   {self.gateway_url}")
         gateway_http = f"http://{display_host(self.settings.gateway_host)}:{self.gateway_port}"
         lines.append(f"Socket.IO   {gateway_http}/events  (namespace /events, path /socket.io/)")
+        for name, port in self.instance_ports.items():
+            if service_module(name) == "api":
+                lines.append(
+                    f"{'API (' + name + ')':<12}http://{display_host(self.settings.api_host)}:{port}/api/v1/pipelines"
+                )
+            else:
+                host = display_host(self.settings.gateway_host)
+                lines.append(
+                    f"{'WS (' + name + ')':<12}ws://{host}:{port}/api/v1/ws  (Socket.IO http://{host}:{port}/events)"
+                )
         for i, (name, url) in enumerate(self.metrics_urls()):
             lines.append(f"{'Metrics' if i == 0 else '':<12}{url} ({name})")
         lines.append(f"Token       {token_command}")
@@ -308,6 +336,10 @@ class Stack:
             "gateway": f"http://{display_host(self.settings.gateway_host)}:{self.gateway_port}/metrics",
             **{name: f"http://{host}:{port}/metrics" for name, port in self.metrics_ports.items()},
         }
+        for name, port in self.instance_ports.items():
+            kind = service_module(name)
+            where = display_host(self.settings.api_host if kind == "api" else self.settings.gateway_host)
+            urls[name] = f"http://{where}:{port}/metrics"
         return [(name, urls[name]) for name in self._services if name in urls]
 
     def say(self, line: str) -> None:
@@ -351,30 +383,52 @@ class Stack:
             "relay": self.settings.relay_metrics_port,
             "projector": self.settings.projector_metrics_port,
         }
-        # Kept across restarts of a service: the same address to scrape.
+        # Kept across restarts of a service: the same address to scrape. A second process of a service
+        # (`relay-2`) gets a free port of its own (in `_env_for`).
         self.metrics_ports = {
-            name: port or free_port(self.settings.metrics_host)
-            for name, port in configured.items()
-            if name in self._services
+            name: (configured[service_module(name)] if name in configured else 0)
+            or free_port(self.settings.metrics_host)
+            for name in self._services
+            if service_module(name) in configured
         }
         for name, port in self.metrics_ports.items():
-            env[f"PIPELINES_{name.upper()}_METRICS_PORT"] = str(port)
+            if name in configured:
+                env[f"PIPELINES_{name.upper()}_METRICS_PORT"] = str(port)
+        hosts = {"api": self.settings.api_host, "gateway": self.settings.gateway_host}
+        self.instance_ports = {
+            name: free_port(display_host(hosts[service_module(name)]))
+            for name in self._services
+            if service_module(name) in hosts and name not in hosts
+        }
         return env
 
     def _prepare_local_agent(self) -> None:
         """The local agent needs the embedded NATS (whose users we write); beside another, none runs."""
-        if "agent" not in self._services:
+        agents = [name for name in self._services if service_module(name) == "agent"]
+        if not agents:
             return
         if self._servers.nats is None:
-            del self._services["agent"]
+            for name in agents:
+                del self._services[name]
             self.say("no local agent: NATS is not the embedded one (issue one with `pipelines agents create`)")
             return
         servers = without_userinfo(self.nats_url).split(",")
-        self._servers.local_agent = prepare_local_agent(self.data_dir, servers, self.base_env)
+        for name in agents:
+            number = name.rpartition("-")[2] if "-" in name else "1"
+            self._servers.local_agents[name] = prepare_local_agent(
+                self.data_dir,
+                servers,
+                self.base_env,
+                agent_id=LOCAL_AGENT if name == "agent" else f"{LOCAL_AGENT}_{number}",
+                name="local" if name == "agent" else f"local-{number}",
+                # Several: each has a label of its own too (`agent-1`, `agent-2`), for `runsOn`.
+                extra_labels=(f"agent-{number}",) if len(agents) > 1 else (),
+            )
 
     def _env_for(self, name: str) -> dict[str, str]:
         """The child environment with the service's own broker credential file (a path, never the secret)."""
-        if name == "agent":
+        module = service_module(name)
+        if module == "agent":
             # An agent holds no database credentials, no service's broker credentials (its own only),
             # no key that signs tokens or seals secrets.
             secret = ("PIPELINES_DATABASE_URL", "PIPELINES_NATS_URL", "PIPELINES_JWT_SECRET", "PIPELINES_SECRETS_KEY")
@@ -383,14 +437,19 @@ class Stack:
                 for k, v in self.child_env.items()
                 if k not in secret and not k.startswith("PIPELINES_NATS_CREDS") and not k.endswith("_METRICS_PORT")
             }
-            assert self._servers.local_agent is not None
-            env["PIPELINES_AGENT_CREDS"] = str(self._servers.local_agent)
+            env["PIPELINES_AGENT_CREDS"] = str(self._servers.local_agents[name])
             return env
+        env = dict(self.child_env)
+        if name != module:  # a second process of the service: its own ports
+            if name in self.instance_ports:
+                env[f"PIPELINES_{module.upper()}_PORT"] = str(self.instance_ports[name])
+            if name in self.metrics_ports:
+                env[f"PIPELINES_{module.upper()}_METRICS_PORT"] = str(self.metrics_ports[name])
         creds = self._servers.nats_creds
-        if name not in creds:
-            return self.child_env
-        env = {k: v for k, v in self.child_env.items() if not k.startswith("PIPELINES_NATS_CREDS")}
-        env["PIPELINES_NATS_CREDS"] = str(creds[name])
+        if module not in creds:
+            return env
+        env = {k: v for k, v in env.items() if not k.startswith("PIPELINES_NATS_CREDS")}
+        env["PIPELINES_NATS_CREDS"] = str(creds[module])
         return env
 
     def _spawn(self, service: _Service) -> None:
@@ -432,7 +491,7 @@ class Stack:
         except (OSError, ValueError, TypeError, AttributeError):
             return
         for name, pid in children.items():
-            stop_stale_process(pid, marker=f"-m {package}.{name}", timeout=self.stop_timeout)
+            stop_stale_process(pid, marker=f"-m {package}.{service_module(name)}", timeout=self.stop_timeout)
         with contextlib.suppress(OSError):
             self.pid_file.unlink()
 
