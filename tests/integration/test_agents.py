@@ -422,7 +422,10 @@ async def test_a_stopped_agents_unit_fails_and_is_retried_not_cancelled(system: 
     assert done["status"] == "succeeded", done["logs"]
     step = step_of(done)
     assert step["attempts"][0]["status"] == "failed"
-    assert "the agent stopped while this was running" in step["attempts"][0]["error"]
+    # The agent's own report says it stopped; on a loaded machine the executor may first find it
+    # silent past its lease (the same outcome: failed, then retried by the policy).
+    error = step["attempts"][0]["error"]
+    assert "the agent stopped while this was running" in error or "stopped answering" in error, error
 
 
 async def test_an_agent_whose_credentials_are_revoked_is_disconnected(system: System, agents: Agents) -> None:
