@@ -134,10 +134,51 @@ async def _wait_present(nats_url: str, agents: list[AgentProcess], timeout: floa
         await nc.close()
 
 
+def _cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU seconds of these processes (and, for PostgreSQL, its backends) so far."""
+    import psutil  # type: ignore[import-untyped]
+
+    total = 0.0
+    for pid in pids:
+        with contextlib.suppress(psutil.Error):
+            proc = psutil.Process(pid)
+            for each in (proc, *proc.children(recursive=True)):
+                with contextlib.suppress(psutil.Error):
+                    t = each.cpu_times()
+                    total += t.user + t.system
+    return total
+
+
+class CpuMeter:
+    """Cores each part of the system used over a measurement: where the time goes when runs/s stops
+    growing (None without psutil, which the `bench` extra brings)."""
+
+    def __init__(self, parts: dict[str, list[int]]) -> None:
+        self.parts = parts
+        self.began = 0.0
+        self.start: dict[str, float] = {}
+
+    def __enter__(self) -> CpuMeter:
+        self.began = time.monotonic()
+        with contextlib.suppress(ImportError):
+            self.start = {name: _cpu_seconds(pids) for name, pids in self.parts.items()}
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+    def cores(self) -> dict[str, float] | None:
+        if not self.start:
+            return None
+        wall = max(time.monotonic() - self.began, 1e-6)
+        return {name: round((_cpu_seconds(pids) - self.start[name]) / wall, 2) for name, pids in self.parts.items()}
+
+
 async def scaling(
     system: System,
     nats_url: str,
     *,
+    others: dict[str, int] | None = None,
     counts: tuple[int, ...],
     capacity: int,
     in_flight: int,
@@ -145,7 +186,8 @@ async def scaling(
     ramp: float,
     sleep: float = 0.5,
 ) -> dict[str, Any]:
-    """Runs per second with each number of agents in `counts` (ascending; agents are added)."""
+    """Runs per second with each number of agents in `counts` (ascending; agents are added), and
+    the cores each process used meanwhile (`others`: more processes to watch, say the servers)."""
     pipeline_id = await system.create_pipeline(script_stages(f"sleep {sleep}"))
     watcher = RunWatcher(system, pipeline_id)
     await watcher.start()
@@ -178,7 +220,13 @@ async def scaling(
             # hands nothing to an agent it has not read yet; one run through makes sure it has.
             await asyncio.sleep(2.5)
             await asyncio.wait_for(unit(), 60)
-            thr = await harness.throughput(unit, in_flight, duration, ramp=ramp, timeout=120)
+            parts = {name: [pid] for name in STACK_SERVICES if (pid := system.stack.pid(name)) is not None}
+            parts |= {name: [pid] for name, pid in (others or {}).items()}
+            parts["agents"] = [a.proc.pid for a in running]
+            with CpuMeter(parts) as meter:
+                thr = await harness.throughput(unit, in_flight, duration, ramp=ramp, timeout=120)
+                thr["cores_used"] = meter.cores()
+            thr["load_avg"] = [round(x, 2) for x in os.getloadavg()]
             # The ceiling the agents allow: every slot busy with `sleep` all the time.
             thr["agent_ceiling_per_s"] = round(n * capacity / sleep, 2)
             out["by_agents"][str(n)] = thr

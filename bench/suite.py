@@ -414,6 +414,7 @@ def _agents_reps(run: Run, servers: env.Servers) -> None:
                             lambda: agents.scaling(
                                 sysm,
                                 servers.nats_url,
+                                others=_server_pids(servers),
                                 counts=s.agent_counts,
                                 capacity=s.agent_capacity,
                                 in_flight=s.agent_in_flight,
@@ -427,6 +428,15 @@ def _agents_reps(run: Run, servers: env.Servers) -> None:
                 say("last lines of the agents stack's output:\n" + tail.text(40))
     finally:
         servers.drop_database(db)
+
+
+def _server_pids(servers: env.Servers) -> dict[str, int]:
+    out = {}
+    if servers.nats is not None:
+        out["nats"] = servers.nats.process.pid
+    if servers.postgres is not None:
+        out["postgres"] = servers.postgres.process.pid
+    return out
 
 
 async def _with_fresh_client(sysm: system.System, make: Callable[[], Any]) -> Any:
@@ -541,6 +551,10 @@ def _agents_medians(reps: list[dict[str, Any]], sizes: Sizes) -> dict[str, Any]:
             "per_s": _med(reps, "agents", "by_agents", k, "per_s"),
             "ceiling_per_s": round(n * sizes.agent_capacity / 0.5, 2),
             "errors": _med(reps, "agents", "by_agents", k, "errors"),
+            "cores_used": {
+                part: _med(reps, "agents", "by_agents", k, "cores_used", part)
+                for part in sorted({p for r in reps for p in (_get(r, "agents", "by_agents", k, "cores_used") or {})})
+            },
         }
 
     # The ratios per repetition (figures taken under the same load), then their median.
