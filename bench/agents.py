@@ -24,7 +24,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from nats.aio.msg import Msg
+
 from bench import env, harness
+from bench.stats import summary_ms
 from bench.system import RunWatcher, System, script_stages
 from infra.agent import protocol as p
 from infra.broker.bus import connect as nats_connect
@@ -174,6 +177,51 @@ class CpuMeter:
         return {name: round((_cpu_seconds(pids) - self.start[name]) / wall, 2) for name, pids in self.parts.items()}
 
 
+class Tap:
+    """Listens to the agents' protocol (the benchmark's admin connection sees every subject) to say
+    where a slot's time goes: `handout` from a unit's `finished` to the next `assign` to that agent
+    (the control plane's turnaround: units are always waiting), `accept` from `assign` to `accepted`,
+    and `overhead`, a unit's `assign` to `finished` beyond its `sleep`."""
+
+    def __init__(self, sleep: float) -> None:
+        self.sleep = sleep
+        self.assigned: dict[str, float] = {}
+        self.freed: dict[str, list[float]] = {}
+        self.handout: list[float] = []
+        self.accept: list[float] = []
+        self.overhead: list[float] = []
+
+    async def on_work(self, msg: Msg) -> None:
+        with contextlib.suppress(Exception):
+            work = p.decode_work(msg.data)
+            if isinstance(work, p.Assign):
+                now = time.perf_counter()
+                self.assigned[work.unit] = now
+                freed = self.freed.get(msg.subject.split(".")[3])
+                if freed:
+                    self.handout.append(now - freed.pop(0))
+
+    async def on_report(self, msg: Msg) -> None:
+        with contextlib.suppress(Exception):
+            report = p.decode_report(msg.data)
+            now = time.perf_counter()
+            began = self.assigned.get(getattr(report, "unit", ""))
+            if began is None:
+                return
+            if isinstance(report, p.Accepted):
+                self.accept.append(now - began)
+            elif isinstance(report, p.Finished):
+                self.overhead.append(now - began - self.sleep)
+                self.freed.setdefault(msg.subject.split(".")[3], []).append(now)
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "handout": summary_ms(self.handout),
+            "accept": summary_ms(self.accept),
+            "unit_overhead": summary_ms(self.overhead),
+        }
+
+
 async def scaling(
     system: System,
     nats_url: str,
@@ -208,6 +256,7 @@ async def scaling(
             failures.append(status)
             raise RuntimeError(f"run {run_id} ended {status}")
 
+    nc = await nats_connect(nats_url, "bench-agents-tap")
     try:
         for n in counts:
             while len(running) < n:
@@ -223,9 +272,17 @@ async def scaling(
             parts = {name: [pid] for name in STACK_SERVICES if (pid := system.stack.pid(name)) is not None}
             parts |= {name: [pid] for name, pid in (others or {}).items()}
             parts["agents"] = [a.proc.pid for a in running]
+            tap = Tap(sleep)
+            subs = [
+                await nc.subscribe(f"{p.AGENTS}.*.work", cb=tap.on_work),
+                await nc.subscribe(f"{p.AGENTS}.*.report.*", cb=tap.on_report),
+            ]
             with CpuMeter(parts) as meter:
                 thr = await harness.throughput(unit, in_flight, duration, ramp=ramp, timeout=120)
                 thr["cores_used"] = meter.cores()
+            for sub in subs:
+                await sub.unsubscribe()
+            thr["slot_ms"] = tap.summary()
             thr["load_avg"] = [round(x, 2) for x in os.getloadavg()]
             # The ceiling the agents allow: every slot busy with `sleep` all the time.
             thr["agent_ceiling_per_s"] = round(n * capacity / sleep, 2)
@@ -236,6 +293,7 @@ async def scaling(
         for agent in running:
             await _revoke(system, agent.id)
         await watcher.close()
+        await nc.close()
         with contextlib.suppress(Exception):
             await system.delete_pipeline(pipeline_id)
         shutil.rmtree(hosts, ignore_errors=True)
