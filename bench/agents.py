@@ -256,8 +256,9 @@ async def scaling(
             failures.append(status)
             raise RuntimeError(f"run {run_id} ended {status}")
 
-    nc = await nats_connect(nats_url, "bench-agents-tap")
+    nc = None
     try:
+        nc = await nats_connect(nats_url, "bench-agents-tap")
         for n in counts:
             while len(running) < n:
                 creds = await _issue(system, capacity, f"bench-{len(running) + 1}")
@@ -293,7 +294,8 @@ async def scaling(
         for agent in running:
             await _revoke(system, agent.id)
         await watcher.close()
-        await nc.close()
+        if nc is not None:
+            await nc.close()
         with contextlib.suppress(Exception):
             await system.delete_pipeline(pipeline_id)
         shutil.rmtree(hosts, ignore_errors=True)
