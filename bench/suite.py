@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from bench import database, env, projection, stop, system
+from bench import agents, database, env, projection, stop, system
 from bench import sandbox as sandbox_cost
 from bench.stats import median, ratio
 from infra.store.migrate import migrate
@@ -44,6 +44,7 @@ WORKLOADS = (
     "memory",
     "projection",
     "stop_huge_run",
+    "agents",
 )
 
 
@@ -73,6 +74,13 @@ class Sizes:
     # stop_huge_run: the largest pipeline (the default stage limit), and how far its runs get first.
     huge_stages: int = 1000
     huge_done: int = 100
+    # agents (issue 16): runs of one `sleep 0.5` step, `agent_in_flight` in flight, handed to 1, 2,
+    # then 4 agents of `agent_capacity` concurrent units each (docs/benchmarks.md says why 4).
+    agent_counts: tuple[int, ...] = (1, 2, 4)
+    agent_capacity: int = 4
+    agent_in_flight: int = 64
+    agent_duration: float = 10.0
+    agent_ramp: float = 2.0
 
 
 SMOKE = Sizes(
@@ -97,6 +105,11 @@ SMOKE = Sizes(
     log_delay=0.3,
     huge_stages=200,
     huge_done=3,
+    agent_counts=(1, 2),
+    agent_capacity=2,
+    agent_in_flight=4,
+    agent_duration=1.0,
+    agent_ramp=0.5,
 )
 
 # Every key the JSON carries, whatever the sizes (the smoke test checks them).
@@ -111,6 +124,7 @@ MEDIAN_KEYS: dict[str, tuple[str, ...]] = {
     "log_delivery": ("p50_ms", "p99_ms", "lines"),
     "memory": ("waiting_runs", "rss_waiting_mb", "output_mb", "rss_output_peak_mb", "rss_idle_mb"),
     "stop_huge_run": ("stages", "stop_ms", "cancel_ms"),
+    "agents": ("capacity", "in_flight", "by_agents", "ratio_2_to_1", "ratio_4_to_2"),
 }
 TARGET_NAMES = (
     "e2e throughput >= 2x DBOS",
@@ -125,6 +139,7 @@ TARGET_NAMES = (
     "executor RSS <= 150 MB, 1,000 runs waiting",
     "executor RSS <= 150 MB, script printing 200 MB",
     "stop and cancel of a 1,000-stage run <= 2 s",
+    "runs/s with 2 agents >= 1.8x with 1",
 )
 
 
@@ -243,6 +258,8 @@ def run_suite(args: argparse.Namespace) -> dict[str, Any]:
                             )
                         ),
                     )
+        if run.wanted("agents"):
+            _agents_reps(run, servers)
         result = {
             "suite": "pipelines-bench",
             "format": 1,
@@ -365,6 +382,63 @@ def _memory_output_rep(run: Run, rep: dict[str, Any], servers: env.Servers) -> N
         servers.drop_database(db)
 
 
+def _agents_reps(run: Run, servers: env.Servers) -> None:
+    """On a stack of its own whose executor hands every script unit to an agent (issue 16)."""
+    s = run.sizes
+    if servers.nats is None:
+        for rep in run.reps or [{"rep": 0}]:
+            if rep not in run.reps:
+                run.reps.append(rep)
+            rep["agents"] = {"skipped": "needs the embedded NATS, whose users the agents become (no --nats-url)"}
+        return
+    db = servers.create_database("agents")
+    try:
+        asyncio.run(migrate(db))
+        with (
+            env.running_stack(
+                servers, db, services=agents.STACK_SERVICES, extra_env=agents.STACK_ENV, echo=run.args.echo
+            ) as (stack, stack_env, tail),
+            agents.reconciler(servers.nats, db),
+        ):
+            sysm = system.System(stack, stack_env)
+            asyncio.run(_with_fresh_client(sysm, sysm.wait_ready))
+            for i in range(s.repeat):
+                if i >= len(run.reps):
+                    run.reps.append({"rep": i})
+                run.record(
+                    run.reps[i],
+                    "agents",
+                    lambda: asyncio.run(
+                        _with_fresh_client(
+                            sysm,
+                            lambda: agents.scaling(
+                                sysm,
+                                servers.nats_url,
+                                others=_server_pids(servers),
+                                counts=s.agent_counts,
+                                capacity=s.agent_capacity,
+                                in_flight=s.agent_in_flight,
+                                duration=s.agent_duration,
+                                ramp=s.agent_ramp,
+                            ),
+                        )
+                    ),
+                )
+            if any("agents" in e for e in run.errors):
+                say("last lines of the agents stack's output:\n" + tail.text(40))
+    finally:
+        servers.drop_database(db)
+
+
+def _server_pids(servers: env.Servers) -> dict[str, int]:
+    out = {}
+    if servers.nats is not None:
+        out["nats"] = servers.nats.process.pid
+    if servers.postgres is not None:
+        out["postgres"] = servers.postgres.process.pid
+    return out
+
+
 async def _with_fresh_client(sysm: system.System, make: Callable[[], Any]) -> Any:
     # httpx clients are bound to the event loop that made them: one per asyncio.run.
     import httpx
@@ -465,6 +539,40 @@ def medians(reps: list[dict[str, Any]], sizes: Sizes) -> dict[str, Any]:
             "stop_ms": _med(reps, "stop_huge_run", "stop_ms"),
             "cancel_ms": _med(reps, "stop_huge_run", "cancel_ms"),
         },
+        "agents": _agents_medians(reps, sizes),
+    }
+
+
+def _agents_medians(reps: list[dict[str, Any]], sizes: Sizes) -> dict[str, Any]:
+    by: dict[str, Any] = {}
+    for n in sizes.agent_counts:
+        k = str(n)
+        by[k] = {
+            "per_s": _med(reps, "agents", "by_agents", k, "per_s"),
+            "ceiling_per_s": round(n * sizes.agent_capacity / 0.5, 2),
+            "errors": _med(reps, "agents", "by_agents", k, "errors"),
+            "cores_used": {
+                part: _med(reps, "agents", "by_agents", k, "cores_used", part)
+                for part in sorted({p for r in reps for p in (_get(r, "agents", "by_agents", k, "cores_used") or {})})
+            },
+        }
+
+    # The ratios per repetition (figures taken under the same load), then their median.
+    def ratio_of(a: str, b: str) -> float | None:
+        return median(
+            [
+                ratio(_get(r, "agents", "by_agents", a, "per_s"), _get(r, "agents", "by_agents", b, "per_s"))
+                for r in reps
+            ]
+        )
+
+    return {
+        "capacity": sizes.agent_capacity,
+        "in_flight": sizes.agent_in_flight,
+        "in_flight_ceiling_per_s": round(sizes.agent_in_flight / 0.5, 2),
+        "by_agents": by,
+        "ratio_2_to_1": ratio_of("2", "1"),
+        "ratio_4_to_2": ratio_of("4", "2"),
     }
 
 
@@ -568,6 +676,14 @@ def targets(m: dict[str, Any], sizes: Sizes) -> list[dict[str, Any]]:
             at_most=True,
             unit="ms",
             detail=f"{sizes.huge_stages} stages, {sizes.huge_done} done first; issue 13",
+        ),
+        _target(
+            TARGET_NAMES[12],
+            m["agents"]["ratio_2_to_1"],
+            1.8,
+            at_most=False,
+            unit="x",
+            detail=f"capacity {sizes.agent_capacity} each, {sizes.agent_in_flight} runs of `sleep 0.5` in flight",
         ),
     ]
     return out
@@ -674,6 +790,17 @@ def table(result: dict[str, Any]) -> str:
     lines.append(
         f"| Stop / cancel of a {hr['stages']}-stage run being driven (ms) | {_fmt(hr['stop_ms'])} / "
         f"{_fmt(hr['cancel_ms'])} | | | | |"
+    )
+    ag = m["agents"]
+    for n, row in ag["by_agents"].items():
+        lines.append(
+            f"| Runs/s of `sleep 0.5`, {ag['in_flight']} in flight, {n} agent{'s' if n != '1' else ''} of capacity "
+            f"{ag['capacity']} (floor: the agents' ceiling, slots / 0.5 s) | {_fmt(row['per_s'])} | | "
+            f"{_fmt(row['ceiling_per_s'])} | | {_fmt(ratio(row['per_s'], row['ceiling_per_s']), 2)} |"
+        )
+    lines.append(
+        f"| Runs/s ratio, 2 agents / 1 and 4 / 2 | {_fmt(ag['ratio_2_to_1'], 2)} / "
+        f"{_fmt(ag['ratio_4_to_2'], 2)} | | | | |"
     )
     lines += ["", "| target | value | limit | met | margin |", "|---|---:|---:|:-:|---:|"]
     for t in result["targets"]:

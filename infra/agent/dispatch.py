@@ -315,6 +315,7 @@ class Agents:
             if not d.accepted.done():
                 d.accepted.set_result(None)
             if not d.outcome.done():
+                self.placement.finished(agent)  # its slot is free now (the run's release hands it out)
                 d.outcome.set_result(
                     ScriptOutcome(
                         exit_code=report.exit_code,

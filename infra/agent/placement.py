@@ -60,6 +60,14 @@ class Placement:
     def waiting(self) -> int:
         return sum(1 for q in self._queues.values() for u in q if not u.gone)
 
+    def finished(self, agent: str) -> None:
+        """A unit this executor handed `agent` ended there (its outcome arrived): the agent's last
+        presence counted it as running, and waiting for the next one (each second) to learn that its
+        slot is free would leave the slot idle meanwhile. The next presence says the truth again."""
+        view = self.agents.get(agent)
+        if view is not None:
+            view.running = max(0, view.running - 1)
+
     def alive(self, view: AgentView, now: float) -> bool:
         return now - view.seen <= max(self.ttl, 3.0)
 

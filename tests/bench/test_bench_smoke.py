@@ -22,7 +22,7 @@ def test_bench_suite_runs_end_to_end(database_url: str, tmp_path: Path) -> None:
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=100,
+        timeout=180,  # the agents workload starts a stack of its own and its agents
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     result = json.loads(out.read_text())
@@ -45,4 +45,6 @@ def test_bench_suite_runs_end_to_end(database_url: str, tmp_path: Path) -> None:
     assert m["fanout"]["p99_ms"] is not None and m["fanout"]["missing_deliveries"] == 0
     assert m["log_delivery"]["p99_ms"] is not None
     assert m["memory"]["rss_waiting_mb"] and m["memory"]["rss_output_peak_mb"]
+    agents = m["agents"]["by_agents"]
+    assert agents["1"]["per_s"] and agents["2"]["per_s"] and m["agents"]["ratio_2_to_1"]
     assert (tmp_path / "smoke.md").read_text().count("|") > 20

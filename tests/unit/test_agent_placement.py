@@ -93,3 +93,18 @@ def test_the_least_busy_agent_gets_the_unit_and_a_withdrawn_unit_is_dropped() ->
     p.add(unit)
     assert hand_out(p) == [(unit, "a2")]
     assert p.waiting() == 0
+
+
+def test_a_slot_freed_by_a_finished_unit_is_handed_out_before_the_agents_next_presence() -> None:
+    # The agent said (presence, each second) it runs its one unit; that unit's outcome then arrived.
+    # Waiting for the next presence to learn that the slot is free would leave it idle for up to a
+    # second after every unit (half the throughput of units of half a second: docs/benchmarks.md).
+    p = placement(("a1", ("linux",), 1, None))
+    first, second = Waiting(org=None, labels=(), job=None), Waiting(org=None, labels=(), job=None)
+    p.add(first)
+    p.add(second)
+    assert [u for u, _ in hand_out(p)] == [first]
+    p.agents["a1"].running = 1  # its presence: busy
+    free_one(p, "a1")
+    p.finished("a1")  # the outcome of the unit it ran
+    assert [u for u, _ in hand_out(p)] == [second]
