@@ -3,6 +3,7 @@ by others, not the starts, completions and ends it wrote itself."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
@@ -19,10 +20,21 @@ def script(sid: str, command: str) -> dict[str, Any]:
 
 
 async def _delivered(system: System) -> int:
+    """How many messages the executor's consumer has handed out, once nothing is left to hand out
+    (a fresh stream first gets the whole store republished by the relay, earlier modules' runs
+    included) and the stream has stopped growing."""
     nc = await bus.connect(system.settings.nats_url, "test-consumer")
     try:
-        info = await nc.jetstream().consumer_info(system.settings.events_stream, CONSUMER)
-        return int(info.delivered.consumer_seq)
+        js = nc.jetstream()
+        last = -1
+        for _ in range(200):  # 20 s at most
+            stream = await js.stream_info(system.settings.events_stream)
+            info = await js.consumer_info(system.settings.events_stream, CONSUMER)
+            if stream.state.last_seq == last and not info.num_pending and not info.num_ack_pending:
+                return int(info.delivered.consumer_seq)
+            last = stream.state.last_seq
+            await asyncio.sleep(0.1)
+        raise AssertionError(f"the executor's consumer never settled: {info}")
     finally:
         await nc.close()
 
