@@ -167,9 +167,11 @@ def running_stack(
     extra_env: dict[str, str] | None = None,
     echo: bool = False,
     timeout: float = 90.0,
+    package: str = "services",
 ) -> Iterator[tuple[Stack, dict[str, str], _Tail]]:
     """The services as `make up` runs them (default settings), against `database_url`, with an
-    events stream of their own that is deleted afterwards."""
+    events stream of their own that is deleted afterwards; `package`: where the services' modules
+    are (bench.unsandboxed: the executor without the script sandbox)."""
     assert servers.tmp is not None
     stream = f"BENCH_{secrets.token_hex(5).upper()}"
     data_dir = Path(tempfile.mkdtemp(prefix="stack-", dir=servers.tmp))
@@ -193,6 +195,7 @@ def running_stack(
         gateway_port=free_port(),
         output=output,  # type: ignore[arg-type]  # a TextIOBase that keeps the tail
         cwd=ROOT,
+        package=package,
         **kwargs,
     )
     stack.start()

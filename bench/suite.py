@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from bench import agents, database, env, projection, stop, system
+from bench import agents, cpu, database, env, projection, stop, system
 from bench import sandbox as sandbox_cost
 from bench.stats import median, ratio
 from infra.store.migrate import migrate
@@ -37,6 +37,7 @@ WORKLOADS = (
     "sandbox",
     "dbos",
     "e2e",
+    "e2e_unsandboxed",
     "insert",
     "store",
     "logs",
@@ -235,9 +236,11 @@ def run_suite(args: argparse.Namespace) -> dict[str, Any]:
             for i in range(sizes.repeat):
                 rep: dict[str, Any] = {"rep": i}
                 run.reps.append(rep)
-                _main_stack_rep(run, rep, sysm, dbs)
+                _main_stack_rep(run, rep, sysm, dbs, _processes(stack, servers))
             if run.errors:
                 say("last lines of the services' output:\n" + tail.text(40))
+        if run.wanted("e2e_unsandboxed"):
+            _unsandboxed_reps(run, servers)
         if run.wanted("memory") and sizes.isolate_output:
             for rep in run.reps:
                 _memory_output_rep(run, rep, servers)
@@ -283,18 +286,20 @@ def run_suite(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
-def _main_stack_rep(run: Run, rep: dict[str, Any], sysm: system.System, dbs: dict[str, str]) -> None:
+def _processes(stack: Any, servers: env.Servers) -> dict[str, int | None]:
+    """The processes whose CPU the end-to-end workload reports per run: the services, the
+    servers when embedded, and this client."""
+    out: dict[str, int | None] = {name: stack.pid(name) for name in stack.services}
+    out["postgres"] = cpu.postmaster_pid(servers.postgres.pgdata if servers.postgres is not None else None)
+    out["nats"] = servers.nats.process.pid if servers.nats is not None else None
+    out["client"] = os.getpid()
+    return out
+
+
+def _e2e(run: Run, sysm: system.System, processes: dict[str, int | None]) -> dict[str, Any]:
     s = run.sizes
-    run.record(rep, "spawn", lambda: _peer("spawn", s))
-    run.record(rep, "sandbox", lambda: asyncio.run(sandbox_cost.stage_cost(runs=s.latency_runs, warmup=s.warmup)))
-    if dbos_available():
-        run.record(rep, "dbos", lambda: _peer("dbos", s, dbs["dbos"]))
-    elif run.wanted("dbos"):
-        rep["dbos"] = {"skipped": "dbos is not installed: pip install -e '.[bench]'"}
-    run.record(
-        rep,
-        "e2e",
-        lambda: asyncio.run(
+    return dict(
+        asyncio.run(
             _with_fresh_client(
                 sysm,
                 lambda: system.end_to_end(
@@ -304,10 +309,41 @@ def _main_stack_rep(run: Run, rep: dict[str, Any], sysm: system.System, dbs: dic
                     concurrency=s.concurrency,
                     duration=s.duration,
                     ramp=s.ramp,
+                    processes=processes,
                 ),
             )
-        ),
+        )
     )
+
+
+def _unsandboxed_reps(run: Run, servers: env.Servers) -> None:
+    """The end-to-end workload on a stack of its own whose executor runs scripts without the
+    sandbox (bench.unsandboxed): what the sandbox costs a run, beside `e2e`."""
+    db = servers.create_database("unsandboxed")
+    try:
+        asyncio.run(migrate(db))
+        with env.running_stack(servers, db, package="bench.unsandboxed", echo=run.args.echo) as (stack, stack_env, _):
+            sysm = system.System(stack, stack_env)
+            asyncio.run(_with_fresh_client(sysm, sysm.wait_ready))
+            for i in range(run.sizes.repeat):
+                if i >= len(run.reps):
+                    run.reps.append({"rep": i})
+                run.record(run.reps[i], "e2e_unsandboxed", lambda: _e2e(run, sysm, _processes(stack, servers)))
+    finally:
+        servers.drop_database(db)
+
+
+def _main_stack_rep(
+    run: Run, rep: dict[str, Any], sysm: system.System, dbs: dict[str, str], processes: dict[str, int | None]
+) -> None:
+    s = run.sizes
+    run.record(rep, "spawn", lambda: _peer("spawn", s))
+    run.record(rep, "sandbox", lambda: asyncio.run(sandbox_cost.stage_cost(runs=s.latency_runs, warmup=s.warmup)))
+    if dbos_available():
+        run.record(rep, "dbos", lambda: _peer("dbos", s, dbs["dbos"]))
+    elif run.wanted("dbos"):
+        rep["dbos"] = {"skipped": "dbos is not installed: pip install -e '.[bench]'"}
+    run.record(rep, "e2e", lambda: _e2e(run, sysm, processes))
     concurrencies = tuple(dict.fromkeys((*s.db_concurrencies, s.concurrency)))
     run.record(
         rep,
@@ -473,6 +509,10 @@ def medians(reps: list[dict[str, Any]], sizes: Sizes) -> dict[str, Any]:
             "throughput_per_s": _med(reps, name, "throughput", "per_s"),
         }
 
+    def cpu_of(name: str) -> dict[str, float | None]:
+        keys = dict.fromkeys(k for r in reps for k in (_get(r, name, "cpu_ms_per_run") or {}))
+        return {k: _med(reps, name, "cpu_ms_per_run", k) for k in keys}
+
     insert: dict[str, Any] = {}
     for c in ("1", "8", "32"):
         insert[c] = {
@@ -494,7 +534,8 @@ def medians(reps: list[dict[str, Any]], sizes: Sizes) -> dict[str, Any]:
             "ratio_to_pgbench": ratio(appends, insert[c]["pgbench_per_s"]),
         }
     return {
-        "e2e": runs("e2e") | {"failed_runs": _med(reps, "e2e", "failed_runs")},
+        "e2e": runs("e2e") | {"failed_runs": _med(reps, "e2e", "failed_runs")} | {"cpu_ms_per_run": cpu_of("e2e")},
+        "e2e_unsandboxed": runs("e2e_unsandboxed") | {"cpu_ms_per_run": cpu_of("e2e_unsandboxed")},
         "dbos": runs("dbos"),
         "spawn_floor": runs("spawn"),
         "sandbox": {
@@ -740,6 +781,17 @@ def table(result: dict[str, Any]) -> str:
         "| workload | ours | DBOS | floor | ours/DBOS | ours/floor |",
         "|---|---:|---:|---:|---:|---:|",
     ]
+    un = m.get("e2e_unsandboxed") or {}
+    if un.get("latency_p50_ms") is not None:
+        rows += [
+            ("End to end p50, scripts unsandboxed (ms)", un["latency_p50_ms"], dbos["latency_p50_ms"], None),
+            (
+                f"Throughput, scripts unsandboxed, {result['sizes']['concurrency']} in flight (runs/s)",
+                un["throughput_per_s"],
+                dbos["throughput_per_s"],
+                spawn["throughput_per_s"],
+            ),
+        ]
     for name, ours, peer, floor in rows:
         lines.append(
             f"| {name} | {_fmt(ours)} | {_fmt(peer)} | {_fmt(floor)} | "
@@ -802,12 +854,40 @@ def table(result: dict[str, Any]) -> str:
         f"| Runs/s ratio, 2 agents / 1 and 4 / 2 | {_fmt(ag['ratio_2_to_1'], 2)} / "
         f"{_fmt(ag['ratio_4_to_2'], 2)} | | | | |"
     )
+    lines += cpu_table(m)
     lines += ["", "| target | value | limit | met | margin |", "|---|---:|---:|:-:|---:|"]
     for t in result["targets"]:
         met = {True: "yes", False: "**no**", None: "-"}[t["met"]]
         margin = "-" if t["margin_pct"] is None else f"{t['margin_pct']:+.0f}%"
         lines.append(f"| {t['name']} | {_fmt(t['value'])} {t['unit']} | {_fmt(t['limit'])} | {met} | {margin} |")
     return "\n".join(lines)
+
+
+def cpu_table(m: dict[str, Any]) -> list[str]:
+    """CPU milliseconds per end-to-end run of each process, sandbox on and off (bench.cpu):
+    `own` is the process itself, `tree` adds its children (the executor's: scripts, setpriv,
+    sandboxes; PostgreSQL's: its backends; the client's tree is the whole stack, not shown)."""
+    on = m["e2e"].get("cpu_ms_per_run") or {}
+    off = (m.get("e2e_unsandboxed") or {}).get("cpu_ms_per_run") or {}
+    names = [k for k in dict.fromkeys([*on, *off]) if not k.endswith("+children")]
+    if not names:
+        return []
+    lines = [
+        "",
+        "| CPU per run (ms) | own | tree | own, unsandboxed | tree, unsandboxed |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    total = [0.0, 0.0, 0.0, 0.0]
+    for name in names:
+        cells = [on.get(name), on.get(f"{name}+children"), off.get(name), off.get(f"{name}+children")]
+        if name == "client":  # this process: its children are the stack itself
+            cells[1] = cells[3] = None
+        for i, v in enumerate(cells):
+            if v is not None and name != "client":
+                total[i] += v
+        lines.append(f"| {name} | " + " | ".join(_fmt(v, 2) for v in cells) + " |")
+    lines.append("| all but the client | " + " | ".join(_fmt(v if v else None, 2) for v in total) + " |")
+    return lines
 
 
 def header(result: dict[str, Any]) -> str:

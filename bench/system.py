@@ -8,7 +8,7 @@ import contextlib
 import json
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -17,7 +17,7 @@ import msgspec
 from websockets.asyncio.client import ClientConnection
 from websockets.asyncio.client import connect as ws_connect
 
-from bench import harness, wsraw
+from bench import cpu, harness, wsraw
 from bench.stats import summary_ms
 from domain import run as rn
 from infra.auth import issue_token
@@ -155,27 +155,46 @@ class RunWatcher:
 
 
 async def end_to_end(
-    system: System, *, latency_runs: int, warmup: int, concurrency: int, duration: float, ramp: float
+    system: System,
+    *,
+    latency_runs: int,
+    warmup: int,
+    concurrency: int,
+    duration: float,
+    ramp: float,
+    processes: Mapping[str, int | None] | None = None,
 ) -> dict[str, Any]:
-    """Three `script` stages running `true`: trigger over HTTP, `succeeded` seen on the WebSocket."""
+    """Three `script` stages running `true`: trigger over HTTP, `succeeded` seen on the WebSocket.
+    With `processes` (name: pid), also the CPU each of them spent per run over the whole workload
+    (latency and throughput runs together; see bench.cpu)."""
     pipeline_id = await system.create_pipeline(script_stages("true", "true", "true"))
     watcher = RunWatcher(system, pipeline_id)
     await watcher.start()
     failures: list[str] = []
+    finished = 0
 
     async def unit() -> None:
+        nonlocal finished
         run_id = await system.trigger(pipeline_id)
         status, _ = await watcher.wait(run_id)
+        finished += 1
         if status != "succeeded":
             failures.append(status)
             raise RuntimeError(f"run {run_id} ended {status}")
 
+    before = cpu.snapshot(processes or {})
     try:
         lat = await harness.latency(unit, latency_runs, warmup=warmup)
         thr = await harness.throughput(unit, concurrency, duration, ramp=ramp)
     finally:
         await watcher.close()
-    return {"latency": lat, "throughput": thr, "failed_runs": len(failures)}
+    out: dict[str, Any] = {"latency": lat, "throughput": thr, "failed_runs": len(failures)}
+    if processes:
+        # Let the projector and the gateway finish the last runs' events before the second reading.
+        await asyncio.sleep(1.0)
+        out["cpu_ms_per_run"] = cpu.per_run_ms(before, cpu.snapshot(processes), finished)
+        out["runs"] = finished
+    return out
 
 
 # ---- issue 3: log lines reach a subscriber --------------------------------------------------------

@@ -9,11 +9,13 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 
+import msgspec
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
 
+from domain import run as rn
 from infra.broker.bus import RUN_WAKE_QUEUE, RUN_WAKE_SUBJECT
 from infra.config import Settings
 from infra.executor.background import Background
@@ -22,7 +24,21 @@ from infra.executor.leasing import UnitLeases
 
 log = logging.getLogger("pipelines.executor")
 
-RUN_EVENTS_FILTER = "pipelines.v1.*.run.*.*"
+# The run events the executor acts on: those written by others (the API's commands, the scheduler's
+# triggers). The ones an executor writes itself (starts, completions, log chunks, the run's end:
+# 8 of a three-stage run's 11) are not delivered at all: the driver that wrote them already acted,
+# and timers and lease recovery drive the runs they touch themselves (Executor.kick). Needs
+# NATS 2.10+ (`filter_subjects`).
+ACTION_EVENTS: tuple[type[msgspec.Struct], ...] = (
+    rn.RunTriggered,
+    rn.RunApproved,
+    rn.RunRejected,
+    rn.RunPaused,
+    rn.RunResumed,
+    rn.RunCancelled,
+    rn.RunStopped,
+)
+RUN_EVENTS_FILTERS: list[str] = [f"pipelines.v1.*.run.*.{e.__struct_config__.tag}" for e in ACTION_EVENTS]
 STOP_SUBJECT = "pipelines.v1.*.run.*.run_stopped"
 CONSUMER = "executor"
 STREAM_VERSION = "Pipelines-Stream-Version"
@@ -45,17 +61,24 @@ class Consumer:
         js = self.nc.jetstream()
         config = ConsumerConfig(
             durable_name=CONSUMER,
-            filter_subject=RUN_EVENTS_FILTER,
+            filter_subjects=RUN_EVENTS_FILTERS,
             ack_policy=AckPolicy.EXPLICIT,
             deliver_policy=DeliverPolicy.ALL,
             ack_wait=self.settings.ack_wait,
             max_ack_pending=10_000,
         )
         try:
-            await js.consumer_info(self.settings.events_stream, CONSUMER)
+            info = await js.consumer_info(self.settings.events_stream, CONSUMER)
+            # A consumer made by an earlier version heard every run event: narrow it (an update
+            # of its filter; what it had delivered and not acked is still delivered).
+            stale = sorted(info.config.filter_subjects or []) != sorted(RUN_EVENTS_FILTERS)
         except NotFoundError:
-            with contextlib.suppress(Exception):
+            stale = True
+        if stale:
+            try:
                 await js.add_consumer(self.settings.events_stream, config)
+            except Exception as exc:
+                log.warning("could not set the filter of consumer %s: %s", CONSUMER, exc)
         sub = await js.pull_subscribe_bind(CONSUMER, self.settings.events_stream)
         # Every executor hears every stop, whichever of them the durable consumer gave it to:
         # only the one running the stage can kill its process group.
