@@ -117,7 +117,7 @@ async def test_pipelines_are_searched_by_a_part_of_their_name_in_any_case(system
 async def test_every_dashboard_address_serves_the_page_without_a_token(system: System, path: str) -> None:
     r = await system.client.get(path)
     assert r.status_code == 200, r.text
-    assert r.headers["content-type"].startswith("text/html")
+    assert r.headers["content-type"] == "text/html; charset=utf-8"
     assert '<script type="module" src="/ui/app.js">' in r.text
     # Only this origin's scripts: no CDN, nothing inline.
     assert "script-src 'self'" in r.headers["content-security-policy"]

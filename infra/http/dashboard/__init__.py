@@ -33,7 +33,7 @@ _HEADERS = {
 def _shell() -> Response[bytes]:
     return Response(
         content=(STATIC / "index.html").read_bytes(),
-        media_type="text/html; charset=utf-8",
+        media_type="text/html",  # litestar adds "; charset=utf-8"
         headers={**_HEADERS, "Cache-Control": "no-cache"},
     )
 
