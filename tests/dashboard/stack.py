@@ -7,30 +7,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import socket
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-import uvicorn
 
 from infra.auth import issue_token
 from infra.broker import bus
 from infra.config import Settings
 from infra.gateway.server import Gateway
-from infra.http.app import create_app
-from services.bootstrap import build_api
-from tests.integration.system import System, eventually, make_settings, running_system
+from tests.integration.served import relay_backlog, served_api
+from tests.integration.system import System, make_settings, running_system
 
 WAIT = 60.0
-
-
-class _Server(uvicorn.Server):
-    # The API serves inside the test's event loop: the test process keeps its own signal handlers.
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield
 
 
 @dataclass
@@ -66,45 +55,26 @@ async def live_stack(database_url: str, nats_url: str, data_dir: Path) -> AsyncI
     settings = make_settings(database_url, nats_url, data_dir, gateway_port=0)
     async with running_system(settings) as system:
         nc = await bus.connect(nats_url, "test-dashboard-gateway")
-        server: _Server | None = None
         tasks: list[asyncio.Task[None]] = []
         stack: LiveStack | None = None
         stop = asyncio.Event()
         try:
             # The gateway starts after what the relay publishes of other tests' events.
-            head = await system.store.head()
-
-            async def relayed() -> bool:
-                return system.relay.cursor >= head
-
-            await eventually(relayed, WAIT, "the relay to publish the backlog")
+            await relay_backlog(system, WAIT)
             gateway = Gateway(settings, system.store, system.commands, nc)
             gateway_task = asyncio.create_task(gateway.serve(stop))
             tasks.append(gateway_task)
             async with asyncio.timeout(WAIT):
                 await gateway.ready.wait()
             # The API tells the browser where the gateway is (PIPELINES_GATEWAY_PUBLIC_URL).
-            public = dataclasses.replace(settings, gateway_public_url=f"ws://127.0.0.1:{gateway.port}/api/v1/ws")
-            sock = socket.socket()
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-            config = uvicorn.Config(create_app(lambda: build_api(public)), log_level="warning", access_log=False)
-            server = _Server(config)
-            tasks.append(asyncio.create_task(server.serve(sockets=[sock])))
-
-            async def listening() -> bool:
-                return bool(server and server.started)
-
-            await eventually(listening, WAIT, "the API to listen")
-            stack = LiveStack(system, settings, f"http://127.0.0.1:{port}", gateway, gateway_task, stop, nc)
-            yield stack
+            async with served_api(settings, gateway.port, WAIT) as url:
+                stack = LiveStack(system, settings, url, gateway, gateway_task, stop, nc)
+                yield stack
         finally:
             stop.set()
             if stack is not None:  # a restarted gateway
                 stack._gateway_stop.set()
                 tasks.append(stack._gateway_task)
-            if server is not None:
-                server.should_exit = True
             if tasks:
                 await asyncio.wait(tasks, timeout=WAIT)
             await nc.drain()

@@ -4,8 +4,6 @@ loopback ports (the relay, projector and executor run in this test's event loop)
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import dataclasses
 import json
 import os
 import re
@@ -14,31 +12,22 @@ import socket
 import stat
 import sys
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import pytest_asyncio
-import uvicorn
 
 from infra.broker import bus
 from infra.gateway.server import Gateway
-from infra.http.app import create_app
-from services.bootstrap import build_api
-from tests.integration.system import System, eventually, make_settings, running_system
+from tests.integration.served import relay_backlog, served_api
+from tests.integration.system import System, make_settings, running_system
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="session")]
 
 WAIT = 60.0
 RUN = re.compile(r"\brun ([0-9a-f]{8}-[0-9a-f-]{27})\b")
-
-
-class _Server(uvicorn.Server):
-    # The API serves inside the test's event loop: the test process keeps its own signal handlers.
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield
 
 
 @dataclass
@@ -65,36 +54,17 @@ async def live(database_url: str, nats_url: str, tmp_path_factory: pytest.TempPa
         stop = asyncio.Event()
         gateway = Gateway(settings, system.store, system.commands, nc)
         tasks: list[asyncio.Task[None]] = []
-        server: _Server | None = None
         try:
             # The gateway starts after what the relay publishes of other tests' events.
-            head = await system.store.head()
-
-            async def relayed() -> bool:
-                return system.relay.cursor >= head
-
-            await eventually(relayed, WAIT, "the relay to publish the backlog")
+            await relay_backlog(system, WAIT)
             tasks.append(asyncio.create_task(gateway.serve(stop)))
             async with asyncio.timeout(WAIT):
                 await gateway.ready.wait()
             # The API tells the CLI where the gateway is (PIPELINES_GATEWAY_PUBLIC_URL).
-            public = dataclasses.replace(settings, gateway_public_url=f"ws://127.0.0.1:{gateway.port}/api/v1/ws")
-            sock = socket.socket()
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-            config = uvicorn.Config(create_app(lambda: build_api(public)), log_level="warning", access_log=False)
-            server = _Server(config)
-            tasks.append(asyncio.create_task(server.serve(sockets=[sock])))
-
-            async def listening() -> bool:
-                return bool(server.started)
-
-            await eventually(listening, WAIT, "the API to listen")
-            yield Live(system, f"http://127.0.0.1:{port}", tmp_path_factory.mktemp("home"))
+            async with served_api(settings, gateway.port, WAIT) as url:
+                yield Live(system, url, tmp_path_factory.mktemp("home"))
         finally:
             stop.set()
-            if server is not None:
-                server.should_exit = True
             if tasks:
                 await asyncio.wait(tasks, timeout=WAIT)
             await nc.drain()
