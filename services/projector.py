@@ -8,6 +8,7 @@ import logging
 
 from infra.config import Settings
 from infra.projector.consumer import Projector
+from infra.projector.rebuild import RebuildBlocked
 from infra.setaside import list_set_aside, report_json
 from services.bootstrap import connect_nats, open_store, run_until_signalled
 
@@ -22,7 +23,10 @@ def main(argv: list[str] | None = None) -> None:
         pool, store = await open_store(settings, max_size=4)
         try:
             if args.rebuild:
-                n = await Projector(store, settings.database_url).rebuild()
+                try:
+                    n = await Projector(store, settings.database_url).rebuild()
+                except RebuildBlocked as exc:
+                    raise SystemExit(f"rebuild refused: {exc}") from None
                 logging.getLogger("pipelines.projector").info("rebuilt the read models from %d events", n)
                 # As /readyz reports it: events that could not be projected were set aside.
                 if set_aside := await list_set_aside(pool):

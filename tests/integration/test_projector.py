@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from infra.projector import rebuild as rb
 from infra.projector.consumer import Projector
 from infra.store.postgres import PostgresEventStore
 from infra.store.records import FeedCursor, RecordedEvent
@@ -127,4 +128,26 @@ async def test_racing_projectors_apply_every_event_exactly_once(system: System) 
     assert sum(row[0] in {r for _, r in runs} for row in before["rm_runs"]) == len(runs)
     assert await system.projector.checkpoint() == await system.store.head()
     await system.projector.rebuild()
+    assert await _rows(system) == before
+
+
+async def test_a_rebuild_blocked_by_a_transaction_that_does_not_end_says_who_and_changes_nothing(
+    system: System,
+) -> None:
+    """A transaction holding a read-model table (a process stopped mid-batch) makes the rebuild give
+    up with the holder named, rather than wait without a word, and the read models stay as they were."""
+
+    async def caught_up() -> bool:
+        return await system.projector.checkpoint() == await system.store.head()
+
+    await eventually(caught_up, what="the projector to catch up")
+    before = await _rows(system)
+    async with system.store.pool.connection() as holder:
+        await holder.execute("SET application_name = 'stuck-batch'")
+        async with holder.transaction():
+            await holder.execute("LOCK TABLE rm_runs IN ROW EXCLUSIVE MODE")
+            with pytest.raises(rb.RebuildBlocked) as blocked:
+                await rb.rebuild(system.store, 1000, lock_wait_s=0.5)
+    assert "stuck-batch" in str(blocked.value), blocked.value
+    assert "nothing was changed" in str(blocked.value)
     assert await _rows(system) == before
