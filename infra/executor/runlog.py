@@ -153,7 +153,7 @@ class RunLog:
                 await self._commands.append_logs(self._state, group, records)
                 return True
             except ValueError:
-                return True  # these very records are stored already (the completion took them after all)
+                raise  # these very records are stored already (see store)
             except Exception as exc:
                 log.warning("log append failed (attempt %d): %s", attempt + 1, exc)
                 await asyncio.sleep(self._retry_delay * (attempt + 1))
@@ -205,7 +205,11 @@ class RunLog:
 
     async def store(self, last: LastChunks) -> None:
         """Append chunks handed over by `finish` on their own (their completion did not take them)."""
-        if await self._append(last.chunks, last.records):
+        try:
+            stored = await self._append(last.chunks, last.records)
+        except ValueError:
+            return  # stored already: the completion took them after all (and told the live tail)
+        if stored:
             await self.publish(last.chunks)
         else:
             lost = sum(len(c.lines) for c in last.chunks)
