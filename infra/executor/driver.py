@@ -123,7 +123,7 @@ class RunDrivers:
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        # The last log chunks of units that just ended are still being appended: let them land.
+        # The last log chunks that completions did not take are still being appended: let them land.
         await self.closing_logs.wait(timeout=5)
 
     async def _drive(self, run_id: str, driver: RunDriver) -> None:

@@ -1,5 +1,5 @@
-"""A run's log as the executor writes it: lines buffered and appended in chunks, and the last
-chunks of finished units still being appended."""
+"""A run's log as the executor writes it: lines buffered and appended in chunks; the last chunks of
+a finished unit handed to its completion, which appends them in its own transaction."""
 
 from __future__ import annotations
 

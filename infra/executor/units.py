@@ -108,8 +108,8 @@ class UnitRunner:
         return await unit_secrets(self.secrets, state)
 
     async def execute(self, state: rn.RunState, unit: Unit, driver: Stoppable | None) -> ScriptOutcome:
-        """Run one unit to its outcome, its log lines appended as it goes (the last chunk still
-        being appended when this returns: see ClosingLogs)."""
+        """Run one unit to its outcome, its log lines appended as it goes (the last ones left to
+        its completion: see ClosingLogs)."""
         secrets, secrets_problem = await self._load_secrets(state)
         masker = Masker(secrets.values())
         publish = None
