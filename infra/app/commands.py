@@ -70,6 +70,7 @@ class Commands:
         self.trigger = self.runs.trigger
         self.run_command = self.runs.command
         self.append_logs = self.runs.append_logs
+        self.log_records = self.runs.log_records
 
     def notify_appended(self) -> None:
         """Wake the followers after an append made directly on the store."""

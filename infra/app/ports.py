@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from typing import Protocol
 
 from infra.git.files import FileAtHead, GitCredential, Pushed
-from infra.store.records import AppendResult, FeedCursor, NewEvent, RecordedEvent, UniqueKey
+from infra.store.records import Alongside, AppendResult, FeedCursor, NewEvent, RecordedEvent, UniqueKey
 
 
 class EventStore(Protocol):
@@ -20,10 +20,12 @@ class EventStore(Protocol):
         *,
         claim: Sequence[UniqueKey] = (),
         release: Sequence[UniqueKey] = (),
+        alongside: Alongside | None = None,
     ) -> AppendResult:
         """Append under optimistic concurrency.
 
         expected_version: 0 = the stream must not exist; n = it must be at n; None = any.
+        alongside: what else the append writes in its transaction (records.Alongside).
         Raises WrongExpectedVersion or UniqueKeyTaken; nothing is written then.
         """
         ...

@@ -11,7 +11,7 @@ from typing import Generic, TypeVar
 
 from infra.app.ports import EventStore
 from infra.app.positions import note
-from infra.store.records import NewEvent, UniqueKey, WrongExpectedVersion
+from infra.store.records import Alongside, NewEvent, UniqueKey, WrongExpectedVersion
 
 S = TypeVar("S")
 E = TypeVar("E")
@@ -46,11 +46,14 @@ async def load_decide_append(
     keys: Callable[[S, list[E]], Keys] | None = None,
     before_append: Callable[[S, list[E]], Awaitable[None]] | None = None,
     lost_race: Callable[[S, list[E]], Awaitable[None]] | None = None,
+    alongside: Callable[[S, list[E]], Alongside | None] | None = None,
 ) -> Decided[S, E]:
     """`decide` raises the domain's refusals; `keys` gives the unique keys the events claim and
     release; `before_append` runs between the decision and the append, `lost_race` undoes it when
-    the append loses to another writer. ConcurrencyConflict(`conflict`) after `retries` lost races,
-    or, with `patience` (seconds), once both the retries and the patience are spent."""
+    the append loses to another writer; `alongside` gives what the append writes in its own
+    transaction besides the events (written only if it lands: nothing to undo).
+    ConcurrencyConflict(`conflict`) after `retries` lost races, or, with `patience` (seconds),
+    once both the retries and the patience are spent."""
     give_up = time.monotonic() + patience
     attempt = 0
     while attempt < retries or time.monotonic() < give_up:
@@ -63,7 +66,14 @@ async def load_decide_append(
         if before_append is not None:
             await before_append(state, new)
         try:
-            note(await store.append(stream_id, record(state, new), version, claim=claim, release=release))
+            also = alongside(state, new) if alongside is not None else None
+            if also is None:
+                result = await store.append(stream_id, record(state, new), version, claim=claim, release=release)
+            else:
+                result = await store.append(
+                    stream_id, record(state, new), version, claim=claim, release=release, alongside=also
+                )
+            note(result)
         except WrongExpectedVersion:
             if lost_race is not None:
                 await lost_race(state, new)

@@ -17,7 +17,7 @@ from infra.app.definitions import Definitions
 from infra.app.ports import EventStore
 from infra.app.positions import note
 from infra.app.retry import load_decide_append
-from infra.store.records import NewEvent
+from infra.store.records import Alongside, NewEvent
 
 RunHook = Callable[[rn.RunState, list[rn.RunEvent]], Awaitable[None]]
 # Told a run's state and the stream version it was folded at.
@@ -167,12 +167,15 @@ class RunCommands:
         lost_race: RunHook | None = None,
         on_version: VersionHook | None = None,
         known: tuple[rn.RunState, int] | None = None,
+        alongside: Callable[[rn.RunState, list[rn.RunEvent]], Alongside | None] | None = None,
     ) -> tuple[rn.RunState, list[rn.RunEvent]]:
         """Decide `make(now)` against the run's current state and append; on a lost race, again.
 
-        `before_append` runs between the decision and the append (the executor takes its stage
-        lease there, so a started stage always has one); `lost_race` undoes it when the append
-        loses to another writer. `on_version` is told each state and version read or written.
+        `before_append` runs between the decision and the append; `lost_race` undoes it when the
+        append loses to another writer. `alongside` gives what the append writes in its own
+        transaction (the executor's unit leases and a unit's last log chunk: a started unit
+        always has a lease, a completion always follows the unit's whole log). `on_version` is
+        told each state and version read or written.
         `known` (a state and its version, from an earlier call) saves the first read: only for
         commands that always append or refuse, so that a stale state shows as a lost race.
         """
@@ -198,6 +201,7 @@ class RunCommands:
             record=lambda state, new: self.records(state.organization_id, state.pipeline_id, run_id, new),
             before_append=before_append,
             lost_race=lost_race,
+            alongside=alongside,
             retries=self.ctx.retries,
             patience=patience,
             conflict="run changed concurrently; try again",
@@ -214,10 +218,13 @@ class RunCommands:
             on_version(run_id, state, done.version + len(new))
         return state, new
 
-    async def append_logs(self, state: rn.RunState, chunks: Sequence[rn.LogAppended]) -> None:
-        await self.ctx.store.append(
-            ev.run_log_stream(state.run_id),
-            self.records(state.organization_id, state.pipeline_id, state.run_id, chunks),
-            None,
-        )
+    def log_records(self, state: rn.RunState, chunks: Sequence[rn.LogAppended]) -> list[NewEvent]:
+        return self.records(state.organization_id, state.pipeline_id, state.run_id, chunks)
+
+    async def append_logs(
+        self, state: rn.RunState, chunks: Sequence[rn.LogAppended], records: Sequence[NewEvent] | None = None
+    ) -> None:
+        """Append log chunks to the run's log stream; `records`: the chunks as records made
+        earlier (the same event ids: a second append of them is refused, not stored twice)."""
+        await self.ctx.store.append(ev.run_log_stream(state.run_id), records or self.log_records(state, chunks), None)
         self.ctx.appended()

@@ -20,10 +20,11 @@ from infra.app.commands import Commands, ConcurrencyConflict
 from infra.executor.background import Background
 from infra.executor.leasing import UnitLeases
 from infra.executor.measures import observe_ended
-from infra.executor.runlog import ClosingLogs, settled
+from infra.executor.runlog import ClosingLogs, LastChunks, settled
 from infra.executor.scripts import ScriptOutcome, ScriptRun
 from infra.executor.timers import Timers
 from infra.executor.units import UnitRunner, completion
+from infra.store.records import Alongside
 
 log = logging.getLogger("pipelines.executor")
 
@@ -122,7 +123,7 @@ class RunDrivers:
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        # The last log chunks of units that just ended are still being appended: let them land.
+        # The last log chunks that completions did not take are still being appended: let them land.
         await self.closing_logs.wait(timeout=5)
 
     async def _drive(self, run_id: str, driver: RunDriver) -> None:
@@ -151,20 +152,14 @@ class RunDrivers:
     async def _advance(self, run_id: str, driver: RunDriver | None) -> tuple[rn.RunState, list[rn.RunEvent]]:
         # Always from a fresh read: an Advance that decides nothing appends nothing, so a stale
         # state would never show (an approval would go unnoticed).
-        try:
-            state, new = await self.commands.run_command(
-                run_id,
-                lambda at: rn.Advance(at=at),
-                before_append=self._before_start,
-                lost_race=self.leases.drop,
-                on_version=self._noter(driver),
-            )
-            observe_ended(state, new)
-            await self.leases.own(state, new)
-        except BaseException:
-            # What this call found contended is moot: a later call decides its starts again.
-            self.leases.forget(run_id)
-            raise
+        state, new = await self.commands.run_command(
+            run_id,
+            lambda at: rn.Advance(at=at),
+            before_append=self._before_start,
+            alongside=self.leases.alongside,  # the leases of the units it starts
+            on_version=self._noter(driver),
+        )
+        observe_ended(state, new)
         return state, new
 
     def _noter(self, driver: RunDriver | None) -> Callable[[str, rn.RunState, int], None]:
@@ -176,27 +171,11 @@ class RunDrivers:
         return note
 
     async def _before_start(self, state: rn.RunState, new: list[rn.RunEvent]) -> None:
-        """Before a run starts, its pipeline must still be there; before a unit starts, its lease
-        (both asked for at once: one round trip of waiting instead of two)."""
-        if not any(isinstance(e, rn.RunStarted) for e in new):
-            await self.leases.take(state, new)
-            return
-        try:
-            loaded, taken = await asyncio.gather(
-                self.commands.load_pipeline(state.pipeline_id), self.leases.take(state, new), return_exceptions=True
-            )
-            if isinstance(taken, BaseException):
-                raise taken
-            if isinstance(loaded, BaseException):
-                raise loaded
-            if not loaded[0].live:
+        """Before a run starts, its pipeline must still be there."""
+        if any(isinstance(e, rn.RunStarted) for e in new):
+            pipeline, _ = await self.commands.load_pipeline(state.pipeline_id)
+            if not pipeline.live:
                 raise PipelineGone(state.pipeline_id)
-        except BaseException:
-            # Nothing is appended: the leases taken for this start are not kept (a lease nobody
-            # runs would be renewed by our heartbeat for as long as this process lives).
-            with contextlib.suppress(Exception):
-                await asyncio.shield(self.leases.drop(state, new))
-            raise
 
     async def drive_once(self, run_id: str, driver: RunDriver | None = None) -> rn.RunState:
         """Take the run as far as it can go now: start it, run its stages and the steps of its jobs
@@ -288,11 +267,12 @@ class RunDrivers:
                 with contextlib.suppress(Exception):
                     outcome = finished.get(task, lost)
                     await asyncio.wait_for(asyncio.shield(self._complete(run_id, unit, outcome, advance=False)), 5)
-                self.closing_logs.forget(run_id, unit.key, unit.attempt)
+                # Unless the completion took them, the unit's last lines go on their own.
+                self.closing_logs.store_later(run_id, unit.key, unit.attempt)
                 self.running.discard((run_id, unit.key, unit.attempt))
             tasks.clear()
             if completing is not None:  # cut off while recording: the lease sweep recovers it
-                self.closing_logs.forget(run_id, completing.key, completing.attempt)
+                self.closing_logs.store_later(run_id, completing.key, completing.attempt)
             raise
 
     async def _complete(
@@ -302,14 +282,21 @@ class RunDrivers:
         job = unit.job.name if unit.job else None
         step = unit.step.name if unit.step else None
         closing = self.closing_logs.get(run_id, unit.key, unit.attempt)
+        last: LastChunks | None = None
 
         async def before_append(state: rn.RunState, new: list[rn.RunEvent]) -> None:
-            # The unit's last log chunk commits before its completion does (a view as of the
-            # completion shows the whole output), while the next unit's lease is being taken.
-            if closing is None:
-                await self.leases.take(state, new)
-            else:
-                await asyncio.gather(self.leases.take(state, new), settled(closing))
+            # The unit's last log lines, once its log stopped appending (an earlier chunk being
+            # appended lands first): the completion appends them ahead of itself.
+            nonlocal last
+            if closing is not None and last is None:
+                last = await settled(closing)
+
+        def alongside(state: rn.RunState, new: list[rn.RunEvent]) -> Alongside | None:
+            # In the completion's transaction: the unit's last log lines (a view as of the
+            # completion shows the whole output), the end of its lease, the leases of the units
+            # it starts.
+            before = [(last.stream, last.records)] if last is not None else []
+            return self.leases.alongside(state, new, ended=(unit.key, unit.attempt), before=before)
 
         try:
             # A completion always appends (or is refused): the state the driver last saw saves a
@@ -318,27 +305,22 @@ class RunDrivers:
                 run_id,
                 lambda at: completion(stage_id, job, step, unit.attempt, outcome, at, advance),
                 before_append=before_append,
-                lost_race=self.leases.drop,
+                alongside=alongside,
                 on_version=self._noter(driver),
                 known=driver.known if driver is not None else None,
             )
-        except BaseException as exc:
-            self.leases.forget(run_id)  # as in _advance
-            if isinstance(exc, (Refused, NotFound)):
-                self.closing_logs.forget(run_id, unit.key, unit.attempt)
-                if isinstance(exc, Refused):
-                    self.leases.release_later(run_id, unit.key, unit.attempt)
+        except (Refused, NotFound) as exc:
+            # Nothing was appended, and nothing will be: the last lines go on their own.
+            self.closing_logs.store_later(run_id, unit.key, unit.attempt)
+            if isinstance(exc, Refused):
+                self.leases.release_later(run_id, unit.key, unit.attempt)
             raise
+        # Any other failure keeps the lease and the last lines: the caller tries again, and if
+        # this executor dies meanwhile the lease expires and the attempt is recovered.
         observe_ended(state, new)
         self.closing_logs.forget(run_id, unit.key, unit.attempt)
-        # Any other failure keeps the lease: the caller tries again, and if this executor dies
-        # meanwhile the lease expires and the attempt is recovered.
-        self.leases.release_later(run_id, unit.key, unit.attempt)
-        try:
-            await self.leases.own(state, new)
-        except BaseException:
-            self.leases.forget(run_id)
-            raise
+        if last is not None:
+            await last.runlog.publish(last.chunks)  # the live tail, now that they are stored
         return state, new
 
     async def _complete_retrying(

@@ -32,9 +32,8 @@ class LeaseStore:
         self._pool = pool
 
     async def acquire(self, run_id: str, stage_id: str, attempt: int, executor_id: str, host: str, ttl: float) -> bool:
-        """Take the lease if nobody holds it; whether we did. Two executors deciding the same start
-        race for the append: the loser drops only its own lease, and a winner that did not get the
-        lease here takes it over after its append (`take_over`)."""
+        """Take the lease if nobody holds it; whether we did. (The executor takes the leases of the
+        units it starts in the transaction of the append that starts them: see leasing.py.)"""
         async with self._pool.connection() as conn:
             cur = await conn.execute(
                 "INSERT INTO stage_leases (run_id, stage_id, attempt, executor_id, host, expires_at) "
@@ -43,18 +42,6 @@ class LeaseStore:
                 (run_id, stage_id, attempt, executor_id, host, ttl),
             )
             return await cur.fetchone() is not None
-
-    async def take_over(
-        self, run_id: str, stage_id: str, attempt: int, executor_id: str, host: str, ttl: float
-    ) -> None:
-        async with self._pool.connection() as conn:
-            await conn.execute(
-                "INSERT INTO stage_leases (run_id, stage_id, attempt, executor_id, host, expires_at) "
-                "VALUES (%s, %s, %s, %s, %s, now() + make_interval(secs => %s)) "
-                "ON CONFLICT (run_id, stage_id, attempt) DO UPDATE SET executor_id = EXCLUDED.executor_id, "
-                "host = EXCLUDED.host, pgid = NULL, expires_at = EXCLUDED.expires_at",
-                (run_id, stage_id, attempt, executor_id, host, ttl),
-            )
 
     async def set_pgid(self, run_id: str, stage_id: str, attempt: int, pgid: int) -> None:
         async with self._pool.connection() as conn:

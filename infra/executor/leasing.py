@@ -1,12 +1,16 @@
-"""The leases of the units this executor starts: taken before a start is appended, dropped when
-the append loses, taken over when another executor held the lease of a start we appended."""
+"""The leases of the units this executor starts: written in the transaction of the append that
+starts them (so a started unit always has one, and an append that loses its race leaves none
+behind), dropped in the transaction of the append that records their outcome."""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 from domain import run as rn
 from domain.run.units import started_units
 from infra.executor.background import Background
 from infra.executor.leases import LeaseStore
+from infra.store.records import Alongside, LeaseHolder, NewEvent, UnitLease
 
 
 class UnitLeases:
@@ -18,49 +22,32 @@ class UnitLeases:
         self.host = host
         self.ttl = ttl
         self._background = background
-        # Starts whose lease another executor held when we took it (see take).
-        self._contended: set[tuple[str, str, int]] = set()
 
-    @property
-    def contended(self) -> int:
-        """Starts decided here whose lease another executor held when we asked for it."""
-        return len(self._contended)
-
-    @staticmethod
-    def _new_attempts(state: rn.RunState, new: list[rn.RunEvent]) -> list[tuple[str, int]]:
-        return [(unit.key, unit.attempt) for unit in started_units(state, new)]
-
-    async def take(self, state: rn.RunState, new: list[rn.RunEvent]) -> None:
-        # Taken before the StageStarted append commits: a started stage always has a lease, so an
-        # executor that dies right after the commit is still noticed.
-        if self.store is None:
-            return
-        for key, attempt in self._new_attempts(state, new):
-            taken = await self.store.acquire(state.run_id, key, attempt, self.executor_id, self.host, self.ttl)
-            if not taken:  # another executor decided the same start; whoever appends it keeps it
-                self._contended.add((state.run_id, key, attempt))
-
-    async def drop(self, state: rn.RunState, new: list[rn.RunEvent]) -> None:
-        if self.store is None:
-            return
-        for key, attempt in self._new_attempts(state, new):
-            self._contended.discard((state.run_id, key, attempt))
-            await self.store.release(state.run_id, key, attempt, self.executor_id)
-
-    async def own(self, state: rn.RunState, new: list[rn.RunEvent]) -> None:
-        """After our append started units: a lease another executor took for the same start (it
-        lost the race) becomes ours."""
-        if self.store is None or not self._contended:
-            return
-        for key, attempt in self._new_attempts(state, new):
-            if (state.run_id, key, attempt) in self._contended:
-                self._contended.discard((state.run_id, key, attempt))
-                await self.store.take_over(state.run_id, key, attempt, self.executor_id, self.host, self.ttl)
-
-    def forget(self, run_id: str) -> None:
-        """Forget the run's contended starts: the command that found them failed, and the next
-        one takes their leases again."""
-        self._contended = {c for c in self._contended if c[0] != run_id}
+    def alongside(
+        self,
+        state: rn.RunState,
+        new: list[rn.RunEvent],
+        *,
+        ended: tuple[str, int] | None = None,
+        before: Sequence[tuple[str, Sequence[NewEvent]]] = (),
+    ) -> Alongside | None:
+        """What the append of `new` (decided against `state`) writes besides: the leases of the
+        units it starts (taken over from anyone holding them: whoever appends a start runs it),
+        the lease of the unit whose outcome it records (`ended`: its key and attempt), and the
+        events of other streams that go ahead of it (`before`). None: nothing."""
+        take: tuple[UnitLease, ...] = ()
+        release: tuple[UnitLease, ...] = ()
+        if self.store is not None:
+            take = tuple(UnitLease(state.run_id, u.key, u.attempt) for u in started_units(state, new))
+            if ended is not None:
+                release = (UnitLease(state.run_id, *ended),)
+        also = Alongside(
+            before=tuple((stream, tuple(events)) for stream, events in before),
+            take=take,
+            release=release,
+            holder=LeaseHolder(self.executor_id, self.host, self.ttl) if take else None,
+        )
+        return None if also.empty else also
 
     def release_later(self, run_id: str, key: str, attempt: int) -> None:
         # Off the critical path: a lease left behind is found expired and dropped by the sweep

@@ -108,8 +108,8 @@ class UnitRunner:
         return await unit_secrets(self.secrets, state)
 
     async def execute(self, state: rn.RunState, unit: Unit, driver: Stoppable | None) -> ScriptOutcome:
-        """Run one unit to its outcome, its log lines appended as it goes (the last chunk still
-        being appended when this returns: see ClosingLogs)."""
+        """Run one unit to its outcome, its log lines appended as it goes (the last ones left to
+        its completion: see ClosingLogs)."""
         secrets, secrets_problem = await self._load_secrets(state)
         masker = Masker(secrets.values())
         publish = None
@@ -156,9 +156,9 @@ class UnitRunner:
         except BaseException:
             await runlog.close()
             raise
-        # The last chunk is appended while the completion is prepared; _complete waits for it
-        # before it appends the completion.
-        self.closing_logs.add(state.run_id, unit.key, unit.attempt, asyncio.create_task(runlog.close()))
+        # The last lines are appended by the unit's completion, in its transaction (see
+        # driver.RunDrivers._complete); the log's loop ends meanwhile.
+        self.closing_logs.add(state.run_id, unit.key, unit.attempt, asyncio.create_task(runlog.finish()))
         # The error becomes part of a stage event: never with a secret in it.
         return dataclasses.replace(outcome, error=masker.mask_optional(outcome.error))
 

@@ -9,6 +9,7 @@ from datetime import UTC, datetime
 
 from domain import events as ev
 from infra.store.records import (
+    Alongside,
     AppendResult,
     FeedCursor,
     NewEvent,
@@ -26,6 +27,8 @@ class InMemoryEventStore:
         self._events: list[RecordedEvent] = []
         self._versions: dict[str, int] = {}
         self._keys: dict[tuple[str, str], str] = {}
+        # Unit leases written alongside appends: (run, key, attempt) -> the executor holding it.
+        self.leases: dict[tuple[str, str, int], str] = {}
         self._next_position = 1
         self._open: set[int] = set()
         self._reserved_ids: set[str] = set()
@@ -40,8 +43,11 @@ class InMemoryEventStore:
         *,
         claim: Sequence[UniqueKey] = (),
         release: Sequence[UniqueKey] = (),
+        alongside: Alongside | None = None,
     ) -> AppendResult:
-        async with self.begin_append(stream_id, events, expected_version, claim=claim, release=release) as r:
+        async with self.begin_append(
+            stream_id, events, expected_version, claim=claim, release=release, alongside=alongside
+        ) as r:
             return r
 
     @contextlib.asynccontextmanager
@@ -53,14 +59,22 @@ class InMemoryEventStore:
         *,
         claim: Sequence[UniqueKey] = (),
         release: Sequence[UniqueKey] = (),
+        alongside: Alongside | None = None,
     ) -> AsyncIterator[AppendResult]:
         """Reserve positions now; make the events visible when the block exits, or undo all of it
         if the block raises (as a rolled-back transaction would)."""
         if not events:
             raise ValueError("nothing to append")
+        also = alongside or Alongside()
+        others = [sid for sid, _ in also.before]
+        if stream_id in others or len(set(others)) != len(others):
+            raise ValueError("a stream written alongside is written once, and is not the append's own")
+        # The feed order of the whole transaction: the streams written alongside first.
+        writes = [*also.before, (stream_id, tuple(events))]
+        everything = [e for _, evs in writes for e in evs]
         async with self._lock:
             known = {r.event_id for r in self._events} | self._reserved_ids
-            if any(e.event_id in known for e in events):
+            if any(e.event_id in known for e in everything) or len({e.event_id for e in everything}) != len(everything):
                 raise ValueError("an event with this event id is already stored")
             current = self._versions.get(stream_id, 0)
             exists = stream_id in self._versions
@@ -72,42 +86,53 @@ class InMemoryEventStore:
                 if (k.scope, k.key) in self._keys and k not in release:
                     raise UniqueKeyTaken(k.scope, k.key)
             saved_keys = dict(self._keys)
+            saved_leases = dict(self.leases)
+            saved_versions = {sid: self._versions.get(sid) for sid, _ in writes}
             for k in release:
                 self._keys.pop((k.scope, k.key), None)
             for k in claim:
                 self._keys[(k.scope, k.key)] = stream_id
+            for lease in also.release:
+                self.leases.pop((lease.run_id, lease.key, lease.attempt), None)
+            for lease in also.take:
+                assert also.holder is not None
+                self.leases[(lease.run_id, lease.key, lease.attempt)] = also.holder.executor_id
             tx = self._next_position
             now = datetime.now(UTC)
             recs = []
-            for i, e in enumerate(events):
-                recs.append(
-                    RecordedEvent(
-                        position=self._next_position,
-                        tx_id=tx,
-                        stream_id=stream_id,
-                        stream_version=current + i + 1,
-                        event_id=e.event_id,
-                        event_type=ev.event_type(e.event),
-                        data=ev.encode(e.event),
-                        org=e.org,
-                        pipeline_id=e.pipeline_id,
-                        run_id=e.run_id,
-                        recorded_at=now,
+            for sid, evs in writes:
+                at = self._versions.get(sid, 0)
+                for i, e in enumerate(evs):
+                    recs.append(
+                        RecordedEvent(
+                            position=self._next_position,
+                            tx_id=tx,
+                            stream_id=sid,
+                            stream_version=at + i + 1,
+                            event_id=e.event_id,
+                            event_type=ev.event_type(e.event),
+                            data=ev.encode(e.event),
+                            org=e.org,
+                            pipeline_id=e.pipeline_id,
+                            run_id=e.run_id,
+                            recorded_at=now,
+                        )
                     )
-                )
-                self._next_position += 1
-            self._versions[stream_id] = current + len(events)
+                    self._next_position += 1
+                self._versions[sid] = at + len(evs)
             self._open.add(tx)
-            self._reserved_ids.update(e.event_id for e in events)
+            self._reserved_ids.update(e.event_id for e in everything)
         try:
             yield AppendResult(version=current + len(events), positions=tuple(r.position for r in recs))
         except BaseException:
             async with self._lock:
                 self._keys = saved_keys
-                if exists:
-                    self._versions[stream_id] = current
-                else:
-                    self._versions.pop(stream_id, None)
+                self.leases = saved_leases
+                for sid, version in saved_versions.items():
+                    if version is None:
+                        self._versions.pop(sid, None)
+                    else:
+                        self._versions[sid] = version
             raise
         else:
             self._events.extend(recs)
@@ -115,7 +140,7 @@ class InMemoryEventStore:
             self.appended.set()
         finally:
             self._open.discard(tx)
-            self._reserved_ids.difference_update(e.event_id for e in events)
+            self._reserved_ids.difference_update(e.event_id for e in everything)
 
     async def read_stream(self, stream_id: str, after_version: int = 0) -> list[RecordedEvent]:
         return [r for r in self._events if r.stream_id == stream_id and r.stream_version > after_version]

@@ -26,6 +26,7 @@ same statement in a transaction, followed by the key writes (`append_in`).
 from __future__ import annotations
 
 import contextlib
+import functools
 import weakref
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
@@ -37,6 +38,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from domain import events as ev
 from infra.store.records import (
+    Alongside,
     AppendResult,
     FeedCursor,
     NewEvent,
@@ -87,10 +89,13 @@ class PostgresEventStore:
         *,
         claim: Sequence[UniqueKey] = (),
         release: Sequence[UniqueKey] = (),
+        alongside: Alongside | None = None,
     ) -> AppendResult:
         if claim or release:
             async with self._pool.connection() as conn, conn.transaction():
-                return await self.append_in(conn, stream_id, events, expected_version, claim=claim, release=release)
+                return await self.append_in(
+                    conn, stream_id, events, expected_version, claim=claim, release=release, alongside=alongside
+                )
         # getconn/putconn rather than `connection()`: the same checks on return (a connection left
         # mid-statement or in a transaction is reset or discarded) without a commit call per append.
         conn = await self._pool.getconn()
@@ -100,9 +105,9 @@ class PostgresEventStore:
             if cur is None:
                 cur = self._cursors[conn] = conn.cursor()
             if conn.autocommit:
-                return await _append_statement(cur, stream_id, events, expected_version)
+                return await _append_statement(cur, stream_id, events, expected_version, alongside)
             async with conn.transaction():  # a pool without autocommit: still one statement
-                return await _append_statement(cur, stream_id, events, expected_version)
+                return await _append_statement(cur, stream_id, events, expected_version, alongside)
         finally:
             await self._pool.putconn(conn)
 
@@ -115,10 +120,13 @@ class PostgresEventStore:
         *,
         claim: Sequence[UniqueKey] = (),
         release: Sequence[UniqueKey] = (),
+        alongside: Alongside | None = None,
     ) -> AsyncIterator[AppendResult]:
         """Append in a transaction that commits when the block exits (tests hold it open)."""
         async with self._pool.connection() as conn, conn.transaction():
-            yield await self.append_in(conn, stream_id, events, expected_version, claim=claim, release=release)
+            yield await self.append_in(
+                conn, stream_id, events, expected_version, claim=claim, release=release, alongside=alongside
+            )
 
     async def append_in(
         self,
@@ -129,11 +137,12 @@ class PostgresEventStore:
         *,
         claim: Sequence[UniqueKey] = (),
         release: Sequence[UniqueKey] = (),
+        alongside: Alongside | None = None,
     ) -> AppendResult:
         """Append inside the caller's transaction: the same one statement as any append, then the
         unique keys it claims and releases."""
         async with conn.cursor() as cur:
-            result = await _append_statement(cur, stream_id, events, expected_version)
+            result = await _append_statement(cur, stream_id, events, expected_version, alongside)
         for k in release:
             await conn.execute("DELETE FROM unique_keys WHERE scope = %s AND key = %s", (k.scope, k.key))
         for k in claim:
@@ -261,17 +270,78 @@ _APPEND_SQL: dict[tuple[str, bool], str] = {
 }
 
 
+@functools.cache
+def _append_alongside_sql(kind: str, before: int, take: bool, release: bool) -> str:
+    """The append with what it writes alongside (records.Alongside), still one statement: every
+    write below reads `s`, the stream-version write, so none happens unless the version moved
+    (the optimistic-concurrency check holds for all of it). The events of every stream are
+    inserted by one INSERT in feed order (the streams written alongside first), each stream's
+    versions numbered from its own stream-version write. Shapes (by kind, number of streams
+    alongside, leases taken, leases released) are few: each is prepared once per connection."""
+    ctes = [f"s AS ({_STREAM_AT if kind == 'at' else _STREAM_ANY if kind == 'any' else _STREAM_CREATE})"]
+    selects = []
+    for b in range(before):
+        ctes.append(
+            f"b{b} AS (INSERT INTO streams (stream_id, version) SELECT %(b{b}s)s, %(b{b}n)s FROM s "
+            "ON CONFLICT (stream_id) DO UPDATE SET version = streams.version + EXCLUDED.version RETURNING version)"
+        )
+    if take:
+        ctes.append(
+            "lt AS (INSERT INTO stage_leases (run_id, stage_id, attempt, executor_id, host, expires_at) "
+            "SELECT u.r, u.k, u.a, %(lh)s, %(lhost)s, now() + make_interval(secs => %(lttl)s) "
+            "FROM s, unnest(%(ltr)s::text[], %(ltk)s::text[], %(lta)s::int[]) AS u(r, k, a) "
+            "ON CONFLICT (run_id, stage_id, attempt) DO UPDATE SET executor_id = EXCLUDED.executor_id, "
+            "host = EXCLUDED.host, pgid = NULL, expires_at = EXCLUDED.expires_at)"
+        )
+    if release:
+        ctes.append(
+            "lr AS (DELETE FROM stage_leases l USING s, unnest(%(lrr)s::text[], %(lrk)s::text[], %(lra)s::int[]) "
+            "AS u(r, k, a) WHERE l.run_id = u.r AND l.stage_id = u.k AND l.attempt = u.a)"
+        )
+    for g, (w, prefix) in enumerate([*((f"b{b}", f"b{b}") for b in range(before)), ("s", "")]):
+        selects.append(
+            f"SELECT {g} AS g, u.k, %({prefix}s)s::text AS sid, {w}.version - %({prefix}n)s + u.k AS v, "
+            "u.i, u.t, u.o, u.p, u.r, u.d "
+            f"FROM {w}, unnest(%({prefix}i)b::text[], %({prefix}t)b::text[], %({prefix}o)b::text[], "
+            f"%({prefix}p)b::text[], %({prefix}r)b::text[], %({prefix}d)b::text[]) "
+            "WITH ORDINALITY AS u(i, t, o, p, r, d, k)"
+        )
+    return (
+        f"WITH {', '.join(ctes)} "
+        "INSERT INTO events (stream_id, stream_version, event_id, event_type, org, pipeline_id, run_id, data) "
+        f"SELECT x.sid, x.v, x.i::uuid, x.t, x.o, x.p, x.r, x.d::json FROM ({' UNION ALL '.join(selects)}) AS x "
+        "ORDER BY x.g, x.k "
+        "RETURNING position, stream_id, stream_version"
+    )
+
+
+def _events_params(prefix: str, stream_id: str, events: Sequence[NewEvent]) -> dict[str, Any]:
+    return {
+        f"{prefix}s": stream_id,
+        f"{prefix}n": len(events),
+        f"{prefix}i": [e.event_id for e in events],
+        f"{prefix}t": [ev.event_type(e.event) for e in events],
+        f"{prefix}o": [e.org for e in events],
+        f"{prefix}p": [e.pipeline_id for e in events],
+        f"{prefix}r": [e.run_id for e in events],
+        f"{prefix}d": [ev.encode(e.event).decode() for e in events],
+    }
+
+
 async def _append_statement(
     cur: psycopg.AsyncCursor[Any],
     stream_id: str,
     events: Sequence[NewEvent],
     expected_version: int | None,
+    alongside: Alongside | None = None,
 ) -> AppendResult:
     """The append in one statement (see the module's docstring), and the one mapping of its errors."""
     n = len(events)
     if n == 0:
         raise ValueError("nothing to append")
     kind = "create" if expected_version == 0 else "any" if expected_version is None else "at"
+    if alongside is not None and not alongside.empty:
+        return await _append_alongside(cur, stream_id, events, expected_version, kind, alongside)
     query = _APPEND_SQL[(kind, n == 1)]
     params: dict[str, Any]
     if n == 1:
@@ -299,6 +369,51 @@ async def _append_statement(
             "r": [e.run_id for e in events],
             "d": [ev.encode(e.event).decode() for e in events],
         }
+    rows = await _execute(cur, query, params, stream_id, expected_version)
+    rows.sort(key=lambda r: int(r[1]))
+    return AppendResult(version=int(rows[-1][1]), positions=tuple(int(r[0]) for r in rows))
+
+
+async def _append_alongside(
+    cur: psycopg.AsyncCursor[Any],
+    stream_id: str,
+    events: Sequence[NewEvent],
+    expected_version: int | None,
+    kind: str,
+    alongside: Alongside,
+) -> AppendResult:
+    others = [sid for sid, _ in alongside.before]
+    if stream_id in others or len(set(others)) != len(others):
+        raise ValueError("a stream written alongside is written once, and is not the append's own")
+    params: dict[str, Any] = {"e": expected_version, **_events_params("", stream_id, events)}
+    for b, (sid, evs) in enumerate(alongside.before):
+        params |= _events_params(f"b{b}", sid, evs)
+    if alongside.take:
+        holder = alongside.holder
+        assert holder is not None  # checked by Alongside
+        params |= {
+            "lh": holder.executor_id,
+            "lhost": holder.host,
+            "lttl": holder.ttl,
+            "ltr": [lease.run_id for lease in alongside.take],
+            "ltk": [lease.key for lease in alongside.take],
+            "lta": [lease.attempt for lease in alongside.take],
+        }
+    if alongside.release:
+        params |= {
+            "lrr": [lease.run_id for lease in alongside.release],
+            "lrk": [lease.key for lease in alongside.release],
+            "lra": [lease.attempt for lease in alongside.release],
+        }
+    query = _append_alongside_sql(kind, len(alongside.before), bool(alongside.take), bool(alongside.release))
+    rows = await _execute(cur, query, params, stream_id, expected_version)
+    own = sorted(int(r[2]) for r in rows if r[1] == stream_id)
+    return AppendResult(version=own[-1], positions=tuple(sorted(int(r[0]) for r in rows)))
+
+
+async def _execute(
+    cur: psycopg.AsyncCursor[Any], query: str, params: dict[str, Any], stream_id: str, expected_version: int | None
+) -> list[Any]:
     try:
         # Prepared from the first call: the same few statements run on every connection all day.
         await cur.execute(query, params, prepare=True)
@@ -311,5 +426,4 @@ async def _append_statement(
     if not rows:
         # The stream-version write matched no row: the stream is not at the expected version.
         raise WrongExpectedVersion(stream_id, expected_version)
-    rows.sort(key=lambda r: int(r[1]))
-    return AppendResult(version=int(rows[-1][1]), positions=tuple(int(r[0]) for r in rows))
+    return rows

@@ -44,6 +44,52 @@ class UniqueKey:
 
 
 @dataclass(frozen=True, slots=True)
+class UnitLease:
+    """A unit attempt's lease (the table `stage_leases`: who runs it, see infra.executor.leases)."""
+
+    run_id: str
+    key: str
+    attempt: int
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseHolder:
+    executor_id: str
+    host: str
+    ttl: float  # seconds until the lease expires unless renewed
+
+
+@dataclass(frozen=True, slots=True)
+class Alongside:
+    """What an append writes in its own transaction besides its stream's events, all of it only
+    if the append lands (its expected version holds), none of it otherwise:
+
+    - `before`: events of other streams, appended at whatever version those are, ahead of the
+      append's own events in the feed (a unit's last log chunk ahead of its completion: whoever
+      reads the completion has the whole log);
+    - `take`: leases taken by `holder`, or taken over from whoever held them (the append decides
+      who runs a unit: its writer does);
+    - `release`: leases dropped, whoever holds them.
+
+    One transaction instead of one per write: fewer commits on a run's critical path."""
+
+    before: tuple[tuple[str, tuple[NewEvent, ...]], ...] = ()
+    take: tuple[UnitLease, ...] = ()
+    release: tuple[UnitLease, ...] = ()
+    holder: LeaseHolder | None = None
+
+    def __post_init__(self) -> None:
+        if self.take and self.holder is None:
+            raise ValueError("leases taken need a holder")
+        if any(not events for _, events in self.before):
+            raise ValueError("nothing to append to a stream written alongside")
+
+    @property
+    def empty(self) -> bool:
+        return not (self.before or self.take or self.release)
+
+
+@dataclass(frozen=True, slots=True)
 class RecordedEvent:
     position: int
     tx_id: int

@@ -18,7 +18,7 @@ from infra.store.memory import InMemoryEventStore
 from infra.store.migrate import migrate, open_pool
 from infra.store.postgres import PostgresEventStore
 
-TABLES = "events, streams, unique_keys, checkpoints"
+TABLES = "events, streams, unique_keys, checkpoints, stage_leases"
 
 
 @pytest.fixture(scope="session")

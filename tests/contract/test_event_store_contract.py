@@ -17,13 +17,17 @@ import pytest
 
 from domain import events as ev
 from domain.run import RunPaused, RunStarted
+from infra.store.memory import InMemoryEventStore
 from infra.store.records import (
     FEED_START,
+    Alongside,
     FeedCursor,
+    LeaseHolder,
     NewEvent,
     RecordedEvent,
     UniqueKey,
     UniqueKeyTaken,
+    UnitLease,
     WrongExpectedVersion,
 )
 
@@ -280,6 +284,100 @@ async def test_racing_writers_on_shared_streams_lose_cleanly_and_a_follower_miss
 
 
 # ---- unique keys --------------------------------------------------------------------------
+
+
+# ---- what an append writes alongside its own events -------------------------------------------
+
+
+async def leases(store: Any) -> dict[tuple[str, str, int], str]:
+    """The unit leases held, by (run, key, attempt): the executor holding each."""
+    if isinstance(store, InMemoryEventStore):
+        return dict(store.leases)
+    async with store.pool.connection() as conn:
+        cur = await conn.execute("SELECT run_id, stage_id, attempt, executor_id FROM stage_leases")
+        return {(r[0], r[1], r[2]): r[3] for r in await cur.fetchall()}
+
+
+HOLDER = LeaseHolder(executor_id="ex-1", host="h1", ttl=30.0)
+
+
+async def test_events_written_alongside_come_first_in_one_transaction_at_their_streams_versions(store: Any) -> None:
+    await store.append("run-r1", [new("started")], 0)
+    earlier = new("earlier line")
+    await store.append("runlog-r1", [earlier], None)
+    last_lines = (new("last line"), new("last line too"))
+    done = new("done")
+    result = await store.append("run-r1", [done], 1, alongside=Alongside(before=(("runlog-r1", last_lines),)))
+    assert result.version == 2
+    assert len(result.positions) == 3
+    log = await store.read_stream("runlog-r1")
+    assert ids(log) == [earlier.event_id, *(e.event_id for e in last_lines)]
+    assert [r.stream_version for r in log] == [1, 2, 3]
+    assert [r.stream_version for r in await store.read_stream("run-r1")] == [1, 2]
+    feed = await read_all(store)
+    tail = feed[-3:]
+    assert ids(tail) == [*(e.event_id for e in last_lines), done.event_id]  # a reader of `done` has the log
+    assert len({r.tx_id for r in tail}) == 1
+    assert [r.position for r in tail] == sorted(result.positions)
+
+
+async def test_a_stream_written_alongside_is_created_when_it_does_not_exist(store: Any) -> None:
+    first = new("first line")
+    await store.append("run-r1", [new("started")], 0, alongside=Alongside(before=(("runlog-r1", (first,)),)))
+    (record,) = await store.read_stream("runlog-r1")
+    assert (record.event_id, record.stream_version) == (first.event_id, 1)
+
+
+async def test_an_append_that_loses_its_version_writes_nothing_alongside(store: Any) -> None:
+    started = new("started")
+    await store.append("run-r1", [started], 0, alongside=Alongside(take=(UnitLease("r1", "s1", 1),), holder=HOLDER))
+    with pytest.raises(WrongExpectedVersion):
+        await store.append(
+            "run-r1",
+            [new("stale")],
+            0,
+            alongside=Alongside(
+                before=(("runlog-r1", (new("line"),)),),
+                take=(UnitLease("r1", "s2", 1),),
+                release=(UnitLease("r1", "s1", 1),),
+                holder=LeaseHolder("ex-2", "h2", 30.0),
+            ),
+        )
+    assert await store.read_stream("runlog-r1") == []
+    assert ids(await read_all(store)) == [started.event_id]
+    assert await leases(store) == {("r1", "s1", 1): "ex-1"}
+    # The log stream was not created either: its first append is at version 1.
+    assert (await store.append("runlog-r1", [new("line")], None)).version == 1
+
+
+async def test_leases_are_taken_over_and_released_with_the_append_that_lands(store: Any) -> None:
+    await store.append(
+        "run-r1",
+        [new("started")],
+        0,
+        alongside=Alongside(take=(UnitLease("r1", "a", 1), UnitLease("r1", "b", 1)), holder=HOLDER),
+    )
+    assert await leases(store) == {("r1", "a", 1): "ex-1", ("r1", "b", 1): "ex-1"}
+    # Another executor's append starts c, takes over b (its writer runs it now) and ends a.
+    await store.append(
+        "run-r1",
+        [new("next")],
+        1,
+        alongside=Alongside(
+            take=(UnitLease("r1", "b", 1), UnitLease("r1", "c", 1)),
+            release=(UnitLease("r1", "a", 1),),
+            holder=LeaseHolder("ex-2", "h2", 30.0),
+        ),
+    )
+    assert await leases(store) == {("r1", "b", 1): "ex-2", ("r1", "c", 1): "ex-2"}
+
+
+async def test_a_stream_is_written_alongside_once_and_never_its_own_append(store: Any) -> None:
+    with pytest.raises(ValueError):
+        await store.append("run-r1", [new()], 0, alongside=Alongside(before=(("run-r1", (new(),)),)))
+    with pytest.raises(ValueError):
+        await store.append("run-r1", [new()], 0, alongside=Alongside(before=(("log", (new(),)), ("log", (new(),)))))
+    assert await read_all(store) == []
 
 
 NAME = UniqueKey(scope="pipeline-name:o1", key="deploy")

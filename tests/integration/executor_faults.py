@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 from domain import events as ev
 from infra.app.ports import EventStore
-from infra.store.records import AppendResult, FeedCursor, NewEvent, RecordedEvent, UniqueKey
+from infra.store.records import Alongside, AppendResult, FeedCursor, NewEvent, RecordedEvent, UniqueKey
 
 Matches = Callable[[str, Sequence[NewEvent]], bool]
 
@@ -86,11 +86,17 @@ class FaultyStore:
         *,
         claim: Sequence[UniqueKey] = (),
         release: Sequence[UniqueKey] = (),
+        alongside: Alongside | None = None,
     ) -> AppendResult:
         self.appends += 1
+        # Every stream the append writes counts (a unit's last log chunk rides in its completion).
+        writes = [*(alongside.before if alongside is not None else ()), (stream_id, events)]
         for fault in self.append_faults:
-            await fault.trip(stream_id, events)
-        return await self.inner.append(stream_id, events, expected_version, claim=claim, release=release)
+            for sid, evs in writes:
+                await fault.trip(sid, evs)
+        return await self.inner.append(
+            stream_id, events, expected_version, claim=claim, release=release, alongside=alongside
+        )
 
     async def read_stream(self, stream_id: str, after_version: int = 0) -> list[RecordedEvent]:
         for fault in self.read_faults:

@@ -179,7 +179,7 @@ async def test_an_approval_timeout_that_failed_to_expire_the_gate_fires_again(
             await executor.drain()
 
 
-async def test_a_start_whose_append_fails_forgets_that_another_executor_held_its_lease(
+async def test_a_start_whose_append_fails_takes_no_lease_and_leaves_another_executors_alone(
     database_url: str, nats_url: str, tmp_path: Path
 ) -> None:
     settings = make_settings(database_url, nats_url, tmp_path)
@@ -195,4 +195,6 @@ async def test_a_start_whose_append_fails_forgets_that_another_executor_held_its
         with pytest.raises(OSError):
             await executor.drive_once(run)
         assert failing.hits == 1
-        assert executor.unit_leases.contended == 0
+        async with system.store.pool.connection() as conn:
+            cur = await conn.execute("SELECT stage_id, executor_id FROM stage_leases WHERE run_id = %s", (run,))
+            assert await cur.fetchall() == [("s", "another-executor")]

@@ -83,8 +83,17 @@ async def test_the_executor_observes_stage_step_and_run_durations_when_they_end(
         await system.wait_status(jobs["id"], run["id"], "succeeded")
         after = await scrape(url)
 
-    def delta(name: str, **labels: str) -> float:
-        return value(after, name, **labels) - value(before, name, **labels)
+        def delta(name: str, **labels: str) -> float:
+            return value(after, name, **labels) - value(before, name, **labels)
+
+        async def observed() -> bool:
+            # The executor observes once its append returns, which may be after the read model
+            # (the projector read the committed events meanwhile) shows the run succeeded.
+            nonlocal after
+            after = await scrape(url)
+            return delta("pipelines_run_duration_seconds_count", status="succeeded") >= 2
+
+        await eventually(observed, timeout=5, what="the executor to observe the second run's end")
 
     # Three stages (two scripts, one of jobs), one step and two runs succeeded meanwhile.
     assert delta("pipelines_stage_duration_seconds_count", status="succeeded") >= 3

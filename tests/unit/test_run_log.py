@@ -160,3 +160,70 @@ async def test_dropped_log_lines_are_counted_in_the_metrics() -> None:
     assert 0 < held < 20 and counted() == before + held
     await log.close()  # what is still held is lost with the process: counted too
     assert log.dropped == 20 and counted() == before + 20
+
+
+async def test_finish_hands_over_the_lines_left_instead_of_appending_them() -> None:
+    commands = Commands(InMemoryEventStore())
+    state = await _run(commands)
+    published: list[bytes] = []
+
+    async def publish(payload: bytes) -> None:
+        published.append(payload)
+
+    log = RunLog(commands, state, max_bytes=10**9, publish=publish, interval=3600)
+    log.start()
+    log.line("s", "stdout", "early")
+    await log.flush()  # stored and published on its own
+    log.line("s", "stdout", "last")
+    last = await log.finish()
+    assert last is not None
+    assert [ln.text for c in last.chunks for ln in c.lines] == ["last"]
+    assert [r.event for r in last.records] == last.chunks and last.stream == f"runlog-{state.run_id}"
+    texts = [ln.text for c in await commands.load_logs(state.run_id) for ln in c.lines]
+    assert texts == ["early"]  # the completion appends the rest
+    assert len(published) == 1
+
+
+async def test_finish_with_nothing_left_hands_over_nothing() -> None:
+    commands = Commands(InMemoryEventStore())
+    state = await _run(commands)
+    log = RunLog(commands, state, max_bytes=10**9, publish=None, interval=0.001)
+    log.start()
+    log.line("s", "stdout", "only")
+    await log.flush()
+    assert await log.finish() is None
+    assert [ln.text for c in await commands.load_logs(state.run_id) for ln in c.lines] == ["only"]
+
+
+async def test_finish_after_failed_appends_stores_the_lines_itself_behind_the_gap_marker() -> None:
+    store = FaultyStore(InMemoryEventStore())
+    commands = Commands(store)
+    state = await _run(commands)
+    store.fail_appends(run_log(state.run_id), times=5)  # one flush's attempts
+    log = RunLog(commands, state, max_bytes=10**9, publish=None, interval=3600, retry_delay=0.001, max_held=60)
+    for i in range(10):
+        log.line("s", "stdout", f"{i:04d}")
+    await log.flush()  # fails: held, the oldest dropped
+    assert log.dropped
+    assert await log.finish() is None
+    texts = [ln.text for c in await commands.load_logs(state.run_id) for ln in c.lines]
+    assert texts[0].startswith("[log gap:") and texts[-1] == "0009"
+
+
+async def test_handed_over_lines_stored_on_their_own_are_stored_once_and_published() -> None:
+    commands = Commands(InMemoryEventStore())
+    state = await _run(commands)
+    published: list[bytes] = []
+
+    async def publish(payload: bytes) -> None:
+        published.append(payload)
+
+    log = RunLog(commands, state, max_bytes=10**9, publish=publish, interval=3600)
+    log.line("s", "stdout", "last")
+    last = await log.finish()
+    assert last is not None
+    await log.store(last)
+    await log.store(last)  # again (a completion that did take them after all): not stored twice
+    texts = [ln.text for c in await commands.load_logs(state.run_id) for ln in c.lines]
+    assert texts == ["last"]
+    assert len(published) == 1 and log.dropped == 0
