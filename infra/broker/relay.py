@@ -27,7 +27,7 @@ from nats.js.errors import NotFoundError
 
 from infra.broker.bus import APPENDED_SUBJECT, ensure_events_stream, event_subject, wait_for_wake
 from infra.broker.cursor import CURSOR, cursor_token
-from infra.metrics import observe_lags, relay_lag
+from infra.metrics import feed_reads, observe_lags, relay_lag
 from infra.setaside import RELAY, is_poison, set_aside
 from infra.store.postgres import PostgresEventStore
 from infra.store.records import FEED_START, FeedCursor, RecordedEvent
@@ -37,6 +37,8 @@ log = logging.getLogger("pipelines.relay")
 RELAY_LOCK = 7_311_224_002
 POSITION = "Pipelines-Position"
 TX = "Pipelines-Tx"
+_READS = feed_reads.labels(consumer=RELAY, result="events")
+_EMPTY_READS = feed_reads.labels(consumer=RELAY, result="empty")
 
 
 def headers_for(rec: RecordedEvent) -> dict[str, str]:
@@ -173,7 +175,9 @@ class Relay:
         """Publish the next batch of the feed; returns how many events went out."""
         events = await self.store.read_feed(self.cursor, self.batch)
         if not events:
+            _EMPTY_READS.inc()
             return 0
+        _READS.inc()
         js = self.nc.jetstream()
         base = self.last_seq
         limit = max(1024, self.nc.max_payload - 4096)  # room for the headers
