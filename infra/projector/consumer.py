@@ -18,7 +18,7 @@ from infra.broker.bus import APPENDED_SUBJECT
 from infra.metrics import feed_reads, observe_lags, projection_lag
 from infra.projector import rebuild as rb
 from infra.projector.apply import States, apply
-from infra.projector.checkpoint import BEHIND_HORIZON, CheckpointMoved, behind_horizon, move_checkpoint, read_checkpoint
+from infra.projector.checkpoint import BEHIND_HORIZON, CheckpointMoved, move_checkpoint, read_checkpoint
 from infra.setaside import PROJECTOR, is_poison, record
 from infra.store.postgres import PostgresEventStore
 from infra.store.records import FeedCursor, RecordedEvent
@@ -131,10 +131,10 @@ class Projector:
             if cursor is None:
                 cursor = self._cursor = await self.checkpoint()
                 self._states.clear()
-            events = await self.store.read_feed(cursor, self.batch)
+            events, pending = await self.store.follow_feed(cursor, self.batch)
             if not events:
                 _EMPTY_READS.inc()
-                return total, await behind_horizon(self.store, cursor)
+                return total, pending
             _READS.inc()
             try:
                 try:
