@@ -509,9 +509,12 @@ def medians(reps: list[dict[str, Any]], sizes: Sizes) -> dict[str, Any]:
             "throughput_per_s": _med(reps, name, "throughput", "per_s"),
         }
 
+    def per_run_of(name: str, what: str) -> dict[str, float | None]:
+        keys = dict.fromkeys(k for r in reps for k in (_get(r, name, what) or {}))
+        return {k: _med(reps, name, what, k) for k in keys}
+
     def cpu_of(name: str) -> dict[str, float | None]:
-        keys = dict.fromkeys(k for r in reps for k in (_get(r, name, "cpu_ms_per_run") or {}))
-        return {k: _med(reps, name, "cpu_ms_per_run", k) for k in keys}
+        return per_run_of(name, "cpu_ms_per_run")
 
     insert: dict[str, Any] = {}
     for c in ("1", "8", "32"):
@@ -534,7 +537,9 @@ def medians(reps: list[dict[str, Any]], sizes: Sizes) -> dict[str, Any]:
             "ratio_to_pgbench": ratio(appends, insert[c]["pgbench_per_s"]),
         }
     return {
-        "e2e": runs("e2e") | {"failed_runs": _med(reps, "e2e", "failed_runs")} | {"cpu_ms_per_run": cpu_of("e2e")},
+        "e2e": runs("e2e")
+        | {"failed_runs": _med(reps, "e2e", "failed_runs")}
+        | {"cpu_ms_per_run": cpu_of("e2e"), "feed_reads_per_run": per_run_of("e2e", "feed_reads_per_run")},
         "e2e_unsandboxed": runs("e2e_unsandboxed") | {"cpu_ms_per_run": cpu_of("e2e_unsandboxed")},
         "dbos": runs("dbos"),
         "spawn_floor": runs("spawn"),
@@ -887,6 +892,9 @@ def cpu_table(m: dict[str, Any]) -> list[str]:
                 total[i] += v
         lines.append(f"| {name} | " + " | ".join(_fmt(v, 2) for v in cells) + " |")
     lines.append("| all but the client | " + " | ".join(_fmt(v if v else None, 2) for v in total) + " |")
+    reads = m["e2e"].get("feed_reads_per_run") or {}
+    if reads:
+        lines += ["", "Feed reads per run (sandbox on): " + ", ".join(f"{k} {_fmt(v, 2)}" for k, v in reads.items())]
     return lines
 
 

@@ -14,6 +14,7 @@ from typing import Any
 
 import httpx
 import msgspec
+from prometheus_client.parser import text_string_to_metric_families
 from websockets.asyncio.client import ClientConnection
 from websockets.asyncio.client import connect as ws_connect
 
@@ -183,6 +184,7 @@ async def end_to_end(
             raise RuntimeError(f"run {run_id} ended {status}")
 
     before = cpu.snapshot(processes or {})
+    reads_before = await feed_reads(system)
     try:
         lat = await harness.latency(unit, latency_runs, warmup=warmup)
         thr = await harness.throughput(unit, concurrency, duration, ramp=ramp)
@@ -194,6 +196,27 @@ async def end_to_end(
         await asyncio.sleep(1.0)
         out["cpu_ms_per_run"] = cpu.per_run_ms(before, cpu.snapshot(processes), finished)
         out["runs"] = finished
+    if finished:
+        reads_after = await feed_reads(system)
+        out["feed_reads_per_run"] = {
+            k: round((reads_after[k] - reads_before.get(k, 0.0)) / finished, 2) for k in reads_after
+        }
+    return out
+
+
+async def feed_reads(system: System) -> dict[str, float]:
+    """How often the relay and the projector have read the store's feed so far, as
+    `<consumer>.<result>` (`events` or `empty`), from their metrics (none when not served)."""
+    out: dict[str, float] = {}
+    for name, url in system.stack.metrics_urls():
+        if name not in ("relay", "projector"):
+            continue
+        with contextlib.suppress(httpx.HTTPError):
+            r = await system.http.get(url)
+            for family in text_string_to_metric_families(r.text):
+                for sample in family.samples:
+                    if sample.name == "pipelines_feed_reads_total":
+                        out[f"{sample.labels['consumer']}.{sample.labels['result']}"] = sample.value
     return out
 
 

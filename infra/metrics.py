@@ -49,6 +49,13 @@ projection_lag = Histogram(
     buckets=_SECONDS,
     registry=REGISTRY,
 )
+feed_reads = Counter(
+    "pipelines_feed_reads",
+    "Reads of the event store's feed by a follower (relay, projector), by whether they found events "
+    "(`empty`: nothing below the transaction horizon yet).",
+    ["consumer", "result"],
+    registry=REGISTRY,
+)
 websocket_clients = Gauge("pipelines_websocket_clients", "Open WebSocket connections.", registry=REGISTRY)
 log_lines_dropped = Counter(
     "pipelines_log_lines_dropped",

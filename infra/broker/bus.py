@@ -136,18 +136,6 @@ class Poker:
                 await self._task
 
 
-async def wait_for_wake(wake: asyncio.Event, timeout: float, retries: int = 10) -> int:
-    """Wait for a wake-up or the poll interval. Returns how many quick re-reads a follower should
-    make: `retries` after a wake-up (its event may sit behind the horizon briefly), else 0."""
-    try:
-        await asyncio.wait_for(wake.wait(), timeout)
-        woken = True
-    except TimeoutError:
-        woken = False
-    wake.clear()
-    return retries if woken else 0
-
-
 class RunWaker:
     """Publishes run wake-ups without making the caller wait; best effort (the event on JetStream
     is the guarantee)."""

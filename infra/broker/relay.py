@@ -23,11 +23,13 @@ from typing import Any
 
 import psycopg
 from nats.aio.client import Client as NATS
+from nats.js.api import PubAck
+from nats.js.client import JetStreamContext
 from nats.js.errors import NotFoundError
 
-from infra.broker.bus import APPENDED_SUBJECT, ensure_events_stream, event_subject, wait_for_wake
+from infra.broker.bus import APPENDED_SUBJECT, ensure_events_stream, event_subject
 from infra.broker.cursor import CURSOR, cursor_token
-from infra.metrics import observe_lags, relay_lag
+from infra.metrics import feed_reads, observe_lags, relay_lag
 from infra.setaside import RELAY, is_poison, set_aside
 from infra.store.postgres import PostgresEventStore
 from infra.store.records import FEED_START, FeedCursor, RecordedEvent
@@ -37,6 +39,9 @@ log = logging.getLogger("pipelines.relay")
 RELAY_LOCK = 7_311_224_002
 POSITION = "Pipelines-Position"
 TX = "Pipelines-Tx"
+_ACK_TIMEOUT = 5.0  # as nats-py's JetStream publish
+_READS = feed_reads.labels(consumer=RELAY, result="events")
+_EMPTY_READS = feed_reads.labels(consumer=RELAY, result="empty")
 
 
 def headers_for(rec: RecordedEvent) -> dict[str, str]:
@@ -75,6 +80,13 @@ def body_for(rec: RecordedEvent, limit: int) -> bytes:
     ).encode()
 
 
+def retry_after(retries: int) -> float:
+    """Seconds before the `retries`-th look again at committed events behind the horizon: 2 ms ten
+    times (the transaction holding it back is usually another append, committing within
+    milliseconds), then twice as long each time, up to 25 ms."""
+    return min(0.002 * (1 << min(max(0, retries - 10), 4)), 0.025)
+
+
 class Relay:
     def __init__(
         self,
@@ -98,6 +110,9 @@ class Relay:
         self.last_seq = 0
         self.published = 0
         self._wake = asyncio.Event()
+        # Whether the last read saw committed events it could not read yet (behind the horizon).
+        self.pending = False
+        self._js: JetStreamContext | None = None
         self._checkpoint_wanted: FeedCursor | None = None
         self._checkpointer: asyncio.Task[None] | None = None
 
@@ -139,9 +154,12 @@ class Relay:
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(stop.wait(), 0.5)
             sub = await self.nc.subscribe(APPENDED_SUBJECT, cb=self._poke)
+            stopping = asyncio.create_task(self._wake_when(stop))  # a stop ends the wait at once
             try:
-                fast = 0
+                retries = 0
                 while not stop.is_set():
+                    # Cleared before reading: a poke for a commit the read may miss wakes the next wait.
+                    self._wake.clear()
                     try:
                         n = await self.pump_once()
                     except Exception as exc:
@@ -150,16 +168,23 @@ class Relay:
                         with contextlib.suppress(Exception):
                             await self.resync()
                         continue
-                    if n:
-                        fast = 0
-                    elif fast:
-                        # Woken, yet nothing readable: a transaction still open below the new event
-                        # holds the horizon back for a moment. Look again soon, not a poll later.
-                        fast -= 1
-                        await asyncio.sleep(0.002)
+                    if n >= self.batch:
+                        continue  # a full batch: more may be readable at once
+                    if self.pending:
+                        # Committed events wait behind the horizon: an older transaction is still
+                        # open. Its writer's poke (after its commit) wakes us, but not every writer
+                        # pokes (the projector's transactions, the relay's checkpoint, leases): look
+                        # again every 2 ms anyway, ten times, then backing off to 25 ms.
+                        retries += 1
+                        timeout = min(retry_after(retries), self.poll_interval)
                     else:
-                        fast = await wait_for_wake(self._wake, self.poll_interval)
+                        # Nothing more has committed: every later commit pokes (or the poll finds it).
+                        retries = 0
+                        timeout = self.poll_interval
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._wake.wait(), timeout)
             finally:
+                stopping.cancel()
                 with contextlib.suppress(Exception):
                     await sub.unsubscribe()
                 if self._checkpointer is not None:  # the last checkpoint is written before we go
@@ -169,27 +194,20 @@ class Relay:
     async def _poke(self, _msg: Any) -> None:
         self._wake.set()
 
+    async def _wake_when(self, stop: asyncio.Event) -> None:
+        await stop.wait()
+        self._wake.set()
+
     async def pump_once(self) -> int:
         """Publish the next batch of the feed; returns how many events went out."""
-        events = await self.store.read_feed(self.cursor, self.batch)
+        events, self.pending = await self.store.follow_feed(self.cursor, self.batch)
         if not events:
+            _EMPTY_READS.inc()
             return 0
-        js = self.nc.jetstream()
-        base = self.last_seq
+        _READS.inc()
         limit = max(1024, self.nc.max_payload - 4096)  # room for the headers
         messages = await self._messages(events, limit)
-        acks = await asyncio.gather(
-            *(
-                js.publish(
-                    subject,
-                    body,
-                    stream=self.stream,
-                    headers={**headers, "Nats-Expected-Last-Sequence": str(base + i)},
-                )
-                for i, (_, subject, body, headers) in enumerate(messages)
-            ),
-            return_exceptions=True,
-        )
+        acks = await self._publish_all(messages, self.last_seq)
         ok = 0
         for ack in acks:
             if isinstance(ack, BaseException):
@@ -211,6 +229,41 @@ class Relay:
             err = next(a for a in acks if isinstance(a, BaseException))
             raise RuntimeError(f"{len(messages) - ok} of {len(messages)} publishes failed: {err}")
         return done
+
+    async def _publish_all(
+        self, messages: list[tuple[int, str, bytes, dict[str, str]]], base: int
+    ) -> list[PubAck | BaseException]:
+        """Send the batch's messages in order without waiting, then await their acks together
+        (JetStream's async publish: no task or timer per message); each message's ack, or why it
+        has none. The i-th expects the stream's last sequence to be `base + i`."""
+        if self._js is None:  # one context: its reply subscription serves every batch
+            self._js = self.nc.jetstream()
+        futures: list[asyncio.Future[PubAck]] = []
+        unsent: BaseException | None = None
+        for i, (_, subject, body, headers) in enumerate(messages):
+            try:
+                futures.append(
+                    await self._js.publish_async(
+                        subject,
+                        body,
+                        stream=self.stream,
+                        headers={**headers, "Nats-Expected-Last-Sequence": str(base + i)},
+                    )
+                )
+            except Exception as exc:  # not sent; nor is anything after it
+                unsent = exc
+                break
+        if futures:
+            await asyncio.wait(futures, timeout=_ACK_TIMEOUT)
+        acks: list[PubAck | BaseException] = []
+        for future in futures:
+            if not future.done():
+                future.cancel()
+                acks.append(TimeoutError(f"no ack within {_ACK_TIMEOUT:g} s"))
+            else:
+                acks.append(future.exception() or future.result())
+        acks.extend(unsent or RuntimeError("not sent") for _ in range(len(messages) - len(futures)))
+        return acks
 
     async def _messages(
         self, events: list[RecordedEvent], limit: int

@@ -1,4 +1,5 @@
-"""The projector's checkpoint row: read, compare-and-set, and the look behind the feed's horizon."""
+"""The projector's checkpoint row: read, compare-and-set, and the look behind the feed's horizon
+(`BEHIND_HORIZON`, in the transaction of each batch)."""
 
 from __future__ import annotations
 
@@ -28,14 +29,6 @@ async def read_checkpoint(store: PostgresEventStore) -> FeedCursor:
         cur = await conn.execute("SELECT tx_id::text::bigint, position FROM checkpoints WHERE name = %s", (NAME,))
         row = await cur.fetchone()
         return (row[0], row[1]) if row else FEED_START
-
-
-async def behind_horizon(store: PostgresEventStore, cursor: FeedCursor) -> bool:
-    """Whether committed events after `cursor` are not yet readable (an older transaction is
-    still open). Rows of uncommitted transactions are invisible here, so any row is committed."""
-    async with store.pool.connection() as conn:
-        cur = await conn.execute(BEHIND_HORIZON, (str(cursor[0]), cursor[1]))
-        return await cur.fetchone() is not None
 
 
 async def move_checkpoint(conn: psycopg.AsyncConnection[Any], cursor: FeedCursor, *, expected: FeedCursor) -> None:

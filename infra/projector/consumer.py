@@ -15,10 +15,10 @@ import psycopg
 from nats.aio.client import Client as NATS
 
 from infra.broker.bus import APPENDED_SUBJECT
-from infra.metrics import observe_lags, projection_lag
+from infra.metrics import feed_reads, observe_lags, projection_lag
 from infra.projector import rebuild as rb
 from infra.projector.apply import States, apply
-from infra.projector.checkpoint import BEHIND_HORIZON, CheckpointMoved, behind_horizon, move_checkpoint, read_checkpoint
+from infra.projector.checkpoint import BEHIND_HORIZON, CheckpointMoved, move_checkpoint, read_checkpoint
 from infra.setaside import PROJECTOR, is_poison, record
 from infra.store.postgres import PostgresEventStore
 from infra.store.records import FeedCursor, RecordedEvent
@@ -27,6 +27,8 @@ log = logging.getLogger("pipelines.projector")
 
 _MAX_BACKOFF = 0.025
 PROJECTOR_LOCK = 7_311_224_003
+_READS = feed_reads.labels(consumer=PROJECTOR, result="events")
+_EMPTY_READS = feed_reads.labels(consumer=PROJECTOR, result="empty")
 
 
 class Projector:
@@ -129,9 +131,11 @@ class Projector:
             if cursor is None:
                 cursor = self._cursor = await self.checkpoint()
                 self._states.clear()
-            events = await self.store.read_feed(cursor, self.batch)
+            events, pending = await self.store.follow_feed(cursor, self.batch)
             if not events:
-                return total, await behind_horizon(self.store, cursor)
+                _EMPTY_READS.inc()
+                return total, pending
+            _READS.inc()
             try:
                 try:
                     pending, folded = await self._commit_batch(cursor, events)

@@ -196,6 +196,19 @@ class PostgresEventStore:
             await cur.execute(query, params)
             return [_record(r) for r in await cur.fetchall()]
 
+    async def follow_feed(self, after: FeedCursor, limit: int = 500) -> tuple[list[RecordedEvent], bool]:
+        """A follower's read of the feed: the next events (as `read_feed`), and whether committed
+        events already wait behind the horizon after them, so that the follower knows, from the
+        same snapshot and round trip, whether to look again soon (an older transaction still
+        holds the horizon) or to sleep until the next wake-up (nothing more has committed)."""
+        async with self._pool.connection() as conn:
+            cur = conn.cursor(row_factory=tuple_row)
+            await cur.execute(_FOLLOW_FEED, (str(after[0]), after[1], limit, str(after[0]), after[1]))
+            rows = await cur.fetchall()
+        # Tell the rows apart by their flag, not by their place: UNION ALL promises no order.
+        events = sorted((_record(r[1:]) for r in rows if r[0]), key=lambda e: e.cursor)
+        return events, any(not r[0] for r in rows)
+
     async def cursor_of(self, position: int) -> FeedCursor | None:
         async with self._pool.connection() as conn:
             cur = await conn.execute(
@@ -224,6 +237,19 @@ class PostgresEventStore:
             )
             row = await cur.fetchone()
             return (row[0], row[1]) if row else (0, 0)
+
+
+# The feed below the horizon, and a row of nulls (its flag false) when a committed event waits at
+# or above it, in one statement: one snapshot. Rows at or above the horizon that are visible here
+# have committed. Both parts ordered on the feed index, which a generic plan then keeps using (see
+# infra/projector/checkpoint.py).
+_FOLLOW_FEED = (
+    f"(SELECT true, {_COLUMNS} FROM events WHERE (tx_id, position) > (%s::text::xid8, %s) "
+    "AND tx_id < pg_snapshot_xmin(pg_current_snapshot()) ORDER BY tx_id, position LIMIT %s) "
+    f"UNION ALL (SELECT false{', NULL' * _COLUMNS.count(', ')}, NULL FROM events "
+    "WHERE (tx_id, position) > (%s::text::xid8, %s) AND tx_id >= pg_snapshot_xmin(pg_current_snapshot()) "
+    "ORDER BY tx_id, position LIMIT 1)"
+)
 
 
 # The stream-version write of `_append_statement`, by expected version: 0 (the stream must

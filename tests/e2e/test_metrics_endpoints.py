@@ -34,8 +34,14 @@ async def test_each_service_serves_what_it_measures(stack: RunningStack) -> None
     succeeded = frozenset({("status", "succeeded")})
     expected = {
         "executor": [("pipelines_stage_duration_seconds_count", succeeded)],
-        "relay": [("pipelines_relay_lag_seconds_count", frozenset())],
-        "projector": [("pipelines_projection_lag_seconds_count", frozenset())],
+        "relay": [
+            ("pipelines_relay_lag_seconds_count", frozenset()),
+            ("pipelines_feed_reads_total", frozenset({("consumer", "relay"), ("result", "events")})),
+        ],
+        "projector": [
+            ("pipelines_projection_lag_seconds_count", frozenset()),
+            ("pipelines_feed_reads_total", frozenset({("consumer", "projector"), ("result", "events")})),
+        ],
     }
     async with httpx.AsyncClient(timeout=10) as client:
         before = {name: await _samples(client, url) for name, url in urls.items()}

@@ -62,14 +62,12 @@ class _HeldStore(PostgresEventStore):
         super().__init__(store.pool)
         self._hold: Callable[[list[RecordedEvent]], Awaitable[None]] | None = hold
 
-    async def read_feed(
-        self, after: FeedCursor, limit: int = 500, *, run_id: str | None = None, pipeline_id: str | None = None
-    ) -> list[RecordedEvent]:
-        events = await super().read_feed(after, limit, run_id=run_id, pipeline_id=pipeline_id)
+    async def follow_feed(self, after: FeedCursor, limit: int = 500) -> tuple[list[RecordedEvent], bool]:
+        events, pending = await super().follow_feed(after, limit)
         if events and self._hold is not None:
             hold, self._hold = self._hold, None
             await hold(events)
-        return events
+        return events, pending
 
 
 async def test_racing_projectors_apply_every_event_exactly_once(system: System) -> None:

@@ -6,7 +6,9 @@ import asyncio
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
+from typing import Any
 
+import psycopg
 import pytest
 import pytest_asyncio
 
@@ -69,13 +71,11 @@ class _DyingStore(PostgresEventStore):
         self.reads = 0
         self._dies_at = dies_at
 
-    async def read_feed(
-        self, after: FeedCursor, limit: int = 500, *, run_id: str | None = None, pipeline_id: str | None = None
-    ) -> list[RecordedEvent]:
+    async def follow_feed(self, after: FeedCursor, limit: int = 500) -> tuple[list[RecordedEvent], bool]:
         self.reads += 1
         if self.reads >= self._dies_at:
             raise Crash()
-        return await super().read_feed(after, limit, run_id=run_id, pipeline_id=pipeline_id)
+        return await super().follow_feed(after, limit)
 
 
 async def test_a_relay_that_dies_mid_feed_loses_and_repeats_nothing(
@@ -141,6 +141,93 @@ async def test_a_running_relay_publishes_concurrent_appends_in_feed_order(
             await asyncio.sleep(0.05)
         ids = [(await js.get_msg(stream, seq)).headers["Nats-Msg-Id"] for seq in range(1, len(feed) + 1)]  # type: ignore[index]
         assert ids == [r.event_id for r in feed]
+        stop.set()
+        await asyncio.wait_for(task, 10)
+    finally:
+        stop.set()
+        await nc.jetstream().delete_stream(stream)
+        await nc.drain()
+
+
+class _CountingStore(PostgresEventStore):
+    """The store, counting the follower's feed reads."""
+
+    def __init__(self, store: PostgresEventStore) -> None:
+        super().__init__(store.pool)
+        self.reads = 0
+
+    async def follow_feed(self, after: FeedCursor, limit: int = 500) -> tuple[list[RecordedEvent], bool]:
+        self.reads += 1
+        return await super().follow_feed(after, limit)
+
+
+async def _published(js: Any, stream: str, count: int, within: float = 10.0) -> bool:
+    for _ in range(int(within / 0.01)):
+        if (await js.stream_info(stream)).state.messages >= count:
+            return True
+        await asyncio.sleep(0.01)
+    return False
+
+
+async def test_a_relay_publishes_events_held_behind_a_transaction_whose_writer_never_pokes(
+    store: PostgresEventStore, database_url: str, nats_url: str
+) -> None:
+    """Poked for an event it cannot read yet (an older transaction holds the horizon), the relay
+    keeps looking until that transaction ends, however long it stays open: the writer holding it
+    need not poke (the projector's and the relay's own transactions never do), and the poll is far."""
+    stream = f"RELAY_{uuid.uuid4().hex[:10]}"
+    nc = await bus.connect(nats_url, "relay-test")
+    stop = asyncio.Event()
+    try:
+        await bus.ensure_events_stream(nc, stream)
+        relay = Relay(store, database_url, nc, stream=stream, poll_interval=60)
+        task = asyncio.create_task(relay.run(stop))
+        await _append_many(store, writers=1, each=1)
+        await nc.publish(bus.APPENDED_SUBJECT, b"")
+        js = nc.jetstream()
+        assert await _published(js, stream, len(await _whole_feed(store)))
+
+        published = (await js.stream_info(stream)).state.messages
+        async with await psycopg.AsyncConnection.connect(database_url) as holder:
+            await holder.execute("SELECT pg_current_xact_id()")  # an xid, held open: the horizon stops here
+            await _append_many(store, writers=1, each=1)
+            await nc.publish(bus.APPENDED_SUBJECT, b"")
+            await asyncio.sleep(0.3)
+            assert (await js.stream_info(stream)).state.messages == published
+            await holder.commit()  # no poke follows
+        assert await _published(js, stream, published + 1, within=2.0)
+        stop.set()
+        await asyncio.wait_for(task, 10)
+    finally:
+        stop.set()
+        await nc.jetstream().delete_stream(stream)
+        await nc.drain()
+
+
+async def test_a_caught_up_relay_reads_the_feed_once_per_wake_up(
+    store: PostgresEventStore, database_url: str, nats_url: str
+) -> None:
+    """A short batch with nothing committed behind it is the feed's end: the relay waits for the
+    next wake-up instead of reading again to find the feed empty."""
+    stream = f"RELAY_{uuid.uuid4().hex[:10]}"
+    nc = await bus.connect(nats_url, "relay-test")
+    stop = asyncio.Event()
+    try:
+        await bus.ensure_events_stream(nc, stream)
+        counting = _CountingStore(store)
+        relay = Relay(counting, database_url, nc, stream=stream, poll_interval=60)
+        task = asyncio.create_task(relay.run(stop))
+        js = nc.jetstream()
+        await _append_many(store, writers=1, each=1)
+        await nc.publish(bus.APPENDED_SUBJECT, b"")
+        assert await _published(js, stream, len(await _whole_feed(store)))
+        await asyncio.sleep(0.2)
+        before = counting.reads
+        await _append_many(store, writers=1, each=1)
+        await nc.publish(bus.APPENDED_SUBJECT, b"")
+        assert await _published(js, stream, len(await _whole_feed(store)))
+        await asyncio.sleep(0.2)
+        assert counting.reads - before == 1
         stop.set()
         await asyncio.wait_for(task, 10)
     finally:
