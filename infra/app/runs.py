@@ -12,6 +12,7 @@ from domain import events as ev
 from domain import pipeline as pl
 from domain import run as rn
 from domain.errors import NotFound
+from infra import trace
 from infra.app.context import AppContext
 from infra.app.definitions import Definitions
 from infra.app.ports import EventStore
@@ -151,6 +152,7 @@ class RunCommands:
                 ev.run_stream(run_id), self.records(cmd.organization_id, cmd.pipeline_id, run_id, new), 0
             )
         )
+        trace.appended(ev.run_stream(run_id), new)
         ctx.appended()
         ctx.run_appended(run_id)
         state = rn.fold(new)
@@ -220,4 +222,5 @@ class RunCommands:
             self.records(state.organization_id, state.pipeline_id, state.run_id, chunks),
             None,
         )
+        trace.appended(ev.run_log_stream(state.run_id), chunks)
         self.ctx.appended()

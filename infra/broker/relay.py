@@ -25,6 +25,7 @@ import psycopg
 from nats.aio.client import Client as NATS
 from nats.js.errors import NotFoundError
 
+from infra import trace
 from infra.broker.bus import APPENDED_SUBJECT, ensure_events_stream, event_subject, wait_for_wake
 from infra.broker.cursor import CURSOR, cursor_token
 from infra.metrics import observe_lags, relay_lag
@@ -167,13 +168,16 @@ class Relay:
                         await asyncio.wait_for(self._checkpointer, 5)
 
     async def _poke(self, _msg: Any) -> None:
+        trace.mark("poked")
         self._wake.set()
 
     async def pump_once(self) -> int:
         """Publish the next batch of the feed; returns how many events went out."""
         events = await self.store.read_feed(self.cursor, self.batch)
         if not events:
+            trace.mark("read nothing")
             return 0
+        trace.records("read", events)
         js = self.nc.jetstream()
         base = self.last_seq
         limit = max(1024, self.nc.max_payload - 4096)  # room for the headers
@@ -204,6 +208,7 @@ class Relay:
             self.last_seq = last_ack.seq
             self.published += ok
             observe_lags(relay_lag, (rec.recorded_at for rec in events[:done]))
+            trace.records("published", events[:done])
         if done:
             self.cursor = events[done - 1].cursor
         self._checkpoint_later()
