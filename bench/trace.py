@@ -26,7 +26,7 @@ import contextlib
 import json
 import time
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -105,13 +105,18 @@ def timeline(run: ClientRun, marks: Iterable[Mark]) -> list[tuple[str, float]]:
     return out
 
 
-def summarize(timelines: Sequence[Sequence[tuple[str, float]]]) -> list[dict[str, Any]]:
-    """Each hop's median (and p10, p90) over the runs where it occurred at least half the time,
-    in the order of the medians; `gap_ms` is the difference from the row above."""
+def summarize(
+    timelines: Sequence[Sequence[tuple[str, float]]], keep: Callable[[str], bool] = lambda _: True
+) -> list[dict[str, Any]]:
+    """The hops `keep` accepts that occurred in at least half of the runs: each one's median (and
+    p10, p90) over the runs, in the order of the medians. `gap_ms`: the difference of its median
+    from the row above's; `step_ms`: the median over the runs of its time minus the row above's
+    in the same run (robust where the gap of two medians is not: a noisy hop's neighbours)."""
     by: dict[str, list[float]] = {}
     for tl in timelines:
         for label, ms in tl:
-            by.setdefault(label, []).append(ms)
+            if keep(label):
+                by.setdefault(label, []).append(ms)
     rows = []
     for label, values in by.items():
         if 2 * len(values) < len(timelines):
@@ -126,29 +131,30 @@ def summarize(timelines: Sequence[Sequence[tuple[str, float]]]) -> list[dict[str
             }
         )
     rows.sort(key=lambda r: (r["median_ms"], r["hop"]))
-    return with_gaps(rows)
-
-
-def with_gaps(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    prev = 0.0
-    out = []
+    runs = [dict(tl) for tl in timelines]
+    prev: dict[str, Any] | None = None
     for r in rows:
-        out.append(r | {"gap_ms": round(r["median_ms"] - prev, 2)})
-        prev = r["median_ms"]
-    return out
+        if prev is None:
+            r["gap_ms"] = r["step_ms"] = r["median_ms"]
+        else:
+            r["gap_ms"] = round(r["median_ms"] - prev["median_ms"], 2)
+            steps = [run[r["hop"]] - run[prev["hop"]] for run in runs if r["hop"] in run and prev["hop"] in run]
+            r["step_ms"] = round(median(steps) or 0.0, 2)
+        prev = r
+    return rows
 
 
 def on_path(label: str) -> bool:
     """Whether a hop belongs to the critical-path table: everything but the fan-out of the events
-    between the run's start and its end (still in the full table)."""
+    between the run's start and its end (in the full table only)."""
     who, _, rest = label.partition(": ")
     if who not in FAN_OUT:
         return True
     return any(e in rest for e in PATH_EVENTS)
 
 
-def critical_path(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return with_gaps([{k: v for k, v in r.items() if k != "gap_ms"} for r in rows if on_path(r["hop"])])
+def critical_path(timelines: Sequence[Sequence[tuple[str, float]]]) -> list[dict[str, Any]]:
+    return summarize(timelines, on_path)
 
 
 def counts(timelines: Sequence[Sequence[tuple[str, float]]]) -> dict[str, float | None]:
@@ -168,10 +174,14 @@ def counts(timelines: Sequence[Sequence[tuple[str, float]]]) -> dict[str, float 
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    lines = ["| hop | ms since POST (median) | gap | p10 | p90 |", "|---|---:|---:|---:|---:|"]
+    lines = [
+        "| hop | ms since POST: median | gap from the row above | same, per run (median) | p10 | p90 |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
     for r in rows:
         lines.append(
-            f"| {r['hop']} | {r['median_ms']:.2f} | {r['gap_ms']:+.2f} | {r['p10_ms']:.2f} | {r['p90_ms']:.2f} |"
+            f"| {r['hop']} | {r['median_ms']:.2f} | {r['gap_ms']:+.2f} | {r['step_ms']:+.2f} | "
+            f"{r['p10_ms']:.2f} | {r['p90_ms']:.2f} |"
         )
     return "\n".join(lines)
 
@@ -305,7 +315,6 @@ async def trace_runs(
     finally:
         await frames.close()
         await nc.close()
-    rows = summarize(timelines)
     return {
         "runs": len(measured),
         "warmup": warmup,
@@ -314,8 +323,8 @@ async def trace_runs(
             "p50": round(median([(r.done - r.posted) * 1000 for r in measured]) or 0.0, 2),
             "p90": round(percentile([(r.done - r.posted) * 1000 for r in measured], 90) or 0.0, 2),
         },
-        "critical_path": critical_path(rows),
-        "hops": rows,
+        "critical_path": critical_path(timelines),
+        "hops": summarize(timelines),
         "hops_per_run": counts(timelines),
         "timelines": timelines,
     }
