@@ -93,7 +93,7 @@ class Sizes:
     # py-spy sampling rate of each service during workload 1's throughput part.
     trace_runs: int = 20
     trace_warmup: int = 3
-    profile_rate: int = 100
+    profile_rate: int = 200
 
 
 SMOKE = Sizes(
@@ -982,6 +982,8 @@ def sections(result: dict[str, Any]) -> str:
             f"\n## Trace of one run: median over {tr['runs']} single runs (POST to `succeeded` p50 "
             f"{total['p50']} ms, p90 {total['p90']} ms; load {tr.get('load_avg_before')})\n\n"
             + tracing.table(tr["critical_path"])
+            + "\n\nWhere the time goes (each run's causal chain charged to what ended each gap; median ms per run):\n\n"
+            + "\n".join(f"- {r['cost']}: {r['median_ms']} ms ({r['share_pct']}%)" for r in tr.get("breakdown", []))
             + "\n\nHops per run (median): "
             + ", ".join(f"{k} {v:g}" for k, v in tr["hops_per_run"].items() if v)
             + "\n"

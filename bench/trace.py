@@ -157,6 +157,69 @@ def critical_path(timelines: Sequence[Sequence[tuple[str, float]]]) -> list[dict
     return summarize(timelines, on_path)
 
 
+# The causal chain of a run (the spine): each gap between two of its marks, in the run's own
+# time order, is charged to what ended it. Marks of parallel branches (the 201, the fan-out of the
+# events between the start and the end, the projector, a second read of the run while a step
+# runs) are left out, so the charges add up to the run's POST-to-`succeeded` time.
+SPINE: tuple[tuple[str, str], ...] = (
+    ("api: trigger", "API: HTTP, token, pipeline read"),
+    ("store: now() of append", "executor/API Python between hops (decide, leases, log flush)"),
+    ("api: appended", "commits (statement to return: WAL fsync)"),
+    ("executor: appended", "commits (statement to return: WAL fsync)"),
+    ("executor: woken", "wake-up over core NATS"),
+    ("executor: loaded", "executor: read of the run"),
+    ("executor: unit", "executor/API Python between hops (decide, leases, log flush)"),
+    ("executor: script run", "executor: unit set-up (secrets, run log, uid, env)"),
+    ("executor: script written", "executor: work dir and script files"),
+    ("executor: sandbox held", "sandbox: the run's sandbox taken (spare holder, /tmp)"),
+    ("executor: step sent to the runner", "sandbox: step env file, FIFOs, request"),
+    ("executor: step started", "runner: fork and exec of the step (first: sandbox ready)"),
+    ("executor: step exited", "the script itself (`true`) and its exit report"),
+    ("relay: read run_succeeded", "relay: woken and feed read of the last event"),
+    ("nats: stored run_succeeded", "relay: publish to JetStream"),
+    ("gateway: received run_succeeded", "JetStream delivery to the gateway"),
+    ("client: frame succeeded received", "gateway: frame built and sent, WebSocket to client"),
+)
+
+
+def _charge(label: str) -> str | None:
+    base = label.split(" #")[0]
+    for prefix, what in SPINE:
+        if base == prefix or base.startswith(prefix + " "):
+            return what
+    return None
+
+
+def breakdown(timelines: Sequence[Sequence[tuple[str, float]]]) -> list[dict[str, Any]]:
+    """Per kind of cost, its median ms per run over the runs (and its share of the sum of the
+    medians), largest first. Each run's spine telescopes to its POST-to-`succeeded` time."""
+    per_run: list[dict[str, float]] = []
+    for tl in timelines:
+        charged: dict[str, float] = {}
+        prev = 0.0
+        loaded = ended = False
+        for label, ms in sorted(tl, key=lambda x: x[1]):
+            what = _charge(label)
+            if what is None or (label.startswith("executor: loaded") and loaded):
+                continue  # off the spine; or a second read of the run, made while a step runs
+            if ended and not label.startswith(("nats:", "gateway:", "client:")):
+                continue  # the relay already read the run's end: the rest is its way to the client
+            loaded = loaded or label.startswith("executor: loaded")
+            ended = ended or label.startswith("relay: read run_succeeded")
+            charged[what] = charged.get(what, 0.0) + ms - prev
+            prev = ms
+            if label.startswith("client: frame succeeded"):
+                break
+        per_run.append(charged)
+    kinds = {k for c in per_run for k in c}
+    meds = {k: median([c.get(k, 0.0) for c in per_run]) or 0.0 for k in kinds}
+    total = sum(meds.values()) or 1.0
+    return [
+        {"cost": k, "median_ms": round(v, 2), "share_pct": round(100 * v / total, 1)}
+        for k, v in sorted(meds.items(), key=lambda kv: -kv[1])
+    ]
+
+
 def counts(timelines: Sequence[Sequence[tuple[str, float]]]) -> dict[str, float | None]:
     """Median times per run each hop occurred (its label without the event or number)."""
     per_run = []
@@ -324,6 +387,7 @@ async def trace_runs(
             "p90": round(percentile([(r.done - r.posted) * 1000 for r in measured], 90) or 0.0, 2),
         },
         "critical_path": critical_path(timelines),
+        "breakdown": breakdown(timelines),
         "hops": summarize(timelines),
         "hops_per_run": counts(timelines),
         "timelines": timelines,

@@ -469,6 +469,7 @@ class RunSandboxes:
         if not self.runner:
             return None
         held = await self._held_for(private, tmp, workdir, owner)
+        trace.mark("sandbox held")
         if held.uid != (None if owner is None else owner[0]):
             return None
         step_id = script.stem

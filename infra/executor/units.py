@@ -343,6 +343,7 @@ class UnitRunner:
         )
         if self.leases.store is not None:
             self._background.spawn(self._record_pgid(script, state.run_id, unit.key, unit.attempt))
+        trace.mark("script run")  # the unit's secrets, log, uid and environment ready
         try:
             return await script.run(
                 command,

@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 from bench import profile
-from bench.trace import ClientRun, Mark, counts, critical_path, read_marks, summarize, timeline
+from bench.trace import ClientRun, Mark, breakdown, counts, critical_path, read_marks, summarize, timeline
 
 RUN = "r1"
 
@@ -138,3 +138,33 @@ def test_a_profile_counts_self_samples_at_the_innermost_frame_and_inclusive_ones
         "publish (/x/site-packages/nats/js/client.py)": 1,
     }
     assert {r["function"]: r["pct"] for r in s["self_by_package"]} == {"infra": 90.0, "nats": 10.0}
+
+
+def test_the_breakdown_charges_each_gap_of_the_causal_chain_to_what_ended_it() -> None:
+    run = [
+        ("client: POST sent", 0.0),
+        ("api: trigger", 2.0),
+        ("store: now() of append run_triggered", 3.0),
+        ("client: 201 received", 5.0),  # a parallel branch: not charged
+        ("api: appended run_triggered", 6.0),
+        ("executor: woken", 7.0),
+        ("executor: loaded", 8.0),
+        ("store: now() of append run_started,stage_started", 10.0),
+        ("executor: appended run_started,stage_started", 13.0),
+        ("executor: unit s1", 13.5),
+        ("executor: loaded #2", 14.0),  # a second read of the run while its step runs: not charged
+        ("executor: step started", 20.0),
+        ("executor: step exited", 22.0),
+        ("store: now() of append stage_succeeded,run_succeeded", 23.0),
+        ("relay: read run_succeeded", 25.0),
+        ("executor: appended stage_succeeded,run_succeeded", 26.0),  # after the relay saw it committed
+        ("nats: stored run_succeeded", 26.5),
+        ("gateway: received run_succeeded", 27.0),
+        ("client: frame succeeded received", 28.0),
+    ]
+    costs = {r["cost"]: r["median_ms"] for r in breakdown([run])}
+    assert sum(costs.values()) == 28.0  # the run's POST to `succeeded`
+    assert costs["commits (statement to return: WAL fsync)"] == 6.0  # 3 + 3; the last one ends at the relay's read
+    assert costs["relay: woken and feed read of the last event"] == 2.0
+    assert costs["executor/API Python between hops (decide, leases, log flush)"] == 1.0 + 2.0 + 0.5 + 1.0
+    assert costs["runner: fork and exec of the step (first: sandbox ready)"] == 6.5
