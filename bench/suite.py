@@ -27,9 +27,12 @@ from pathlib import Path
 from typing import Any
 
 from bench import agents, cpu, database, env, projection, stop, system
+from bench import profile as profiling
 from bench import sandbox as sandbox_cost
+from bench import trace as tracing
 from bench.stats import median, ratio
 from infra.store.migrate import migrate
+from infra.trace import VARIABLE as TRACE_VARIABLE
 
 RESULTS = env.ROOT / "bench" / "results"
 WORKLOADS = (
@@ -46,7 +49,11 @@ WORKLOADS = (
     "projection",
     "stop_huge_run",
     "agents",
+    "trace",
+    "profile",
 )
+# Run only when named in --only: py-spy costs CPU on the same cores, and its files are large.
+OPT_IN = frozenset({"profile"})
 
 
 @dataclass(frozen=True)
@@ -82,6 +89,11 @@ class Sizes:
     agent_in_flight: int = 64
     agent_duration: float = 10.0
     agent_ramp: float = 2.0
+    # trace (issue 17): single runs of workload 1, each alone, after unmeasured ones; profile: the
+    # py-spy sampling rate of each service during workload 1's throughput part.
+    trace_runs: int = 20
+    trace_warmup: int = 3
+    profile_rate: int = 200
 
 
 SMOKE = Sizes(
@@ -111,6 +123,8 @@ SMOKE = Sizes(
     agent_in_flight=4,
     agent_duration=1.0,
     agent_ramp=0.5,
+    trace_runs=2,
+    trace_warmup=1,
 )
 
 # Every key the JSON carries, whatever the sizes (the smoke test checks them).
@@ -157,6 +171,8 @@ class Run:
     errors: list[str] = field(default_factory=list)
 
     def wanted(self, name: str) -> bool:
+        if name in OPT_IN:
+            return self.args.only is not None and name in self.args.only
         return self.args.only is None or name in self.args.only
 
     def record(self, rep: dict[str, Any], name: str, fn: Callable[[], Any]) -> None:
@@ -241,6 +257,8 @@ def run_suite(args: argparse.Namespace) -> dict[str, Any]:
                 say("last lines of the services' output:\n" + tail.text(40))
         if run.wanted("e2e_unsandboxed"):
             _unsandboxed_reps(run, servers)
+        if run.wanted("trace"):
+            _trace_rep(run, servers)
         if run.wanted("memory") and sizes.isolate_output:
             for rep in run.reps:
                 _memory_output_rep(run, rep, servers)
@@ -333,10 +351,73 @@ def _unsandboxed_reps(run: Run, servers: env.Servers) -> None:
         servers.drop_database(db)
 
 
+def _trace_rep(run: Run, servers: env.Servers) -> None:
+    """Workload 1's pipeline on a stack of its own whose services write trace marks
+    (PIPELINES_TRACE, infra/trace.py): the median timeline of single runs (bench.trace). Once,
+    in the first repetition: its figures are medians over its own runs."""
+    assert servers.tmp is not None
+    db = servers.create_database("trace")
+    marks = servers.tmp / "trace-marks.jsonl"
+    marks.unlink(missing_ok=True)
+    if not run.reps:
+        run.reps.append({"rep": 0})
+    try:
+        asyncio.run(migrate(db))
+        with env.running_stack(servers, db, extra_env={TRACE_VARIABLE: str(marks)}, echo=run.args.echo) as (
+            stack,
+            stack_env,
+            _,
+        ):
+            sysm = system.System(stack, stack_env)
+            asyncio.run(_with_fresh_client(sysm, sysm.wait_ready))
+            run.record(
+                run.reps[0],
+                "trace",
+                lambda: asyncio.run(
+                    _with_fresh_client(
+                        sysm,
+                        lambda: tracing.trace_runs(
+                            sysm,
+                            database_url=db,
+                            nats_url=servers.nats_url,
+                            stream=stack_env["PIPELINES_EVENTS_STREAM"],
+                            marks_file=marks,
+                            runs=run.sizes.trace_runs,
+                            warmup=run.sizes.trace_warmup,
+                        ),
+                    )
+                ),
+            )
+    finally:
+        servers.drop_database(db)
+
+
+def _profile(run: Run, sysm: system.System, processes: dict[str, int | None]) -> dict[str, Any]:
+    s = run.sizes
+    return dict(
+        asyncio.run(
+            _with_fresh_client(
+                sysm,
+                lambda: profiling.profile(
+                    sysm,
+                    processes,
+                    RESULTS / "profile",
+                    concurrency=s.concurrency,
+                    duration=s.duration,
+                    ramp=s.ramp,
+                    rate=s.profile_rate,
+                ),
+            )
+        )
+    )
+
+
 def _main_stack_rep(
     run: Run, rep: dict[str, Any], sysm: system.System, dbs: dict[str, str], processes: dict[str, int | None]
 ) -> None:
     s = run.sizes
+    if rep["rep"] == 0:  # one set of files
+        run.record(rep, "profile", lambda: _profile(run, sysm, processes))
     run.record(rep, "spawn", lambda: _peer("spawn", s))
     run.record(rep, "sandbox", lambda: asyncio.run(sandbox_cost.stage_cost(runs=s.latency_runs, warmup=s.warmup)))
     if dbos_available():
@@ -898,6 +979,33 @@ def cpu_table(m: dict[str, Any]) -> list[str]:
     return lines
 
 
+def sections(result: dict[str, Any]) -> str:
+    """The trace's critical path and the profile's tops, when they ran (first repetition)."""
+    first = result["repetitions"][0] if result["repetitions"] else {}
+    out = ""
+    tr = first.get("trace") or {}
+    if tr.get("critical_path"):
+        total = tr["client_total_ms"]
+        out += (
+            f"\n## Trace of one run: median over {tr['runs']} single runs (POST to `succeeded` p50 "
+            f"{total['p50']} ms, p90 {total['p90']} ms; load {tr.get('load_avg_before')})\n\n"
+            + tracing.table(tr["critical_path"])
+            + "\n\nWhere the time goes (each run's causal chain charged to what ended each gap; median ms per run):\n\n"
+            + "\n".join(f"- {r['cost']}: {r['median_ms']} ms ({r['share_pct']}%)" for r in tr.get("breakdown", []))
+            + "\n\nHops per run (median): "
+            + ", ".join(f"{k} {v:g}" for k, v in tr["hops_per_run"].items() if v)
+            + "\n"
+        )
+    pr = first.get("profile") or {}
+    if pr.get("processes"):
+        thr = pr["throughput"]
+        out += (
+            f"\n## Profile under the throughput load ({thr['concurrency']} in flight, {thr['per_s']} runs/s "
+            f"while sampled at {pr['rate_hz']} Hz; load {pr.get('load_avg_before')})\n" + profiling.report(pr) + "\n"
+        )
+    return out
+
+
 def header(result: dict[str, Any]) -> str:
     m = result["machine"]
     s = result["servers"]
@@ -945,6 +1053,7 @@ def main(argv: list[str] | None = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     report = header(result) + "\n\n" + table(result) + "\n\n" + "\n".join(f"- {n}" for n in result["notes"]) + "\n"
+    report += sections(result)
     out.with_suffix(".md").write_text(report)
     print(report)
     say(f"wrote {out} and {out.with_suffix('.md')}")

@@ -9,6 +9,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
+from infra import trace
 from infra.app.ports import EventStore
 from infra.app.positions import note
 from infra.store.records import Alongside, NewEvent, UniqueKey, WrongExpectedVersion
@@ -59,6 +60,7 @@ async def load_decide_append(
     while attempt < retries or time.monotonic() < give_up:
         attempt += 1
         state, version = await load()
+        trace.mark("loaded", trace.run_of(stream_id))
         new = decide(state)
         if not new:
             return Decided(state, version, [])
@@ -74,6 +76,7 @@ async def load_decide_append(
                     stream_id, record(state, new), version, claim=claim, release=release, alongside=also
                 )
             note(result)
+            trace.appended(stream_id, new)
         except WrongExpectedVersion:
             if lost_race is not None:
                 await lost_race(state, new)

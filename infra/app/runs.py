@@ -12,6 +12,7 @@ from domain import events as ev
 from domain import pipeline as pl
 from domain import run as rn
 from domain.errors import NotFound
+from infra import trace
 from infra.app.context import AppContext
 from infra.app.definitions import Definitions
 from infra.app.ports import EventStore
@@ -151,6 +152,7 @@ class RunCommands:
                 ev.run_stream(run_id), self.records(cmd.organization_id, cmd.pipeline_id, run_id, new), 0
             )
         )
+        trace.appended(ev.run_stream(run_id), new)
         ctx.appended()
         ctx.run_appended(run_id)
         state = rn.fold(new)
@@ -227,4 +229,5 @@ class RunCommands:
         """Append log chunks to the run's log stream; `records`: the chunks as records made
         earlier (the same event ids: a second append of them is refused, not stored twice)."""
         await self.ctx.store.append(ev.run_log_stream(state.run_id), records or self.log_records(state, chunks), None)
+        trace.appended(ev.run_log_stream(state.run_id), chunks)
         self.ctx.appended()

@@ -27,6 +27,7 @@ from nats.js.api import PubAck
 from nats.js.client import JetStreamContext
 from nats.js.errors import NotFoundError
 
+from infra import trace
 from infra.broker.bus import APPENDED_SUBJECT, ensure_events_stream, event_subject
 from infra.broker.cursor import CURSOR, cursor_token
 from infra.metrics import feed_reads, observe_lags, relay_lag
@@ -192,6 +193,7 @@ class Relay:
                         await asyncio.wait_for(self._checkpointer, 5)
 
     async def _poke(self, _msg: Any) -> None:
+        trace.mark("poked")
         self._wake.set()
 
     async def _wake_when(self, stop: asyncio.Event) -> None:
@@ -203,8 +205,10 @@ class Relay:
         events, self.pending = await self.store.follow_feed(self.cursor, self.batch)
         if not events:
             _EMPTY_READS.inc()
+            trace.mark("read nothing")
             return 0
         _READS.inc()
+        trace.records("read", events)
         limit = max(1024, self.nc.max_payload - 4096)  # room for the headers
         messages = await self._messages(events, limit)
         acks = await self._publish_all(messages, self.last_seq)
@@ -222,6 +226,7 @@ class Relay:
             self.last_seq = last_ack.seq
             self.published += ok
             observe_lags(relay_lag, (rec.recorded_at for rec in events[:done]))
+            trace.records("published", events[:done])
         if done:
             self.cursor = events[done - 1].cursor
         self._checkpoint_later()

@@ -16,6 +16,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
 
 from domain import run as rn
+from infra import trace
 from infra.broker.bus import RUN_WAKE_QUEUE, RUN_WAKE_SUBJECT
 from infra.config import Settings
 from infra.executor.background import Background
@@ -114,6 +115,7 @@ class Consumer:
             self._background.spawn(msg.ack())
             return
         run_id, event_type = parts[4], parts[5]
+        trace.mark("message", run_id, event_type)
         try:
             version = int((msg.headers or {}).get(STREAM_VERSION, "0"))
         except ValueError:
@@ -129,6 +131,7 @@ class Consumer:
 
     async def _on_wake(self, msg: Msg) -> None:
         run_id = msg.subject.rsplit(".", 1)[-1]
+        trace.mark("woken", run_id)
         if run_id:
             self.drivers.kick(run_id)
 

@@ -16,6 +16,7 @@ from nats.aio.msg import Msg
 from domain import run as rn
 from domain.errors import NotFound, Refused
 from domain.run.units import Unit, started_units
+from infra import trace
 from infra.app.commands import Commands, ConcurrencyConflict
 from infra.executor.background import Background
 from infra.executor.leasing import UnitLeases
@@ -127,6 +128,7 @@ class RunDrivers:
         await self.closing_logs.wait(timeout=5)
 
     async def _drive(self, run_id: str, driver: RunDriver) -> None:
+        trace.enter_run(run_id)  # the marks of this run's units, scripts and sandbox
         try:
             while True:
                 driver.dirty = False

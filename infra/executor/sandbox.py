@@ -21,6 +21,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from infra import trace
+
 log = logging.getLogger("pipelines.sandbox")
 
 _TOOLS_PATH = "/usr/bin:/bin:/usr/sbin:/sbin"
@@ -364,6 +366,7 @@ class _Held:
             while line := await self.proc.stdout.readline():
                 what, _, rest = line.decode(errors="replace").strip().partition(" ")
                 if what == "ready" and not self.ready.done():
+                    trace.mark("sandbox ready")
                     # Now PID 1 has one child, the runner: no step has left an orphan to it yet.
                     with contextlib.suppress(SandboxError, OSError):
                         self._runner = _child_of(_child_of(self.proc.pid))
@@ -466,6 +469,7 @@ class RunSandboxes:
         if not self.runner:
             return None
         held = await self._held_for(private, tmp, workdir, owner)
+        trace.mark("sandbox held")
         if held.uid != (None if owner is None else owner[0]):
             return None
         step_id = script.stem

@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from infra import trace
 from infra.executor.sandbox import (
     RunnerStep,
     RunSandboxes,
@@ -291,6 +292,7 @@ class ScriptRun:
             private = private_dir_of(workdir.absolute())
             prepare_private(private, as_user)
             script = write_script(private, (sandbox.prologue() if sandbox else "") + command, as_user)
+            trace.mark("script written")
         except (ScriptUserError, OSError) as exc:
             self._finished = True
             return ScriptOutcome(exit_code=None, error=f"could not prepare the script's user or directory: {exc}")
@@ -322,6 +324,7 @@ class ScriptRun:
             owner = None if as_user is None else (as_user.uid, as_user.gid)
             try:
                 step = await sandbox.start(private, private / "tmp", workdir, owner, script, env)
+                trace.mark("step sent to the runner")
                 if step is not None:
                     return await self._follow(step, timeout, on_line)
                 argv = await sandbox.enter(private, private / "tmp", workdir, [*(drop or []), *argv], owner)
@@ -348,6 +351,7 @@ class ScriptRun:
         except (OSError, ValueError, subprocess.SubprocessError) as exc:
             self._finished = True
             return ScriptOutcome(exit_code=None, error=f"could not start the script: {exc}")
+        trace.mark("process spawned")
         self._proc = proc
         assert proc.stdout is not None and proc.stderr is not None
         readers = [
@@ -357,6 +361,7 @@ class ScriptRun:
         timed_out = False
         try:
             await asyncio.wait_for(proc.wait(), timeout)
+            trace.mark("process exited")
         except TimeoutError:
             timed_out = True
             await self._terminate()
@@ -388,9 +393,11 @@ class ScriptRun:
             if not step.started.done():
                 self._finished = True
                 return ScriptOutcome(exit_code=None, error="the run's sandbox did not start the script in 10 s")
+            trace.mark("step started")
             if self._stopped:  # stopped while it was being started
                 await self._terminate()
             await asyncio.wait_for(step.wait(), timeout)
+            trace.mark("step exited")
         except TimeoutError:
             timed_out = True
             await self._terminate()

@@ -19,6 +19,7 @@ from domain import run as rn
 from domain.masking import Masker
 from domain.run.units import Unit
 from domain.stages import Stage
+from infra import trace
 from infra.agent.dispatch import Agents, RemoteStop
 from infra.app.commands import Commands
 from infra.broker.bus import log_subject
@@ -110,6 +111,7 @@ class UnitRunner:
     async def execute(self, state: rn.RunState, unit: Unit, driver: Stoppable | None) -> ScriptOutcome:
         """Run one unit to its outcome, its log lines appended as it goes (the last ones left to
         its completion: see ClosingLogs)."""
+        trace.mark("unit", what=unit.key)
         secrets, secrets_problem = await self._load_secrets(state)
         masker = Masker(secrets.values())
         publish = None
@@ -341,6 +343,7 @@ class UnitRunner:
         )
         if self.leases.store is not None:
             self._background.spawn(self._record_pgid(script, state.run_id, unit.key, unit.attempt))
+        trace.mark("script run")  # the unit's secrets, log, uid and environment ready
         try:
             return await script.run(
                 command,

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from nats.aio.msg import Msg
 
 from domain import events as ev
+from infra import trace
 from infra.app.ports import EventStore
 from infra.gateway.conn import Conn, Sub, items_of
 from infra.gateway.feed import record_from_msg
@@ -95,6 +96,7 @@ class Fanout:
         except Exception:
             log.exception("bad message on %s; skipped", msg.subject)
             return
+        trace.records("received", (rec,))
         self.views.observe(rec, self.watches_runs_of)
         # A subscription "from now" made while this event is in flight starts after it.
         self._dispatching = rec.cursor
@@ -109,6 +111,7 @@ class Fanout:
         finally:
             self.live_cursor = rec.cursor
             self._dispatching = None
+            trace.records("pushed", (rec,))
         self.dispatched += 1
         if self.on_live is not None:
             try:

@@ -17,6 +17,7 @@ from domain import events as ev
 from domain import run as rn
 from domain.errors import Invalid
 from domain.run.state import RunStatus
+from infra import trace
 from infra.auth import Principal
 from infra.http.deps import API, MAX_PAGE, Deps, deps_of, uuid_or_404, visible_pipeline, visible_run
 from infra.http.guards import admin, member, viewer
@@ -107,6 +108,7 @@ class RunController(Controller):
         async def run() -> Response[bytes]:
             pipeline = await visible_pipeline(deps, principal, pipeline_id)
             run_id = keyed_id(request, principal) or deps.commands.new_id()
+            trace.mark("trigger", run_id)  # the pipeline read, the request checked
             if secrets and store is not None:
                 await store.put(run_id, secrets)
             try:

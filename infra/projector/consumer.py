@@ -14,6 +14,7 @@ from typing import Any
 import psycopg
 from nats.aio.client import Client as NATS
 
+from infra import trace
 from infra.broker.bus import APPENDED_SUBJECT
 from infra.metrics import feed_reads, observe_lags, projection_lag
 from infra.projector import rebuild as rb
@@ -156,6 +157,7 @@ class Projector:
             self._cursor = events[-1].cursor
             self._states.update_from(folded)
             observe_lags(projection_lag, (e.recorded_at for e in events))
+            trace.records("applied", events)
             total += len(events)
             if len(events) < self.batch:
                 return total, pending

@@ -52,4 +52,12 @@ def test_bench_suite_runs_end_to_end(database_url: str, tmp_path: Path) -> None:
     assert m["memory"]["rss_waiting_mb"] and m["memory"]["rss_output_peak_mb"]
     agents = m["agents"]["by_agents"]
     assert agents["1"]["per_s"] and agents["2"]["per_s"] and m["agents"]["ratio_2_to_1"]
+    # A trace of single runs (issue 17): the client's POST to its `succeeded` frame, through the
+    # services' marks, the store's and JetStream's times.
+    trace = result["repetitions"][0]["trace"]
+    hops = [r["hop"] for r in trace["critical_path"]]
+    assert hops[0] == "client: POST sent" and "client: frame succeeded received" in hops
+    for hop in ("api: appended run_triggered", "executor: step exited", "nats: stored run_succeeded"):
+        assert hop in hops, hop
+    assert "## Trace of one run" in (tmp_path / "smoke.md").read_text()
     assert (tmp_path / "smoke.md").read_text().count("|") > 20
