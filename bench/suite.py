@@ -79,7 +79,9 @@ class Sizes:
     # The 200 MB script runs on a stack of its own (see _memory_output_rep); tiny outputs need not.
     isolate_output: bool = True
     log_delay: float = 1.0
-    # stop_huge_run: the largest pipeline (the default stage limit), and how far its runs get first.
+    # stop_huge_run: a pipeline of `huge_stages` stages (above the default limit of 200 stages: the
+    # main stack raises PIPELINES_MAX_STAGES to it, a setting that changes nothing else), and how
+    # far its runs get first.
     huge_stages: int = 1000
     huge_done: int = 100
     # agents (issue 16): runs of one `sleep 0.5` step, `agent_in_flight` in flight, handed to 1, 2,
@@ -246,7 +248,9 @@ def run_suite(args: argparse.Namespace) -> dict[str, Any]:
         asyncio.run(database.prepare(dbs["floor"]))
         for name in ("system", "projection"):
             asyncio.run(migrate(dbs[name]))
-        with env.running_stack(servers, dbs["system"], echo=args.echo) as (stack, stack_env, tail):
+        with env.running_stack(
+            servers, dbs["system"], extra_env={"PIPELINES_MAX_STAGES": str(sizes.huge_stages)}, echo=args.echo
+        ) as (stack, stack_env, tail):
             sysm = system.System(stack, stack_env)
             asyncio.run(_with_fresh_client(sysm, sysm.wait_ready))
             for i in range(sizes.repeat):
