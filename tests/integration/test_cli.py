@@ -294,6 +294,25 @@ async def test_validate_lists_every_error_with_its_path_and_exits_1(live: Live) 
     assert (await cli(member, "validate", "-f", str(_write(live, example)))).code == 0
 
 
+async def test_applying_a_new_pipeline_whose_deploy_names_an_unknown_component_creates_nothing(live: Live) -> None:
+    # Valid as a file, but the save refuses it: the stage names no component of the organization.
+    name = f"cli-refused-{uuid.uuid4().hex[:8]}"
+    path = _write(
+        live,
+        f"name: {name}\nstages:\n  - id: ship\n    type: deploy\n"
+        "    config: {componentId: no-such-component, environmentId: no-such-environment}\n",
+    )
+    member = live.env(live.system.token("member"))
+    validated = await cli(member, "validate", "-f", str(path))
+    assert validated.code == 1, validated
+    assert "stages[0].config.componentId: unknown component 'no-such-component'" in validated.err
+    applied = await cli(member, "apply", "-f", str(path))
+    assert applied.code == 1, applied
+    assert "stages[0].config.componentId: unknown component 'no-such-component'" in applied.err
+    listed = await cli(member, "list", "-o", "json")
+    assert name not in {p["name"] for p in json.loads(listed.out)}  # no empty pipeline left behind
+
+
 async def test_who_am_i_and_the_exit_codes_of_auth_and_an_unreachable_server(live: Live) -> None:
     r = await cli(live.env(live.system.token("viewer", sub="vera")), "whoami", "-o", "json")
     assert r.code == 0, r
