@@ -24,7 +24,7 @@ from infra.gateway.server import Gateway
 from tests.integration.served import relay_backlog, served_api
 from tests.integration.system import System, make_settings, running_system
 
-pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="session")]
+pytestmark = pytest.mark.integration
 
 WAIT = 60.0
 RUN = re.compile(r"\brun ([0-9a-f]{8}-[0-9a-f-]{27})\b")

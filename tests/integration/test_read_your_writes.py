@@ -15,7 +15,7 @@ import pytest
 
 from tests.integration.system import System
 
-pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="session")]
+pytestmark = pytest.mark.integration
 
 SCRIPT = {"id": "s", "type": "script", "config": {"command": "true"}}
 
