@@ -9,7 +9,7 @@ import msgspec
 from litestar import Controller, Request, Response, get, post
 from litestar.datastructures import State
 from litestar.exceptions import NotFoundException
-from litestar.params import FromPath, Parameter
+from litestar.params import FromPath, FromQuery, QueryParameter
 
 from domain import pipeline as pl
 from domain.errors import Invalid
@@ -135,8 +135,8 @@ class SpecController(Controller):
         self,
         request: Request[Principal, Any, State],
         pipeline_id: FromPath[str],
-        format: Annotated[Literal["json", "yaml", "yml"] | None, Parameter(query="format")] = None,
-        version: Annotated[int | None, Parameter(query="version", ge=1)] = None,
+        format: FromQuery[Literal["json", "yaml", "yml"] | None] = None,
+        version: Annotated[int | None, QueryParameter(ge=1)] = None,
     ) -> SpecView:
         state = await load_visible_pipeline(request, pipeline_id)
         if state.repo_url is not None and version is None:
