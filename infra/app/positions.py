@@ -25,6 +25,12 @@ def tracking() -> Iterator[list[int]]:
         _written.reset(token)
 
 
+def written() -> int:
+    """The highest position the request being served has written so far (0: none, or untracked)."""
+    box = _written.get()
+    return box[0] if box is not None else 0
+
+
 def note(result: AppendResult) -> AppendResult:
     """Tell the request being served (if any) what this append wrote; returns `result`."""
     box = _written.get()

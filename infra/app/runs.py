@@ -15,6 +15,7 @@ from domain.errors import NotFound
 from infra import trace
 from infra.app.context import AppContext
 from infra.app.definitions import Definitions
+from infra.app.measures import observe_ended
 from infra.app.ports import EventStore
 from infra.app.positions import note
 from infra.app.retry import load_decide_append
@@ -215,6 +216,9 @@ class RunCommands:
         self.ctx.run_appended(run_id)
         for e in new:
             state = rn.evolve(state, e)
+        # Here, where every command's append lands, so that each end is observed once, by the
+        # process that stored it (the executor, or the API for the runs people cancel or stop).
+        observe_ended(state, new)
         self.states.put(run_id, state, done.version + len(new))
         if on_version is not None:
             on_version(run_id, state, done.version + len(new))

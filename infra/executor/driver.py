@@ -20,7 +20,6 @@ from infra import trace
 from infra.app.commands import Commands, ConcurrencyConflict
 from infra.executor.background import Background
 from infra.executor.leasing import UnitLeases
-from infra.executor.measures import observe_ended
 from infra.executor.runlog import ClosingLogs, LastChunks, settled
 from infra.executor.scripts import ScriptOutcome, ScriptRun
 from infra.executor.timers import Timers
@@ -161,7 +160,6 @@ class RunDrivers:
             alongside=self.leases.alongside,  # the leases of the units it starts
             on_version=self._noter(driver),
         )
-        observe_ended(state, new)
         return state, new
 
     def _noter(self, driver: RunDriver | None) -> Callable[[str, rn.RunState, int], None]:
@@ -319,7 +317,6 @@ class RunDrivers:
             raise
         # Any other failure keeps the lease and the last lines: the caller tries again, and if
         # this executor dies meanwhile the lease expires and the attempt is recovered.
-        observe_ended(state, new)
         self.closing_logs.forget(run_id, unit.key, unit.attempt)
         if last is not None:
             await last.runlog.publish(last.chunks)  # the live tail, now that they are stored

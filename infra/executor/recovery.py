@@ -16,7 +16,6 @@ from domain.run.units import split_key, unit_status
 from infra.app.commands import Commands
 from infra.delivery.deliveries import Deliveries
 from infra.executor.leases import Lease, LeaseStore
-from infra.executor.measures import observe_ended
 from infra.executor.scripts import ScriptOutcome
 from infra.executor.units import completion
 
@@ -88,10 +87,9 @@ class Recovery:
             # Only the outcome: what comes next is started by the driver that the kick below
             # runs (a unit started here would have a lease and nobody working on it).
             with contextlib.suppress(Refused):
-                settled, new = await self.commands.run_command(
+                await self.commands.run_command(
                     lease.run_id, lambda at: completion(stage_id, job, step, lease.attempt, lost, at, advance=False)
                 )
-                observe_ended(settled, new)
             # A deployment the lost executor was making is closed too (after the stage is
             # recorded, so a failure here still leaves the stage failed).
             # (A deploy step's deployment is closed by the orphan sweep once its stage ends: the

@@ -13,7 +13,6 @@ from domain.errors import NotFound, Refused
 from domain.run.units import split_key, unit_key
 from infra.app.commands import Commands
 from infra.executor.leases import LeaseStore
-from infra.executor.measures import observe_ended
 
 log = logging.getLogger("pipelines.executor")
 
@@ -63,10 +62,7 @@ class Timers:
                 if timer.kind == "approval":
                     # A refusal is definitive (the gate was answered, the run ended): done.
                     with contextlib.suppress(Refused, NotFound):
-                        state, new = await self.commands.run_command(
-                            timer.run_id, functools.partial(_expire, timer.key)
-                        )
-                        observe_ended(state, new)
+                        await self.commands.run_command(timer.run_id, functools.partial(_expire, timer.key))
             except Exception as exc:
                 # Not done: the timer fires again soon (or, if even that cannot be written, once
                 # the claim's hold is over), never lost with the run parked at its gate.

@@ -13,7 +13,7 @@ import msgspec
 from litestar import Controller, Request, Response, delete, get, post, put
 from litestar.datastructures import State
 from litestar.exceptions import NotAuthorizedException
-from litestar.params import FromPath
+from litestar.params import FromPath, JSONBody
 
 from domain.errors import Invalid
 from domain.triggers import branch_of, matching_event_trigger
@@ -67,7 +67,7 @@ class WebhookSettingsController(Controller):
 
     @put("/", guards=[admin], summary="Set the webhook secret (admin)")
     async def set_secret(
-        self, request: Request[Principal, Any, State], pipeline_id: FromPath[str], data: WebhookSecretBody
+        self, request: Request[Principal, Any, State], pipeline_id: FromPath[str], data: JSONBody[WebhookSecretBody]
     ) -> WebhookView:
         state = await load_visible_pipeline(request, pipeline_id)
         webhooks = _webhooks(request.app.state.deps)

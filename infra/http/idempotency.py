@@ -37,8 +37,12 @@ def derived_id(scope: str, key: str) -> str:
 
 @dataclass(frozen=True)
 class Stored:
+    """A stored answer; `position` is the store position its command wrote (None when it wrote
+    nothing, or was stored before positions were kept)."""
+
     status_code: int
     body: bytes
+    position: int | None = None
 
 
 class KeyReuse(Exception):
@@ -100,7 +104,8 @@ class IdempotencyKeys:
                 if await cur.fetchone() is not None:
                     return None
                 cur = await conn.execute(
-                    "SELECT request_hash, status_code, body FROM idempotency_keys WHERE scope = %s AND key = %s",
+                    "SELECT request_hash, status_code, body, position FROM idempotency_keys"
+                    " WHERE scope = %s AND key = %s",
                     (scope, key),
                 )
                 row = await cur.fetchone()
@@ -119,7 +124,7 @@ class IdempotencyKeys:
             if row[0] != digest:
                 raise KeyReuse("Idempotency-Key was already used with a different request body")
             if row[1] is not None:
-                return Stored(status_code=row[1], body=bytes(row[2] or b""))
+                return Stored(status_code=row[1], body=bytes(row[2] or b""), position=row[3])
             if loop.time() > deadline:
                 raise InFlight("a request with this Idempotency-Key is still in progress")
             await asyncio.sleep(0.02)
@@ -147,11 +152,11 @@ class IdempotencyKeys:
             except Exception:  # the next beat tries again; the lease has two more beats left
                 log.warning("cannot renew the lease of an Idempotency-Key", exc_info=True)
 
-    async def finish(self, scope: str, key: str, status_code: int, body: bytes) -> None:
+    async def finish(self, scope: str, key: str, status_code: int, body: bytes, position: int | None = None) -> None:
         async with self._pool.connection() as conn:
             await conn.execute(
-                "UPDATE idempotency_keys SET status_code = %s, body = %s WHERE scope = %s AND key = %s",
-                (status_code, body, scope, key),
+                "UPDATE idempotency_keys SET status_code = %s, body = %s, position = %s WHERE scope = %s AND key = %s",
+                (status_code, body, position, scope, key),
             )
 
     async def abandon(self, scope: str, key: str) -> None:

@@ -8,7 +8,9 @@ from typing import Any
 from litestar import Request, Response
 from litestar.datastructures import State
 
+from infra.app.positions import written
 from infra.auth import Principal
+from infra.http.consistency import POSITION_HEADER
 from infra.http.deps import deps_of
 from infra.http.errors import error_response, handle
 from infra.http.idempotency import InFlight, KeyReuse, derived_id, request_hash
@@ -36,7 +38,12 @@ async def idempotent(
     except (KeyReuse, InFlight) as exc:
         return error_response(409, str(exc))
     if stored is not None:
-        return Response(content=stored.body, status_code=stored.status_code, media_type="application/json")
+        # The headers a client relies on, as the first answer carried them: a replay writes
+        # nothing, so the read-your-writes middleware has no position of its own to add.
+        headers = {POSITION_HEADER: str(stored.position)} if stored.position else None
+        return Response(
+            content=stored.body, status_code=stored.status_code, media_type="application/json", headers=headers
+        )
     try:
         async with deps.idempotency.held(scope, key):
             response = await run()
@@ -46,11 +53,11 @@ async def idempotent(
         if status is not None and 400 <= status < 500:
             assert isinstance(exc, Exception)
             er = handle(request, exc)
-            await deps.idempotency.finish(scope, key, er.status_code or 500, er.content)
+            await deps.idempotency.finish(scope, key, er.status_code or 500, er.content, written() or None)
         else:
             await deps.idempotency.abandon(scope, key)
         raise
-    await deps.idempotency.finish(scope, key, response.status_code or 200, response.content)
+    await deps.idempotency.finish(scope, key, response.status_code or 200, response.content, written() or None)
     return response
 
 

@@ -9,12 +9,11 @@ import msgspec
 from litestar import Controller, Request, Response, get, post
 from litestar.datastructures import State
 from litestar.exceptions import NotFoundException
-from litestar.params import FromPath, Parameter
+from litestar.params import FromPath, FromQuery, QueryParameter
 
 from domain import pipeline as pl
 from domain.errors import Invalid
 from domain.spec import size_errors, validate_spec
-from domain.stages import Limits
 from infra.app.specs import check_save, installed_plugins
 from infra.auth import Principal
 from infra.git.repos import render_spec
@@ -91,12 +90,22 @@ class SavedView(msgspec.Struct, kw_only=True, rename="camel"):
     pr_branch: str | None = None
 
 
-def _validation(raw: bytes, limits: Limits) -> ValidationView:
-    body: ValidateBody = decode_json(raw, ValidateBody)
-    errors, warnings = validate_spec(body.spec, zone=ZoneInfo, plugins=installed_plugins(), limits=limits)
+async def _validation(request: Request[Principal, Any, State]) -> ValidationView:
+    body: ValidateBody = decode_json(await request.body(), ValidateBody)
+    limits = limits_of(deps_of(request).settings)
+    found, warnings = validate_spec(body.spec, zone=ZoneInfo, plugins=installed_plugins(), limits=limits)
+    errors = [SpecIssue(path=e.path, message=e.message) for e in found]
+    if not errors and isinstance(body.spec, dict):
+        # What a save checks beyond the spec itself: the components and environments its deploy
+        # stages name (so that `validate` passes exactly what `save` accepts, and `apply` creates
+        # no pipeline it then cannot save a spec to).
+        try:
+            await check_stage_refs(request, body.spec.get("stages"), "stages")
+        except Invalid as exc:
+            errors = [SpecIssue(path=path, message=message) for path, message in exc.errors.items()]
     return ValidationView(
         valid=not errors,
-        errors=[SpecIssue(path=e.path, message=e.message) for e in errors],
+        errors=errors,
         warnings=[SpecIssue(path=w.path, message=w.message) for w in warnings],
     )
 
@@ -126,8 +135,8 @@ class SpecController(Controller):
         self,
         request: Request[Principal, Any, State],
         pipeline_id: FromPath[str],
-        format: Annotated[Literal["json", "yaml", "yml"] | None, Parameter(query="format")] = None,
-        version: Annotated[int | None, Parameter(query="version", ge=1)] = None,
+        format: FromQuery[Literal["json", "yaml", "yml"] | None] = None,
+        version: Annotated[int | None, QueryParameter(ge=1)] = None,
     ) -> SpecView:
         state = await load_visible_pipeline(request, pipeline_id)
         if state.repo_url is not None and version is None:
@@ -184,7 +193,7 @@ class SpecController(Controller):
     @post("/spec/validate", status_code=200, summary="Validate a spec; every error with its path")
     async def validate(self, request: Request[Principal, Any, State], pipeline_id: FromPath[str]) -> ValidationView:
         await load_visible_pipeline(request, pipeline_id)
-        return _validation(await request.body(), limits_of(deps_of(request).settings))
+        return await _validation(request)
 
     @post("/spec/save", guards=[member], status_code=200, summary="Save a spec as the next definition version")
     async def save(self, request: Request[Principal, Any, State], pipeline_id: FromPath[str]) -> Response[bytes]:
@@ -232,7 +241,7 @@ class SpecController(Controller):
     summary="Validate a spec before any pipeline has it; every error with its path",
 )
 async def validate_new_spec(request: Request[Principal, Any, State]) -> ValidationView:
-    return _validation(await request.body(), limits_of(deps_of(request).settings))
+    return await _validation(request)
 
 
 _STRINGS = {"type": "object", "additionalProperties": {"type": "string"}}

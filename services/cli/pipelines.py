@@ -7,6 +7,7 @@ from typing import Annotated, Any
 
 import typer
 
+from services.cli.client import Api
 from services.cli.errors import FAILED, CliError
 from services.cli.files import read_document, split_pipeline
 from services.cli.render import Output, OutputOption, emit_json, err, fields, out, table
@@ -79,6 +80,8 @@ def apply(ctx: typer.Context, file: FileOption, output: OutputOption = Output.te
     name, description, spec = split_pipeline(doc, file, need_name=True)
     assert name is not None
     api = session(ctx).api
+    # The validation checks what the save does (the spec and the components and environments
+    # it names), so an invalid file is refused before any pipeline is created.
     _report_validation(api.post("/pipelines/validate", {"spec": spec, "format": fmt}), file)
     pipeline = api.find_pipeline(name)
     created = pipeline is None
@@ -86,12 +89,33 @@ def apply(ctx: typer.Context, file: FileOption, output: OutputOption = Output.te
         pipeline = api.post("/pipelines", {"name": name, "description": description})
     elif "description" in doc and description != pipeline.get("description"):
         api.request("PATCH", f"/pipelines/{pipeline['id']}", json={"description": description})
-    saved = api.post(f"/pipelines/{pipeline['id']}/spec/save", {"spec": spec, "format": fmt})
+    try:
+        saved = api.post(f"/pipelines/{pipeline['id']}/spec/save", {"spec": spec, "format": fmt})
+    except CliError as exc:
+        if created:
+            _undo_create(api, pipeline, exc)
+        raise
     if output is Output.json:
         emit_json(saved)
         return
     verb = "created" if created else "updated"
     out.print(f"{verb} pipeline {name} ({pipeline['id']}): version {saved['version']}", markup=False)
+
+
+def _undo_create(api: Api, pipeline: dict[str, Any], refused: CliError) -> None:
+    """Delete the pipeline `apply` just created when its spec is refused after all (e.g. a component
+    deleted since the validation), so that no empty pipeline is left; deleting takes the admin role,
+    so without it the error says what was left and how to remove it."""
+    try:
+        api.delete(f"/pipelines/{pipeline['id']}")
+    except CliError as exc:
+        refused.details.append(
+            f"pipeline {pipeline['name']} ({pipeline['id']}) was created without a definition and could not"
+            f" be deleted ({exc.message}): apply a corrected file, or delete it as an admin"
+            f" with `pipelines delete {pipeline['id']}`"
+        )
+        return
+    refused.details.append(f"pipeline {pipeline['name']} was not created")
 
 
 def delete(ctx: typer.Context, ref: Ref) -> None:

@@ -15,7 +15,7 @@ from playwright.async_api import Page, expect
 from tests.dashboard.conftest import NewPage
 from tests.dashboard.stack import LiveStack
 
-pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="session")]
+pytestmark = pytest.mark.integration
 
 ACTION_NAMES = ("Approve", "Reject", "Cancel", "Stop", "Pause", "Resume")
 LIVE = 30_000  # ms: how long a live change may take to show (generous: the machine is shared)

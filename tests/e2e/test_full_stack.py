@@ -15,7 +15,7 @@ from websockets.asyncio.client import connect
 
 from tests.e2e.conftest import RunningStack
 
-pytestmark = [pytest.mark.e2e, pytest.mark.asyncio(loop_scope="session")]
+pytestmark = pytest.mark.e2e
 
 SCRIPT = {"id": "build", "name": "Build", "type": "script", "config": {"command": "echo building; echo done >&2"}}
 GATE = {"id": "gate", "name": "Ship it?", "type": "approval", "config": {"message": "Deploy to production?"}}

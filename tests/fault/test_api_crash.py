@@ -17,7 +17,7 @@ import pytest
 
 from tests.fault.conftest import FaultStack
 
-pytestmark = [pytest.mark.e2e, pytest.mark.asyncio(loop_scope="session")]
+pytestmark = pytest.mark.e2e
 
 
 async def _runs_of(database_url: str, pipeline_id: str) -> int:

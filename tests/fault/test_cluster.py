@@ -45,7 +45,7 @@ from tests.fault.conftest import FAULT_ENV, JWT_SECRET, FaultStack, _Log, tmp_pa
 from tests.fault.history import TERMINAL, describe, fold_history
 from tests.fault.test_fault import Client, _diff_rows, _read_model_rows, check_jetstream, projector_caught_up
 
-pytestmark = [pytest.mark.e2e, pytest.mark.asyncio(loop_scope="session")]
+pytestmark = pytest.mark.e2e
 
 RETRY = {"maxAttempts": 3, "backoff": 0.1}
 

@@ -50,7 +50,7 @@ from infra.store.records import FEED_START, RecordedEvent
 from tests.fault.conftest import FaultStack
 from tests.fault.history import TERMINAL, EffectKey, History, describe, effect_problems, fold_history
 
-pytestmark = [pytest.mark.e2e, pytest.mark.asyncio(loop_scope="session")]
+pytestmark = pytest.mark.e2e
 
 SERVICES = ("api", "relay", "executor", "projector", "gateway")
 

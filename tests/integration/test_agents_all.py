@@ -14,7 +14,7 @@ from tests.integration.test_agents import Agents, embedded, hosts, reconciler
 
 __all__ = ["embedded", "hosts", "reconciler"]  # the fixtures this module uses
 
-pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="session")]
+pytestmark = pytest.mark.integration
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")

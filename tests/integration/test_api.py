@@ -13,7 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from infra.auth import issue_token
 from tests.integration.system import System, eventually
 
-pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="session")]
+pytestmark = pytest.mark.integration
 
 SCRIPT = {"id": "build", "name": "Build", "type": "script", "config": {"command": "echo hello; echo oops >&2"}}
 GATE = {"id": "gate", "name": "Approve", "type": "approval", "config": {"message": "Ship it?"}}

@@ -24,7 +24,7 @@ from infra.gateway.server import Gateway
 from tests.integration.served import relay_backlog, served_api
 from tests.integration.system import System, make_settings, running_system
 
-pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="session")]
+pytestmark = pytest.mark.integration
 
 WAIT = 60.0
 RUN = re.compile(r"\brun ([0-9a-f]{8}-[0-9a-f-]{27})\b")
@@ -292,6 +292,25 @@ async def test_validate_lists_every_error_with_its_path_and_exits_1(live: Live) 
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     example = readme.split("A pipeline file (JSON or YAML)", 1)[1].split("```yaml\n", 1)[1].split("```", 1)[0]
     assert (await cli(member, "validate", "-f", str(_write(live, example)))).code == 0
+
+
+async def test_applying_a_new_pipeline_whose_deploy_names_an_unknown_component_creates_nothing(live: Live) -> None:
+    # Valid as a file, but the save refuses it: the stage names no component of the organization.
+    name = f"cli-refused-{uuid.uuid4().hex[:8]}"
+    path = _write(
+        live,
+        f"name: {name}\nstages:\n  - id: ship\n    type: deploy\n"
+        "    config: {componentId: no-such-component, environmentId: no-such-environment}\n",
+    )
+    member = live.env(live.system.token("member"))
+    validated = await cli(member, "validate", "-f", str(path))
+    assert validated.code == 1, validated
+    assert "stages[0].config.componentId: unknown component 'no-such-component'" in validated.err
+    applied = await cli(member, "apply", "-f", str(path))
+    assert applied.code == 1, applied
+    assert "stages[0].config.componentId: unknown component 'no-such-component'" in applied.err
+    listed = await cli(member, "list", "-o", "json")
+    assert name not in {p["name"] for p in json.loads(listed.out)}  # no empty pipeline left behind
 
 
 async def test_who_am_i_and_the_exit_codes_of_auth_and_an_unreachable_server(live: Live) -> None:

@@ -14,7 +14,7 @@ from infra.http.app import create_app
 from services.bootstrap import build_api
 from tests.integration.system import System
 
-pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="session")]
+pytestmark = pytest.mark.integration
 
 SCRIPT = {"id": "build", "name": "Build", "type": "script", "config": {"command": "echo hi"}}
 

@@ -29,7 +29,7 @@ from infra.delivery.deployers import env_lock_key
 from infra.store.records import NewEvent
 from tests.integration.system import System, eventually
 
-pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="session")]
+pytestmark = pytest.mark.integration
 
 
 @dataclass

@@ -21,7 +21,7 @@ from infra.store.records import NewEvent
 from tests.integration.executor_faults import FaultyStore, with_event
 from tests.integration.system import make_settings, running_system
 
-pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="session")]
+pytestmark = pytest.mark.integration
 
 
 async def _queued_run(store: FaultyStore, *stages: Stage) -> tuple[Commands, rn.RunState]:

@@ -12,7 +12,7 @@ from infra.broker import bus
 from infra.executor.consumer import CONSUMER
 from tests.integration.system import System
 
-pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="session")]
+pytestmark = pytest.mark.integration
 
 
 def script(sid: str, command: str) -> dict[str, Any]:

@@ -14,7 +14,7 @@ from infra.broker import bus
 from infra.executor.consumer import CONSUMER, RUN_EVENTS_FILTERS
 from tests.integration.system import make_settings, running_system
 
-pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="session")]
+pytestmark = pytest.mark.integration
 
 
 def script(sid: str, command: str) -> dict[str, Any]:

@@ -19,7 +19,7 @@ import pytest_asyncio
 from tests.integration.system import System, make_settings, running_system
 from tests.integration.test_run_control import _alive, script
 
-pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="session")]
+pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
 

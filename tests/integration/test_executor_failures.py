@@ -27,7 +27,7 @@ from tests.integration.executor_faults import FaultyStore, to_stream, with_event
 from tests.integration.system import eventually, make_settings, running_system
 from tests.integration.test_jobs import save
 
-pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="session")]
+pytestmark = pytest.mark.integration
 
 
 async def _in_memory(tmp_path: Path, *stages: Stage) -> tuple[Commands, FaultyStore, Executor, rn.RunState]:

@@ -18,7 +18,7 @@ from tests.integration.executor_faults import FaultyStore, with_event
 from tests.integration.system import eventually, make_settings, running_system
 from tests.integration.test_jobs import save
 
-pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="session")]
+pytestmark = pytest.mark.integration
 
 
 async def test_the_loser_of_a_race_to_start_a_step_leaves_the_winner_its_lease(

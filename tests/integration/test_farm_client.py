@@ -14,7 +14,7 @@ from infra.auth import issue_token
 from infra.broker.bus import notify_subject
 from tests.integration.system import System, eventually
 
-pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="session")]
+pytestmark = pytest.mark.integration
 
 OK = {"id": "ok", "name": "OK", "type": "script", "config": {"command": "true"}}
 BAD = {"id": "bad", "name": "Bad", "type": "script", "config": {"command": "exit 3"}}

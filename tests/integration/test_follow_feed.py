@@ -16,7 +16,7 @@ from infra.store.postgres import PostgresEventStore
 from infra.store.records import FeedCursor, NewEvent
 from tests.integration.test_relay import _whole_feed
 
-pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="session")]
+pytestmark = pytest.mark.integration
 
 
 @pytest_asyncio.fixture(loop_scope="session")

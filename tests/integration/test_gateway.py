@@ -36,7 +36,7 @@ from infra.store.migrate import migrate, open_pool
 from infra.store.postgres import PostgresEventStore
 from infra.store.records import RecordedEvent
 
-pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="session")]
+pytestmark = pytest.mark.integration
 
 SECRET = "gateway-test-secret-0123456789abcdef"
 WAIT = 10.0

@@ -10,7 +10,7 @@ from websockets.exceptions import InvalidStatus
 
 from tests.integration.test_gateway import Env, env  # noqa: F401  (the gateway fixture)
 
-pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="session")]
+pytestmark = pytest.mark.integration
 
 
 async def test_handshakes_are_logged_without_their_token(env: Env, caplog: pytest.LogCaptureFixture) -> None:  # noqa: F811

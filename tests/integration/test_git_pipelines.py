@@ -16,7 +16,7 @@ import yaml
 
 from tests.integration.system import System
 
-pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="session")]
+pytestmark = pytest.mark.integration
 
 SPEC: dict[str, Any] = {
     "variables": {"GREETING": "hello"},

@@ -23,7 +23,7 @@ from infra.git.files import GitError
 from infra.git.repos import GitRepos
 from tests.integration.system import System, make_settings, running_system
 
-pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="session")]
+pytestmark = pytest.mark.integration
 
 CHECKOUT = Path(__file__).resolve().parents[2]
 SPEC = {"stages": [{"id": "s", "type": "script", "config": {"command": "echo hi"}}]}

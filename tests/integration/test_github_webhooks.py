@@ -14,7 +14,7 @@ import pytest
 
 from tests.integration.system import System, eventually
 
-pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="session")]
+pytestmark = pytest.mark.integration
 
 SECRET = "a-github-webhook-secret-value"
 STAGES = [{"id": "s", "type": "script", "config": {"command": "true"}}]

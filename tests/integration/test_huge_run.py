@@ -20,7 +20,7 @@ from domain import run as rn
 from infra.store.records import NewEvent
 from tests.integration.system import System, make_settings, running_system
 
-pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="session")]
+pytestmark = pytest.mark.integration
 
 # A pipeline of 10,000 stages (as in issue 13's report: far over the default limit of 200, which this
 # module's system raises to allow it), and how many of its stages are done when the admin steps in.

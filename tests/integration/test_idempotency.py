@@ -27,7 +27,7 @@ from infra.http.idempotency import IdempotencyKeys, request_hash
 from services.bootstrap import build_api, open_store
 from tests.integration.system import make_settings
 
-pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="session")]
+pytestmark = pytest.mark.integration
 
 
 @pytest_asyncio.fixture(loop_scope="session")

@@ -14,7 +14,7 @@ import pytest
 from tests.integration.system import System, eventually
 from tests.integration.test_deploy_notify import component, environment
 
-pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="session")]
+pytestmark = pytest.mark.integration
 
 
 def rendezvous(me: str, other: str) -> str:

@@ -25,7 +25,7 @@ from infra.metrics import serve
 from services.dev.ports import free_port
 from tests.integration.system import System, eventually
 
-pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="session")]
+pytestmark = pytest.mark.integration
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
@@ -168,3 +168,39 @@ async def test_the_gateway_serves_metrics_with_its_open_websocket_clients(system
                 return status
 
         assert await asyncio.to_thread(health) == 200
+
+
+async def test_runs_cancelled_or_stopped_through_the_api_are_observed_once_on_the_api_metrics(system: System) -> None:
+    async def scrape_api() -> Samples:
+        r = await system.client.get("/metrics")
+        assert r.status_code == 200, r.text
+        return {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(r.text)
+            for s in family.samples
+        }
+
+    count = "pipelines_run_duration_seconds_count"
+    before = await scrape_api()
+    gated = await system.create_pipeline(
+        [{"id": "gate", "name": "Gate", "type": "approval", "config": {"message": "go?"}}]
+    )
+    busy = await system.create_pipeline(
+        [{"id": "slow", "name": "Slow", "type": "script", "config": {"command": "sleep 60"}}]
+    )
+    waiting = await system.trigger(gated["id"])
+    await system.wait_status(gated["id"], waiting["id"], "waiting_approval")
+    running = await system.trigger(busy["id"])
+    await system.wait_status(busy["id"], running["id"], "running")
+    for pid, run, action in ((gated["id"], waiting, "cancel"), (busy["id"], running, "stop")):
+        r = await system.client.post(
+            f"/api/v1/pipelines/{pid}/runs/{run['id']}/{action}", json={"reason": "not now"}, headers=system.headers()
+        )
+        assert r.status_code == 200, r.text
+    await system.wait_status(gated["id"], waiting["id"], "cancelled")
+    await system.wait_status(busy["id"], running["id"], "cancelled")
+    # The executor hears of both ends too (it kills the sleeping script): give it the time to
+    # record what it does about them, then neither end must have been observed twice.
+    await asyncio.sleep(2)
+    after = await scrape_api()
+    assert value(after, count, status="cancelled") - value(before, count, status="cancelled") == 2

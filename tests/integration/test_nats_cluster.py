@@ -15,7 +15,7 @@ from infra.broker.permissions import ADMIN
 from services.dev.nats import RunningNats
 from services.dev.nats_cluster import start_nats_cluster
 
-pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="session")]
+pytestmark = pytest.mark.integration
 
 
 @pytest.fixture

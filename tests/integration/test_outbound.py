@@ -16,7 +16,7 @@ from infra.delivery.webhooks import DeliveryOptions
 from tests.integration.system import System
 from tests.integration.test_deploy_notify import component, deploy_stage, environment, receiver
 
-pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="session")]
+pytestmark = pytest.mark.integration
 
 
 class FakeDNS:

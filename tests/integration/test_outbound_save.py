@@ -14,7 +14,7 @@ import pytest_asyncio
 from tests.integration.system import System, make_settings, running_system
 from tests.integration.test_deploy_notify import environment, receiver
 
-pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="session")]
+pytestmark = pytest.mark.integration
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")

@@ -19,7 +19,7 @@ import pytest_asyncio
 from infra.projector.consumer import Projector
 from tests.integration.system import System, eventually, make_settings, running_system
 
-pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="session")]
+pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from infra.store.postgres import PostgresEventStore
 from infra.store.records import FeedCursor, RecordedEvent
 from tests.integration.system import System, eventually
 
-pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="session")]
+pytestmark = pytest.mark.integration
 
 
 async def _rows(system: System) -> dict[str, list[Any]]:

@@ -50,7 +50,7 @@ from tests.fault.history import (
 )
 from tests.integration.system import System
 
-pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="session")]
+pytestmark = pytest.mark.integration
 
 RUNS = int(os.environ.get("PIPELINES_RACE_RUNS", "30"))
 SEED = int(os.environ.get("PIPELINES_RACE_SEED", str(random.randrange(1 << 30))))

@@ -15,7 +15,7 @@ import pytest
 
 from tests.integration.system import System
 
-pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="session")]
+pytestmark = pytest.mark.integration
 
 SCRIPT = {"id": "s", "type": "script", "config": {"command": "true"}}
 
@@ -86,3 +86,40 @@ async def test_a_bad_min_position_is_a_400_naming_it(system: System) -> None:
     )
     assert r.status_code == 400
     assert r.json()["errors"][0]["path"] == "Pipelines-Min-Position"
+
+
+async def test_a_replayed_idempotent_command_answers_the_position_the_first_answer_carried(system: System) -> None:
+    pipeline = await system.create_pipeline([SCRIPT])
+    headers = {**system.headers("member"), "Idempotency-Key": f"ryw-{uuid.uuid4()}"}
+    url = f"/api/v1/pipelines/{pipeline['id']}/trigger"
+    first = await system.client.post(url, headers=headers)
+    assert first.status_code == 201, first.text
+    position = first.headers["Pipelines-Position"]
+    assert int(position) > 0
+    again = await system.client.post(url, headers=headers)
+    assert (again.status_code, again.json()["id"]) == (201, first.json()["id"])
+    # The client that lost the first answer waits for its write with the replay's position.
+    assert again.headers.get("Pipelines-Position") == position
+    listed = await in_thread(
+        system.client.get(
+            f"/api/v1/pipelines/{pipeline['id']}/runs", headers={**headers, "Pipelines-Min-Position": position}
+        )
+    )
+    assert "pipelines-stale" not in listed.headers
+    assert first.json()["id"] in [x["id"] for x in listed.json()]
+
+
+async def test_an_idempotency_record_stored_without_a_position_still_replays(system: System) -> None:
+    # As kept by a version that did not store the position: replayed as it is, without the header.
+    pipeline = await system.create_pipeline([SCRIPT])
+    key = f"old-{uuid.uuid4()}"
+    path = f"/api/v1/pipelines/{pipeline['id']}/trigger"
+    async with await psycopg.AsyncConnection.connect(system.settings.database_url, autocommit=True) as conn:
+        await conn.execute(
+            "INSERT INTO idempotency_keys (scope, key, request_hash, status_code, body) "
+            "VALUES (%s, %s, encode(sha256(''::bytea), 'hex'), 201, %s)",
+            (f"{system.org}|alice|POST|{path}", key, b'{"id": "stored-earlier"}'),
+        )
+    r = await system.client.post(path, headers={**system.headers("member"), "Idempotency-Key": key})
+    assert (r.status_code, r.json()) == (201, {"id": "stored-earlier"})
+    assert "pipelines-position" not in r.headers

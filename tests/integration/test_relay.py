@@ -19,7 +19,7 @@ from infra.store.migrate import migrate, open_pool
 from infra.store.postgres import PostgresEventStore
 from infra.store.records import FEED_START, FeedCursor, NewEvent, RecordedEvent
 
-pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="session")]
+pytestmark = pytest.mark.integration
 
 
 class Crash(Exception):

@@ -28,7 +28,7 @@ from infra.broker.relay import POSITION
 from infra.store.records import NewEvent
 from tests.integration.gateway_env import WAIT, GatewayEnv, gateway_env
 
-pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="session")]
+pytestmark = pytest.mark.integration
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")

@@ -9,7 +9,7 @@ import pytest
 
 from tests.integration.system import System, eventually
 
-pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="session")]
+pytestmark = pytest.mark.integration
 
 ECHO = [{"id": "a", "name": "A", "type": "script", "config": {"command": "true"}}]
 GATE = [{"id": "g", "name": "G", "type": "approval", "config": {"message": "ok?"}}]

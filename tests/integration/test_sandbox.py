@@ -26,7 +26,6 @@ from tests.integration.test_deploy_notify import component, deploy_stage, enviro
 _why = unavailable()
 pytestmark = [
     pytest.mark.integration,
-    pytest.mark.asyncio(loop_scope="session"),
     pytest.mark.skipif(_why is not None, reason=f"the script sandbox cannot run here: {_why}"),
 ]
 

@@ -15,7 +15,6 @@ from tests.integration.test_sandbox import host_processes, pipeline, sandboxed_s
 _why = unavailable()
 pytestmark = [
     pytest.mark.integration,
-    pytest.mark.asyncio(loop_scope="session"),
     pytest.mark.skipif(_why is not None, reason=f"the script sandbox cannot run here: {_why}"),
 ]
 

@@ -21,7 +21,6 @@ from infra.executor.scripts import ScriptOutcome, ScriptRun, clean_env
 _why = unavailable()
 pytestmark = [
     pytest.mark.integration,
-    pytest.mark.asyncio(loop_scope="session"),
     pytest.mark.skipif(_why is not None, reason=f"the script sandbox cannot run here: {_why}"),
 ]
 

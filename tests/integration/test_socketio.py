@@ -23,7 +23,7 @@ import socketio
 from infra.gateway.server import Gateway
 from tests.integration.gateway_env import WAIT, GatewayEnv, gateway_env
 
-pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="session")]
+pytestmark = pytest.mark.integration
 
 CLIENT_DIR = Path(__file__).parent / "socketio_client"
 # What npm says when it cannot reach its registry (then, and only then, these tests are skipped).

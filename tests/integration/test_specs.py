@@ -9,7 +9,7 @@ import yaml
 
 from tests.integration.system import System
 
-pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="session")]
+pytestmark = pytest.mark.integration
 
 CANONICAL: dict[str, Any] = {
     "variables": {"PUBLISH": "no"},

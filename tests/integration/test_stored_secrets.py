@@ -18,7 +18,7 @@ import pytest
 from infra.executor.scheduler import Scheduler
 from tests.integration.system import System
 
-pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="session")]
+pytestmark = pytest.mark.integration
 
 ORG_VALUE = "org-wide-s3cret-value-0001"
 PIPE_VALUE = "pipeline-own-s3cret-value-0002"

@@ -17,7 +17,7 @@ from infra.executor.scheduler import CRON_PIPELINES, Scheduler
 from infra.store.migrate import migrate
 from tests.integration.system import System
 
-pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="session")]
+pytestmark = pytest.mark.integration
 
 SECRET = "a-webhook-secret-of-some-length"
 STAGES = [{"id": "s", "type": "script", "config": {"command": "true"}}]

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import http.server
 import json
 import socket
 import stat
+import threading
+import uuid
 from pathlib import Path
+from typing import Any, ClassVar
 
 import pytest
 
@@ -106,3 +110,74 @@ def test_no_api_listening_is_exit_5(config_home: Path, monkeypatch: pytest.Monke
         port = s.getsockname()[1]
     monkeypatch.setenv("PIPELINES_API_URL", f"http://127.0.0.1:{port}")
     assert main(["list"]) == UNREACHABLE
+
+
+class _RefusingSaveApi(http.server.BaseHTTPRequestHandler):
+    """An API that validates any spec, creates pipelines, then refuses every spec save (as when a
+    component is deleted between the validation and the save); DELETE as `delete_status` says."""
+
+    pipelines: ClassVar[dict[str, dict[str, Any]]] = {}
+    delete_status: ClassVar[int] = 204
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+    def _answer(self, status: int, body: Any = None) -> None:
+        content = b"" if body is None else json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(content)))
+        self.end_headers()
+        self.wfile.write(content)
+
+    def do_GET(self) -> None:
+        data = list(self.pipelines.values())
+        self._answer(200, {"data": data, "total": len(data), "page": 1, "limit": 100})
+
+    def do_POST(self) -> None:
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        if self.path == "/api/v1/pipelines/validate":
+            self._answer(200, {"valid": True, "errors": [], "warnings": []})
+        elif self.path == "/api/v1/pipelines":
+            pipeline = {"id": str(uuid.uuid4()), "name": body["name"], "description": body.get("description")}
+            self.pipelines[pipeline["id"]] = pipeline
+            self._answer(201, pipeline)
+        else:
+            error = {"path": "spec.stages[0].config.componentId", "message": "unknown component 'gone'"}
+            self._answer(400, {"statusCode": 400, "message": "invalid", "errors": [error]})
+
+    def do_DELETE(self) -> None:
+        if self.delete_status == 204:
+            self.pipelines.pop(self.path.rsplit("/", 1)[1])
+            self._answer(204)
+        else:
+            self._answer(self.delete_status, {"statusCode": self.delete_status, "message": "needs the admin role"})
+
+
+@pytest.mark.parametrize("delete_status", [204, 403])
+def test_apply_of_a_new_pipeline_whose_save_is_refused_leaves_no_empty_pipeline_or_says_so(
+    config_home: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], delete_status: int
+) -> None:
+    _RefusingSaveApi.pipelines = {}
+    _RefusingSaveApi.delete_status = delete_status
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _RefusingSaveApi)
+    serving = threading.Thread(target=server.serve_forever, daemon=True)
+    serving.start()
+    try:
+        monkeypatch.setenv("PIPELINES_API_URL", f"http://127.0.0.1:{server.server_address[1]}")
+        monkeypatch.setenv("PIPELINES_TOKEN", "t")
+        path = config_home / "p.yaml"
+        path.write_text("name: refused\njobs:\n  - name: a\n    steps: [{run: 'true'}]\n")
+        assert main(["apply", "-f", str(path)]) == 1
+    finally:
+        server.shutdown()
+        serving.join(timeout=10)
+        server.server_close()
+    printed = capsys.readouterr().err
+    assert "spec.stages[0].config.componentId: unknown component 'gone'" in printed
+    if delete_status == 204:
+        assert _RefusingSaveApi.pipelines == {}
+        assert "pipeline refused was not created" in printed
+    else:
+        [left] = _RefusingSaveApi.pipelines.values()
+        assert f"pipelines delete {left['id']}" in printed

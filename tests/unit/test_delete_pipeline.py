@@ -14,8 +14,6 @@ from infra.app.commands import Commands
 from infra.store.memory import InMemoryEventStore
 from infra.store.records import AppendResult, NewEvent, UniqueKey
 
-pytestmark = pytest.mark.asyncio(loop_scope="session")
-
 STAGES = [{"id": "build", "name": "build", "type": "script", "config": {"command": "make"}}]
 
 

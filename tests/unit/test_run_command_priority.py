@@ -13,8 +13,6 @@ from infra.app.commands import Commands, ConcurrencyConflict
 from infra.store.memory import InMemoryEventStore
 from infra.store.records import AppendResult, NewEvent, RecordedEvent, UniqueKey, WrongExpectedVersion
 
-pytestmark = pytest.mark.asyncio(loop_scope="session")
-
 STAGES = [{"id": f"s{i}", "name": f"s{i}", "type": "script", "config": {"command": "true"}} for i in range(3)]
 
 

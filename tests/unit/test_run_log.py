@@ -5,8 +5,6 @@ from __future__ import annotations
 import dataclasses
 from datetime import UTC, datetime
 
-import pytest
-
 from domain import pipeline as pl
 from domain import run as rn
 from domain.stages import Stage
@@ -15,8 +13,6 @@ from infra.executor.runlog import RunLog
 from infra.metrics import REGISTRY
 from infra.store.memory import InMemoryEventStore
 from tests.integration.executor_faults import FaultyStore, run_log
-
-pytestmark = pytest.mark.asyncio(loop_scope="session")
 
 
 async def _run(commands: Commands) -> rn.RunState:

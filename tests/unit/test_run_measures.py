@@ -9,7 +9,7 @@ import pytest
 
 from domain import run as rn
 from domain.stages import Stage
-from infra.executor.measures import observe_ended
+from infra.app.measures import observe_ended
 from infra.metrics import REGISTRY
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)

@@ -1,5 +1,6 @@
-"""What the executor's appends ended, observed in the metrics: stage and step attempts, and runs,
-with their durations (see infra.metrics)."""
+"""What a run's appends ended, observed in the metrics: stage and step attempts, and runs, with
+their durations (see infra.metrics). Observed by whichever process stored the end: the executor
+for what it records, the API for the runs people cancel or stop (RunCommands.command)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from domain import run as rn
 from domain.run.state import AttemptResult
 from infra import metrics
 
-log = logging.getLogger("pipelines.executor")
+log = logging.getLogger("pipelines.measures")
 
 
 def observe_ended(state: rn.RunState, new: Sequence[rn.RunEvent]) -> None:
