@@ -168,8 +168,17 @@ def create_app(
         cors_config=CORSConfig(
             allow_origins=list(cors_origins),
             allow_credentials=True,
-            allow_headers=["Authorization", "Content-Type", "Idempotency-Key", "X-Organization-Id", "X-Requested-With"],
-            expose_headers=["Location"],
+            allow_headers=[
+                "Authorization",
+                "Content-Type",
+                "Idempotency-Key",
+                "Pipelines-Min-Position",
+                "X-Organization-Id",
+                "X-Requested-With",
+            ],
+            # Read-your-writes from another origin: the position a write answered with, sent back
+            # by the next read (a header CORS would otherwise hide from the page's script).
+            expose_headers=["Location", "Pipelines-Position"],
         )
         if cors_origins
         else None,

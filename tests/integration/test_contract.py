@@ -56,6 +56,33 @@ async def test_cors_answers_the_configured_origins_only(system: System) -> None:
     assert "access-control-allow-origin" not in r.headers
 
 
+async def test_a_dashboard_on_another_origin_can_read_its_writes_position_and_ask_for_it(system: System) -> None:
+    """Read-your-writes from a browser on an allowed origin: it must be let read the position a
+    write answered with and send it back as a header (CORS hides and refuses other headers)."""
+    app = create_app(lambda: build_api(system.settings), cors_origins=["https://dash.example"])
+    async with AsyncTestClient(app=app) as client:
+        preflight = {
+            "Origin": "https://dash.example",
+            "Access-Control-Request-Method": "GET",
+            "Access-Control-Request-Headers": "authorization, pipelines-min-position",
+        }
+        r = await client.options("/api/v1/pipelines", headers=preflight)
+        assert r.status_code in (200, 204), r.text
+        assert "pipelines-min-position" in r.headers["access-control-allow-headers"].lower()
+        r = await client.post(
+            "/api/v1/pipelines",
+            json={
+                "name": "cors-position",
+                "stages": [{"name": "build", "type": "script", "config": {"command": "true"}}],
+            },
+            headers={"Origin": "https://dash.example", **system.headers()},
+        )
+        assert r.status_code == 201, r.text
+        assert "Pipelines-Position" in r.headers
+        exposed = {h.strip().lower() for h in r.headers["access-control-expose-headers"].split(",")}
+        assert {"location", "pipelines-position"} <= exposed
+
+
 async def test_the_document_types_every_body_and_every_error_with_one_schema(system: System) -> None:
     doc = (await system.client.get("/schema/openapi.json")).json()
     error = doc["components"]["schemas"]["ErrorBody"]
