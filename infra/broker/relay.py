@@ -270,9 +270,7 @@ class Relay:
         acks.extend(unsent or RuntimeError("not sent") for _ in range(len(messages) - len(futures)))
         return acks
 
-    async def _messages(
-        self, events: list[RecordedEvent], limit: int
-    ) -> list[tuple[int, str, bytes, dict[str, str]]]:
+    async def _messages(self, events: list[RecordedEvent], limit: int) -> list[tuple[int, str, bytes, dict[str, str]]]:
         """Each event's index in the batch, subject, body and headers; an event that cannot be made
         into a message is set aside (recorded and counted) so that the ones after it go out."""
         out = []

@@ -233,4 +233,3 @@ async def test_without_network_a_script_cannot_reach_the_hosts_services(system: 
     out = output(cut)
     assert "refused" in out and "connected" not in out, out
     assert out.split()[-1] == "lo", out  # its only interface
-
