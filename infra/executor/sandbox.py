@@ -116,11 +116,14 @@ def runner_init(limits: Limits) -> str:
     the run's limits (set once: every step inherits them and cannot raise them), `$1` the run's
     private directory relative to it. It says it is ready, then reads one line per command:
 
-    - `R <id>`: start step `<id>`: a subshell forks the step (its environment sourced from
-      `<id>.env`, then `setsid` makes it a process group of its own and execs `sh <id>.sh`, its
-      output into the FIFOs `<id>.out` and `<id>.err` the executor reads), reports `P <id> <pid>`,
-      waits for it and reports `E <id> <status>` (a line is written at once: reports of steps
-      running side by side never interleave).
+    - `R <id>`: start step `<id>`: a subshell forks the step (`setsid` makes it a process group
+      of its own and execs `sh <id>.sh`, its output into the FIFOs `<id>.out` and `<id>.err` the
+      executor reads), reports `P <id> <pid>`, waits for it and reports `E <id> <status>` (a line
+      is written at once: reports of steps running side by side never interleave). The step's
+      environment is not sourced here but by the step's own shell, on its script's first line
+      (`step_prologue`): `setsid` then runs with the runner's environment, whose locale is C,
+      instead of the step's (C.UTF-8: its setlocale() opened and mapped a dozen locale files per
+      step).
     - `K <signal> <pgid>`: signal a step's process group (when the executor could not learn its
       pid on the host: a step that ended at once may have left children behind).
 
@@ -131,7 +134,7 @@ def runner_init(limits: Limits) -> str:
     return (
         "p=$1; " + prologue(limits) + "echo ready; exec 2>/dev/null; "
         "while read -r op id arg; do case $op in "
-        f'R) ( ( . "$p/$id.env" && exec {setsid} /bin/sh "$p/$id.sh" ) </dev/null >"$p/$id.out" 2>"$p/$id.err" & '
+        f'R) ( {setsid} /bin/sh "$p/$id.sh" </dev/null >"$p/$id.out" 2>"$p/$id.err" & '
         'echo "P $id $!"; wait $!; echo "E $id $?" ) & ;; '
         'K) kill -s "$id" -- "-$arg" ;; '
         "esac; done; wait"
@@ -186,9 +189,18 @@ class SandboxError(Exception):
 Ids = tuple[int, int]  # uid, gid
 
 
+def step_prologue(limits: Limits) -> str:
+    """Shell put before a sandboxed script's first line (on that line: its line numbers stay): it
+    exports the step's environment from the file beside the script (`write_env`: `$0` is
+    `<dir>/<id>.sh`, the file `<dir>/<id>.env`; a file that cannot be read ends the step, as
+    `.` does in sh), then sets the limits (`prologue`)."""
+    return '. "${0%sh}env"; ' + prologue(limits)
+
+
 def write_env(private: Path, step_id: str, env: Mapping[str, str], owner: Ids | None) -> Path:
-    """The step's environment as a file the runner's subshell sources (mode 0400, the step's
-    user's): its secrets are never on a command line. Created exclusively, never through a link.
+    """The step's environment as a file the step's shell sources first (`step_prologue`; mode
+    0400, the step's user's): its secrets are never on a command line. Created exclusively, never
+    through a link.
     A name the shell cannot export (not an identifier) is left out: sh could not name it either."""
     text = "".join(
         f"export {name}='{value.replace(chr(39), chr(39) + chr(92) + chr(39) + chr(39))}'\n"
@@ -443,7 +455,9 @@ class RunSandboxes:
         self._spare: asyncio.Task[asyncio.subprocess.Process] | None = None
 
     def prologue(self) -> str:
-        return prologue(self.sandbox.limits)
+        """What a script run in this sandbox starts with (`step_prologue`): its environment file
+        (`write_env`) must be beside it."""
+        return step_prologue(self.sandbox.limits)
 
     async def _held_for(self, private: Path, tmp: Path, workdir: Path, owner: Ids | None) -> _Held:
         lock = self._locks.setdefault(private, asyncio.Lock())
@@ -461,11 +475,11 @@ class RunSandboxes:
         return held
 
     async def start(
-        self, private: Path, tmp: Path, workdir: Path, owner: Ids | None, script: Path, env: Mapping[str, str]
+        self, private: Path, tmp: Path, workdir: Path, owner: Ids | None, script: Path
     ) -> RunnerStep | None:
-        """Start the step `script` (in `private`) with `env` in the run's sandbox (started when it
-        has none yet), by its runner; None when the runner runs as another user than `owner`
-        (then `enter` the sandbox)."""
+        """Start the step `script` (in `private`, its environment file beside it: `write_env`) in
+        the run's sandbox (started when it has none yet), by its runner; None when the runner runs
+        as another user than `owner` (then `enter` the sandbox)."""
         if not self.runner:
             return None
         held = await self._held_for(private, tmp, workdir, owner)
@@ -473,8 +487,7 @@ class RunSandboxes:
         if held.uid != (None if owner is None else owner[0]):
             return None
         step_id = script.stem
-        files = [write_env(private, step_id, env, owner)]
-        step = RunnerStep(held, step_id, files)
+        step = RunnerStep(held, step_id, [])
         held.steps[step_id] = step
         try:
             step.prepare(private, owner)

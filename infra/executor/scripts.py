@@ -47,6 +47,7 @@ from infra.executor.sandbox import (
     setpriv_argv,
     unavailable,
     warn_unsandboxed,
+    write_env,
 )
 
 log = logging.getLogger("pipelines.script")
@@ -300,6 +301,8 @@ class ScriptRun:
             return await self._spawn(script, private, as_user, workdir, env, timeout, on_line, sandbox)
         finally:
             script.unlink(missing_ok=True)
+            if sandbox is not None:
+                script.with_suffix(".env").unlink(missing_ok=True)
 
     async def _spawn(
         self,
@@ -323,7 +326,10 @@ class ScriptRun:
         if sandbox is not None:
             owner = None if as_user is None else (as_user.uid, as_user.gid)
             try:
-                step = await sandbox.start(private, private / "tmp", workdir, owner, script, env)
+                # Sourced by the script's first line (sandbox.step_prologue), in the runner's step
+                # and in a step that enters the sandbox alike.
+                write_env(private, script.stem, env, owner)
+                step = await sandbox.start(private, private / "tmp", workdir, owner, script)
                 trace.mark("step sent to the runner")
                 if step is not None:
                     return await self._follow(step, timeout, on_line)

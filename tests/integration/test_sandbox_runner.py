@@ -166,3 +166,32 @@ async def test_a_step_has_no_capability_and_cannot_gain_one(sandboxes: RunSandbo
         "NoNewPrivs": 1,  # a setuid program (su, mount) or file capabilities (ping) grant nothing
     }, lines
     assert lines[-1] == ("stdout", str(UID)), lines  # no supplementary group
+
+
+async def test_a_steps_environment_arrives_exactly_and_its_line_numbers_are_the_scripts_own(
+    sandboxes: RunSandboxes, work: Path
+) -> None:
+    # The step's own shell exports its environment on the script's first line: values with quotes,
+    # line breaks and `$` arrive as they were, and an error on line 3 is reported on line 3.
+    run = work / "environment"
+    value = "it's \"quoted\"\nsecond line $HOME `x`"
+    lines: list[tuple[str, str]] = []
+    outcome = await ScriptRun(kill_grace=1).run(
+        'printf "%s|" "$SECRET_VALUE"; echo "$LANG"\n'
+        "env | grep -c ^SECRET_VALUE=\n"
+        "no-such-command-here",
+        workdir=run,
+        env=clean_env(run, {"RUN_ID": run.name, "SECRET_VALUE": value}),
+        timeout=20,
+        on_line=lambda stream, text: lines.append((stream, text)),
+        user=UID,
+        sandbox=sandboxes,
+    )
+    assert outcome.exit_code == 127, (outcome, lines)
+    out = [text for stream, text in lines if stream == "stdout"]
+    assert out == ["it's \"quoted\"", "second line $HOME `x`|C.UTF-8", "1"], lines
+    err = [text for stream, text in lines if stream == "stderr"]
+    assert len(err) == 1 and ": 3: no-such-command-here: not found" in err[0], err
+    # Nothing of the step is left in the run's private directory once it has ended.
+    assert sorted(p.name for p in private_dir_of(run).iterdir()) == ["tmp"]
+    await sandboxes.close(private_dir_of(run))
