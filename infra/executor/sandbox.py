@@ -197,6 +197,12 @@ def step_prologue(limits: Limits) -> str:
     return '. "${0%sh}env"; ' + prologue(limits)
 
 
+# Set by the step's shell at its start: sourced after it, a run variable of that name would
+# replace the shell's own value (an inherited one the shell resets, as it did when the runner
+# sourced the file before starting the step).
+_SHELL_MANAGED = frozenset({"PPID", "PWD"})
+
+
 def write_env(private: Path, step_id: str, env: Mapping[str, str], owner: Ids | None) -> Path:
     """The step's environment as a file the step's shell sources first (`step_prologue`; mode
     0400, the step's user's): its secrets are never on a command line. Created exclusively, never
@@ -205,7 +211,7 @@ def write_env(private: Path, step_id: str, env: Mapping[str, str], owner: Ids | 
     text = "".join(
         f"export {name}='{value.replace(chr(39), chr(39) + chr(92) + chr(39) + chr(39))}'\n"
         for name, value in env.items()
-        if _NAME.fullmatch(name)
+        if _NAME.fullmatch(name) and name not in _SHELL_MANAGED
     )
     path = private / f"{step_id}.env"
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o400)

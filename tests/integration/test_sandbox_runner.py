@@ -179,9 +179,11 @@ async def test_a_steps_environment_arrives_exactly_and_its_line_numbers_are_the_
     outcome = await ScriptRun(kill_grace=1).run(
         'printf "%s|" "$SECRET_VALUE"; echo "$LANG"\n'
         "env | grep -c ^SECRET_VALUE=\n"
-        "no-such-command-here",
+        'no-such-command-here; [ "$PWD" = "$(pwd -P)" ] && [ "$PPID" != 7 ] && echo shell-managed-kept\n'
+        "exit 127",
         workdir=run,
-        env=clean_env(run, {"RUN_ID": run.name, "SECRET_VALUE": value}),
+        # PWD and PPID are the shell's own: a run variable of that name never replaces them.
+        env=clean_env(run, {"RUN_ID": run.name, "SECRET_VALUE": value, "PWD": "/nowhere", "PPID": "7"}),
         timeout=20,
         on_line=lambda stream, text: lines.append((stream, text)),
         user=UID,
@@ -189,7 +191,7 @@ async def test_a_steps_environment_arrives_exactly_and_its_line_numbers_are_the_
     )
     assert outcome.exit_code == 127, (outcome, lines)
     out = [text for stream, text in lines if stream == "stdout"]
-    assert out == ["it's \"quoted\"", "second line $HOME `x`|C.UTF-8", "1"], lines
+    assert out == ["it's \"quoted\"", "second line $HOME `x`|C.UTF-8", "1", "shell-managed-kept"], lines
     err = [text for stream, text in lines if stream == "stderr"]
     assert len(err) == 1 and ": 3: no-such-command-here: not found" in err[0], err
     # Nothing of the step is left in the run's private directory once it has ended.
