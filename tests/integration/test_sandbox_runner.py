@@ -174,7 +174,7 @@ async def test_a_steps_environment_arrives_exactly_and_its_line_numbers_are_the_
     # The step's own shell exports its environment on the script's first line: values with quotes,
     # line breaks and `$` arrive as they were, and an error on line 3 is reported on line 3.
     run = work / "environment"
-    value = "it's \"quoted\"\nsecond line $HOME `x`"
+    value = 'it\'s "quoted"\nsecond line $HOME `x`'
     lines: list[tuple[str, str]] = []
     outcome = await ScriptRun(kill_grace=1).run(
         'printf "%s|" "$SECRET_VALUE"; echo "$LANG"\n'
@@ -191,7 +191,7 @@ async def test_a_steps_environment_arrives_exactly_and_its_line_numbers_are_the_
     )
     assert outcome.exit_code == 127, (outcome, lines)
     out = [text for stream, text in lines if stream == "stdout"]
-    assert out == ["it's \"quoted\"", "second line $HOME `x`|C.UTF-8", "1", "shell-managed-kept"], lines
+    assert out == ['it\'s "quoted"', "second line $HOME `x`|C.UTF-8", "1", "shell-managed-kept"], lines
     err = [text for stream, text in lines if stream == "stderr"]
     assert len(err) == 1 and ": 3: no-such-command-here: not found" in err[0], err
     # Nothing of the step is left in the run's private directory once it has ended.
