@@ -17,7 +17,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from domain.stages import Limits
 
-DEV_JWT_SECRET = "dev-insecure-secret-change-me"
+DEV_JWT_SECRET = "dev-insecure-secret-change-me-before-production"
 # Written by `make up` (services/dev/stack.py) in its data directory, mode 0600, while it runs: the
 # URLs of its PostgreSQL and NATS, so that a command run beside it (`python -m services.projector
 # --rebuild`) reaches the same servers without their passwords on a command line.
